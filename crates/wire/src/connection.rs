@@ -1,0 +1,712 @@
+//! One WebSocket connection's protocol state: frame decoding with limits, in-place
+//! unmasking, reassembly, incremental UTF-8 checks, automatic pong and close replies,
+//! and the close handshake.
+//!
+//! Input is read from a caller-owned `BytesMut`: complete payloads are split off it
+//! without copying, and a frame that arrives over several reads is unmasked and checked
+//! piece by piece as it comes, so invalid text fails before the frame is complete.
+//! Output (replies and everything sent) collects in one buffer the caller writes out in
+//! a single write, however many frames it holds.
+
+use bytes::{Buf, Bytes, BytesMut};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::close::{CloseCode, CloseFrame};
+use crate::config::Config;
+use crate::error::{Error, ProtocolError};
+use crate::frame::{encode_frame, FrameHeader, OpCode};
+use crate::mask::apply_mask_at;
+use crate::message::{Message, Text};
+use crate::utf8::Utf8Validator;
+
+/// Which end of the connection this is. Clients mask what they send; servers require
+/// masked input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Server,
+    Client,
+}
+
+/// A frame whose header has been read and whose payload is arriving.
+#[derive(Debug)]
+struct PartialFrame {
+    header: FrameHeader,
+    header_len: usize,
+    /// Payload bytes already unmasked (and validated, for text).
+    processed: usize,
+    text: bool,
+}
+
+/// A fragmented message whose final frame has not arrived yet.
+#[derive(Debug)]
+struct PartialMessage {
+    opcode: OpCode,
+    data: BytesMut,
+}
+
+enum Step {
+    NeedMore,
+    Consumed,
+    Message(Message),
+}
+
+/// The sans-IO state of one WebSocket connection.
+#[derive(Debug)]
+pub struct Connection {
+    role: Role,
+    config: Config,
+    frame: Option<PartialFrame>,
+    message: Option<PartialMessage>,
+    utf8: Utf8Validator,
+    out: BytesMut,
+    masks: Option<StdRng>,
+    close_sent: bool,
+    close_received: bool,
+    failed: bool,
+}
+
+impl Connection {
+    /// The server end of a connection.
+    pub fn server(config: Config) -> Self {
+        Self::new(Role::Server, config, None)
+    }
+
+    /// The client end. `seed` feeds the generator of masking keys; RFC 6455 wants it
+    /// from a strong entropy source, which the caller (who may do I/O) provides.
+    pub fn client(config: Config, seed: [u8; 32]) -> Self {
+        Self::new(Role::Client, config, Some(StdRng::from_seed(seed)))
+    }
+
+    fn new(role: Role, config: Config, masks: Option<StdRng>) -> Self {
+        Self {
+            role,
+            config,
+            frame: None,
+            message: None,
+            utf8: Utf8Validator::new(),
+            out: BytesMut::new(),
+            masks,
+            close_sent: false,
+            close_received: false,
+            failed: false,
+        }
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Decodes the next message from `buf`, consuming what it uses. `Ok(None)` means more
+    /// bytes are needed. Ping and Close frames are answered automatically (the reply is
+    /// queued in the output) and still returned. After an error the connection is
+    /// failed: a Close frame with the matching code is queued and nothing more is read.
+    pub fn read(&mut self, buf: &mut BytesMut) -> Result<Option<Message>, Error> {
+        loop {
+            if self.close_received || self.failed {
+                // Nothing may follow the peer's Close; nothing is read after a failure.
+                buf.clear();
+                return Ok(None);
+            }
+            match self.step(buf) {
+                Ok(Step::NeedMore) => return Ok(None),
+                Ok(Step::Consumed) => continue,
+                Ok(Step::Message(message)) => return Ok(Some(message)),
+                Err(error) => {
+                    self.fail(&error);
+                    return Err(error.into());
+                }
+            }
+        }
+    }
+
+    /// How many more bytes the frame in progress needs, or 0 when no frame is under way
+    /// (a hint for sizing the next read).
+    pub fn read_hint(&self) -> usize {
+        self.frame.as_ref().map_or(0, |f| {
+            (f.header.payload_len as usize).saturating_sub(f.processed)
+        })
+    }
+
+    fn step(&mut self, buf: &mut BytesMut) -> Result<Step, ProtocolError> {
+        let frame = match self.frame.as_mut() {
+            Some(frame) => frame,
+            None => {
+                let Some((header, header_len)) = FrameHeader::parse(buf)? else {
+                    return Ok(Step::NeedMore);
+                };
+                let text = self.check_header(&header)?;
+                self.frame.insert(PartialFrame {
+                    header,
+                    header_len,
+                    processed: 0,
+                    text,
+                })
+            }
+        };
+        // check_header bounded payload_len by max_frame_size, a usize.
+        let len = frame.header.payload_len as usize;
+        let available = (buf.len() - frame.header_len).min(len);
+        if available > frame.processed {
+            let fresh = &mut buf[frame.header_len + frame.processed..frame.header_len + available];
+            if let Some(key) = frame.header.mask {
+                apply_mask_at(fresh, key, frame.processed);
+            }
+            if frame.text {
+                self.utf8
+                    .feed(fresh)
+                    .map_err(|_| ProtocolError::InvalidUtf8)?;
+            }
+            frame.processed = available;
+        }
+        if frame.processed < len {
+            return Ok(Step::NeedMore);
+        }
+        let PartialFrame {
+            header,
+            header_len,
+            text,
+            ..
+        } = self.frame.take().expect("frame in progress");
+        buf.advance(header_len);
+        let payload = buf.split_to(len);
+        self.on_frame(header, text, payload)
+    }
+
+    /// Applies the rules a header can be judged by before its payload arrives. Returns
+    /// whether the payload is text to validate.
+    fn check_header(&mut self, header: &FrameHeader) -> Result<bool, ProtocolError> {
+        if header.rsv1 || header.rsv2 || header.rsv3 {
+            return Err(ProtocolError::ReservedBits);
+        }
+        match (self.role, header.mask.is_some()) {
+            (Role::Server, false) if !self.config.accept_unmasked_frames => {
+                return Err(ProtocolError::UnmaskedFrame)
+            }
+            (Role::Client, true) => return Err(ProtocolError::MaskedFrame),
+            _ => {}
+        }
+        let len = header.payload_len;
+        if header.opcode.is_control() {
+            if !header.fin {
+                return Err(ProtocolError::FragmentedControl);
+            }
+            if len > 125 {
+                return Err(ProtocolError::ControlTooLong(len));
+            }
+            return Ok(false);
+        }
+        if len > self.config.max_frame_size as u64 {
+            return Err(ProtocolError::FrameTooBig {
+                size: len,
+                limit: self.config.max_frame_size,
+            });
+        }
+        let (so_far, text) = match (header.opcode, &self.message) {
+            (OpCode::Continuation, Some(message)) => {
+                (message.data.len() as u64, message.opcode == OpCode::Text)
+            }
+            (OpCode::Continuation, None) => return Err(ProtocolError::UnexpectedContinuation),
+            (_, Some(_)) => return Err(ProtocolError::ExpectedContinuation),
+            (opcode, None) => {
+                self.utf8.reset();
+                (0, opcode == OpCode::Text)
+            }
+        };
+        if so_far + len > self.config.max_message_size as u64 {
+            return Err(ProtocolError::MessageTooBig {
+                size: so_far + len,
+                limit: self.config.max_message_size,
+            });
+        }
+        Ok(text)
+    }
+
+    fn on_frame(
+        &mut self,
+        header: FrameHeader,
+        text: bool,
+        payload: BytesMut,
+    ) -> Result<Step, ProtocolError> {
+        let data = match header.opcode {
+            OpCode::Ping => {
+                if !self.close_sent {
+                    self.write_frame(OpCode::Pong, true, &payload);
+                }
+                return Ok(Step::Message(Message::Ping(payload.freeze())));
+            }
+            OpCode::Pong => return Ok(Step::Message(Message::Pong(payload.freeze()))),
+            OpCode::Close => {
+                let frame = CloseFrame::parse(&payload)?;
+                self.close_received = true;
+                if !self.close_sent {
+                    // Echo the peer's code; answer a bare Close with a normal one.
+                    let code = frame.as_ref().map_or(CloseCode::NORMAL, |f| f.code);
+                    self.write_close(&CloseFrame::new(code, ""));
+                }
+                return Ok(Step::Message(Message::Close(frame)));
+            }
+            OpCode::Text | OpCode::Binary if header.fin => payload,
+            OpCode::Text | OpCode::Binary => {
+                self.message = Some(PartialMessage {
+                    opcode: header.opcode,
+                    data: payload,
+                });
+                return Ok(Step::Consumed);
+            }
+            OpCode::Continuation => {
+                let message = self.message.as_mut().expect("checked by check_header");
+                message.data.extend_from_slice(&payload);
+                if !header.fin {
+                    return Ok(Step::Consumed);
+                }
+                self.message.take().expect("message in progress").data
+            }
+        };
+        if text {
+            self.utf8.finish().map_err(|_| ProtocolError::InvalidUtf8)?;
+        }
+        if self.close_sent {
+            // Data after our Close is discarded while we wait for the peer's.
+            return Ok(Step::Consumed);
+        }
+        let data = data.freeze();
+        Ok(Step::Message(if text {
+            Message::Text(Text::from_validated(data))
+        } else {
+            Message::Binary(data)
+        }))
+    }
+
+    fn fail(&mut self, error: &ProtocolError) {
+        self.failed = true;
+        self.frame = None;
+        self.message = None;
+        if !self.close_sent {
+            self.write_close(&CloseFrame::new(error.close_code(), error.to_string()));
+        }
+    }
+
+    fn write_frame(&mut self, opcode: OpCode, fin: bool, payload: &[u8]) {
+        let mut header = FrameHeader::new(opcode, payload.len() as u64);
+        header.fin = fin;
+        header.mask = self.masks.as_mut().map(|rng| rng.random::<[u8; 4]>());
+        encode_frame(&mut self.out, &header, payload);
+    }
+
+    fn write_close(&mut self, frame: &CloseFrame) {
+        let mut payload = Vec::with_capacity(2 + frame.reason.len());
+        frame.encode_payload(&mut payload);
+        self.write_frame(OpCode::Close, true, &payload);
+        self.close_sent = true;
+    }
+
+    fn check_open(&self) -> Result<(), Error> {
+        if self.close_sent {
+            Err(Error::Closing)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Queues a text message as one frame.
+    pub fn send_text(&mut self, text: &str) -> Result<(), Error> {
+        self.send(OpCode::Text, text.as_bytes())
+    }
+
+    /// Queues a binary message as one frame.
+    pub fn send_binary(&mut self, data: &[u8]) -> Result<(), Error> {
+        self.send(OpCode::Binary, data)
+    }
+
+    /// Queues a message of `opcode` (text, binary, ping or pong) as one frame. The caller
+    /// guarantees text is UTF-8.
+    pub fn send(&mut self, opcode: OpCode, payload: &[u8]) -> Result<(), Error> {
+        self.check_open()?;
+        if opcode.is_control() && payload.len() > 125 {
+            return Err(Error::ControlPayloadTooLong(payload.len()));
+        }
+        self.write_frame(opcode, true, payload);
+        Ok(())
+    }
+
+    /// Queues one frame of a fragmented message: `opcode` is Text or Binary for the first
+    /// frame and Continuation after it; `fin` ends the message.
+    pub fn send_fragment(
+        &mut self,
+        opcode: OpCode,
+        payload: &[u8],
+        fin: bool,
+    ) -> Result<(), Error> {
+        self.check_open()?;
+        self.write_frame(opcode, fin, payload);
+        Ok(())
+    }
+
+    /// Queues a frame encoded once for many connections (see [`crate::frame::encode_frame`]).
+    /// Only servers may do this, since client frames need a fresh mask each.
+    pub fn send_encoded(&mut self, frame: &[u8]) -> Result<(), Error> {
+        debug_assert_eq!(self.role, Role::Server);
+        self.check_open()?;
+        self.out.extend_from_slice(frame);
+        Ok(())
+    }
+
+    /// Starts the close handshake. Does nothing if this side already sent its Close.
+    pub fn close(&mut self, frame: Option<CloseFrame>) {
+        if self.close_sent {
+            return;
+        }
+        match frame {
+            Some(frame) => self.write_close(&frame),
+            None => {
+                self.write_frame(OpCode::Close, true, &[]);
+                self.close_sent = true;
+            }
+        }
+    }
+
+    /// The bytes queued to send.
+    pub fn output(&mut self) -> &mut BytesMut {
+        &mut self.out
+    }
+
+    /// Takes the queued bytes out.
+    pub fn take_output(&mut self) -> BytesMut {
+        self.out.split()
+    }
+
+    pub fn has_output(&self) -> bool {
+        !self.out.is_empty()
+    }
+
+    pub fn close_sent(&self) -> bool {
+        self.close_sent
+    }
+
+    pub fn close_received(&self) -> bool {
+        self.close_received
+    }
+
+    /// Whether a protocol error failed the connection.
+    pub fn is_failed(&self) -> bool {
+        self.failed
+    }
+
+    /// Whether nothing more will be read: the close handshake finished, the peer's Close
+    /// arrived, or the connection failed. The transport may close once the output is out.
+    pub fn is_done(&self) -> bool {
+        self.close_received || self.failed
+    }
+
+    /// Whether a message or frame is partly received.
+    pub fn is_mid_message(&self) -> bool {
+        self.frame.is_some() || self.message.is_some()
+    }
+
+    /// Encodes an unmasked server frame once, to be sent to many connections with
+    /// [`Connection::send_encoded`].
+    pub fn encode_shared(opcode: OpCode, payload: &[u8]) -> Bytes {
+        let mut out = BytesMut::new();
+        encode_frame(
+            &mut out,
+            &FrameHeader::new(opcode, payload.len() as u64),
+            payload,
+        );
+        out.freeze()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair() -> (Connection, Connection) {
+        (
+            Connection::client(Config::default(), [1; 32]),
+            Connection::server(Config::default()),
+        )
+    }
+
+    fn masked(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
+        let mut header = FrameHeader::new(OpCode::from_u8(opcode).unwrap(), payload.len() as u64);
+        header.fin = fin;
+        header.mask = Some([0xa, 0xb, 0xc, 0xd]);
+        let mut out = BytesMut::new();
+        encode_frame(&mut out, &header, payload);
+        out.to_vec()
+    }
+
+    fn read_all(conn: &mut Connection, bytes: &[u8]) -> Result<Vec<Message>, Error> {
+        let mut buf = BytesMut::from(bytes);
+        let mut out = Vec::new();
+        while let Some(m) = conn.read(&mut buf)? {
+            out.push(m);
+        }
+        Ok(out)
+    }
+
+    fn sent_close_code(conn: &mut Connection) -> Option<u16> {
+        let mut out = conn.take_output();
+        let mut client = Connection::client(Config::default(), [0; 32]);
+        loop {
+            match client.read(&mut out) {
+                Ok(Some(Message::Close(frame))) => return frame.map(|f| f.code.0),
+                Ok(Some(_)) => continue,
+                _ => return None,
+            }
+        }
+    }
+
+    #[test]
+    fn text_and_binary_both_ways() {
+        let (mut client, mut server) = pair();
+        client.send_text("héllo").unwrap();
+        client.send_binary(&[0, 1, 2, 255]).unwrap();
+        let messages = read_all(&mut server, &client.take_output()).unwrap();
+        assert_eq!(
+            messages,
+            vec![
+                Message::Text("héllo".into()),
+                Message::Binary(vec![0, 1, 2, 255].into())
+            ]
+        );
+
+        server.send_text("back").unwrap();
+        let messages = read_all(&mut client, &server.take_output()).unwrap();
+        assert_eq!(messages, vec![Message::Text("back".into())]);
+    }
+
+    #[test]
+    fn fragments_with_a_ping_between() {
+        let (_, mut server) = pair();
+        let mut bytes = masked(1, false, "frag".as_bytes());
+        bytes.extend(masked(9, true, b"p"));
+        bytes.extend(masked(0, false, "men".as_bytes()));
+        bytes.extend(masked(0, true, "ted ✓".as_bytes()));
+        let messages = read_all(&mut server, &bytes).unwrap();
+        assert_eq!(
+            messages,
+            vec![
+                Message::Ping(Bytes::from_static(b"p")),
+                Message::Text("fragmented ✓".into())
+            ]
+        );
+        // The ping was answered.
+        let mut client = Connection::client(Config::default(), [0; 32]);
+        let replies = read_all(&mut client, &server.take_output()).unwrap();
+        assert_eq!(replies, vec![Message::Pong(Bytes::from_static(b"p"))]);
+    }
+
+    #[test]
+    fn byte_at_a_time_equals_all_at_once() {
+        let (mut client, mut server) = pair();
+        client.send_text(&"x".repeat(70_000)).unwrap();
+        client.send_binary(&[7; 300]).unwrap();
+        let wire = client.take_output();
+        let mut buf = BytesMut::new();
+        let mut got = Vec::new();
+        for byte in wire.iter() {
+            buf.extend_from_slice(&[*byte]);
+            while let Some(m) = server.read(&mut buf).unwrap() {
+                got.push(m);
+            }
+        }
+        assert_eq!(got.len(), 2);
+        assert!(matches!(&got[0], Message::Text(t) if t.len() == 70_000));
+        assert_eq!(got[1], Message::Binary(vec![7; 300].into()));
+    }
+
+    #[test]
+    fn invalid_text_fails_before_the_frame_ends() {
+        let (_, mut server) = pair();
+        let frame = masked(
+            1,
+            true,
+            b"valid start \xed\xa0\x80 then more text that never arrives",
+        );
+        // Only the first 25 bytes of the frame arrive.
+        let mut buf = BytesMut::from(&frame[..25]);
+        assert_eq!(
+            server.read(&mut buf),
+            Err(Error::Protocol(ProtocolError::InvalidUtf8))
+        );
+        assert_eq!(sent_close_code(&mut server), Some(1007));
+    }
+
+    #[test]
+    fn invalid_text_fails_in_the_fragment_that_breaks_it() {
+        let (_, mut server) = pair();
+        let mut bytes = masked(1, false, "κόσμε".as_bytes());
+        bytes.extend(masked(
+            0,
+            false,
+            b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xf4\x90\x80\x80",
+        ));
+        let mut buf = BytesMut::from(&bytes[..]);
+        assert_eq!(
+            server.read(&mut buf),
+            Err(Error::Protocol(ProtocolError::InvalidUtf8))
+        );
+    }
+
+    #[test]
+    fn protocol_violations_and_their_codes() {
+        let cases: Vec<(Vec<u8>, ProtocolError, u16)> = vec![
+            (
+                {
+                    let mut f = masked(1, true, b"x");
+                    f[0] |= 0x40;
+                    f
+                },
+                ProtocolError::ReservedBits,
+                1002,
+            ),
+            (
+                vec![0x83, 0x80, 0, 0, 0, 0],
+                ProtocolError::ReservedOpcode(3),
+                1002,
+            ),
+            (vec![0x81, 0x01, b'x'], ProtocolError::UnmaskedFrame, 1002),
+            (
+                masked(9, false, b""),
+                ProtocolError::FragmentedControl,
+                1002,
+            ),
+            (
+                masked(9, true, &[0; 126]),
+                ProtocolError::ControlTooLong(126),
+                1002,
+            ),
+            (
+                masked(0, true, b"x"),
+                ProtocolError::UnexpectedContinuation,
+                1002,
+            ),
+            (
+                {
+                    let mut f = masked(1, false, b"a");
+                    f.extend(masked(2, true, b"b"));
+                    f
+                },
+                ProtocolError::ExpectedContinuation,
+                1002,
+            ),
+            (
+                masked(8, true, &[3]),
+                ProtocolError::InvalidClosePayload,
+                1002,
+            ),
+            (
+                masked(8, true, &[0x03, 0xed]),
+                ProtocolError::InvalidCloseCode(1005),
+                1002,
+            ),
+            (
+                masked(8, true, &[0x03, 0xe8, 0xff]),
+                ProtocolError::InvalidUtf8,
+                1007,
+            ),
+        ];
+        for (bytes, error, code) in cases {
+            let mut server = Connection::server(Config::default());
+            assert_eq!(
+                read_all(&mut server, &bytes),
+                Err(Error::Protocol(error.clone())),
+                "{error}"
+            );
+            assert!(server.is_failed());
+            assert_eq!(sent_close_code(&mut server), Some(code), "{error}");
+        }
+    }
+
+    #[test]
+    fn limits_are_checked_from_the_header_alone() {
+        let config = Config::default()
+            .with_max_message_size(1000)
+            .with_max_frame_size(600);
+        let mut server = Connection::server(config.clone());
+        // A header announcing 2^40 bytes fails at once, with none of the payload sent.
+        let mut header = vec![0x82, 0xFF];
+        header.extend_from_slice(&(1u64 << 40).to_be_bytes());
+        header.extend_from_slice(&[1, 2, 3, 4]);
+        assert!(matches!(
+            read_all(&mut server, &header),
+            Err(Error::Protocol(ProtocolError::FrameTooBig { .. }))
+        ));
+        assert_eq!(sent_close_code(&mut server), Some(1009));
+
+        let mut server = Connection::server(config);
+        let mut bytes = masked(2, false, &[0; 500]);
+        bytes.extend(masked(0, false, &[0; 500]));
+        bytes.extend(masked(0, true, &[0; 1]));
+        assert!(matches!(
+            read_all(&mut server, &bytes),
+            Err(Error::Protocol(ProtocolError::MessageTooBig {
+                size: 1001,
+                limit: 1000
+            }))
+        ));
+        assert_eq!(sent_close_code(&mut server), Some(1009));
+    }
+
+    #[test]
+    fn close_handshake_from_either_side() {
+        let (mut client, mut server) = pair();
+        client.close(Some(CloseFrame::new(CloseCode::NORMAL, "bye")));
+        assert_eq!(client.send_text("late"), Err(Error::Closing));
+        let got = read_all(&mut server, &client.take_output()).unwrap();
+        assert_eq!(
+            got,
+            vec![Message::Close(Some(CloseFrame::new(
+                CloseCode::NORMAL,
+                "bye"
+            )))]
+        );
+        assert!(server.is_done() && server.close_sent());
+        let got = read_all(&mut client, &server.take_output()).unwrap();
+        assert_eq!(
+            got,
+            vec![Message::Close(Some(CloseFrame::new(CloseCode::NORMAL, "")))]
+        );
+        assert!(client.is_done());
+
+        // A bare Close is answered with 1000; data after it is ignored.
+        let mut server = Connection::server(Config::default());
+        let mut bytes = masked(8, true, b"");
+        bytes.extend(masked(1, true, b"ignored"));
+        assert_eq!(
+            read_all(&mut server, &bytes).unwrap(),
+            vec![Message::Close(None)]
+        );
+        assert_eq!(sent_close_code(&mut server), Some(1000));
+    }
+
+    #[test]
+    fn data_after_our_close_is_dropped_but_the_close_reply_is_seen() {
+        let (mut client, mut server) = pair();
+        server.close(Some(CloseFrame::new(CloseCode::GOING_AWAY, "shutdown")));
+        client.send_text("in flight").unwrap();
+        client.close(None);
+        let got = read_all(&mut server, &client.take_output()).unwrap();
+        assert_eq!(got, vec![Message::Close(None)]);
+    }
+
+    #[test]
+    fn client_rejects_masked_frames_and_masks_its_own() {
+        let (mut client, _) = pair();
+        assert_eq!(
+            read_all(&mut client, &masked(1, true, b"x")),
+            Err(Error::Protocol(ProtocolError::MaskedFrame))
+        );
+        let (mut client, _) = pair();
+        client.send_text("abc").unwrap();
+        let out = client.take_output();
+        assert_eq!(out[1] & 0x80, 0x80);
+        assert_ne!(&out[6..], b"abc");
+    }
+}
