@@ -1,1 +1,15 @@
-//! placeholder
+//! `switchboard-server`: the HTTP side of Switchboard and the WebSocket endpoints on it.
+//!
+//! [`run`] takes a bound listener (tests bind port 0), serves HTTP/1.1 with hyper and
+//! axum's router, upgrades WebSocket requests into `switchboard-net` connections by
+//! taking the raw TCP stream back from hyper, caps connections, and on shutdown closes
+//! every WebSocket with 1001 and drains within a bound.
+
+mod config;
+mod echo;
+mod routes;
+mod serve;
+mod upgrade;
+
+pub use config::Config;
+pub use serve::{run, Error};

@@ -270,10 +270,6 @@ impl Connection {
         if text {
             self.utf8.finish().map_err(|_| ProtocolError::InvalidUtf8)?;
         }
-        if self.close_sent {
-            // Data after our Close is discarded while we wait for the peer's.
-            return Ok(Step::Consumed);
-        }
         let data = data.freeze();
         Ok(Step::Message(if text {
             Message::Text(Text::from_validated(data))
@@ -687,13 +683,26 @@ mod tests {
     }
 
     #[test]
-    fn data_after_our_close_is_dropped_but_the_close_reply_is_seen() {
+    fn data_in_flight_after_our_close_is_still_delivered() {
         let (mut client, mut server) = pair();
         server.close(Some(CloseFrame::new(CloseCode::GOING_AWAY, "shutdown")));
         client.send_text("in flight").unwrap();
         client.close(None);
         let got = read_all(&mut server, &client.take_output()).unwrap();
-        assert_eq!(got, vec![Message::Close(None)]);
+        assert_eq!(
+            got,
+            vec![Message::Text("in flight".into()), Message::Close(None)]
+        );
+        // Only our own Close went out: the peer's Close answered it and needs no answer.
+        let mut client = Connection::client(Config::default(), [0; 32]);
+        let sent = read_all(&mut client, &server.take_output()).unwrap();
+        assert_eq!(
+            sent,
+            vec![Message::Close(Some(CloseFrame::new(
+                CloseCode::GOING_AWAY,
+                "shutdown"
+            )))]
+        );
     }
 
     #[test]

@@ -1,0 +1,158 @@
+//! Client connections: `ws://` URL parsing, the upgrade request and the answer's checks.
+
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use switchboard_wire::handshake::{
+    client_key, parse_response, validate_response, Accepted, ClientRequest, HandshakeError,
+};
+use switchboard_wire::Connection;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::socket::WebSocket;
+
+const MAX_HEAD: usize = 16 * 1024;
+
+/// How to connect.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ClientOptions {
+    pub config: Config,
+    pub connect_timeout: Duration,
+    pub protocols: Vec<String>,
+    pub origin: Option<String>,
+    /// Extra request headers, such as `Authorization`.
+    pub headers: Vec<(String, String)>,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            // Servers ping clients; a client pings only when asked to.
+            config: Config::default().with_ping_interval(None),
+            connect_timeout: Duration::from_secs(10),
+            protocols: Vec::new(),
+            origin: None,
+            headers: Vec::new(),
+        }
+    }
+}
+
+impl ClientOptions {
+    pub fn with_config(mut self, config: Config) -> Self {
+        self.config = config;
+        self
+    }
+
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+}
+
+/// An open client connection and what the server agreed to.
+#[derive(Debug)]
+pub struct Connected {
+    pub socket: WebSocket<TcpStream>,
+    pub accepted: Accepted,
+}
+
+struct Target {
+    host: String,
+    port: u16,
+    path: String,
+}
+
+fn parse_url(url: &str) -> Result<Target, Error> {
+    let invalid = |reason| Error::InvalidUrl {
+        url: url.to_owned(),
+        reason,
+    };
+    let uri: http::Uri = url.parse().map_err(|_| invalid("not a URL"))?;
+    let default_port = match uri.scheme_str() {
+        Some("ws") => 80,
+        Some("wss") => return Err(invalid("wss:// (TLS) is not supported by this build yet")),
+        _ => return Err(invalid("the scheme must be ws://")),
+    };
+    let host = uri.host().ok_or_else(|| invalid("no host"))?.to_owned();
+    let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+    Ok(Target {
+        host,
+        port: uri.port_u16().unwrap_or(default_port),
+        path,
+    })
+}
+
+/// Connects to a `ws://host[:port]/path` URL and performs the handshake.
+pub async fn connect(url: &str, options: ClientOptions) -> Result<Connected, Error> {
+    let target = parse_url(url)?;
+    let host_header = if target.port == 80 {
+        target.host.clone()
+    } else {
+        format!("{}:{}", target.host, target.port)
+    };
+    let address = (
+        target.host.trim_start_matches('[').trim_end_matches(']'),
+        target.port,
+    );
+    let mut stream = tokio::time::timeout(options.connect_timeout, TcpStream::connect(address))
+        .await
+        .map_err(|_| Error::Timeout("connecting"))??;
+    stream.set_nodelay(true)?;
+
+    let mut rng = StdRng::from_os_rng();
+    let mut request = ClientRequest::new(host_header, target.path, client_key(rng.random()));
+    request.protocols = options.protocols.clone();
+    request.origin = options.origin.clone();
+    request.headers = options.headers.clone();
+
+    let handshake = async {
+        stream.write_all(&request.to_bytes()).await?;
+        let mut buf = Vec::with_capacity(1024);
+        loop {
+            if let Some((head, len)) = parse_response(&buf, MAX_HEAD)? {
+                let accepted = validate_response(&head, &request, &[])?;
+                return Ok::<_, Error>((accepted, buf.split_off(len)));
+            }
+            let mut chunk = [0u8; 2048];
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Err(HandshakeError::Malformed(
+                    "connection closed during the handshake".into(),
+                )
+                .into());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
+    let (accepted, leftover) = tokio::time::timeout(options.connect_timeout, handshake)
+        .await
+        .map_err(|_| Error::Timeout("waiting for the handshake answer"))??;
+
+    let conn = Connection::client(options.config.wire.clone(), rng.random());
+    let socket = WebSocket::from_upgraded(stream, conn, &leftover, options.config);
+    Ok(Connected { socket, accepted })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        let t = parse_url("ws://127.0.0.1:9001/runCase?case=1&agent=x").unwrap();
+        assert_eq!(
+            (t.host.as_str(), t.port, t.path.as_str()),
+            ("127.0.0.1", 9001, "/runCase?case=1&agent=x")
+        );
+        let t = parse_url("ws://example.com").unwrap();
+        assert_eq!((t.port, t.path.as_str()), (80, "/"));
+        assert!(parse_url("http://example.com/").is_err());
+        assert!(parse_url("wss://example.com/").is_err());
+        assert!(parse_url("not a url").is_err());
+    }
+}

@@ -1,0 +1,62 @@
+//! Connection settings of the driver, each bounded, each with a default.
+
+use std::time::Duration;
+
+/// Settings of a [`crate::WebSocket`]. Start from [`Config::default`] and adjust with the
+/// `with_*` methods; fields may be added in later versions.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Config {
+    /// Protocol limits (frame and message sizes).
+    pub wire: switchboard_wire::Config,
+    /// Send a ping after this long without hearing from the peer; `None` never pings.
+    pub ping_interval: Option<Duration>,
+    /// Drop the connection when nothing arrives this long after a ping.
+    pub pong_timeout: Duration,
+    /// How long to wait for the peer's Close (and, on a client, the server's TCP close).
+    pub close_timeout: Duration,
+    /// Bytes requested from the socket per read (the buffer grows for larger frames).
+    pub read_buffer_size: usize,
+    /// Outgoing bytes queued before `feed` waits for the socket to take them.
+    pub max_write_buffer: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            wire: switchboard_wire::Config::default(),
+            ping_interval: Some(Duration::from_secs(30)),
+            pong_timeout: Duration::from_secs(60),
+            close_timeout: Duration::from_secs(5),
+            read_buffer_size: 8 * 1024,
+            max_write_buffer: 1 << 20,
+        }
+    }
+}
+
+impl Config {
+    pub fn with_wire(mut self, wire: switchboard_wire::Config) -> Self {
+        self.wire = wire;
+        self
+    }
+
+    pub fn with_ping_interval(mut self, interval: Option<Duration>) -> Self {
+        self.ping_interval = interval;
+        self
+    }
+
+    pub fn with_pong_timeout(mut self, timeout: Duration) -> Self {
+        self.pong_timeout = timeout;
+        self
+    }
+
+    pub fn with_close_timeout(mut self, timeout: Duration) -> Self {
+        self.close_timeout = timeout;
+        self
+    }
+
+    pub fn with_max_write_buffer(mut self, bytes: usize) -> Self {
+        self.max_write_buffer = bytes;
+        self
+    }
+}

@@ -1,0 +1,190 @@
+//! The driver over real loopback sockets: handshake, echo, close codes, pings.
+
+use std::time::Duration;
+
+use switchboard_net::{
+    accept, connect, ClientOptions, CloseCode, CloseFrame, Config, Error, Message,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+async fn bind() -> (TcpListener, String) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}/echo", listener.local_addr().unwrap());
+    (listener, url)
+}
+
+#[tokio::test]
+async fn echo_and_a_clean_close_both_ways() {
+    let (listener, url) = bind().await;
+    let server = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let (mut socket, head) = accept(stream, Config::default()).await.unwrap();
+        assert_eq!(head.target, "/echo");
+        while let Some(message) = socket.recv().await.unwrap() {
+            socket.feed(&message).await.unwrap();
+        }
+        socket.peer_close().cloned()
+    });
+
+    let mut socket = connect(&url, ClientOptions::default())
+        .await
+        .unwrap()
+        .socket;
+    socket.send_text("hello ✓").await.unwrap();
+    socket
+        .send(&Message::Binary(vec![0u8, 159, 146, 150].into()))
+        .await
+        .unwrap();
+    let big = "x".repeat(200_000);
+    socket.send_text(&big).await.unwrap();
+    assert_eq!(
+        socket.recv().await.unwrap(),
+        Some(Message::Text("hello ✓".into()))
+    );
+    assert_eq!(
+        socket.recv().await.unwrap(),
+        Some(Message::Binary(vec![0u8, 159, 146, 150].into()))
+    );
+    match socket.recv().await.unwrap() {
+        Some(Message::Text(text)) => assert_eq!(text.as_str(), big),
+        other => panic!("unexpected {other:?}"),
+    }
+    let reply = socket
+        .close(Some(CloseFrame::new(CloseCode::NORMAL, "done")))
+        .await
+        .unwrap();
+    assert_eq!(reply.map(|f| f.code), Some(CloseCode::NORMAL));
+    let seen_by_server = server.await.unwrap();
+    assert_eq!(
+        seen_by_server,
+        Some(CloseFrame::new(CloseCode::NORMAL, "done"))
+    );
+}
+
+#[tokio::test]
+async fn server_initiated_close_reaches_the_client() {
+    let (listener, url) = bind().await;
+    let server = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let (mut socket, _) = accept(stream, Config::default()).await.unwrap();
+        socket
+            .close(Some(CloseFrame::new(CloseCode::GOING_AWAY, "bye")))
+            .await
+            .unwrap()
+    });
+    let mut socket = connect(&url, ClientOptions::default())
+        .await
+        .unwrap()
+        .socket;
+    assert_eq!(socket.recv().await.unwrap(), None);
+    assert_eq!(
+        socket.peer_close(),
+        Some(&CloseFrame::new(CloseCode::GOING_AWAY, "bye"))
+    );
+    assert_eq!(
+        server.await.unwrap().map(|f| f.code),
+        Some(CloseCode::GOING_AWAY)
+    );
+}
+
+#[tokio::test]
+async fn a_silent_peer_is_dropped_and_a_live_one_is_kept() {
+    let config = Config::default()
+        .with_ping_interval(Some(Duration::from_millis(50)))
+        .with_pong_timeout(Duration::from_millis(150));
+    let (listener, url) = bind().await;
+    let cfg = config.clone();
+    let server = tokio::spawn(async move {
+        let mut results = Vec::new();
+        for _ in 0..2 {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (mut socket, _) = accept(stream, cfg.clone()).await.unwrap();
+            let outcome = tokio::time::timeout(Duration::from_millis(1500), socket.recv()).await;
+            results.push(match outcome {
+                Err(_) => "still open".to_owned(),
+                Ok(Err(Error::PingTimeout)) => "ping timeout".to_owned(),
+                Ok(other) => format!("{other:?}"),
+            });
+        }
+        results
+    });
+
+    // A peer that completes the handshake and then never answers anything.
+    let mut silent = TcpStream::connect(url.trim_start_matches("ws://").trim_end_matches("/echo"))
+        .await
+        .unwrap();
+    silent
+        .write_all(b"GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        .await
+        .unwrap();
+    // A client whose driver answers pings by itself while it waits for messages.
+    let live = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let mut socket = connect(&url, ClientOptions::default())
+            .await
+            .unwrap()
+            .socket;
+        tokio::time::timeout(Duration::from_secs(3), socket.recv()).await
+    });
+    let results = server.await.unwrap();
+    assert_eq!(results, ["ping timeout", "still open"]);
+    drop(silent);
+    live.abort();
+}
+
+#[tokio::test]
+async fn bad_handshakes_get_their_status() {
+    let (listener, _) = bind().await;
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                // Rejections are the point of this test.
+                let _ = accept(stream, Config::default()).await;
+            });
+        }
+    });
+    let cases: [(&str, &str); 3] = [
+        ("GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n", "426"),
+        ("GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n", "400"),
+        ("POST / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n", "405"),
+    ];
+    for (request, status) in cases {
+        let mut stream = TcpStream::connect(address).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.unwrap();
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{answer}"
+        );
+        if status == "426" {
+            assert!(answer.contains("Sec-WebSocket-Version: 13\r\n"), "{answer}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn refused_and_non_101_connects_fail_with_a_reason() {
+    let (listener, url) = bind().await;
+    drop(listener);
+    assert!(matches!(
+        connect(&url, ClientOptions::default()).await,
+        Err(Error::Io(_))
+    ));
+
+    let (listener, url) = bind().await;
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 1024];
+        let _ = stream.read(&mut buf).await;
+        stream
+            .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+            .await
+            .unwrap();
+    });
+    let error = connect(&url, ClientOptions::default()).await.unwrap_err();
+    assert!(error.to_string().contains("404 Not Found"), "{error}");
+}

@@ -1,0 +1,143 @@
+//! The accept loop, the connection cap and graceful shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+use tracing::{debug, info, warn};
+
+use crate::config::Config;
+use crate::routes::router;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("listener: {0}")]
+    Listener(#[from] std::io::Error),
+}
+
+/// What every request handler can reach.
+#[derive(Debug, Clone)]
+pub(crate) struct AppState {
+    pub(crate) config: Arc<Config>,
+    /// Cancelled when the server shuts down.
+    pub(crate) shutdown: CancellationToken,
+    /// Every connection task, so shutdown can wait for them.
+    pub(crate) tasks: TaskTracker,
+}
+
+/// Held for as long as a connection (HTTP, then WebSocket) is open.
+#[derive(Debug, Clone)]
+pub(crate) struct ConnectionSlot(#[allow(dead_code)] pub(crate) Arc<OwnedSemaphorePermit>);
+
+/// Serves on `listener` until `shutdown` completes, then closes every WebSocket with
+/// 1001 and waits up to the drain timeout for connections to finish.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    let address = listener.local_addr()?;
+    let state = AppState {
+        config: Arc::new(config),
+        shutdown: CancellationToken::new(),
+        tasks: TaskTracker::new(),
+    };
+    let slots = Arc::new(Semaphore::new(state.config.max_connections));
+    let app = router(state.clone());
+    info!("listening on http://{address}");
+
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors or a reset before accept: keep serving.
+                    warn!(cause = %error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        if let Err(error) = stream.set_nodelay(true) {
+            debug!(cause = %error, %peer, "set_nodelay failed");
+        }
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            state.tasks.spawn(refuse_over_capacity(stream));
+            continue;
+        };
+        let slot = ConnectionSlot(Arc::new(permit));
+        let app = app.clone();
+        let state2 = state.clone();
+        state.tasks.spawn(async move {
+            let service = hyper::service::service_fn(
+                move |mut request: http::Request<hyper::body::Incoming>| {
+                    request.extensions_mut().insert(slot.clone());
+                    app.clone().oneshot(request)
+                },
+            );
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(
+                    state2.config.handshake_timeout_secs.max(1),
+                ))
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::pin!(connection);
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(error) = result {
+                        debug!(cause = %error, %peer, "http connection ended with an error");
+                    }
+                }
+                () = state2.shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    if let Err(error) = connection.await {
+                        debug!(cause = %error, %peer, "http connection ended during shutdown");
+                    }
+                }
+            }
+        });
+    }
+
+    info!("shutting down: closing connections");
+    drop(listener);
+    state.shutdown.cancel();
+    state.tasks.close();
+    let drain = Duration::from_secs(state.config.drain_timeout_secs.max(1));
+    if tokio::time::timeout(drain, state.tasks.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            remaining = state.tasks.len(),
+            "drain timeout passed; dropping the remaining connections"
+        );
+    }
+    info!("stopped");
+    Ok(())
+}
+
+async fn refuse_over_capacity(mut stream: TcpStream) {
+    const BODY: &str = "server is at its connection limit; try again later\n";
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    // A refused client that already left needs no answer.
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = stream.write_all(response.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}

@@ -1,0 +1,83 @@
+//! Turning an HTTP request into a WebSocket: validation with `switchboard-wire`, the 101
+//! answer through hyper, then the raw TCP stream taken back from hyper so the connection
+//! runs on our engine with no HTTP layer in between.
+
+use std::future::Future;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::response::{IntoResponse, Response};
+use http::{header, HeaderValue, StatusCode, Version};
+use hyper_util::rt::TokioIo;
+use switchboard_net::WebSocket;
+use switchboard_wire::handshake::{validate_request, HandshakeError, UpgradeRequest};
+use tokio::net::TcpStream;
+use tracing::{debug, error};
+
+use crate::serve::{AppState, ConnectionSlot};
+
+/// Validates `request` as a WebSocket upgrade. On success answers 101 and runs
+/// `session` on the connection once hyper hands the stream over; otherwise answers with
+/// the handshake error's status and a one-line explanation.
+pub(crate) fn upgrade<F, Fut>(
+    state: &AppState,
+    mut request: Request,
+    config: switchboard_net::Config,
+    session: F,
+) -> Response
+where
+    F: FnOnce(WebSocket<TcpStream>, UpgradeRequest) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let checked = validate_request(
+        request.method().as_str(),
+        request.version() >= Version::HTTP_11,
+        request
+            .headers()
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.as_bytes())),
+    );
+    let upgrade = match checked {
+        Ok(upgrade) => upgrade,
+        Err(error) => return refuse(&error),
+    };
+    let slot = request.extensions_mut().remove::<ConnectionSlot>();
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    let accept = HeaderValue::from_str(&upgrade.accept).expect("base64 is a valid header value");
+    state.tasks.spawn(async move {
+        let _slot = slot;
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(cause) => {
+                debug!(%cause, "client left before the upgrade completed");
+                return;
+            }
+        };
+        match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => {
+                let socket = WebSocket::server(parts.io.into_inner(), &parts.read_buf, config);
+                session(socket, upgrade).await;
+            }
+            Err(_) => error!("upgraded connection is not a TCP stream"),
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::UPGRADE, "websocket")
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept)
+        .body(Body::empty())
+        .expect("static response parts are valid")
+}
+
+/// The plain HTTP answer to a failed upgrade.
+pub(crate) fn refuse(error: &HandshakeError) -> Response {
+    let status = StatusCode::from_u16(error.status()).unwrap_or(StatusCode::BAD_REQUEST);
+    let mut response = (status, format!("{error}\n")).into_response();
+    for (name, value) in error.response_headers() {
+        response
+            .headers_mut()
+            .insert(*name, HeaderValue::from_static(value));
+    }
+    response
+}
