@@ -1,0 +1,176 @@
+//! The server over real sockets: routes, statuses, the connection cap, graceful shutdown,
+//! and an outside client (Python's `websockets`) talking to `/echo`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use switchboard_net::{connect, ClientOptions, CloseCode, Message};
+use switchboard_server::{run, Config};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+struct Server {
+    address: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl Server {
+    async fn start(config: Config) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            run(listener, config, async {
+                // A dropped sender also means stop.
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+        });
+        Self { address, stop: Some(stop), task }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("ws://{}{path}", self.address)
+    }
+
+    async fn stop(mut self) {
+        self.stop.take().unwrap().send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(15), self.task).await.unwrap().unwrap();
+    }
+}
+
+/// Sends a raw request and returns the whole answer.
+async fn raw(address: SocketAddr, request: &str) -> String {
+    let mut stream = TcpStream::connect(address).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Read until the head and a short body are in (hyper keeps the connection alive).
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await.unwrap().unwrap();
+        answer.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&answer);
+        if n == 0 || text.contains("\r\n\r\n") && (text.ends_with('\n') && !text.ends_with("\r\n\r\n") || text.contains("101 Switching")) {
+            return text.into_owned();
+        }
+    }
+}
+
+const UPGRADE: &str = "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+
+#[tokio::test]
+async fn routes_and_statuses() {
+    let server = Server::start(Config::default()).await;
+    let a = server.address;
+    let health = raw(a, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(health.starts_with("HTTP/1.1 200 OK"), "{health}");
+
+    let plain = raw(a, "GET /echo HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(plain.starts_with("HTTP/1.1 426 "), "{plain}");
+    assert!(plain.contains("speaks WebSocket"), "{plain}");
+
+    let version = raw(a, &format!("GET /echo HTTP/1.1\r\nHost: x\r\n{UPGRADE}Sec-WebSocket-Version: 12\r\n\r\n")).await;
+    assert!(version.starts_with("HTTP/1.1 426 "), "{version}");
+    assert!(version.to_ascii_lowercase().contains("sec-websocket-version: 13\r\n"), "{version}");
+
+    let no_key = raw(a, "GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n").await;
+    assert!(no_key.starts_with("HTTP/1.1 400 "), "{no_key}");
+
+    let ok = raw(a, &format!("GET /echo HTTP/1.1\r\nHost: x\r\n{UPGRADE}Sec-WebSocket-Version: 13\r\n\r\n")).await;
+    assert!(ok.starts_with("HTTP/1.1 101 "), "{ok}");
+    assert!(ok.to_ascii_lowercase().contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo=\r\n"), "{ok}");
+
+    let missing = raw(a, "GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(missing.starts_with("HTTP/1.1 404 "), "{missing}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn echo_keeps_types_and_order() {
+    let server = Server::start(Config::default()).await;
+    let mut socket = connect(&server.url("/echo"), ClientOptions::default()).await.unwrap().socket;
+    let sent: Vec<Message> = (0..100)
+        .map(|i| if i % 3 == 0 { Message::Binary(vec![i as u8; i].into()) } else { Message::Text(format!("message {i}").into()) })
+        .collect();
+    for message in &sent {
+        socket.feed(message).await.unwrap();
+    }
+    socket.flush().await.unwrap();
+    for message in &sent {
+        assert_eq!(socket.recv().await.unwrap().as_ref(), Some(message));
+    }
+    let reply = socket.close(None).await.unwrap();
+    assert_eq!(reply.map(|f| f.code), Some(CloseCode::NORMAL));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn over_capacity_gets_503() {
+    let server = Server::start(Config::default().with_max_connections(1)).await;
+    let mut first = connect(&server.url("/echo"), ClientOptions::default()).await.unwrap().socket;
+    let refused = raw(server.address, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(refused.starts_with("HTTP/1.1 503 "), "{refused}");
+    first.close(None).await.unwrap();
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_closes_websockets_with_1001() {
+    let server = Server::start(Config::default()).await;
+    let mut sockets = Vec::new();
+    for _ in 0..3 {
+        sockets.push(connect(&server.url("/echo"), ClientOptions::default()).await.unwrap().socket);
+    }
+    // Each connection is known to be upgraded once it has echoed a message.
+    for socket in &mut sockets {
+        socket.send_text("ping").await.unwrap();
+        assert!(socket.recv().await.unwrap().is_some());
+    }
+    let stopping = tokio::spawn(server.stop());
+    for socket in &mut sockets {
+        assert_eq!(socket.recv().await.unwrap(), None);
+        assert_eq!(socket.peer_close().map(|f| f.code), Some(CloseCode::GOING_AWAY));
+    }
+    stopping.await.unwrap();
+}
+
+fn python() -> Option<PathBuf> {
+    let candidate = std::env::var_os("SWITCHBOARD_PYTHON").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python")
+    });
+    let ok = std::process::Command::new(&candidate)
+        .args(["-c", "import websockets"])
+        .output()
+        .is_ok_and(|out| out.status.success());
+    ok.then_some(candidate)
+}
+
+#[tokio::test]
+async fn python_websockets_client_talks_to_echo() {
+    let Some(python) = python() else {
+        if std::env::var_os("CI").is_some() {
+            panic!("CI needs Python's websockets package: run scripts/test.sh, which installs it into .venv");
+        }
+        eprintln!("SKIPPED python_websockets_client_talks_to_echo: no .venv with `websockets` (scripts/test.sh makes one)");
+        return;
+    };
+    let server = Server::start(Config::default()).await;
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/python_echo_client.py");
+    let output = tokio::process::Command::new(python)
+        .arg(script)
+        .arg(server.url("/echo"))
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "python client failed:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("text ok"), "{stdout}");
+    assert!(stdout.contains("binary ok"), "{stdout}");
+    assert!(stdout.contains("close sent 1000 received 1000"), "{stdout}");
+    server.stop().await;
+}
