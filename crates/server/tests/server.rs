@@ -31,7 +31,11 @@ impl Server {
             .await
             .unwrap();
         });
-        Self { address, stop: Some(stop), task }
+        Self {
+            address,
+            stop: Some(stop),
+            task,
+        }
     }
 
     fn url(&self, path: &str) -> String {
@@ -40,7 +44,10 @@ impl Server {
 
     async fn stop(mut self) {
         self.stop.take().unwrap().send(()).unwrap();
-        tokio::time::timeout(Duration::from_secs(15), self.task).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(15), self.task)
+            .await
+            .unwrap()
+            .unwrap();
     }
 }
 
@@ -52,16 +59,24 @@ async fn raw(address: SocketAddr, request: &str) -> String {
     let mut buf = [0u8; 4096];
     // Read until the head and a short body are in (hyper keeps the connection alive).
     loop {
-        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await.unwrap().unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
         answer.extend_from_slice(&buf[..n]);
         let text = String::from_utf8_lossy(&answer);
-        if n == 0 || text.contains("\r\n\r\n") && (text.ends_with('\n') && !text.ends_with("\r\n\r\n") || text.contains("101 Switching")) {
+        if n == 0
+            || text.contains("\r\n\r\n")
+                && (text.ends_with('\n') && !text.ends_with("\r\n\r\n")
+                    || text.contains("101 Switching"))
+        {
             return text.into_owned();
         }
     }
 }
 
-const UPGRADE: &str = "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+const UPGRADE: &str =
+    "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
 
 #[tokio::test]
 async fn routes_and_statuses() {
@@ -74,16 +89,33 @@ async fn routes_and_statuses() {
     assert!(plain.starts_with("HTTP/1.1 426 "), "{plain}");
     assert!(plain.contains("speaks WebSocket"), "{plain}");
 
-    let version = raw(a, &format!("GET /echo HTTP/1.1\r\nHost: x\r\n{UPGRADE}Sec-WebSocket-Version: 12\r\n\r\n")).await;
+    let version = raw(
+        a,
+        &format!("GET /echo HTTP/1.1\r\nHost: x\r\n{UPGRADE}Sec-WebSocket-Version: 12\r\n\r\n"),
+    )
+    .await;
     assert!(version.starts_with("HTTP/1.1 426 "), "{version}");
-    assert!(version.to_ascii_lowercase().contains("sec-websocket-version: 13\r\n"), "{version}");
+    assert!(
+        version
+            .to_ascii_lowercase()
+            .contains("sec-websocket-version: 13\r\n"),
+        "{version}"
+    );
 
     let no_key = raw(a, "GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n").await;
     assert!(no_key.starts_with("HTTP/1.1 400 "), "{no_key}");
 
-    let ok = raw(a, &format!("GET /echo HTTP/1.1\r\nHost: x\r\n{UPGRADE}Sec-WebSocket-Version: 13\r\n\r\n")).await;
+    let ok = raw(
+        a,
+        &format!("GET /echo HTTP/1.1\r\nHost: x\r\n{UPGRADE}Sec-WebSocket-Version: 13\r\n\r\n"),
+    )
+    .await;
     assert!(ok.starts_with("HTTP/1.1 101 "), "{ok}");
-    assert!(ok.to_ascii_lowercase().contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo=\r\n"), "{ok}");
+    assert!(
+        ok.to_ascii_lowercase()
+            .contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo=\r\n"),
+        "{ok}"
+    );
 
     let missing = raw(a, "GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert!(missing.starts_with("HTTP/1.1 404 "), "{missing}");
@@ -93,9 +125,18 @@ async fn routes_and_statuses() {
 #[tokio::test]
 async fn echo_keeps_types_and_order() {
     let server = Server::start(Config::default()).await;
-    let mut socket = connect(&server.url("/echo"), ClientOptions::default()).await.unwrap().socket;
+    let mut socket = connect(&server.url("/echo"), ClientOptions::default())
+        .await
+        .unwrap()
+        .socket;
     let sent: Vec<Message> = (0..100)
-        .map(|i| if i % 3 == 0 { Message::Binary(vec![i as u8; i].into()) } else { Message::Text(format!("message {i}").into()) })
+        .map(|i| {
+            if i % 3 == 0 {
+                Message::Binary(vec![i as u8; i].into())
+            } else {
+                Message::Text(format!("message {i}").into())
+            }
+        })
         .collect();
     for message in &sent {
         socket.feed(message).await.unwrap();
@@ -112,7 +153,10 @@ async fn echo_keeps_types_and_order() {
 #[tokio::test]
 async fn over_capacity_gets_503() {
     let server = Server::start(Config::default().with_max_connections(1)).await;
-    let mut first = connect(&server.url("/echo"), ClientOptions::default()).await.unwrap().socket;
+    let mut first = connect(&server.url("/echo"), ClientOptions::default())
+        .await
+        .unwrap()
+        .socket;
     let refused = raw(server.address, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert!(refused.starts_with("HTTP/1.1 503 "), "{refused}");
     first.close(None).await.unwrap();
@@ -124,7 +168,12 @@ async fn shutdown_closes_websockets_with_1001() {
     let server = Server::start(Config::default()).await;
     let mut sockets = Vec::new();
     for _ in 0..3 {
-        sockets.push(connect(&server.url("/echo"), ClientOptions::default()).await.unwrap().socket);
+        sockets.push(
+            connect(&server.url("/echo"), ClientOptions::default())
+                .await
+                .unwrap()
+                .socket,
+        );
     }
     // Each connection is known to be upgraded once it has echoed a message.
     for socket in &mut sockets {
@@ -134,15 +183,20 @@ async fn shutdown_closes_websockets_with_1001() {
     let stopping = tokio::spawn(server.stop());
     for socket in &mut sockets {
         assert_eq!(socket.recv().await.unwrap(), None);
-        assert_eq!(socket.peer_close().map(|f| f.code), Some(CloseCode::GOING_AWAY));
+        assert_eq!(
+            socket.peer_close().map(|f| f.code),
+            Some(CloseCode::GOING_AWAY)
+        );
     }
     stopping.await.unwrap();
 }
 
 fn python() -> Option<PathBuf> {
-    let candidate = std::env::var_os("SWITCHBOARD_PYTHON").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python")
-    });
+    let candidate = std::env::var_os("SWITCHBOARD_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python")
+        });
     let ok = std::process::Command::new(&candidate)
         .args(["-c", "import websockets"])
         .output()
@@ -160,7 +214,8 @@ async fn python_websockets_client_talks_to_echo() {
         return;
     };
     let server = Server::start(Config::default()).await;
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/python_echo_client.py");
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/python_echo_client.py");
     let output = tokio::process::Command::new(python)
         .arg(script)
         .arg(server.url("/echo"))
@@ -168,7 +223,11 @@ async fn python_websockets_client_talks_to_echo() {
         .await
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "python client failed:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "python client failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(stdout.contains("text ok"), "{stdout}");
     assert!(stdout.contains("binary ok"), "{stdout}");
     assert!(stdout.contains("close sent 1000 received 1000"), "{stdout}");
