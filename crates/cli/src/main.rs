@@ -1,5 +1,6 @@
 //! `switchboard`: the one binary. Parses flags, sets up logging, calls the libraries.
 
+mod bench;
 mod connect;
 mod serve;
 
@@ -29,13 +30,15 @@ enum Command {
     /// Connect to a WebSocket URL: stdin lines go out as text, received messages come out
     /// on stdout, one per line.
     Connect(connect::ConnectArgs),
+    /// Load the server and print figures.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
         Command::Serve(_) => "info",
-        Command::Connect(_) => "warn",
+        Command::Connect(_) | Command::Bench(_) => "warn",
     };
     let filter = EnvFilter::try_new(cli.log.as_deref().unwrap_or(default_level))
         .unwrap_or_else(|_| EnvFilter::new(default_level));
@@ -58,6 +61,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
             Command::Connect(args) => connect::run(args).await,
+            Command::Bench(args) => bench::run(args).await,
         }
     });
     match result {
