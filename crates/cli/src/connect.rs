@@ -22,6 +22,9 @@ pub(crate) struct ConnectArgs {
     /// Send every received message back with its type unchanged instead of reading stdin.
     #[arg(long)]
     echo: bool,
+    /// Do not offer permessage-deflate compression (offered by default).
+    #[arg(long)]
+    no_deflate: bool,
     /// Extra request header `Name: value` (repeatable).
     #[arg(long = "header", value_name = "NAME: VALUE")]
     headers: Vec<String>,
@@ -29,6 +32,9 @@ pub(crate) struct ConnectArgs {
 
 pub(crate) async fn run(args: ConnectArgs) -> anyhow::Result<()> {
     let mut options = ClientOptions::default();
+    if args.no_deflate {
+        options.config = options.config.with_deflate(None);
+    }
     for header in &args.headers {
         let (name, value) = header
             .split_once(':')

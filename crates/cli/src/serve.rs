@@ -1,11 +1,10 @@
 //! `switchboard serve`: flags, environment and config file merged into the server config.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
-use serde::Deserialize;
 use tokio::net::TcpListener;
 
 #[derive(Debug, Args)]
@@ -24,29 +23,34 @@ pub(crate) struct ServeArgs {
     drain_timeout: Option<u64>,
 }
 
-/// The config file: `listen` beside the server's own settings.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    listen: Option<SocketAddr>,
-    #[serde(flatten)]
-    server: Option<toml::Table>,
+/// Reads the config file: `listen` beside the server's own settings, every key checked.
+fn read_config_file(
+    path: Option<&Path>,
+) -> anyhow::Result<(switchboard_server::Config, Option<SocketAddr>)> {
+    let Some(path) = path else {
+        return Ok((switchboard_server::Config::default(), None));
+    };
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    parse_config(&text).with_context(|| format!("in {}", path.display()))
+}
+
+fn parse_config(text: &str) -> anyhow::Result<(switchboard_server::Config, Option<SocketAddr>)> {
+    let mut table = text.parse::<toml::Table>()?;
+    let listen = match table.remove("listen") {
+        None => None,
+        Some(value) => Some(
+            value
+                .as_str()
+                .and_then(|s| s.parse::<SocketAddr>().ok())
+                .context("`listen` must be an address such as \"127.0.0.1:8080\"")?,
+        ),
+    };
+    Ok((table.try_into()?, listen))
 }
 
 pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let file = match &args.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            toml::from_str::<FileConfig>(&text)
-                .with_context(|| format!("parsing {}", path.display()))?
-        }
-        None => FileConfig::default(),
-    };
-    let mut config: switchboard_server::Config = match file.server {
-        Some(table) if !table.is_empty() => table.try_into().context("in the config file")?,
-        _ => switchboard_server::Config::default(),
-    };
+    let (mut config, file_listen) = read_config_file(args.config.as_deref())?;
     if let Some(max) = args.max_connections {
         config = config.with_max_connections(max);
     }
@@ -55,7 +59,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     let listen = args
         .listen
-        .or(file.listen)
+        .or(file_listen)
         .unwrap_or_else(|| ([127, 0, 0, 1], 8080).into());
     let listener = TcpListener::bind(listen)
         .await
@@ -89,5 +93,25 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = interrupt.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_file_keys() {
+        let (config, listen) =
+            parse_config("listen = \"0.0.0.0:9000\"\nmax_connections = 5\ncompression = false\n")
+                .unwrap();
+        assert_eq!(listen, Some("0.0.0.0:9000".parse().unwrap()));
+        assert_eq!(config.max_connections, 5);
+        assert!(!config.compression);
+        let (config, listen) = parse_config("").unwrap();
+        assert_eq!((listen, config.max_connections), (None, 100_000));
+        assert!(parse_config("bogus = 1").is_err());
+        assert!(parse_config("listen = 8080").is_err());
+        assert!(parse_config("max_connections = \"many\"").is_err());
     }
 }

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use switchboard_wire::deflate::{self, DeflateConfig, DeflateParams};
 use switchboard_wire::handshake::{
     client_key, parse_response, validate_response, Accepted, ClientRequest, HandshakeError,
 };
@@ -109,13 +110,19 @@ pub async fn connect(url: &str, options: ClientOptions) -> Result<Connected, Err
     request.protocols = options.protocols.clone();
     request.origin = options.origin.clone();
     request.headers = options.headers.clone();
+    request.extensions = options.config.deflate.as_ref().map(deflate::offer);
 
     let handshake = async {
         stream.write_all(&request.to_bytes()).await?;
         let mut buf = Vec::with_capacity(1024);
         loop {
             if let Some((head, len)) = parse_response(&buf, MAX_HEAD)? {
-                let accepted = validate_response(&head, &request, &[])?;
+                let offered: &[&str] = if request.extensions.is_some() {
+                    &[deflate::NAME]
+                } else {
+                    &[]
+                };
+                let accepted = validate_response(&head, &request, offered)?;
                 return Ok::<_, Error>((accepted, buf.split_off(len)));
             }
             let mut chunk = [0u8; 2048];
@@ -133,9 +140,35 @@ pub async fn connect(url: &str, options: ClientOptions) -> Result<Connected, Err
         .await
         .map_err(|_| Error::Timeout("waiting for the handshake answer"))??;
 
-    let conn = Connection::client(options.config.wire.clone(), rng.random());
+    let mut conn = Connection::client(options.config.wire.clone(), rng.random());
+    if let Some(params) = agreed_deflate(&accepted, options.config.deflate.as_ref())? {
+        let config = options.config.deflate.clone().unwrap_or_default();
+        conn = conn.with_deflate(params, &config);
+    }
     let socket = WebSocket::from_upgraded(stream, conn, &leftover, options.config);
     Ok(Connected { socket, accepted })
+}
+
+/// The permessage-deflate parameters the server agreed to, checked against the offer.
+fn agreed_deflate(
+    accepted: &Accepted,
+    config: Option<&DeflateConfig>,
+) -> Result<Option<DeflateParams>, Error> {
+    let mut answers = accepted
+        .extensions
+        .iter()
+        .filter(|e| e.name.eq_ignore_ascii_case(deflate::NAME));
+    let (Some(answer), Some(config)) = (answers.next(), config) else {
+        return Ok(None);
+    };
+    if answers.next().is_some() {
+        return Err(HandshakeError::UnofferedExtension("permessage-deflate twice".into()).into());
+    }
+    deflate::accept_response(answer, config)
+        .map(Some)
+        .map_err(|why| {
+            HandshakeError::Malformed(format!("permessage-deflate answer: {why}")).into()
+        })
 }
 
 #[cfg(test)]

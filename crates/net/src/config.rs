@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use switchboard_wire::deflate::DeflateConfig;
+
 /// Settings of a [`crate::WebSocket`]. Start from [`Config::default`] and adjust with the
 /// `with_*` methods; fields may be added in later versions.
 #[derive(Debug, Clone)]
@@ -9,6 +11,8 @@ use std::time::Duration;
 pub struct Config {
     /// Protocol limits (frame and message sizes).
     pub wire: switchboard_wire::Config,
+    /// permessage-deflate: offered (client) or accepted (server) when set.
+    pub deflate: Option<DeflateConfig>,
     /// Send a ping after this long without hearing from the peer; `None` never pings.
     pub ping_interval: Option<Duration>,
     /// Drop the connection when nothing arrives this long after a ping.
@@ -25,6 +29,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             wire: switchboard_wire::Config::default(),
+            deflate: Some(DeflateConfig::default()),
             ping_interval: Some(Duration::from_secs(30)),
             pong_timeout: Duration::from_secs(60),
             close_timeout: Duration::from_secs(5),
@@ -37,6 +42,11 @@ impl Default for Config {
 impl Config {
     pub fn with_wire(mut self, wire: switchboard_wire::Config) -> Self {
         self.wire = wire;
+        self
+    }
+
+    pub fn with_deflate(mut self, deflate: Option<DeflateConfig>) -> Self {
+        self.deflate = deflate;
         self
     }
 

@@ -1,5 +1,6 @@
 //! The server handshake on a raw stream, for servers without an HTTP stack of their own.
 
+use switchboard_wire::deflate::negotiate;
 use switchboard_wire::handshake::{parse_request, response_bytes, HandshakeError, RequestHead};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -42,9 +43,15 @@ where
             return Err(error.into());
         }
     };
-    io.write_all(&response_bytes(&upgrade.accept, None, None))
+    let deflate = config
+        .deflate
+        .as_ref()
+        .and_then(|d| negotiate(&upgrade.extensions, d));
+    let extensions = deflate.as_ref().map(|(_, header)| header.as_str());
+    io.write_all(&response_bytes(&upgrade.accept, None, extensions))
         .await?;
-    Ok((WebSocket::server(io, &buf[len..], config), head))
+    let params = deflate.map(|(params, _)| params);
+    Ok((WebSocket::server(io, &buf[len..], config, params), head))
 }
 
 async fn reject<S: AsyncWrite + Unpin>(io: &mut S, error: &HandshakeError) {

@@ -4,6 +4,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use switchboard_wire::deflate::DeflateParams;
 use switchboard_wire::{CloseFrame, Connection, Message, OpCode, Role};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{sleep_until, Instant, Sleep};
@@ -51,10 +52,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
         }
     }
 
-    /// Wraps a stream as the server end of a connection.
-    pub fn server(io: S, leftover: &[u8], config: Config) -> Self {
-        let conn = Connection::server(config.wire.clone());
+    /// Wraps a stream as the server end of a connection, with permessage-deflate when
+    /// the handshake agreed on it.
+    pub fn server(io: S, leftover: &[u8], config: Config, deflate: Option<DeflateParams>) -> Self {
+        let mut conn = Connection::server(config.wire.clone());
+        if let Some(params) = deflate {
+            conn = conn.with_deflate(params, &config.deflate.clone().unwrap_or_default());
+        }
         Self::from_upgraded(io, conn, leftover, config)
+    }
+
+    /// The protocol state (for inspection: compression state, close state).
+    pub fn protocol(&self) -> &Connection {
+        &self.conn
     }
 
     /// Receives the next text or binary message. Pings, pongs and the close handshake are

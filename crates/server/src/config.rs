@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use serde::Deserialize;
+use switchboard_wire::deflate::DeflateConfig;
 
 /// Settings of [`crate::run`]; build from [`Config::default`] or deserialize from TOML.
 #[derive(Debug, Clone, Deserialize)]
@@ -23,6 +24,18 @@ pub struct Config {
     pub drain_timeout_secs: u64,
     /// Seconds to wait for a client's Close reply.
     pub close_timeout_secs: u64,
+    /// Accept permessage-deflate (RFC 7692) when a client offers it.
+    pub compression: bool,
+    /// zlib level for compressed messages, 0-9.
+    pub compression_level: u32,
+    /// Largest window the server compresses with, 9-15 bits (15 = 32 KiB; smaller
+    /// windows hold less memory per connection).
+    pub compression_window_bits: u8,
+    /// Compress each message on its own (`server_no_context_takeover`): less memory kept
+    /// per connection, larger messages.
+    pub compression_no_context_takeover: bool,
+    /// Messages shorter than this many bytes are sent uncompressed.
+    pub compression_min_size: usize,
 }
 
 impl Default for Config {
@@ -35,6 +48,11 @@ impl Default for Config {
             handshake_timeout_secs: 10,
             drain_timeout_secs: 10,
             close_timeout_secs: 5,
+            compression: true,
+            compression_level: 3,
+            compression_window_bits: 15,
+            compression_no_context_takeover: false,
+            compression_min_size: 0,
         }
     }
 }
@@ -50,12 +68,28 @@ impl Config {
         self
     }
 
+    pub fn with_compression(mut self, on: bool) -> Self {
+        self.compression = on;
+        self
+    }
+
+    fn deflate(&self) -> Option<DeflateConfig> {
+        self.compression.then(|| {
+            DeflateConfig::default()
+                .with_level(self.compression_level)
+                .with_max_window_bits(self.compression_window_bits)
+                .with_no_context_takeover(self.compression_no_context_takeover)
+                .with_min_size(self.compression_min_size)
+        })
+    }
+
     pub(crate) fn socket_config(&self, max_message: usize) -> switchboard_net::Config {
         let wire = switchboard_net::wire::Config::default()
             .with_max_message_size(max_message)
             .with_max_frame_size(max_message);
         switchboard_net::Config::default()
             .with_wire(wire)
+            .with_deflate(self.deflate())
             .with_ping_interval(Some(Duration::from_secs(self.ping_interval_secs.max(1))))
             .with_pong_timeout(Duration::from_secs(self.pong_timeout_secs.max(1)))
             .with_close_timeout(Duration::from_secs(self.close_timeout_secs.max(1)))

@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use http::{header, HeaderValue, StatusCode, Version};
 use hyper_util::rt::TokioIo;
 use switchboard_net::WebSocket;
+use switchboard_wire::deflate::negotiate;
 use switchboard_wire::handshake::{validate_request, HandshakeError, UpgradeRequest};
 use tokio::net::TcpStream;
 use tracing::{debug, error};
@@ -41,9 +42,17 @@ where
         Ok(upgrade) => upgrade,
         Err(error) => return refuse(&error),
     };
+    let deflate = config
+        .deflate
+        .as_ref()
+        .and_then(|d| negotiate(&upgrade.extensions, d));
     let slot = request.extensions_mut().remove::<ConnectionSlot>();
     let on_upgrade = hyper::upgrade::on(&mut request);
     let accept = HeaderValue::from_str(&upgrade.accept).expect("base64 is a valid header value");
+    let extensions = deflate.as_ref().map(|(_, header)| {
+        HeaderValue::from_str(header).expect("extension header is built from tokens")
+    });
+    let params = deflate.map(|(params, _)| params);
     state.tasks.spawn(async move {
         let _slot = slot;
         let upgraded = match on_upgrade.await {
@@ -55,19 +64,26 @@ where
         };
         match upgraded.downcast::<TokioIo<TcpStream>>() {
             Ok(parts) => {
-                let socket = WebSocket::server(parts.io.into_inner(), &parts.read_buf, config);
+                let socket =
+                    WebSocket::server(parts.io.into_inner(), &parts.read_buf, config, params);
                 session(socket, upgrade).await;
             }
             Err(_) => error!("upgraded connection is not a TCP stream"),
         }
     });
-    Response::builder()
+    let mut response = Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(header::UPGRADE, "websocket")
         .header(header::CONNECTION, "Upgrade")
         .header(header::SEC_WEBSOCKET_ACCEPT, accept)
         .body(Body::empty())
-        .expect("static response parts are valid")
+        .expect("static response parts are valid");
+    if let Some(extensions) = extensions {
+        response
+            .headers_mut()
+            .insert(header::SEC_WEBSOCKET_EXTENSIONS, extensions);
+    }
+    response
 }
 
 /// The plain HTTP answer to a failed upgrade.

@@ -2,6 +2,8 @@
 //! and an outside client (Python's `websockets`) talking to `/echo`.
 
 use std::net::SocketAddr;
+
+use bytes::BytesMut;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -228,8 +230,127 @@ async fn python_websockets_client_talks_to_echo() {
         "python client failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    assert!(stdout.contains("text ok"), "{stdout}");
-    assert!(stdout.contains("binary ok"), "{stdout}");
-    assert!(stdout.contains("close sent 1000 received 1000"), "{stdout}");
+    for label in ["plain", "deflate"] {
+        assert!(stdout.contains(&format!("{label} text ok")), "{stdout}");
+        assert!(stdout.contains(&format!("{label} binary ok")), "{stdout}");
+        assert!(
+            stdout.contains(&format!("{label} close sent 1000 received 1000")),
+            "{stdout}"
+        );
+    }
     server.stop().await;
+}
+
+/// A raw client that offers permessage-deflate and sends hand-made frames.
+async fn raw_deflate_client(address: SocketAddr) -> (TcpStream, BytesMut) {
+    use switchboard_wire::handshake::{client_key, parse_response, ClientRequest};
+    let mut stream = TcpStream::connect(address).await.unwrap();
+    let mut request = ClientRequest::new(address.to_string(), "/echo", client_key([7; 16]));
+    request.extensions = Some("permessage-deflate".into());
+    stream.write_all(&request.to_bytes()).await.unwrap();
+    let mut buf = BytesMut::new();
+    loop {
+        if let Some((head, len)) = parse_response(&buf, 16 * 1024).unwrap() {
+            assert_eq!(head.status, 101);
+            let extensions = head
+                .headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case("sec-websocket-extensions"))
+                .map(|(_, v)| String::from_utf8_lossy(v).into_owned());
+            assert_eq!(extensions.as_deref(), Some("permessage-deflate"));
+            let _ = buf.split_to(len);
+            return (stream, buf);
+        }
+        stream.read_buf(&mut buf).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn deflate_bomb_is_closed_with_1009_and_others_keep_chatting() {
+    use flate2::{Compress, Compression, FlushCompress};
+    use switchboard_wire::frame::{encode_frame, FrameHeader};
+    use switchboard_wire::{Connection, OpCode};
+
+    let mut config = Config::default();
+    config.echo_max_message = 1 << 20;
+    let server = Server::start(config).await;
+    let mut bystander = connect(&server.url("/echo"), ClientOptions::default())
+        .await
+        .unwrap()
+        .socket;
+    bystander.send_text("before").await.unwrap();
+    assert_eq!(
+        bystander.recv().await.unwrap(),
+        Some(Message::Text("before".into()))
+    );
+
+    // 8 MiB of zeros deflate to a few KB: the server must stop at its 1 MiB limit.
+    let mut compressor = Compress::new(Compression::best(), false);
+    let mut bomb = Vec::with_capacity(64 * 1024);
+    compressor
+        .compress_vec(&vec![0u8; 8 << 20], &mut bomb, FlushCompress::Sync)
+        .unwrap();
+    assert!(bomb.len() < 10_000, "the bomb is {} bytes", bomb.len());
+    bomb.truncate(bomb.len() - 4);
+    let mut header = FrameHeader::new(OpCode::Binary, bomb.len() as u64);
+    header.rsv1 = true;
+    header.mask = Some([1, 2, 3, 4]);
+    let mut frame = BytesMut::new();
+    encode_frame(&mut frame, &header, &bomb);
+
+    let (mut attacker, mut buf) = raw_deflate_client(server.address).await;
+    attacker.write_all(&frame).await.unwrap();
+    let mut decoder = Connection::client(Default::default(), [0; 32]);
+    let close = loop {
+        if let Some(message) = decoder.read(&mut buf).unwrap() {
+            break message;
+        }
+        assert!(
+            attacker.read_buf(&mut buf).await.unwrap() > 0,
+            "closed without a close frame"
+        );
+    };
+    match close {
+        Message::Close(Some(frame)) => assert_eq!(frame.code, CloseCode::TOO_BIG),
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+
+    bystander.send_text("after").await.unwrap();
+    assert_eq!(
+        bystander.recv().await.unwrap(),
+        Some(Message::Text("after".into()))
+    );
+    bystander.close(None).await.unwrap();
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn compression_is_negotiated_and_used_by_default() {
+    let server = Server::start(Config::default()).await;
+    let connected = connect(&server.url("/echo"), ClientOptions::default())
+        .await
+        .unwrap();
+    assert!(connected
+        .accepted
+        .extensions
+        .iter()
+        .any(|e| e.name == "permessage-deflate"));
+    let mut socket = connected.socket;
+    let json = r#"{"type":"message","room":"lobby","from":"alice","text":"compressed both ways"}"#;
+    socket.send_text(json).await.unwrap();
+    assert_eq!(
+        socket.recv().await.unwrap(),
+        Some(Message::Text(json.into()))
+    );
+    assert_eq!(socket.protocol().deflate_state(), Some((true, true)));
+    socket.close(None).await.unwrap();
+
+    let off = Server::start(Config::default().with_compression(false)).await;
+    let connected = connect(&off.url("/echo"), ClientOptions::default())
+        .await
+        .unwrap();
+    assert!(connected.accepted.extensions.is_empty());
+    assert_eq!(connected.socket.protocol().deflate_state(), None);
+    server.stop().await;
+    off.stop().await;
 }

@@ -14,6 +14,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::close::{CloseCode, CloseFrame};
 use crate::config::Config;
+use crate::deflate::{Deflate, DeflateConfig, DeflateParams};
 use crate::error::{Error, ProtocolError};
 use crate::frame::{encode_frame, FrameHeader, OpCode};
 use crate::mask::apply_mask_at;
@@ -35,6 +36,8 @@ struct PartialFrame {
     header_len: usize,
     /// Payload bytes already unmasked (and validated, for text).
     processed: usize,
+    /// Validate the payload as text as it arrives (uncompressed text only; compressed
+    /// text is validated as it is inflated).
     text: bool,
 }
 
@@ -42,6 +45,7 @@ struct PartialFrame {
 #[derive(Debug)]
 struct PartialMessage {
     opcode: OpCode,
+    compressed: bool,
     data: BytesMut,
 }
 
@@ -61,6 +65,9 @@ pub struct Connection {
     utf8: Utf8Validator,
     out: BytesMut,
     masks: Option<StdRng>,
+    deflate: Option<Deflate>,
+    /// Reused buffer for compressing outgoing messages.
+    scratch: BytesMut,
     close_sent: bool,
     close_received: bool,
     failed: bool,
@@ -87,10 +94,24 @@ impl Connection {
             utf8: Utf8Validator::new(),
             out: BytesMut::new(),
             masks,
+            deflate: None,
+            scratch: BytesMut::new(),
             close_sent: false,
             close_received: false,
             failed: false,
         }
+    }
+
+    /// Turns on permessage-deflate with the parameters the handshake agreed on.
+    pub fn with_deflate(mut self, params: DeflateParams, config: &DeflateConfig) -> Self {
+        self.deflate = Some(Deflate::new(self.role, params, config));
+        self
+    }
+
+    /// Whether permessage-deflate is on, and whether its compressor and decompressor are
+    /// allocated right now.
+    pub fn deflate_state(&self) -> Option<(bool, bool)> {
+        self.deflate.as_ref().map(Deflate::holds)
     }
 
     pub fn role(&self) -> Role {
@@ -180,7 +201,11 @@ impl Connection {
     /// Applies the rules a header can be judged by before its payload arrives. Returns
     /// whether the payload is text to validate.
     fn check_header(&mut self, header: &FrameHeader) -> Result<bool, ProtocolError> {
-        if header.rsv1 || header.rsv2 || header.rsv3 {
+        // RSV1 marks a compressed message: allowed only with permessage-deflate, and only
+        // on the first frame of a data message.
+        let rsv1_allowed =
+            self.deflate.is_some() && matches!(header.opcode, OpCode::Text | OpCode::Binary);
+        if header.rsv2 || header.rsv3 || header.rsv1 && !rsv1_allowed {
             return Err(ProtocolError::ReservedBits);
         }
         match (self.role, header.mask.is_some()) {
@@ -206,17 +231,23 @@ impl Connection {
                 limit: self.config.max_frame_size,
             });
         }
-        let (so_far, text) = match (header.opcode, &self.message) {
-            (OpCode::Continuation, Some(message)) => {
-                (message.data.len() as u64, message.opcode == OpCode::Text)
-            }
+        let (so_far, text, compressed) = match (header.opcode, &self.message) {
+            (OpCode::Continuation, Some(message)) => (
+                message.data.len() as u64,
+                message.opcode == OpCode::Text,
+                message.compressed,
+            ),
             (OpCode::Continuation, None) => return Err(ProtocolError::UnexpectedContinuation),
             (_, Some(_)) => return Err(ProtocolError::ExpectedContinuation),
             (opcode, None) => {
                 self.utf8.reset();
-                (0, opcode == OpCode::Text)
+                (0, opcode == OpCode::Text, header.rsv1)
             }
         };
+        if compressed {
+            // The inflated size is checked while inflating.
+            return Ok(false);
+        }
         if so_far + len > self.config.max_message_size as u64 {
             return Err(ProtocolError::MessageTooBig {
                 size: so_far + len,
@@ -250,10 +281,14 @@ impl Connection {
                 }
                 return Ok(Step::Message(Message::Close(frame)));
             }
+            _ if header.rsv1 || self.message.as_ref().is_some_and(|m| m.compressed) => {
+                return self.on_compressed_frame(header, payload);
+            }
             OpCode::Text | OpCode::Binary if header.fin => payload,
             OpCode::Text | OpCode::Binary => {
                 self.message = Some(PartialMessage {
                     opcode: header.opcode,
+                    compressed: false,
                     data: payload,
                 });
                 return Ok(Step::Consumed);
@@ -270,12 +305,58 @@ impl Connection {
         if text {
             self.utf8.finish().map_err(|_| ProtocolError::InvalidUtf8)?;
         }
+        Ok(Step::Message(Self::complete(text, data)))
+    }
+
+    fn complete(text: bool, data: BytesMut) -> Message {
         let data = data.freeze();
-        Ok(Step::Message(if text {
+        if text {
             Message::Text(Text::from_validated(data))
         } else {
             Message::Binary(data)
-        }))
+        }
+    }
+
+    /// A frame of a compressed message: inflated onto the message at once, so the
+    /// inflated size limit and text validity are checked frame by frame.
+    fn on_compressed_frame(
+        &mut self,
+        header: FrameHeader,
+        payload: BytesMut,
+    ) -> Result<Step, ProtocolError> {
+        let (opcode, mut data) = match self.message.take() {
+            Some(message) => (message.opcode, message.data),
+            None => (header.opcode, BytesMut::new()),
+        };
+        let start = data.len();
+        let deflate = self
+            .deflate
+            .as_mut()
+            .expect("RSV1 is accepted only with deflate");
+        deflate.decompress(
+            &payload,
+            header.fin,
+            &mut data,
+            self.config.max_message_size,
+        )?;
+        let text = opcode == OpCode::Text;
+        if text {
+            self.utf8
+                .feed(&data[start..])
+                .map_err(|_| ProtocolError::InvalidUtf8)?;
+        }
+        if !header.fin {
+            self.message = Some(PartialMessage {
+                opcode,
+                compressed: true,
+                data,
+            });
+            return Ok(Step::Consumed);
+        }
+        if text {
+            self.utf8.finish().map_err(|_| ProtocolError::InvalidUtf8)?;
+        }
+        Ok(Step::Message(Self::complete(text, data)))
     }
 
     fn fail(&mut self, error: &ProtocolError) {
@@ -292,6 +373,20 @@ impl Connection {
         header.fin = fin;
         header.mask = self.masks.as_mut().map(|rng| rng.random::<[u8; 4]>());
         encode_frame(&mut self.out, &header, payload);
+    }
+
+    /// A whole data message: compressed when permessage-deflate is on and it pays.
+    fn write_message(&mut self, opcode: OpCode, payload: &[u8]) {
+        if let Some(deflate) = self.deflate.as_mut() {
+            if deflate.compress(payload, &mut self.scratch) {
+                let mut header = FrameHeader::new(opcode, self.scratch.len() as u64);
+                header.rsv1 = true;
+                header.mask = self.masks.as_mut().map(|rng| rng.random::<[u8; 4]>());
+                encode_frame(&mut self.out, &header, &self.scratch);
+                return;
+            }
+        }
+        self.write_frame(opcode, true, payload);
     }
 
     fn write_close(&mut self, frame: &CloseFrame) {
@@ -323,15 +418,20 @@ impl Connection {
     /// guarantees text is UTF-8.
     pub fn send(&mut self, opcode: OpCode, payload: &[u8]) -> Result<(), Error> {
         self.check_open()?;
-        if opcode.is_control() && payload.len() > 125 {
-            return Err(Error::ControlPayloadTooLong(payload.len()));
+        if opcode.is_control() {
+            if payload.len() > 125 {
+                return Err(Error::ControlPayloadTooLong(payload.len()));
+            }
+            self.write_frame(opcode, true, payload);
+        } else {
+            self.write_message(opcode, payload);
         }
-        self.write_frame(opcode, true, payload);
         Ok(())
     }
 
     /// Queues one frame of a fragmented message: `opcode` is Text or Binary for the first
-    /// frame and Continuation after it; `fin` ends the message.
+    /// frame and Continuation after it; `fin` ends the message. Fragments are never
+    /// compressed.
     pub fn send_fragment(
         &mut self,
         opcode: OpCode,
@@ -717,5 +817,141 @@ mod tests {
         let out = client.take_output();
         assert_eq!(out[1] & 0x80, 0x80);
         assert_ne!(&out[6..], b"abc");
+    }
+    fn deflate_pair(params: DeflateParams) -> (Connection, Connection) {
+        let config = DeflateConfig::default();
+        (
+            Connection::client(Config::default(), [5; 32]).with_deflate(params, &config),
+            Connection::server(Config::default()).with_deflate(params, &config),
+        )
+    }
+
+    #[test]
+    fn compressed_messages_both_ways() {
+        let (mut client, mut server) = deflate_pair(DeflateParams::default());
+        let json = r#"{"type":"message","text":"the same words again and again and again"}"#;
+        for _ in 0..3 {
+            client.send_text(json).unwrap();
+        }
+        client.send_binary(&[9; 5000]).unwrap();
+        let wire = client.take_output();
+        assert!(
+            wire.len() < 3 * json.len(),
+            "compressed: {} bytes",
+            wire.len()
+        );
+        assert_eq!(wire[0] & 0x40, 0x40, "RSV1 marks the first message");
+        let got = read_all(&mut server, &wire).unwrap();
+        assert_eq!(got.len(), 4);
+        assert!(got[..3]
+            .iter()
+            .all(|m| matches!(m, Message::Text(t) if t.as_str() == json)));
+        assert_eq!(got[3], Message::Binary(vec![9; 5000].into()));
+
+        server.send_text(json).unwrap();
+        let got = read_all(&mut client, &server.take_output()).unwrap();
+        assert!(matches!(&got[..], [Message::Text(t)] if t.as_str() == json));
+    }
+
+    #[test]
+    fn a_compressed_message_in_fragments_with_a_ping_between() {
+        let (_, mut server) = deflate_pair(DeflateParams::default());
+        let text = "fragmented and compressed ".repeat(50);
+        let mut sender = Deflate::new(
+            Role::Client,
+            DeflateParams::default(),
+            &DeflateConfig::default(),
+        );
+        let mut body = BytesMut::new();
+        assert!(sender.compress(text.as_bytes(), &mut body));
+        let (a, b) = body.split_at(body.len() / 2);
+        let mut bytes = masked(1, false, a);
+        bytes[0] |= 0x40;
+        bytes.extend(masked(9, true, b"p"));
+        bytes.extend(masked(0, true, b));
+        let got = read_all(&mut server, &bytes).unwrap();
+        assert_eq!(got.len(), 2);
+        assert!(matches!(&got[1], Message::Text(t) if t.as_str() == text));
+    }
+
+    #[test]
+    fn rsv1_is_refused_where_it_does_not_belong() {
+        // Without deflate.
+        let mut server = Connection::server(Config::default());
+        let mut frame = masked(1, true, b"x");
+        frame[0] |= 0x40;
+        assert_eq!(
+            read_all(&mut server, &frame),
+            Err(Error::Protocol(ProtocolError::ReservedBits))
+        );
+        // On a continuation frame, and on a control frame.
+        for (first, second) in [
+            (masked(1, false, b"a"), {
+                let mut f = masked(0, true, b"b");
+                f[0] |= 0x40;
+                f
+            }),
+            (Vec::new(), {
+                let mut f = masked(9, true, b"");
+                f[0] |= 0x40;
+                f
+            }),
+        ] {
+            let (_, mut server) = deflate_pair(DeflateParams::default());
+            let mut bytes = first;
+            bytes.extend(second);
+            assert_eq!(
+                read_all(&mut server, &bytes),
+                Err(Error::Protocol(ProtocolError::ReservedBits))
+            );
+        }
+    }
+
+    #[test]
+    fn deflate_bomb_and_corrupt_data_fail_with_their_codes() {
+        let config = DeflateConfig::default().with_level(9);
+        let mut sender = Deflate::new(Role::Client, DeflateParams::default(), &config);
+        let mut bomb = BytesMut::new();
+        assert!(sender.compress(&vec![b'a'; 1 << 20], &mut bomb));
+        assert!(bomb.len() < 5000, "{} bytes", bomb.len());
+        let mut server = Connection::server(Config::default().with_max_message_size(64 * 1024))
+            .with_deflate(DeflateParams::default(), &config);
+        let mut frame = masked(1, true, &bomb);
+        frame[0] |= 0x40;
+        assert!(matches!(
+            read_all(&mut server, &frame),
+            Err(Error::Protocol(ProtocolError::MessageTooBig { .. }))
+        ));
+        assert_eq!(sent_close_code(&mut server), Some(1009));
+
+        let (_, mut server) = deflate_pair(DeflateParams::default());
+        let mut frame = masked(2, true, &[0xff, 0xfe, 0xfd, 0xfc, 0xfb]);
+        frame[0] |= 0x40;
+        assert_eq!(
+            read_all(&mut server, &frame),
+            Err(Error::Protocol(ProtocolError::InvalidCompressedData))
+        );
+        assert_eq!(sent_close_code(&mut server), Some(1007));
+    }
+
+    #[test]
+    fn compressed_invalid_text_is_1007() {
+        let mut sender = Deflate::new(
+            Role::Client,
+            DeflateParams::default(),
+            &DeflateConfig::default(),
+        );
+        let mut body = BytesMut::new();
+        assert!(sender.compress(
+            &[b"valid text, then: ".repeat(3), vec![0xed, 0xa0, 0x80]].concat(),
+            &mut body
+        ));
+        let (_, mut server) = deflate_pair(DeflateParams::default());
+        let mut frame = masked(1, true, &body);
+        frame[0] |= 0x40;
+        assert_eq!(
+            read_all(&mut server, &frame),
+            Err(Error::Protocol(ProtocolError::InvalidUtf8))
+        );
     }
 }

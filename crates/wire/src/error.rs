@@ -32,6 +32,8 @@ pub enum ProtocolError {
     MessageTooBig { size: u64, limit: usize },
     #[error("text is not valid UTF-8")]
     InvalidUtf8,
+    #[error("compressed data is corrupt")]
+    InvalidCompressedData,
     #[error("close frame payload of one byte")]
     InvalidClosePayload,
     #[error("close code {0} may not be sent on the wire")]
@@ -43,7 +45,7 @@ impl ProtocolError {
     pub fn close_code(&self) -> CloseCode {
         match self {
             Self::FrameTooBig { .. } | Self::MessageTooBig { .. } => CloseCode::TOO_BIG,
-            Self::InvalidUtf8 => CloseCode::INVALID_PAYLOAD,
+            Self::InvalidUtf8 | Self::InvalidCompressedData => CloseCode::INVALID_PAYLOAD,
             _ => CloseCode::PROTOCOL_ERROR,
         }
     }

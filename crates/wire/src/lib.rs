@@ -6,6 +6,7 @@
 //! - [`handshake`] builds and validates the HTTP/1.1 upgrade on both sides.
 //! - [`frame`] encodes and decodes frame headers; [`mask`] applies the masking key.
 //! - [`utf8`] validates text incrementally, so invalid text fails as soon as it arrives.
+//! - [`deflate`] negotiates and runs permessage-deflate (RFC 7692).
 //! - [`Connection`] ties them together: reassembly of fragmented messages, control frames
 //!   interleaved, automatic pong and close replies, the close state machine and limits.
 //!
@@ -27,6 +28,7 @@
 pub mod close;
 mod config;
 mod connection;
+pub mod deflate;
 mod error;
 pub mod frame;
 pub mod handshake;
