@@ -20,6 +20,42 @@ pub(crate) struct BenchArgs {
 enum Workload {
     /// Closed-loop echo against a server's /echo.
     Echo(EchoArgs),
+    /// Bytes on the wire for a realistic chat JSON stream, with and without
+    /// permessage-deflate (runs the protocol engine in memory; no server needed).
+    Compression(CompressionArgs),
+    /// Server memory per idle connection: opens connections to /echo and reads the
+    /// server's resident memory from /proc before and after.
+    Idle(IdleArgs),
+}
+
+#[derive(Debug, Args)]
+struct CompressionArgs {
+    /// Messages in the stream.
+    #[arg(long, default_value_t = 10_000)]
+    messages: usize,
+}
+
+#[derive(Debug, Args)]
+struct IdleArgs {
+    /// ws:// URL of an echo endpoint.
+    url: String,
+    /// Process id of the server, to read its memory.
+    #[arg(long)]
+    server_pid: u32,
+    /// Connections to open.
+    #[arg(long, default_value_t = 1000)]
+    connections: usize,
+    /// Do not offer permessage-deflate.
+    #[arg(long)]
+    no_deflate: bool,
+    /// Messages each connection echoes before going idle (a compressed connection
+    /// allocates its compressor and decompressor on its first message).
+    #[arg(long, default_value_t = 1)]
+    messages: usize,
+    /// Seconds to wait, connections open and idle, before reading the server's memory
+    /// (the server frees idle compressors after `compression_idle_release_secs`).
+    #[arg(long, default_value_t = 0.5)]
+    wait: f64,
 }
 
 #[derive(Debug, Args)]
@@ -46,6 +82,11 @@ struct EchoArgs {
 pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.workload {
         Workload::Echo(args) => echo(args).await,
+        Workload::Compression(args) => {
+            compression(&args);
+            Ok(())
+        }
+        Workload::Idle(args) => idle(args).await,
     }
 }
 
@@ -103,5 +144,186 @@ async fn echo(args: EchoArgs) -> anyhow::Result<()> {
         "echo {} connections x {} B {kind}: median {:.0} msg/s (min {:.0}, max {:.0}) over {} samples",
         args.connections, args.size, median, low, high, rates.len()
     );
+    Ok(())
+}
+
+/// A deterministic chat stream: the room events a server sends, with varied text.
+pub(crate) fn chat_stream(count: usize) -> Vec<String> {
+    const USERS: [&str; 6] = ["alice", "bob", "carol", "dave", "erin", "frank"];
+    const WORDS: [&str; 40] = [
+        "hey",
+        "hi",
+        "everyone",
+        "the",
+        "build",
+        "is",
+        "green",
+        "again",
+        "can",
+        "you",
+        "review",
+        "my",
+        "pull",
+        "request",
+        "lunch",
+        "at",
+        "noon",
+        "?",
+        "sure",
+        "thanks",
+        "deploying",
+        "now",
+        "looks",
+        "good",
+        "to",
+        "me",
+        "meeting",
+        "moved",
+        "3pm",
+        "coffee",
+        "anyone",
+        "fixed",
+        "bug",
+        "in",
+        "login",
+        "page",
+        "ok",
+        "lol",
+        "great",
+        "work",
+    ];
+    let mut seed: u64 = 0x5eed;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    (0..count)
+        .map(|i| {
+            let from = USERS[(next() % USERS.len() as u64) as usize];
+            let words = 2 + next() % 14;
+            let text: Vec<&str> = (0..words).map(|_| WORDS[(next() % WORDS.len() as u64) as usize]).collect();
+            let millis = 1_000 + i as u64 * 1_700 + next() % 1_000;
+            format!(
+                r#"{{"type":"message","id":{},"room":"lobby","from":"{from}","text":"{}","timestamp":"2026-11-23T10:{:02}:{:02}.{:03}Z","nonce":"c-{}"}}"#,
+                i + 1,
+                text.join(" "),
+                (millis / 60_000) % 60,
+                (millis / 1000) % 60,
+                millis % 1000,
+                next() % 100_000,
+            )
+        })
+        .collect()
+}
+
+// The figures are this command's output.
+#[allow(clippy::print_stdout)]
+fn compression(args: &CompressionArgs) {
+    use switchboard_net::wire::deflate::{DeflateConfig, DeflateParams};
+    use switchboard_net::wire::{Config, Connection};
+
+    let stream = chat_stream(args.messages);
+    let payload: usize = stream.iter().map(String::len).sum();
+    let wire_bytes = |conn: Option<(DeflateParams, DeflateConfig)>| {
+        let mut server = Connection::server(Config::default());
+        if let Some((params, config)) = conn {
+            server = server.with_deflate(params, &config);
+        }
+        let mut total = 0;
+        for message in &stream {
+            server.send_text(message).expect("open connection");
+            total += server.take_output().len();
+        }
+        total
+    };
+    let plain = wire_bytes(None);
+    println!(
+        "{} chat messages, {} bytes of JSON, average {} bytes",
+        stream.len(),
+        payload,
+        payload / stream.len()
+    );
+    println!("| setting | bytes on the wire | of uncompressed | saved |");
+    println!("|---|---:|---:|---:|");
+    println!("| no compression | {plain} | 100.0% | 0.0% |");
+    let takeover = DeflateParams::default();
+    let no_takeover = DeflateParams {
+        server_no_context_takeover: true,
+        ..DeflateParams::default()
+    };
+    for (label, params, level, bits) in [
+        ("deflate, context takeover, level 1", takeover, 1, 15),
+        (
+            "deflate, context takeover, level 3 (default)",
+            takeover,
+            3,
+            15,
+        ),
+        ("deflate, context takeover, level 6", takeover, 6, 15),
+        (
+            "deflate, context takeover, level 3, 10-bit window",
+            takeover,
+            3,
+            10,
+        ),
+        ("deflate, no context takeover, level 3", no_takeover, 3, 15),
+    ] {
+        let config = DeflateConfig::default()
+            .with_level(level)
+            .with_max_window_bits(bits);
+        let bytes = wire_bytes(Some((params, config)));
+        let share = 100.0 * bytes as f64 / plain as f64;
+        println!(
+            "| {label} | {bytes} | {share:.1}% | {:.1}% |",
+            100.0 - share
+        );
+    }
+}
+
+fn resident_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS line")
+}
+
+// The figures are this command's output.
+#[allow(clippy::print_stdout)]
+async fn idle(args: IdleArgs) -> anyhow::Result<()> {
+    let mut options = ClientOptions::default();
+    if args.no_deflate {
+        options.config = options.config.with_deflate(None);
+    }
+    let stream = chat_stream(args.messages.max(1));
+    let before = resident_kib(args.server_pid)?;
+    let mut sockets = Vec::with_capacity(args.connections);
+    for _ in 0..args.connections {
+        let mut socket = connect(&args.url, options.clone()).await?.socket;
+        for message in stream.iter().take(args.messages) {
+            socket.send_text(message).await?;
+            socket.recv().await?.context("server closed")?;
+        }
+        sockets.push(socket);
+    }
+    tokio::time::sleep(Duration::from_secs_f64(args.wait)).await;
+    let after = resident_kib(args.server_pid)?;
+    let per = (after.saturating_sub(before)) as f64 * 1024.0 / args.connections as f64;
+    let mode = if args.no_deflate {
+        "without deflate"
+    } else {
+        "with deflate"
+    };
+    println!(
+        "{} connections {mode}, {} message(s) each, read after {}s idle: server RSS {} KiB -> {} KiB, {:.1} KiB per connection",
+        args.connections, args.messages, args.wait, before, after, per / 1024.0
+    );
+    for mut socket in sockets {
+        socket.close(None).await?;
+    }
     Ok(())
 }

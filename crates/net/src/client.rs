@@ -33,8 +33,14 @@ pub struct ClientOptions {
 impl Default for ClientOptions {
     fn default() -> Self {
         Self {
-            // Servers ping clients; a client pings only when asked to.
-            config: Config::default().with_ping_interval(None),
+            // Servers ping clients; a client pings only when asked to. A client compresses
+            // each message on its own: its messages are short, so history buys little, and
+            // the server need keep no decompression history for it.
+            config: Config::default()
+                .with_ping_interval(None)
+                .with_deflate(Some(
+                    DeflateConfig::default().with_no_context_takeover(true),
+                )),
             connect_timeout: Duration::from_secs(10),
             protocols: Vec::new(),
             origin: None,

@@ -17,6 +17,9 @@ pub struct Config {
     pub ping_interval: Option<Duration>,
     /// Drop the connection when nothing arrives this long after a ping.
     pub pong_timeout: Duration,
+    /// Free compression memory that can be rebuilt after this long without traffic;
+    /// `None` keeps it.
+    pub idle_release: Option<Duration>,
     /// How long to wait for the peer's Close (and, on a client, the server's TCP close).
     pub close_timeout: Duration,
     /// Bytes requested from the socket per read (the buffer grows for larger frames).
@@ -32,6 +35,7 @@ impl Default for Config {
             deflate: Some(DeflateConfig::default()),
             ping_interval: Some(Duration::from_secs(30)),
             pong_timeout: Duration::from_secs(60),
+            idle_release: Some(Duration::from_secs(10)),
             close_timeout: Duration::from_secs(5),
             read_buffer_size: 8 * 1024,
             max_write_buffer: 1 << 20,
@@ -57,6 +61,11 @@ impl Config {
 
     pub fn with_pong_timeout(mut self, timeout: Duration) -> Self {
         self.pong_timeout = timeout;
+        self
+    }
+
+    pub fn with_idle_release(mut self, after: Option<Duration>) -> Self {
+        self.idle_release = after;
         self
     }
 

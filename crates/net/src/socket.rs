@@ -23,7 +23,9 @@ pub struct WebSocket<S> {
     config: Config,
     read_buf: BytesMut,
     last_read: Instant,
-    ping_timer: Option<Pin<Box<Sleep>>>,
+    last_write: Instant,
+    /// Wakes the connection to ping a quiet peer or free idle memory.
+    timer: Option<Pin<Box<Sleep>>>,
     ping_outstanding: bool,
     peer_close: Option<CloseFrame>,
     finished: bool,
@@ -36,16 +38,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
         let mut read_buf = BytesMut::with_capacity(config.read_buffer_size.max(leftover.len()));
         read_buf.extend_from_slice(leftover);
         let now = Instant::now();
-        let ping_timer = config
-            .ping_interval
-            .map(|interval| Box::pin(sleep_until(now + interval)));
+        let timer = first_wake(&config).map(|after| Box::pin(sleep_until(now + after)));
         Self {
             io,
             conn,
             config,
             read_buf,
             last_read: now,
-            ping_timer,
+            last_write: now,
+            timer,
             ping_outstanding: false,
             peer_close: None,
             finished: false,
@@ -110,14 +111,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
             .read_hint()
             .clamp(self.config.read_buffer_size, 1 << 20);
         self.read_buf.reserve(want);
-        let read = match self.ping_timer.as_mut() {
+        let read = match self.timer.as_mut() {
             None => self.io.read_buf(&mut self.read_buf).await,
             Some(timer) => {
                 tokio::select! {
                     biased;
                     read = self.io.read_buf(&mut self.read_buf) => read,
                     () = timer.as_mut() => {
-                        return self.on_ping_timer().await;
+                        return self.on_timer().await;
                     }
                 }
             }
@@ -143,28 +144,45 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
         }
     }
 
-    async fn on_ping_timer(&mut self) -> Result<(), Error> {
-        let Some(interval) = self.config.ping_interval else {
-            return Ok(());
-        };
+    /// Pings a peer that has been quiet for the ping interval, drops one that stayed
+    /// quiet past the pong timeout, and frees compression memory on an idle connection.
+    async fn on_timer(&mut self) -> Result<(), Error> {
         let now = Instant::now();
-        let quiet_since = self.last_read;
-        let next = if now >= quiet_since + interval + self.config.pong_timeout {
-            self.finished = true;
-            // Best effort: the peer is presumed gone, so a failed write says nothing new.
-            let _ = self.io.shutdown().await;
-            return Err(Error::PingTimeout);
-        } else if now >= quiet_since + interval {
-            if !self.ping_outstanding && !self.conn.close_sent() {
-                self.conn.send(OpCode::Ping, b"")?;
-                self.ping_outstanding = true;
-                self.flush().await?;
-            }
-            quiet_since + interval + self.config.pong_timeout
-        } else {
-            quiet_since + interval
-        };
-        if let Some(timer) = self.ping_timer.as_mut() {
+        let mut next: Option<Instant> = None;
+        if let Some(interval) = self.config.ping_interval {
+            let quiet_since = self.last_read;
+            let due = if now >= quiet_since + interval + self.config.pong_timeout {
+                self.finished = true;
+                // Best effort: the peer is presumed gone, so a failed write says nothing new.
+                let _ = self.io.shutdown().await;
+                return Err(Error::PingTimeout);
+            } else if now >= quiet_since + interval {
+                if !self.ping_outstanding && !self.conn.close_sent() {
+                    self.conn.send(OpCode::Ping, b"")?;
+                    self.ping_outstanding = true;
+                    self.flush().await?;
+                }
+                quiet_since + interval + self.config.pong_timeout
+            } else {
+                quiet_since + interval
+            };
+            next = Some(due);
+        }
+        if let Some(idle) = self.config.idle_release {
+            let active = self.last_read.max(self.last_write);
+            let due = if now >= active + idle {
+                self.conn.release_memory();
+                if self.read_buf.is_empty() {
+                    // The next read allocates again; an idle connection holds no buffer.
+                    self.read_buf = BytesMut::new();
+                }
+                now + idle
+            } else {
+                active + idle
+            };
+            next = Some(next.map_or(due, |n| n.min(due)));
+        }
+        if let (Some(timer), Some(next)) = (self.timer.as_mut(), next) {
             timer.as_mut().reset(next);
         }
         Ok(())
@@ -192,9 +210,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
 
     /// Writes every queued frame.
     pub async fn flush(&mut self) -> Result<(), Error> {
+        if !self.conn.has_output() {
+            return Ok(());
+        }
         while self.conn.has_output() {
             self.io.write_buf(self.conn.output()).await?;
         }
+        self.last_write = Instant::now();
         self.io.flush().await?;
         Ok(())
     }
@@ -297,6 +319,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     /// Changes the ping interval from now on.
     pub fn set_ping_interval(&mut self, interval: Option<Duration>) {
         self.config.ping_interval = interval;
-        self.ping_timer = interval.map(|i| Box::pin(sleep_until(Instant::now() + i)));
+        self.timer =
+            first_wake(&self.config).map(|after| Box::pin(sleep_until(Instant::now() + after)));
+    }
+}
+
+/// When the timer first fires: the sooner of the ping interval and the idle release.
+fn first_wake(config: &Config) -> Option<Duration> {
+    match (config.ping_interval, config.idle_release) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }

@@ -188,3 +188,35 @@ async fn refused_and_non_101_connects_fail_with_a_reason() {
     let error = connect(&url, ClientOptions::default()).await.unwrap_err();
     assert!(error.to_string().contains("404 Not Found"), "{error}");
 }
+
+#[tokio::test]
+async fn idle_connections_free_their_compressors() {
+    let config = Config::default().with_idle_release(Some(Duration::from_millis(100)));
+    let (listener, url) = bind().await;
+    let server = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let (mut socket, _) = accept(stream, config).await.unwrap();
+        let message = socket.recv().await.unwrap().unwrap();
+        socket.send(&message).await.unwrap();
+        let busy = socket.protocol().deflate_state();
+        // Nothing arrives: the timer fires inside recv and frees what can be rebuilt.
+        let _ = tokio::time::timeout(Duration::from_millis(400), socket.recv()).await;
+        (busy, socket.protocol().deflate_state())
+    });
+    let connected = connect(&url, ClientOptions::default()).await.unwrap();
+    let mut socket = connected.socket;
+    let text = r#"{"type":"message","text":"compress me, compress me, compress me"}"#;
+    socket.send_text(text).await.unwrap();
+    assert_eq!(
+        socket.recv().await.unwrap(),
+        Some(Message::Text(text.into()))
+    );
+    let (busy, idle) = server.await.unwrap();
+    assert_eq!(
+        busy,
+        Some((true, true)),
+        "compressor and decompressor in use"
+    );
+    // The client compresses each message on its own, so the server keeps no history.
+    assert_eq!(idle, Some((false, false)), "both freed once idle");
+}

@@ -34,8 +34,14 @@ pub struct Config {
     /// Compress each message on its own (`server_no_context_takeover`): less memory kept
     /// per connection, larger messages.
     pub compression_no_context_takeover: bool,
+    /// Ask clients to compress each message on their own (`client_no_context_takeover`),
+    /// so the server keeps no decompression history per connection. Client messages are
+    /// short; this costs little ratio and saves the decompressor's memory.
+    pub compression_client_no_context_takeover: bool,
     /// Messages shorter than this many bytes are sent uncompressed.
     pub compression_min_size: usize,
+    /// Seconds without traffic after which a connection frees its compressor.
+    pub compression_idle_release_secs: u64,
 }
 
 impl Default for Config {
@@ -52,7 +58,9 @@ impl Default for Config {
             compression_level: 3,
             compression_window_bits: 15,
             compression_no_context_takeover: false,
+            compression_client_no_context_takeover: true,
             compression_min_size: 0,
+            compression_idle_release_secs: 10,
         }
     }
 }
@@ -79,6 +87,7 @@ impl Config {
                 .with_level(self.compression_level)
                 .with_max_window_bits(self.compression_window_bits)
                 .with_no_context_takeover(self.compression_no_context_takeover)
+                .with_request_peer_no_context_takeover(self.compression_client_no_context_takeover)
                 .with_min_size(self.compression_min_size)
         })
     }
@@ -90,6 +99,9 @@ impl Config {
         switchboard_net::Config::default()
             .with_wire(wire)
             .with_deflate(self.deflate())
+            .with_idle_release(Some(Duration::from_secs(
+                self.compression_idle_release_secs.max(1),
+            )))
             .with_ping_interval(Some(Duration::from_secs(self.ping_interval_secs.max(1))))
             .with_pong_timeout(Duration::from_secs(self.pong_timeout_secs.max(1)))
             .with_close_timeout(Duration::from_secs(self.close_timeout_secs.max(1)))

@@ -114,6 +114,19 @@ impl Connection {
         self.deflate.as_ref().map(Deflate::holds)
     }
 
+    /// Frees memory that can be rebuilt, between messages: the compressor, the
+    /// decompressor when the peer compresses each message on its own, and the compression
+    /// buffer. Call it on idle connections. Returns whether anything was freed.
+    pub fn release_memory(&mut self) -> bool {
+        if self.is_mid_message() {
+            return false;
+        }
+        let freed = self.deflate.as_mut().is_some_and(Deflate::release);
+        let had_scratch = self.scratch.capacity() > 0;
+        self.scratch = BytesMut::new();
+        freed || had_scratch
+    }
+
     pub fn role(&self) -> Role {
         self.role
     }

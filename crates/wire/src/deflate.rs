@@ -439,6 +439,18 @@ impl Deflate {
         }
     }
 
+    /// Drops what can be rebuilt between messages: the compressor (a fresh one only
+    /// starts without history, which every decompressor accepts) and, when the peer
+    /// compresses each message on its own, the decompressor. Returns whether anything
+    /// was freed.
+    pub(crate) fn release(&mut self) -> bool {
+        let mut freed = self.compressor.take().is_some();
+        if self.decompress_reset {
+            freed |= self.decompressor.take().is_some();
+        }
+        freed
+    }
+
     /// Memory held now: whether a compressor and a decompressor exist.
     pub(crate) fn holds(&self) -> (bool, bool) {
         (self.compressor.is_some(), self.decompressor.is_some())
@@ -585,6 +597,28 @@ mod tests {
         let mut d = Deflate::new(Role::Server, eight, &config);
         assert!(!d.compress(&[b'a'; 1000], &mut BytesMut::new()));
         assert_eq!(d.holds(), (false, false));
+    }
+
+    #[test]
+    fn a_released_compressor_keeps_the_stream_decodable() {
+        let config = DeflateConfig::default();
+        let server_resets = DeflateParams {
+            client_no_context_takeover: true,
+            ..DeflateParams::default()
+        };
+        let mut server = Deflate::new(Role::Server, server_resets, &config);
+        let mut client = Deflate::new(Role::Client, server_resets, &config);
+        let message = b"the same sentence, sent again and again to the same peer";
+        roundtrip(&mut server, &mut client, message);
+        assert_eq!(server.holds(), (true, false));
+        assert!(server.release());
+        assert_eq!(server.holds(), (false, false));
+        // The client's decompressor kept its history; the new compressor does not use it.
+        roundtrip(&mut server, &mut client, message);
+        roundtrip(&mut server, &mut client, message);
+        // The client must keep its decompressor: the server takes over context.
+        client.release();
+        assert_eq!(client.holds(), (false, true));
     }
 
     #[test]
