@@ -71,6 +71,9 @@ struct EchoArgs {
     /// Send binary messages instead of text.
     #[arg(long)]
     binary: bool,
+    /// Offer permessage-deflate (off by default, to measure the engine itself).
+    #[arg(long)]
+    deflate: bool,
     /// Seconds of warm-up before sampling.
     #[arg(long, default_value_t = 2)]
     warmup: u64,
@@ -100,9 +103,13 @@ async fn echo(args: EchoArgs) -> anyhow::Result<()> {
     } else {
         Message::Text("x".repeat(args.size).into())
     };
+    let mut options = ClientOptions::default();
+    if !args.deflate {
+        options.config = options.config.with_deflate(None);
+    }
     let mut tasks = Vec::with_capacity(args.connections);
     for _ in 0..args.connections {
-        let connected = connect(&args.url, ClientOptions::default())
+        let connected = connect(&args.url, options.clone())
             .await
             .with_context(|| format!("connecting to {}", args.url))?;
         let mut socket = connected.socket;
@@ -139,7 +146,12 @@ async fn echo(args: EchoArgs) -> anyhow::Result<()> {
     rates.sort_by(f64::total_cmp);
     let median = rates[rates.len() / 2];
     let (low, high) = (rates[0], rates[rates.len() - 1]);
-    let kind = if args.binary { "binary" } else { "text" };
+    let kind = match (args.binary, args.deflate) {
+        (true, false) => "binary",
+        (false, false) => "text",
+        (true, true) => "binary, deflate",
+        (false, true) => "text, deflate",
+    };
     println!(
         "echo {} connections x {} B {kind}: median {:.0} msg/s (min {:.0}, max {:.0}) over {} samples",
         args.connections, args.size, median, low, high, rates.len()

@@ -18,6 +18,9 @@ pub(crate) struct ServeArgs {
     /// Connections beyond which new ones are refused with 503 [default: 100000]
     #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
+    /// Runtime worker threads [default: one per core]
+    #[arg(long, env = "SWITCHBOARD_WORKERS")]
+    pub(crate) workers: Option<usize>,
     /// Seconds shutdown waits for connections to close [default: 10]
     #[arg(long, env = "SWITCHBOARD_DRAIN_TIMEOUT")]
     drain_timeout: Option<u64>,

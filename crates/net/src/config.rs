@@ -20,6 +20,10 @@ pub struct Config {
     /// Free compression memory that can be rebuilt after this long without traffic;
     /// `None` keeps it.
     pub idle_release: Option<Duration>,
+    /// Give up on a peer that takes none of our bytes for this long.
+    pub write_timeout: Duration,
+    /// How long a server waits for a complete upgrade request ([`crate::accept`]).
+    pub handshake_timeout: Duration,
     /// How long to wait for the peer's Close (and, on a client, the server's TCP close).
     pub close_timeout: Duration,
     /// Bytes requested from the socket per read (the buffer grows for larger frames).
@@ -36,6 +40,8 @@ impl Default for Config {
             ping_interval: Some(Duration::from_secs(30)),
             pong_timeout: Duration::from_secs(60),
             idle_release: Some(Duration::from_secs(10)),
+            write_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_secs(5),
             read_buffer_size: 8 * 1024,
             max_write_buffer: 1 << 20,
@@ -66,6 +72,16 @@ impl Config {
 
     pub fn with_idle_release(mut self, after: Option<Duration>) -> Self {
         self.idle_release = after;
+        self
+    }
+
+    pub fn with_write_timeout(mut self, timeout: Duration) -> Self {
+        self.write_timeout = timeout;
+        self
+    }
+
+    pub fn with_handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = timeout;
         self
     }
 

@@ -19,22 +19,30 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut buf = Vec::with_capacity(1024);
-    let (head, len) = loop {
-        let parsed = parse_request(&buf, MAX_HEAD);
-        match parsed {
-            Ok(Some(done)) => break done,
-            Ok(None) => {}
-            Err(error) => {
-                reject(&mut io, &error).await;
-                return Err(error.into());
+    let read_head = async {
+        loop {
+            match parse_request(&buf, MAX_HEAD) {
+                Ok(Some(done)) => return Ok(Ok(done)),
+                Ok(None) => {}
+                Err(error) => return Ok(Err(error)),
             }
+            let mut chunk = [0u8; 2048];
+            let n = io.read(&mut chunk).await?;
+            if n == 0 {
+                return Err(Error::ConnectionLost);
+            }
+            buf.extend_from_slice(&chunk[..n]);
         }
-        let mut chunk = [0u8; 2048];
-        let n = io.read(&mut chunk).await?;
-        if n == 0 {
-            return Err(Error::ConnectionLost);
+    };
+    let parsed = tokio::time::timeout(config.handshake_timeout, read_head)
+        .await
+        .map_err(|_| Error::Timeout("waiting for the upgrade request"))??;
+    let (head, len) = match parsed {
+        Ok(done) => done,
+        Err(error) => {
+            reject(&mut io, &error).await;
+            return Err(error.into());
         }
-        buf.extend_from_slice(&chunk[..n]);
     };
     let upgrade = match head.validate() {
         Ok(upgrade) => upgrade,

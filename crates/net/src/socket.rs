@@ -26,7 +26,10 @@ pub struct WebSocket<S> {
     last_write: Instant,
     /// Wakes the connection to ping a quiet peer or free idle memory.
     timer: Option<Pin<Box<Sleep>>>,
-    ping_outstanding: bool,
+    /// When the unanswered ping went out; cleared by any byte from the peer.
+    ping_sent: Option<Instant>,
+    /// A protocol failure not yet reported (kept across a cancelled `recv`).
+    failure: Option<switchboard_wire::Error>,
     peer_close: Option<CloseFrame>,
     finished: bool,
 }
@@ -47,7 +50,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
             last_read: now,
             last_write: now,
             timer,
-            ping_outstanding: false,
+            ping_sent: None,
+            failure: None,
             peer_close: None,
             finished: false,
         }
@@ -75,7 +79,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     pub async fn recv(&mut self) -> Result<Option<Message>, Error> {
         loop {
             if self.finished {
-                return Ok(None);
+                return match self.failure.take() {
+                    Some(failure) => Err(failure.into()),
+                    None => Ok(None),
+                };
+            }
+            if self.conn.is_done() {
+                // The peer's Close arrived (and was answered), or the peer broke the
+                // protocol (and its close frame is queued): send what is left, hang up.
+                // Re-entered if a cancelled call left it half done.
+                self.finish().await;
+                continue;
             }
             match self.conn.read(&mut self.read_buf) {
                 Ok(Some(Message::Ping(_) | Message::Pong(_))) => continue,
@@ -85,21 +99,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
                 }
                 Ok(Some(message)) => return Ok(Some(message)),
                 Ok(None) => {}
-                Err(error) => {
-                    // The close frame with the error's code is queued; send it and hang up.
-                    self.finish().await;
-                    return Err(error.into());
+                Err(failure) => {
+                    self.failure = Some(failure);
+                    continue;
                 }
             }
-            if self.conn.is_done() {
-                // The peer's Close arrived (and was answered): complete the handshake.
-                self.finish().await;
-                return Ok(None);
-            }
             // Everything buffered is decoded: write what was queued in one go, then wait.
-            if self.conn.has_output() {
-                self.flush().await?;
-            }
+            self.flush().await?;
             self.fill().await?;
         }
     }
@@ -109,7 +115,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
         let want = self
             .conn
             .read_hint()
-            .clamp(self.config.read_buffer_size, 1 << 20);
+            .min(1 << 20)
+            .max(self.config.read_buffer_size);
         self.read_buf.reserve(want);
         let read = match self.timer.as_mut() {
             None => self.io.read_buf(&mut self.read_buf).await,
@@ -134,7 +141,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
             }
             Ok(_) => {
                 self.last_read = Instant::now();
-                self.ping_outstanding = false;
+                self.ping_sent = None;
                 Ok(())
             }
             Err(error) => {
@@ -150,21 +157,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
         let now = Instant::now();
         let mut next: Option<Instant> = None;
         if let Some(interval) = self.config.ping_interval {
-            let quiet_since = self.last_read;
-            let due = if now >= quiet_since + interval + self.config.pong_timeout {
-                self.finished = true;
-                // Best effort: the peer is presumed gone, so a failed write says nothing new.
-                let _ = self.io.shutdown().await;
-                return Err(Error::PingTimeout);
-            } else if now >= quiet_since + interval {
-                if !self.ping_outstanding && !self.conn.close_sent() {
-                    self.conn.send(OpCode::Ping, b"")?;
-                    self.ping_outstanding = true;
-                    self.flush().await?;
+            let due = match self.ping_sent {
+                // The deadline runs from the ping, so a caller that was busy elsewhere
+                // never drops a peer it did not ask.
+                Some(sent) if now >= sent + self.config.pong_timeout => {
+                    self.finished = true;
+                    // Best effort: the peer is presumed gone; a failed shutdown says nothing new.
+                    let _ = self.io.shutdown().await;
+                    return Err(Error::PingTimeout);
                 }
-                quiet_since + interval + self.config.pong_timeout
-            } else {
-                quiet_since + interval
+                Some(sent) => sent + self.config.pong_timeout,
+                None if now >= self.last_read + interval && !self.conn.close_sent() => {
+                    self.conn.send(OpCode::Ping, b"")?;
+                    self.ping_sent = Some(now);
+                    self.flush().await?;
+                    now + self.config.pong_timeout
+                }
+                None => self.last_read + interval,
             };
             next = Some(due);
         }
@@ -194,30 +203,39 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
         if self.finished {
             return;
         }
-        self.finished = true;
         // The peer may already be gone; there is nobody left to tell.
         let _ = self.flush().await;
         if self.conn.role() == Role::Client && !self.conn.is_failed() {
-            let wait = self.config.close_timeout;
             let mut sink = [0u8; 1024];
-            let _ = tokio::time::timeout(wait, async {
+            let _ = tokio::time::timeout(self.config.close_timeout, async {
                 while matches!(self.io.read(&mut sink).await, Ok(n) if n > 0) {}
             })
             .await;
         }
-        let _ = self.io.shutdown().await;
+        let _ = tokio::time::timeout(self.config.close_timeout, self.io.shutdown()).await;
+        // Set last, so a call cancelled half way is completed by the next one.
+        self.finished = true;
     }
 
     /// Writes every queued frame.
+    /// A peer that does not read for `write_timeout` is given up on.
     pub async fn flush(&mut self) -> Result<(), Error> {
         if !self.conn.has_output() {
             return Ok(());
         }
-        while self.conn.has_output() {
-            self.io.write_buf(self.conn.output()).await?;
+        let written = tokio::time::timeout(
+            self.config.write_timeout,
+            write_out(&mut self.io, self.conn.output()),
+        )
+        .await;
+        match written {
+            Ok(result) => result?,
+            Err(_) => {
+                self.finished = true;
+                return Err(Error::Timeout("writing to a peer that does not read"));
+            }
         }
         self.last_write = Instant::now();
-        self.io.flush().await?;
         Ok(())
     }
 
@@ -273,30 +291,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
         self.flush().await
     }
 
-    /// Runs the close handshake: sends Close, waits (bounded by `close_timeout`) for the
-    /// peer's Close, discarding data that arrives meanwhile, then closes the transport.
-    /// Returns the peer's Close frame.
+    /// Runs the close handshake: sends Close, waits for the peer's Close, discarding data
+    /// that arrives meanwhile, then closes the transport; all of it bounded by
+    /// `close_timeout`. Returns the peer's Close frame.
     pub async fn close(&mut self, frame: Option<CloseFrame>) -> Result<Option<CloseFrame>, Error> {
-        self.start_close(frame).await?;
+        self.conn.close(frame);
         if self.finished {
             return Ok(self.peer_close.clone());
         }
-        let timeout = self.config.close_timeout;
-        let waited = tokio::time::timeout(timeout, async {
-            loop {
-                match self.recv().await {
-                    Ok(Some(_)) => continue,
-                    Ok(None) => return Ok(()),
-                    Err(error) => return Err(error),
-                }
-            }
+        let waited = tokio::time::timeout(self.config.close_timeout, async {
+            self.flush().await?;
+            while self.recv().await?.is_some() {}
+            Ok::<_, Error>(())
         })
         .await;
         match waited {
             Ok(result) => result.map(|()| self.peer_close.clone()),
             Err(_) => {
                 self.finished = true;
-                let _ = self.io.shutdown().await;
+                let _ = tokio::time::timeout(self.config.close_timeout, self.io.shutdown()).await;
                 Err(Error::Timeout("waiting for the peer's close frame"))
             }
         }
@@ -330,4 +343,13 @@ fn first_wake(config: &Config) -> Option<Duration> {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     }
+}
+
+/// Writes all of `out` (advancing it as bytes go out) and flushes the stream.
+async fn write_out<S: AsyncWrite + Unpin>(io: &mut S, out: &mut BytesMut) -> Result<(), Error> {
+    while !out.is_empty() {
+        io.write_buf(out).await?;
+    }
+    io.flush().await?;
+    Ok(())
 }

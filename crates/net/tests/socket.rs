@@ -220,3 +220,78 @@ async fn idle_connections_free_their_compressors() {
     // The client compresses each message on its own, so the server keeps no history.
     assert_eq!(idle, Some((false, false)), "both freed once idle");
 }
+
+#[tokio::test]
+async fn a_peer_that_stops_reading_is_given_up_on() {
+    let config = Config::default()
+        .with_write_timeout(Duration::from_millis(200))
+        .with_close_timeout(Duration::from_millis(200));
+    // The client's end of the pipe is never read.
+    let (server_io, _client_io) = tokio::io::duplex(64 * 1024);
+    let mut socket = switchboard_net::WebSocket::server(server_io, &[], config, None);
+    let chunk = Message::Binary(vec![0u8; 64 * 1024].into());
+    let sending = async {
+        loop {
+            socket.send(&chunk).await?;
+        }
+        #[allow(unreachable_code)]
+        Ok::<(), Error>(())
+    };
+    let outcome = tokio::time::timeout(Duration::from_secs(5), sending)
+        .await
+        .expect("the send gave up");
+    assert!(matches!(outcome, Err(Error::Timeout(_))), "{outcome:?}");
+
+    // The close handshake is bounded too, even with the Close frame stuck.
+    let (server_io, _client_io) = tokio::io::duplex(16);
+    let config = Config::default()
+        .with_write_timeout(Duration::from_secs(60))
+        .with_close_timeout(Duration::from_millis(200));
+    let mut socket = switchboard_net::WebSocket::server(server_io, &[], config, None);
+    let closing = tokio::time::timeout(
+        Duration::from_secs(5),
+        socket.close(Some(CloseFrame::new(
+            CloseCode::GOING_AWAY,
+            "a long reason that does not fit",
+        ))),
+    );
+    assert!(matches!(
+        closing.await.expect("close gave up"),
+        Err(Error::Timeout(_))
+    ));
+}
+
+#[tokio::test]
+async fn a_protocol_error_survives_a_cancelled_recv() {
+    let (server_io, mut client_io) = tokio::io::duplex(8);
+    let mut socket = switchboard_net::WebSocket::server(server_io, &[], Config::default(), None);
+    // An unmasked frame: the server must fail with 1002, but its close frame does not fit
+    // the 8-byte pipe until the client reads.
+    client_io.write_all(&[0x81, 0x01, b'x']).await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), socket.recv())
+            .await
+            .is_err(),
+        "blocked on the write"
+    );
+    let reader = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        client_io.read_to_end(&mut seen).await.unwrap();
+        seen
+    });
+    let error = socket.recv().await.unwrap_err();
+    assert!(
+        matches!(
+            error,
+            Error::Protocol(switchboard_net::wire::ProtocolError::UnmaskedFrame)
+        ),
+        "{error:?}"
+    );
+    let seen = reader.await.unwrap();
+    assert_eq!(
+        &seen[..4],
+        &[0x88, seen[1], 0x03, 0xea],
+        "a close frame with 1002"
+    );
+    assert_eq!(socket.recv().await.unwrap(), None);
+}

@@ -32,6 +32,22 @@ pub(crate) struct AppState {
     pub(crate) shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
     pub(crate) tasks: TaskTracker,
+    /// Cancelled when the drain timeout passes: tasks still running are stopped.
+    pub(crate) kill: CancellationToken,
+}
+
+impl AppState {
+    /// Spawns a connection task that shutdown waits for and, past the drain timeout,
+    /// stops.
+    pub(crate) fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        let kill = self.kill.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                () = task => {}
+                () = kill.cancelled() => {}
+            }
+        });
+    }
 }
 
 /// Held for as long as a connection (HTTP, then WebSocket) is open.
@@ -50,6 +66,7 @@ pub async fn run(
         config: Arc::new(config),
         shutdown: CancellationToken::new(),
         tasks: TaskTracker::new(),
+        kill: CancellationToken::new(),
     };
     let slots = Arc::new(Semaphore::new(state.config.max_connections));
     let app = router(state.clone());
@@ -73,13 +90,13 @@ pub async fn run(
             debug!(cause = %error, %peer, "set_nodelay failed");
         }
         let Ok(permit) = slots.clone().try_acquire_owned() else {
-            state.tasks.spawn(refuse_over_capacity(stream));
+            state.spawn(refuse_over_capacity(stream));
             continue;
         };
         let slot = ConnectionSlot(Arc::new(permit));
         let app = app.clone();
         let state2 = state.clone();
-        state.tasks.spawn(async move {
+        state.spawn(async move {
             let service = hyper::service::service_fn(
                 move |mut request: http::Request<hyper::body::Incoming>| {
                     request.extensions_mut().insert(slot.clone());
@@ -123,6 +140,17 @@ pub async fn run(
             remaining = state.tasks.len(),
             "drain timeout passed; dropping the remaining connections"
         );
+        state.kill.cancel();
+        // Each task stops at its next poll.
+        if tokio::time::timeout(Duration::from_secs(1), state.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                remaining = state.tasks.len(),
+                "connections still running after being stopped"
+            );
+        }
     }
     info!("stopped");
     Ok(())

@@ -53,7 +53,7 @@ where
         HeaderValue::from_str(header).expect("extension header is built from tokens")
     });
     let params = deflate.map(|(params, _)| params);
-    state.tasks.spawn(async move {
+    state.spawn(async move {
         let _slot = slot;
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => upgraded,

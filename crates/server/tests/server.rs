@@ -257,7 +257,10 @@ async fn raw_deflate_client(address: SocketAddr) -> (TcpStream, BytesMut) {
                 .iter()
                 .find(|(n, _)| n.eq_ignore_ascii_case("sec-websocket-extensions"))
                 .map(|(_, v)| String::from_utf8_lossy(v).into_owned());
-            assert_eq!(extensions.as_deref(), Some("permessage-deflate"));
+            assert_eq!(
+                extensions.as_deref(),
+                Some("permessage-deflate; client_no_context_takeover")
+            );
             let _ = buf.split_to(len);
             return (stream, buf);
         }
@@ -350,7 +353,9 @@ async fn compression_is_negotiated_and_used_by_default() {
         .await
         .unwrap();
     assert!(connected.accepted.extensions.is_empty());
-    assert_eq!(connected.socket.protocol().deflate_state(), None);
+    let mut plain = connected.socket;
+    assert_eq!(plain.protocol().deflate_state(), None);
+    plain.close(None).await.unwrap();
     server.stop().await;
     off.stop().await;
 }

@@ -280,6 +280,11 @@ pub(crate) struct Deflate {
     decompress_bits: u8,
     decompress_reset: bool,
     decompressor: Option<Decompress>,
+    /// Compressed bytes seen in the message being received.
+    message_input: usize,
+    /// The message being received ended its deflate stream (a block with BFINAL set);
+    /// the rest of its input is ignored.
+    stream_ended: bool,
 }
 
 impl std::fmt::Debug for Deflate {
@@ -321,6 +326,8 @@ impl Deflate {
             decompress_bits: peer_bits.max(9),
             decompress_reset: peer_reset,
             decompressor: None,
+            message_input: 0,
+            stream_ended: false,
         }
     }
 
@@ -330,11 +337,18 @@ impl Deflate {
         if payload.len() < self.min_size || self.compress_bits < 9 {
             return false;
         }
+        out.clear();
+        if payload.is_empty() {
+            // RFC 7692 section 7.2.3.6: an empty message is one empty stored block, 0x00
+            // once the tail is stripped. zlib would emit nothing at all after a previous
+            // flush, leaving the peer's inflater inside a block.
+            out.extend_from_slice(&[0x00]);
+            return true;
+        }
         let (level, bits) = (self.level, self.compress_bits);
         let compressor = self.compressor.get_or_insert_with(|| {
             Compress::new_with_window_bits(Compression::new(level), false, bits)
         });
-        out.clear();
         let start_in = compressor.total_in();
         loop {
             let consumed = (compressor.total_in() - start_in) as usize;
@@ -357,8 +371,13 @@ impl Deflate {
                 break;
             }
         }
-        debug_assert!(out.ends_with(&TAIL));
-        out.truncate(out.len().saturating_sub(TAIL.len()));
+        if !out.ends_with(&TAIL) {
+            // Not a flushed stream: never send it. A fresh compressor is always safe, since
+            // a new stream simply does not refer back to the old one.
+            compressor.reset();
+            return false;
+        }
+        out.truncate(out.len() - TAIL.len());
         if self.compress_reset {
             compressor.reset();
         }
@@ -375,14 +394,23 @@ impl Deflate {
         out: &mut BytesMut,
         limit: usize,
     ) -> Result<(), ProtocolError> {
-        self.inflate(input, out, limit)?;
+        self.message_input += input.len();
+        if !self.stream_ended {
+            self.inflate(input, out, limit)?;
+        }
         if fin {
-            self.inflate(&TAIL, out, limit)?;
-            if self.decompress_reset {
+            // A message with no compressed bytes at all is empty; its tail alone would
+            // leave the inflater inside a stored block.
+            if !self.stream_ended && self.message_input > 0 {
+                self.inflate(&TAIL, out, limit)?;
+            }
+            if self.decompress_reset || self.stream_ended {
                 if let Some(decompressor) = self.decompressor.as_mut() {
                     decompressor.reset(false);
                 }
             }
+            self.message_input = 0;
+            self.stream_ended = false;
         }
         Ok(())
     }
@@ -398,14 +426,15 @@ impl Deflate {
             .decompressor
             .get_or_insert_with(|| Decompress::new_with_window_bits(false, bits));
         let start_in = decompressor.total_in();
+        // One byte past the limit is enough to know the limit is broken.
+        let cap = limit.saturating_add(1);
         loop {
             let consumed = (decompressor.total_in() - start_in) as usize;
             let len = out.len();
-            // One byte past the limit is enough to know the limit is broken.
             let room = (input.len() - consumed)
                 .saturating_mul(4)
                 .clamp(4096, 256 * 1024)
-                .min(limit + 1 - len.min(limit));
+                .min(cap - len.min(limit));
             out.resize(len + room, 0);
             let before = decompressor.total_out();
             let status = decompressor
@@ -423,11 +452,10 @@ impl Deflate {
             let all_in = (decompressor.total_in() - start_in) as usize == input.len();
             match status {
                 Status::StreamEnd => {
-                    // A final block ends the stream; the next message starts a new one.
-                    decompressor.reset(false);
-                    if !all_in {
-                        return Err(ProtocolError::InvalidCompressedData);
-                    }
+                    // A block with BFINAL set ends the stream (RFC 7692 section 7.2.3.3):
+                    // what follows in this message, the appended tail included, is not
+                    // deflate data. The next message starts a new stream.
+                    self.stream_ended = true;
                     return Ok(());
                 }
                 _ if all_in && produced < room => return Ok(()),
@@ -639,6 +667,64 @@ mod tests {
             "inflated only to about the limit: {}",
             out.capacity()
         );
+    }
+
+    #[test]
+    fn empty_messages_keep_the_stream_in_step() {
+        let config = DeflateConfig::default();
+        let mut server = Deflate::new(Role::Server, DeflateParams::default(), &config);
+        let mut client = Deflate::new(Role::Client, DeflateParams::default(), &config);
+        roundtrip(&mut server, &mut client, b"hello, hello, hello");
+        let mut wire = BytesMut::new();
+        assert!(server.compress(b"", &mut wire));
+        assert_eq!(&wire[..], &[0x00]);
+        let mut out = BytesMut::new();
+        client.decompress(&wire, true, &mut out, 1024).unwrap();
+        assert!(out.is_empty());
+        roundtrip(&mut server, &mut client, b"hello, hello, hello");
+        // A peer that sends no bytes at all for an empty message is understood too.
+        let mut out = BytesMut::new();
+        client.decompress(&[], true, &mut out, 1024).unwrap();
+        assert!(out.is_empty());
+        roundtrip(&mut server, &mut client, b"and the stream still decodes");
+    }
+
+    #[test]
+    fn a_final_block_ends_the_message_stream() {
+        // RFC 7692 section 7.2.3.3: "Hello" in a block with BFINAL set, then padding.
+        let config = DeflateConfig::default();
+        let mut client = Deflate::new(Role::Client, DeflateParams::default(), &config);
+        let mut out = BytesMut::new();
+        client
+            .decompress(
+                &[0xf3, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00, 0x00],
+                true,
+                &mut out,
+                1024,
+            )
+            .unwrap();
+        assert_eq!(&out[..], b"Hello");
+        // The next message is a new stream.
+        let mut server = Deflate::new(Role::Server, DeflateParams::default(), &config);
+        roundtrip(
+            &mut server,
+            &mut client,
+            b"next message after a final block",
+        );
+    }
+
+    #[test]
+    fn an_unbounded_limit_does_not_overflow() {
+        let config = DeflateConfig::default();
+        let mut server = Deflate::new(Role::Server, DeflateParams::default(), &config);
+        let mut client = Deflate::new(Role::Client, DeflateParams::default(), &config);
+        let mut wire = BytesMut::new();
+        assert!(server.compress(&[7; 10_000], &mut wire));
+        let mut out = BytesMut::new();
+        client
+            .decompress(&wire, true, &mut out, usize::MAX)
+            .unwrap();
+        assert_eq!(out.len(), 10_000);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
+use switchboard_wire::deflate::{DeflateConfig, DeflateParams};
 use switchboard_wire::frame::{encode_frame, FrameHeader, MAX_HEADER_LEN};
 use switchboard_wire::{Config, Connection, Message, OpCode};
 
@@ -158,5 +159,51 @@ proptest! {
                 other => prop_assert!(false, "unexpected {:?}", other),
             }
         }
+    }
+
+    #[test]
+    fn compressed_messages_survive_any_chunking(
+        payloads in proptest::collection::vec(payload(), 1..12),
+        chunk_sizes in proptest::collection::vec(1usize..3000, 1..10),
+        takeover in any::<bool>(),
+        level in 0u32..10,
+        window in 9u8..16,
+    ) {
+        let params = DeflateParams {
+            server_no_context_takeover: !takeover,
+            client_no_context_takeover: !takeover,
+            server_max_window_bits: window,
+            client_max_window_bits: window,
+        };
+        let config = DeflateConfig::default().with_level(level);
+        let mut client = Connection::client(Config::default(), [9; 32]).with_deflate(params, &config);
+        let mut server = Connection::server(Config::default()).with_deflate(params, &config);
+        let mut expected = Vec::new();
+        for payload in &payloads {
+            match payload {
+                Payload::Text(s) => {
+                    client.send_text(s).unwrap();
+                    expected.push(Message::Text(s.clone().into()));
+                }
+                Payload::Binary(b) => {
+                    client.send_binary(b).unwrap();
+                    expected.push(Message::Binary(Bytes::from(b.clone())));
+                }
+            }
+        }
+        let wire = client.take_output();
+        let mut buf = BytesMut::new();
+        let mut got = Vec::new();
+        let mut at = 0;
+        let mut sizes = chunk_sizes.iter().cycle();
+        while at < wire.len() {
+            let end = (at + sizes.next().unwrap()).min(wire.len());
+            buf.extend_from_slice(&wire[at..end]);
+            at = end;
+            while let Some(m) = server.read(&mut buf).unwrap() {
+                got.push(m);
+            }
+        }
+        prop_assert_eq!(got, expected);
     }
 }

@@ -1,0 +1,116 @@
+//! The binary as a user runs it: `serve` logs its address, `connect` pipes stdin through
+//! `/echo`, and SIGTERM closes every WebSocket with 1001 before the process exits.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use switchboard_net::{connect, ClientOptions, CloseCode, Message};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+
+const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
+
+/// Starts `switchboard serve` on a free port and returns it with its address, read from
+/// its `listening on http://ADDR` log line.
+async fn serve() -> (Child, String) {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--drain-timeout", "5"])
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let address = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some((_, rest)) = line.split_once("listening on http://") {
+                return rest.trim().to_owned();
+            }
+        }
+        panic!("serve exited without logging its address");
+    })
+    .await
+    .unwrap();
+    // Keep draining the log so the server never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, address)
+}
+
+#[tokio::test]
+async fn connect_pipes_lines_through_echo() {
+    let (mut server, address) = serve().await;
+    let mut client = Command::new(BIN)
+        .args(["connect", &format!("ws://{address}/echo")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = client.stdin.take().unwrap();
+    stdin
+        .write_all("first line\nsecond, ünïcødé\n".as_bytes())
+        .await
+        .unwrap();
+    drop(stdin);
+    let output = tokio::time::timeout(Duration::from_secs(10), client.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(output.stdout).unwrap(),
+        "first line\nsecond, ünïcødé\n"
+    );
+    server.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn connect_explains_a_refusal_in_one_line() {
+    let (mut server, address) = serve().await;
+    let output = Command::new(BIN)
+        .args(["connect", &format!("ws://{address}/nowhere")])
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("404"), "{stderr}");
+    server.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn sigterm_closes_websockets_with_1001_and_exits() {
+    let (mut server, address) = serve().await;
+    let mut socket = connect(&format!("ws://{address}/echo"), ClientOptions::default())
+        .await
+        .unwrap()
+        .socket;
+    socket.send_text("hello").await.unwrap();
+    assert_eq!(
+        socket.recv().await.unwrap(),
+        Some(Message::Text("hello".into()))
+    );
+
+    let pid = server.id().unwrap().to_string();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(killed.success());
+    assert_eq!(socket.recv().await.unwrap(), None);
+    assert_eq!(
+        socket.peer_close().map(|f| f.code),
+        Some(CloseCode::GOING_AWAY)
+    );
+    let status = tokio::time::timeout(Duration::from_secs(10), server.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+}
