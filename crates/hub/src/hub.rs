@@ -1,0 +1,573 @@
+//! Rooms, members, presence, typing, message ids, and the writer that stores and then
+//! broadcasts.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{error, warn};
+
+use crate::event;
+use crate::store::{HistoryStore, StoreError, StoredMessage};
+
+/// Hub settings.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct HubConfig {
+    /// Messages sent on join without `since`.
+    pub recent_on_join: usize,
+    /// Most messages replayed on a `since` resume (the rest: use the HTTP API).
+    pub max_replay: usize,
+    /// Events queued per connection before it counts as a slow consumer (closed with 4008).
+    pub outbound_queue: usize,
+    /// Messages waiting for the writer before posters wait.
+    pub write_queue: usize,
+    /// Most messages stored in one commit.
+    pub max_batch: usize,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        Self {
+            recent_on_join: 50,
+            max_replay: 100_000,
+            outbound_queue: 1024,
+            write_queue: 16 * 1024,
+            max_batch: 1024,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HubError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the hub is shutting down")]
+    ShuttingDown,
+}
+
+/// What a connection receives from its room.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outbound {
+    /// A stored message (its id, and its JSON event encoded once for every member).
+    Message(u64, Bytes),
+    /// Any other JSON event, encoded once for every member.
+    Text(Bytes),
+    /// Binary data another member sent.
+    Binary(Bytes),
+}
+
+struct Member {
+    user: Arc<str>,
+    tx: mpsc::Sender<Outbound>,
+    /// Set when the member's queue overflowed and it was dropped from the room.
+    slow: Arc<AtomicBool>,
+}
+
+#[derive(Default)]
+struct Shared {
+    members: HashMap<u64, Member>,
+    /// Connections per user: presence counts a user once.
+    users: BTreeMap<Arc<str>, usize>,
+    /// The id of the last message broadcast (everything up to it is stored).
+    broadcast_id: u64,
+}
+
+/// Id assignment and de-duplication, held across the hand-off to the writer so ids reach
+/// it in order.
+struct Sequence {
+    last_id: u64,
+    nonces: HashMap<(Arc<str>, String), u64>,
+}
+
+struct Room {
+    name: Arc<str>,
+    shared: Mutex<Shared>,
+    sequence: tokio::sync::Mutex<Sequence>,
+}
+
+impl Room {
+    fn send_to(
+        &self,
+        shared: &mut Shared,
+        filter: impl Fn(u64, &Member) -> bool,
+        item: &Outbound,
+    ) -> Vec<Arc<str>> {
+        let mut dropped = Vec::new();
+        shared.members.retain(|&id, member| {
+            if !filter(id, member) {
+                return true;
+            }
+            match member.tx.try_send(item.clone()) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Closed(_)) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    // A slow consumer: cut it off; it resumes later with `since`.
+                    member.slow.store(true, Ordering::Relaxed);
+                    dropped.push(member.user.clone());
+                    false
+                }
+            }
+        });
+        dropped
+    }
+
+    /// Sends to the selected members; members whose queue is full are dropped (and their
+    /// users leave, if it was their last connection).
+    fn deliver(&self, filter: impl Fn(u64, &Member) -> bool, item: Outbound) {
+        let mut shared = self.shared.lock().expect("room lock");
+        self.deliver_locked(&mut shared, filter, item);
+    }
+
+    /// Broadcasts a stored message and records it as broadcast, under one lock: a member
+    /// joining now either finds it in the store or receives it live, never both.
+    fn broadcast_stored(&self, message: &StoredMessage) {
+        let mut shared = self.shared.lock().expect("room lock");
+        shared.broadcast_id = message.id;
+        let item = Outbound::Message(message.id, event::message(message));
+        self.deliver_locked(&mut shared, |_, _| true, item);
+    }
+
+    fn deliver_locked(
+        &self,
+        shared: &mut Shared,
+        filter: impl Fn(u64, &Member) -> bool,
+        item: Outbound,
+    ) {
+        let mut dropped = self.send_to(shared, filter, &item);
+        while let Some(user) = dropped.pop() {
+            if leave_user(shared, &user) {
+                let leave = Outbound::Text(event::presence("leave", &user));
+                dropped.extend(self.send_to(shared, |_, m| m.user != user, &leave));
+            }
+        }
+    }
+}
+
+/// Removes one connection of `user` from the presence count; true when it was the last.
+fn leave_user(shared: &mut Shared, user: &Arc<str>) -> bool {
+    match shared.users.get_mut(user) {
+        Some(count) if *count > 1 => {
+            *count -= 1;
+            false
+        }
+        Some(_) => {
+            shared.users.remove(user);
+            true
+        }
+        None => false,
+    }
+}
+
+struct Write {
+    room: Arc<Room>,
+    message: StoredMessage,
+    done: Option<oneshot::Sender<Result<(), String>>>,
+}
+
+struct Inner {
+    store: Arc<dyn HistoryStore>,
+    config: HubConfig,
+    rooms: Mutex<HashMap<Arc<str>, Arc<Room>>>,
+    writer: Mutex<Option<mpsc::Sender<Write>>>,
+    writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    next_member: AtomicU64,
+}
+
+/// The rooms of one server. Cheap to clone.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("store", &self.inner.store)
+            .finish()
+    }
+}
+
+/// A connection's place in a room. Dropping it leaves the room.
+pub struct Membership {
+    hub: Hub,
+    room: Arc<Room>,
+    id: u64,
+    user: Arc<str>,
+    /// The `welcome` event.
+    pub welcome: Bytes,
+    /// History to send before anything from `events`, in order.
+    pub backlog: Vec<Bytes>,
+    events: mpsc::Receiver<Outbound>,
+    /// Messages up to this id were seen already (the backlog, or `since`).
+    seen: u64,
+    slow: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Membership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Membership")
+            .field("room", &self.room.name)
+            .field("user", &self.user)
+            .finish()
+    }
+}
+
+/// A message accepted for storing.
+#[derive(Debug)]
+pub struct Posted {
+    pub id: u64,
+    /// Resolves once the message is stored (and broadcast); an error if storing failed.
+    pub stored: oneshot::Receiver<Result<(), String>>,
+}
+
+impl Membership {
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    /// The next live event, in order after the backlog; `None` once this member was
+    /// dropped as a slow consumer (see [`Membership::was_slow`]). A message the client
+    /// already has (a `since` ahead of the room) is skipped.
+    pub async fn recv(&mut self) -> Option<Outbound> {
+        loop {
+            match self.events.recv().await? {
+                Outbound::Message(id, _) if id <= self.seen => continue,
+                item => return Some(item),
+            }
+        }
+    }
+
+    /// Like [`Membership::recv`], without waiting.
+    pub fn try_recv(&mut self) -> Option<Outbound> {
+        loop {
+            match self.events.try_recv().ok()? {
+                Outbound::Message(id, _) if id <= self.seen => continue,
+                item => return Some(item),
+            }
+        }
+    }
+
+    /// Whether this member was dropped for not keeping up (the connection closes with 4008).
+    pub fn was_slow(&self) -> bool {
+        self.slow.load(Ordering::Relaxed)
+    }
+
+    /// Posts a message from this member; see [`Hub::post`].
+    pub async fn post(
+        &self,
+        text: String,
+        nonce: Option<String>,
+    ) -> Result<Option<Posted>, HubError> {
+        self.hub
+            .post_to(&self.room, &self.user, Some(self.id), text, nonce)
+            .await
+    }
+
+    /// Tells the other users this one is typing (or stopped). Not stored.
+    pub fn typing(&self, is_typing: bool) {
+        let item = Outbound::Text(event::typing(&self.user, is_typing));
+        let user = self.user.clone();
+        self.room.deliver(|_, m| m.user != user, item);
+    }
+
+    /// Relays binary data to the room's other connections as it is.
+    pub fn relay_binary(&self, data: Bytes) {
+        let me = self.id;
+        self.room.deliver(|id, _| id != me, Outbound::Binary(data));
+    }
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        let mut shared = self.room.shared.lock().expect("room lock");
+        if shared.members.remove(&self.id).is_none() {
+            // Already dropped as a slow consumer, presence included.
+            return;
+        }
+        if leave_user(&mut shared, &self.user) {
+            let leave = Outbound::Text(event::presence("leave", &self.user));
+            self.room.deliver_locked(&mut shared, |_, _| true, leave);
+        }
+    }
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+impl Hub {
+    /// A hub over `store`, with its writer thread running.
+    pub fn new(store: Arc<dyn HistoryStore>, config: HubConfig) -> Self {
+        let (tx, rx) = mpsc::channel(config.write_queue.max(1));
+        let writer_store = store.clone();
+        let max_batch = config.max_batch.max(1);
+        let thread = std::thread::Builder::new()
+            .name("switchboard-writer".into())
+            .spawn(move || write_loop(writer_store, rx, max_batch))
+            .expect("spawning the history writer");
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                config,
+                rooms: Mutex::new(HashMap::new()),
+                writer: Mutex::new(Some(tx)),
+                writer_thread: Mutex::new(Some(thread)),
+                next_member: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&dyn HistoryStore) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, HubError> {
+        let store = self.inner.store.clone();
+        tokio::task::spawn_blocking(move || read(store.as_ref()))
+            .await
+            .expect("history read panicked")
+            .map_err(HubError::from)
+    }
+
+    async fn room(&self, name: &str) -> Result<Arc<Room>, HubError> {
+        if let Some(room) = self.inner.rooms.lock().expect("rooms lock").get(name) {
+            return Ok(room.clone());
+        }
+        let owned = name.to_owned();
+        let last_id = self.blocking(move |store| store.last_id(&owned)).await?;
+        let mut rooms = self.inner.rooms.lock().expect("rooms lock");
+        let room = rooms.entry(Arc::from(name)).or_insert_with(|| {
+            Arc::new(Room {
+                name: Arc::from(name),
+                shared: Mutex::new(Shared {
+                    broadcast_id: last_id,
+                    ..Shared::default()
+                }),
+                sequence: tokio::sync::Mutex::new(Sequence {
+                    last_id,
+                    nonces: HashMap::new(),
+                }),
+            })
+        });
+        Ok(room.clone())
+    }
+
+    /// Joins `room` as `user`. With `since`, the backlog is every stored message with a
+    /// larger id; without, the most recent ones. Live events follow on `events`.
+    pub async fn join(
+        &self,
+        room: &str,
+        user: &str,
+        since: Option<u64>,
+    ) -> Result<Membership, HubError> {
+        let room = self.room(room).await?;
+        let user: Arc<str> = Arc::from(user);
+        let (tx, events) = mpsc::channel(self.inner.config.outbound_queue.max(1));
+        let slow = Arc::new(AtomicBool::new(false));
+        let id = self.inner.next_member.fetch_add(1, Ordering::Relaxed);
+        let (upto, members) = {
+            let mut shared = room.shared.lock().expect("room lock");
+            let count = shared.users.entry(user.clone()).or_insert(0);
+            *count += 1;
+            let first = *count == 1;
+            if first {
+                let join = Outbound::Text(event::presence("join", &user));
+                room.deliver_locked(&mut shared, |_, _| true, join);
+            }
+            shared.members.insert(
+                id,
+                Member {
+                    user: user.clone(),
+                    tx,
+                    slow: slow.clone(),
+                },
+            );
+            let members: Vec<String> = shared.users.keys().map(|u| u.to_string()).collect();
+            (shared.broadcast_id, members)
+        };
+        let name = room.name.to_string();
+        let config = self.inner.config.clone();
+        let history = self
+            .blocking(move |store| match since {
+                Some(after) => store.range(&name, after, upto, config.max_replay),
+                None => store.recent(&name, upto, config.recent_on_join),
+            })
+            .await?;
+        Ok(Membership {
+            hub: self.clone(),
+            welcome: event::welcome(&room.name, &user, &members, upto),
+            backlog: history.iter().map(event::message).collect(),
+            seen: since.unwrap_or(0).max(upto),
+            room,
+            id,
+            user,
+            events,
+            slow,
+        })
+    }
+
+    /// Posts a message to `room` as `user` (for the HTTP API and tools). It is stored,
+    /// then broadcast to every member. A repeated `nonce` from the same user is stored
+    /// once: the repeat returns `None` and, if the original is already stored, sends it
+    /// again to that user's connections.
+    pub async fn post(
+        &self,
+        room: &str,
+        user: &str,
+        text: String,
+        nonce: Option<String>,
+    ) -> Result<Option<Posted>, HubError> {
+        let room = self.room(room).await?;
+        self.post_to(&room, &Arc::from(user), None, text, nonce)
+            .await
+    }
+
+    async fn post_to(
+        &self,
+        room: &Arc<Room>,
+        user: &Arc<str>,
+        member: Option<u64>,
+        text: String,
+        nonce: Option<String>,
+    ) -> Result<Option<Posted>, HubError> {
+        let mut sequence = room.sequence.lock().await;
+        if let Some(nonce) = &nonce {
+            let known = sequence.nonces.get(&(user.clone(), nonce.clone())).copied();
+            let stored = match known {
+                Some(id) => Some(id),
+                None => {
+                    let (name, who, n) = (room.name.to_string(), user.to_string(), nonce.clone());
+                    self.blocking(move |store| store.find_nonce(&name, &who, &n))
+                        .await?
+                        .map(|m| m.id)
+                }
+            };
+            if let Some(id) = stored {
+                self.resend(room, user, member, id).await?;
+                return Ok(None);
+            }
+        }
+        let id = sequence.last_id + 1;
+        let message = StoredMessage {
+            room: room.name.to_string(),
+            id,
+            from: user.to_string(),
+            text,
+            timestamp: now_rfc3339(),
+            nonce: nonce.clone(),
+        };
+        let (done, stored) = oneshot::channel();
+        let writer = self
+            .inner
+            .writer
+            .lock()
+            .expect("writer lock")
+            .clone()
+            .ok_or(HubError::ShuttingDown)?;
+        writer
+            .send(Write {
+                room: room.clone(),
+                message,
+                done: Some(done),
+            })
+            .await
+            .map_err(|_| HubError::ShuttingDown)?;
+        sequence.last_id = id;
+        if let Some(nonce) = nonce {
+            if sequence.nonces.len() >= 100_000 {
+                // Older retries are still found in the store.
+                sequence.nonces.clear();
+            }
+            sequence.nonces.insert((user.clone(), nonce), id);
+        }
+        Ok(Some(Posted { id, stored }))
+    }
+
+    /// A retried message that is already stored goes again to the sender's connections
+    /// (its acknowledgement); one still on its way to the store reaches them when stored.
+    async fn resend(
+        &self,
+        room: &Arc<Room>,
+        user: &Arc<str>,
+        member: Option<u64>,
+        id: u64,
+    ) -> Result<(), HubError> {
+        let broadcast = room.shared.lock().expect("room lock").broadcast_id;
+        if id > broadcast {
+            return Ok(());
+        }
+        let name = room.name.to_string();
+        let found = self
+            .blocking(move |store| store.range(&name, id - 1, id, 1))
+            .await?;
+        if let Some(message) = found.first() {
+            let item = Outbound::Text(event::message(message));
+            let user = user.clone();
+            room.deliver(
+                move |mid, m| member.map_or(m.user == user, |me| mid == me),
+                item,
+            );
+        }
+        Ok(())
+    }
+
+    /// Messages of `room` after `since`, oldest first (for the HTTP API).
+    pub async fn history(
+        &self,
+        room: &str,
+        since: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, HubError> {
+        let name = room.to_owned();
+        self.blocking(move |store| store.range(&name, since, u64::MAX >> 1, limit))
+            .await
+    }
+
+    /// Stops taking messages and waits until everything accepted is stored.
+    pub fn shutdown(&self) {
+        self.inner.writer.lock().expect("writer lock").take();
+        if let Some(thread) = self.inner.writer_thread.lock().expect("writer lock").take() {
+            if thread.join().is_err() {
+                error!("history writer panicked");
+            }
+        }
+    }
+}
+
+/// The writer thread: takes what is queued (up to `max_batch`), stores it in one commit,
+/// then broadcasts each message in id order.
+fn write_loop(store: Arc<dyn HistoryStore>, mut rx: mpsc::Receiver<Write>, max_batch: usize) {
+    let mut batch: Vec<Write> = Vec::with_capacity(max_batch);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok(write) => batch.push(write),
+                Err(_) => break,
+            }
+        }
+        let messages: Vec<StoredMessage> = batch.iter().map(|w| w.message.clone()).collect();
+        let result = store.append(&messages);
+        for mut write in batch.drain(..) {
+            match &result {
+                Ok(()) => {
+                    write.room.broadcast_stored(&write.message);
+                    if let Some(done) = write.done.take() {
+                        // The poster may have gone; the message is stored regardless.
+                        let _ = done.send(Ok(()));
+                    }
+                }
+                Err(cause) => {
+                    warn!(%cause, room = %write.message.room, id = write.message.id, "storing a message failed");
+                    if let Some(done) = write.done.take() {
+                        let _ = done.send(Err(cause.to_string()));
+                    }
+                }
+            }
+        }
+    }
+}
