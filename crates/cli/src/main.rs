@@ -2,6 +2,7 @@
 
 mod bench;
 mod connect;
+mod send;
 mod serve;
 
 use std::io::IsTerminal;
@@ -31,6 +32,8 @@ enum Command {
     /// Connect to a WebSocket URL: stdin lines go out as text, received messages come out
     /// on stdout, one per line.
     Connect(connect::ConnectArgs),
+    /// Send one message to a room and print its id once the server stored it.
+    Send(send::SendArgs),
     /// Load the server and print figures.
     Bench(bench::BenchArgs),
 }
@@ -39,7 +42,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
         Command::Serve(_) => "info",
-        Command::Connect(_) | Command::Bench(_) => "warn",
+        Command::Connect(_) | Command::Bench(_) | Command::Send(_) => "warn",
     };
     let filter = EnvFilter::try_new(cli.log.as_deref().unwrap_or(default_level))
         .unwrap_or_else(|_| EnvFilter::new(default_level));
@@ -69,6 +72,7 @@ fn main() -> ExitCode {
             Command::Serve(args) => serve::run(args).await,
             Command::Connect(args) => connect::run(args).await,
             Command::Bench(args) => bench::run(args).await,
+            Command::Send(args) => send::run(args).await,
         }
     });
     match result {

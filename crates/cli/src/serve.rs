@@ -18,6 +18,12 @@ pub(crate) struct ServeArgs {
     /// Connections beyond which new ones are refused with 503 [default: 100000]
     #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
+    /// Directory for room history (SQLite) [default: ./switchboard-data]
+    #[arg(long, env = "SWITCHBOARD_DATA_DIR", conflicts_with = "memory")]
+    data_dir: Option<PathBuf>,
+    /// Keep room history in memory only (lost at exit).
+    #[arg(long, env = "SWITCHBOARD_MEMORY")]
+    memory: bool,
     /// Runtime worker threads [default: one per core]
     #[arg(long, env = "SWITCHBOARD_WORKERS")]
     pub(crate) workers: Option<usize>,
@@ -29,17 +35,23 @@ pub(crate) struct ServeArgs {
 /// Reads the config file: `listen` beside the server's own settings, every key checked.
 fn read_config_file(
     path: Option<&Path>,
-) -> anyhow::Result<(switchboard_server::Config, Option<SocketAddr>)> {
+) -> anyhow::Result<(switchboard_server::Config, Option<SocketAddr>, bool)> {
     let Some(path) = path else {
-        return Ok((switchboard_server::Config::default(), None));
+        return Ok((switchboard_server::Config::default(), None, false));
     };
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     parse_config(&text).with_context(|| format!("in {}", path.display()))
 }
 
-fn parse_config(text: &str) -> anyhow::Result<(switchboard_server::Config, Option<SocketAddr>)> {
+fn parse_config(
+    text: &str,
+) -> anyhow::Result<(switchboard_server::Config, Option<SocketAddr>, bool)> {
     let mut table = text.parse::<toml::Table>()?;
+    let memory = match table.remove("memory") {
+        None => false,
+        Some(value) => value.as_bool().context("`memory` must be true or false")?,
+    };
     let listen = match table.remove("listen") {
         None => None,
         Some(value) => Some(
@@ -49,11 +61,20 @@ fn parse_config(text: &str) -> anyhow::Result<(switchboard_server::Config, Optio
                 .context("`listen` must be an address such as \"127.0.0.1:8080\"")?,
         ),
     };
-    Ok((table.try_into()?, listen))
+    Ok((table.try_into()?, listen, memory))
 }
 
 pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let (mut config, file_listen) = read_config_file(args.config.as_deref())?;
+    let (mut config, file_listen, file_memory) = read_config_file(args.config.as_deref())?;
+    // History: a flag or variable beats the file, which beats the default directory.
+    let file_has_data_dir = config.data_dir.is_some();
+    if args.memory {
+        config = config.with_data_dir(None);
+    } else if let Some(dir) = args.data_dir {
+        config = config.with_data_dir(Some(dir));
+    } else if !file_has_data_dir && !file_memory {
+        config = config.with_data_dir(Some(PathBuf::from("./switchboard-data")));
+    }
     if let Some(max) = args.max_connections {
         config = config.with_max_connections(max);
     }
@@ -105,13 +126,15 @@ mod tests {
 
     #[test]
     fn config_file_keys() {
-        let (config, listen) =
-            parse_config("listen = \"0.0.0.0:9000\"\nmax_connections = 5\ncompression = false\n")
-                .unwrap();
+        let (config, listen, memory) = parse_config(
+            "listen = \"0.0.0.0:9000\"\nmax_connections = 5\ncompression = false\nmemory = true\n",
+        )
+        .unwrap();
+        assert!(memory);
         assert_eq!(listen, Some("0.0.0.0:9000".parse().unwrap()));
         assert_eq!(config.max_connections, 5);
         assert!(!config.compression);
-        let (config, listen) = parse_config("").unwrap();
+        let (config, listen, _) = parse_config("").unwrap();
         assert_eq!((listen, config.max_connections), (None, 100_000));
         assert!(parse_config("bogus = 1").is_err());
         assert!(parse_config("listen = 8080").is_err());

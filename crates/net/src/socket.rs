@@ -256,6 +256,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
         self.relieve().await
     }
 
+    /// Queues one message of `opcode` from a byte slice (text must be UTF-8: JSON from a
+    /// serializer, say), with no intermediate `Message`.
+    pub async fn feed_frame(&mut self, opcode: OpCode, payload: &[u8]) -> Result<(), Error> {
+        self.conn.send(opcode, payload)?;
+        self.relieve().await
+    }
+
     /// Queues a frame encoded once for many connections (servers only).
     pub async fn feed_encoded(&mut self, frame: &Bytes) -> Result<(), Error> {
         self.conn.send_encoded(frame)?;

@@ -14,6 +14,16 @@ pub struct Config {
     pub max_connections: usize,
     /// Largest message `/echo` takes (16 MiB covers every Autobahn case).
     pub echo_max_message: usize,
+    /// Where room history is stored (SQLite, `history.sqlite3`); `None` keeps it in memory.
+    pub data_dir: Option<std::path::PathBuf>,
+    /// Largest WebSocket message in a room (1009 beyond it).
+    pub room_max_message: usize,
+    /// Longest chat text, in characters (an `error` event beyond it).
+    pub max_text_chars: usize,
+    /// Messages sent on joining a room without `since`.
+    pub recent_on_join: usize,
+    /// Events queued per room connection before it is closed as a slow consumer (4008).
+    pub outbound_queue: usize,
     /// Seconds of silence after which the server pings a client.
     pub ping_interval_secs: u64,
     /// Seconds after a ping without any answer before the client is dropped.
@@ -49,6 +59,11 @@ impl Default for Config {
         Self {
             max_connections: 100_000,
             echo_max_message: 16 << 20,
+            data_dir: None,
+            room_max_message: 64 * 1024,
+            max_text_chars: 4096,
+            recent_on_join: 50,
+            outbound_queue: 1024,
             ping_interval_secs: 30,
             pong_timeout_secs: 60,
             handshake_timeout_secs: 10,
@@ -73,6 +88,17 @@ impl Config {
 
     pub fn with_drain_timeout(mut self, timeout: Duration) -> Self {
         self.drain_timeout_secs = timeout.as_secs().max(1);
+        self
+    }
+
+    /// Stores room history in SQLite under `dir` (`None`: in memory).
+    pub fn with_data_dir(mut self, dir: Option<std::path::PathBuf>) -> Self {
+        self.data_dir = dir;
+        self
+    }
+
+    pub fn with_outbound_queue(mut self, events: usize) -> Self {
+        self.outbound_queue = events;
         self
     }
 

@@ -7,9 +7,11 @@
 
 mod config;
 mod echo;
+mod room;
 mod routes;
 mod serve;
 mod upgrade;
 
 pub use config::Config;
+pub use room::SLOW_CONSUMER;
 pub use serve::{run, Error};

@@ -13,6 +13,7 @@ use crate::upgrade::upgrade;
 pub(crate) fn router(state: AppState) -> Router {
     Router::new()
         .route("/echo", get(echo))
+        .route("/room/{room}", get(crate::room::room))
         .route("/healthz", get(healthz))
         .fallback(not_found)
         .with_state(state)

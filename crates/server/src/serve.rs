@@ -14,6 +14,8 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 use tracing::{debug, info, warn};
 
+use switchboard_hub::{HistoryStore, Hub, HubConfig, MemoryStore, SqliteStore};
+
 use crate::config::Config;
 use crate::routes::router;
 
@@ -22,12 +24,16 @@ use crate::routes::router;
 pub enum Error {
     #[error("listener: {0}")]
     Listener(#[from] std::io::Error),
+    #[error("history store: {0}")]
+    Store(#[from] switchboard_hub::StoreError),
 }
 
 /// What every request handler can reach.
 #[derive(Debug, Clone)]
 pub(crate) struct AppState {
     pub(crate) config: Arc<Config>,
+    /// Rooms and their history.
+    pub(crate) hub: Hub,
     /// Cancelled when the server shuts down.
     pub(crate) shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
@@ -62,7 +68,22 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
     let address = listener.local_addr()?;
+    let store: Arc<dyn HistoryStore> = match &config.data_dir {
+        Some(dir) => {
+            let store = SqliteStore::open_dir(dir)?;
+            info!(path = %dir.display(), "room history in SQLite");
+            Arc::new(store)
+        }
+        None => {
+            info!("room history in memory (gone at exit)");
+            Arc::new(MemoryStore::new())
+        }
+    };
+    let mut hub_config = HubConfig::default();
+    hub_config.recent_on_join = config.recent_on_join;
+    hub_config.outbound_queue = config.outbound_queue;
     let state = AppState {
+        hub: Hub::new(store, hub_config),
         config: Arc::new(config),
         shutdown: CancellationToken::new(),
         tasks: TaskTracker::new(),
@@ -151,6 +172,11 @@ pub async fn run(
                 "connections still running after being stopped"
             );
         }
+    }
+    // Everything accepted is stored before the process goes.
+    let hub = state.hub.clone();
+    if let Err(cause) = tokio::task::spawn_blocking(move || hub.shutdown()).await {
+        warn!(%cause, "flushing room history failed");
     }
     info!("stopped");
     Ok(())

@@ -1,0 +1,155 @@
+//! `/room/{room}`: a chat room over WebSocket (DESIGN.md, "The room protocol").
+
+use std::collections::HashMap;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::response::{IntoResponse, Response};
+use http::StatusCode;
+use switchboard_hub::event::{self, parse_client_event, ClientEvent};
+use switchboard_hub::{valid_room_id, valid_user_name, Membership, Outbound};
+use switchboard_net::wire::OpCode;
+use switchboard_net::{CloseCode, CloseFrame, Message, WebSocket};
+use tokio::net::TcpStream;
+use tracing::{debug, warn};
+
+use crate::serve::AppState;
+use crate::upgrade::upgrade;
+
+/// Close code for a connection that fell too far behind its room.
+pub const SLOW_CONSUMER: CloseCode = CloseCode(4008);
+
+fn bad_request(message: String) -> Response {
+    (StatusCode::BAD_REQUEST, format!("{message}\n")).into_response()
+}
+
+pub(crate) async fn room(
+    State(state): State<AppState>,
+    Path(room): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    request: Request,
+) -> Response {
+    if !valid_room_id(&room) {
+        return bad_request("room ids are 1-128 characters of A-Z a-z 0-9 . _ : -".into());
+    }
+    let Some(name) = query.get("name").filter(|n| valid_user_name(n)).cloned() else {
+        return bad_request("join with ?name=NAME (1-64 characters, no control characters)".into());
+    };
+    let since = match query.get("since").map(|s| s.parse::<u64>()) {
+        None => None,
+        Some(Ok(id)) => Some(id),
+        Some(Err(_)) => return bad_request("since must be a message id (a whole number)".into()),
+    };
+    let config = state.config.socket_config(state.config.room_max_message);
+    let session_state = state.clone();
+    upgrade(&state, request, config, move |socket, _| async move {
+        match session_state.hub.join(&room, &name, since).await {
+            Ok(membership) => session(socket, membership, session_state).await,
+            Err(cause) => {
+                warn!(%cause, room, "joining a room failed");
+                let mut socket = socket;
+                let frame = CloseFrame::new(CloseCode::INTERNAL_ERROR, "room unavailable");
+                if let Err(cause) = socket.close(Some(frame)).await {
+                    debug!(%cause, "closing after a failed join");
+                }
+            }
+        }
+    })
+}
+
+async fn feed(
+    socket: &mut WebSocket<TcpStream>,
+    item: &Outbound,
+) -> Result<(), switchboard_net::Error> {
+    match item {
+        Outbound::Message(_, json) | Outbound::Text(json) => {
+            socket.feed_frame(OpCode::Text, json).await
+        }
+        Outbound::Binary(data) => socket.feed_frame(OpCode::Binary, data).await,
+    }
+}
+
+async fn session(mut socket: WebSocket<TcpStream>, mut membership: Membership, state: AppState) {
+    let result: Result<(), switchboard_net::Error> = async {
+        socket.feed_frame(OpCode::Text, &membership.welcome).await?;
+        for message in std::mem::take(&mut membership.backlog) {
+            socket.feed_frame(OpCode::Text, &message).await?;
+        }
+        socket.flush().await
+    }
+    .await;
+    if let Err(cause) = result {
+        debug!(%cause, "room connection ended during the welcome");
+        return;
+    }
+    let cancelled = state.shutdown.cancelled();
+    tokio::pin!(cancelled);
+    let close = loop {
+        tokio::select! {
+            biased;
+            () = &mut cancelled => break Some(CloseFrame::new(CloseCode::GOING_AWAY, "server shutting down")),
+            item = membership.recv() => {
+                let Some(item) = item else {
+                    break Some(CloseFrame::new(SLOW_CONSUMER, "too slow: reconnect with ?since="));
+                };
+                let mut sent = feed(&mut socket, &item).await;
+                while let (Ok(()), Some(more)) = (&sent, membership.try_recv()) {
+                    sent = feed(&mut socket, &more).await;
+                }
+                if let Err(cause) = sent.and(socket.flush().await) {
+                    debug!(%cause, "room connection ended while sending");
+                    return;
+                }
+            }
+            received = socket.recv() => match received {
+                Ok(Some(Message::Text(text))) => {
+                    if let Err(cause) = on_text(&mut socket, &membership, &state, text.as_str()).await {
+                        debug!(%cause, "room connection ended while answering");
+                        return;
+                    }
+                }
+                Ok(Some(Message::Binary(data))) => membership.relay_binary(data),
+                Ok(Some(_)) => {}
+                Ok(None) => return,
+                Err(cause) => {
+                    debug!(%cause, "room connection ended");
+                    return;
+                }
+            },
+        }
+    };
+    if let Some(frame) = close {
+        if let Err(cause) = socket.close(Some(frame)).await {
+            debug!(%cause, "room close handshake");
+        }
+    }
+}
+
+async fn on_text(
+    socket: &mut WebSocket<TcpStream>,
+    membership: &Membership,
+    state: &AppState,
+    text: &str,
+) -> Result<(), switchboard_net::Error> {
+    match parse_client_event(text, state.config.max_text_chars) {
+        Ok(ClientEvent::Message { text, nonce }) => {
+            // The sender's acknowledgement is the broadcast of its own message.
+            if let Err(cause) = membership.post(text, nonce).await {
+                warn!(%cause, "posting a message failed");
+                let error = event::error(
+                    "unavailable",
+                    "the message could not be stored; send it again",
+                );
+                socket.feed_frame(OpCode::Text, &error).await?;
+            }
+            Ok(())
+        }
+        Ok(ClientEvent::Typing { is_typing }) => {
+            membership.typing(is_typing);
+            Ok(())
+        }
+        Err(refused) => {
+            let error = event::error(refused.code, &refused.message);
+            socket.feed_frame(OpCode::Text, &error).await
+        }
+    }
+}

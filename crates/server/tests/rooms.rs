@@ -1,0 +1,325 @@
+//! Rooms over real WebSocket connections to a real server on port 0.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use switchboard_net::{connect, ClientOptions, CloseCode, Message, WebSocket};
+use switchboard_server::{run, Config};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+struct Server {
+    address: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl Server {
+    async fn start(config: Config) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            run(listener, config, async {
+                // A dropped sender also means stop.
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+        });
+        Self {
+            address,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    async fn stop(mut self) {
+        self.stop.take().unwrap().send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(15), self.task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    async fn join(&self, room: &str, query: &str) -> Client {
+        let url = format!("ws://{}/room/{room}?{query}", self.address);
+        let socket = connect(&url, ClientOptions::default())
+            .await
+            .unwrap()
+            .socket;
+        let mut client = Client { socket };
+        assert_eq!(client.next().await["type"], "welcome");
+        client
+    }
+}
+
+struct Client {
+    socket: WebSocket<TcpStream>,
+}
+
+impl Client {
+    async fn next(&mut self) -> Value {
+        let message = tokio::time::timeout(Duration::from_secs(10), self.socket.recv())
+            .await
+            .expect("an event in time")
+            .unwrap()
+            .expect("connection open");
+        match message {
+            Message::Text(text) => serde_json::from_str(text.as_str()).unwrap(),
+            other => panic!("expected a JSON event, got {other:?}"),
+        }
+    }
+
+    /// The next event of `kind`, skipping others (presence, typing).
+    async fn next_of(&mut self, kind: &str) -> Value {
+        loop {
+            let event = self.next().await;
+            if event["type"] == kind {
+                return event;
+            }
+        }
+    }
+
+    async fn send(&mut self, event: Value) {
+        self.socket.send_text(&event.to_string()).await.unwrap();
+    }
+
+    async fn say(&mut self, text: &str) -> u64 {
+        self.send(json!({"type": "message", "text": text})).await;
+        loop {
+            let event = self.next_of("message").await;
+            if event["text"] == text {
+                return event["id"].as_u64().unwrap();
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn two_users_chat_with_presence_and_typing() {
+    let server = Server::start(Config::default()).await;
+    let mut alice = server.join("lobby", "name=Alice").await;
+    let mut bob = server.join("lobby", "name=Bob").await;
+    assert_eq!(alice.next().await, json!({"type": "join", "user": "Bob"}));
+
+    alice.send(json!({"type": "message", "text": "Hello!", "timestamp": "2026-11-23T10:00:00Z", "nonce": "c-1", "from": "Mallory"})).await;
+    for client in [&mut alice, &mut bob] {
+        let m = client.next().await;
+        assert_eq!(
+            (m["type"].as_str(), m["id"].as_u64(), m["from"].as_str()),
+            (Some("message"), Some(1), Some("Alice")),
+            "{m}"
+        );
+        assert_eq!(
+            (m["room"].as_str(), m["text"].as_str(), m["nonce"].as_str()),
+            (Some("lobby"), Some("Hello!"), Some("c-1"))
+        );
+        assert!(m["timestamp"].as_str().unwrap().ends_with('Z'));
+    }
+    assert_eq!(bob.say("Hi Alice").await, 2);
+    assert_eq!(alice.next().await["text"], "Hi Alice");
+
+    // Typing goes to the others only.
+    bob.send(json!({"type": "typing", "isTyping": true})).await;
+    assert_eq!(
+        alice.next().await,
+        json!({"type": "typing", "user": "Bob", "isTyping": true})
+    );
+    // Alice's next event is her own message, not Bob's typing echoed to him.
+    assert_eq!(alice.say("still here").await, 3);
+    assert_eq!(bob.next().await["text"], "still here");
+
+    // A second tab of Bob's is not a new member; closing one of two is not a leave.
+    let mut bob_tab = server.join("lobby", "name=Bob").await;
+    bob_tab.socket.close(None).await.unwrap();
+    bob.socket.close(None).await.unwrap();
+    assert_eq!(alice.next().await, json!({"type": "leave", "user": "Bob"}));
+    alice.socket.close(None).await.unwrap();
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_error_events_and_the_connection_stays() {
+    let server = Server::start(Config::default()).await;
+    let mut alice = server.join("r1", "name=Alice").await;
+    alice.socket.send_text("{not json").await.unwrap();
+    assert_eq!(alice.next().await["code"], "bad_json");
+    alice.send(json!({"type": "dance"})).await;
+    assert_eq!(alice.next().await["code"], "unknown_type");
+    alice
+        .send(json!({"type": "message", "text": "x".repeat(5000)}))
+        .await;
+    assert_eq!(alice.next().await["code"], "too_long");
+    assert_eq!(alice.say("still connected").await, 1);
+
+    // A message over the room's 64 KiB limit closes with 1009.
+    alice
+        .socket
+        .send_text(&"y".repeat(70 * 1024))
+        .await
+        .unwrap();
+    assert_eq!(alice.socket.recv().await.unwrap(), None);
+    assert_eq!(
+        alice.socket.peer_close().map(|f| f.code),
+        Some(CloseCode::TOO_BIG)
+    );
+
+    // Refused at the handshake: bad room id, missing name, bad since.
+    for path in [
+        "room/bad%20room?name=a",
+        "room/ok",
+        "room/ok?name=a&since=x",
+    ] {
+        let url = format!("ws://{}/{path}", server.address);
+        let error = connect(&url, ClientOptions::default()).await.unwrap_err();
+        assert!(error.to_string().contains("400"), "{path}: {error}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn binary_frames_are_relayed_to_the_others() {
+    let server = Server::start(Config::default()).await;
+    let mut alice = server.join("bin", "name=Alice").await;
+    let mut bob = server.join("bin", "name=Bob").await;
+    assert_eq!(alice.next().await["type"], "join");
+    alice
+        .socket
+        .send(&Message::Binary(vec![1, 2, 3].into()))
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), bob.socket.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, Some(Message::Binary(vec![1, 2, 3].into())));
+    // Not back to the sender: its next event is its own chat message.
+    assert_eq!(alice.say("after binary").await, 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn resume_with_since_misses_nothing_while_others_send() {
+    let server = Server::start(Config::default()).await;
+    let mut writer = server.join("resume", "name=Writer").await;
+    for i in 1..=20 {
+        assert_eq!(writer.say(&format!("m{i}")).await, i);
+    }
+    // A third client keeps sending while the reader reconnects from id 5.
+    let address = server.address;
+    let background = tokio::spawn(async move {
+        let url = format!("ws://{address}/room/resume?name=Chatty");
+        let mut chatty = connect(&url, ClientOptions::default())
+            .await
+            .unwrap()
+            .socket;
+        for i in 0..200 {
+            let text = json!({"type": "message", "text": format!("c{i}")});
+            chatty.send_text(&text.to_string()).await.unwrap();
+        }
+        chatty
+    });
+    let mut reader = server.join("resume", "name=Reader&since=5").await;
+    let mut ids = Vec::new();
+    while ids.len() < 215 {
+        let event = reader.next_of("message").await;
+        ids.push(event["id"].as_u64().unwrap());
+    }
+    assert_eq!(ids, (6..=220).collect::<Vec<_>>());
+    let mut chatty = background.await.unwrap();
+    chatty.close(None).await.unwrap();
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn history_survives_a_restart_and_nonces_are_stored_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = || Config::default().with_data_dir(Some(dir.path().to_path_buf()));
+    let server = Server::start(config()).await;
+    let mut alice = server.join("durable", "name=Alice").await;
+    for i in 1..=3 {
+        alice.say(&format!("before {i}")).await;
+    }
+    // A retry with the same nonce is stored once and acknowledged again.
+    for _ in 0..2 {
+        alice
+            .send(json!({"type": "message", "text": "retried", "nonce": "n-42"}))
+            .await;
+        let ack = alice.next_of("message").await;
+        assert_eq!(
+            (ack["id"].as_u64(), ack["nonce"].as_str()),
+            (Some(4), Some("n-42"))
+        );
+    }
+    alice.socket.close(None).await.unwrap();
+    server.stop().await;
+
+    let server = Server::start(config()).await;
+    let url = format!("ws://{}/room/durable?name=Bob", server.address);
+    let mut bob = Client {
+        socket: connect(&url, ClientOptions::default())
+            .await
+            .unwrap()
+            .socket,
+    };
+    let welcome = bob.next().await;
+    assert_eq!(welcome["lastId"], 4);
+    let history: Vec<String> = [(); 4].iter().map(|_| String::new()).collect();
+    let mut texts = history;
+    for text in texts.iter_mut() {
+        *text = bob.next().await["text"].as_str().unwrap().to_owned();
+    }
+    assert_eq!(texts, ["before 1", "before 2", "before 3", "retried"]);
+    // The retry after the restart is still recognised.
+    bob.send(json!({"type": "message", "text": "new"})).await;
+    assert_eq!(bob.next_of("message").await["id"], 5);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_consumer_is_closed_with_4008_and_others_are_unaffected() {
+    let server = Server::start(Config::default().with_outbound_queue(8)).await;
+    // The slow client joins but never reads; its socket buffers fill, then its queue.
+    let url = format!("ws://{}/room/flood?name=Slow", server.address);
+    // Uncompressed, so its socket buffers fill up quickly.
+    let mut options = ClientOptions::default();
+    options.config = options.config.with_deflate(None);
+    let mut slow = connect(&url, options).await.unwrap().socket;
+    let mut fast = server.join("flood", "name=Fast").await;
+    let big = "z".repeat(4000);
+    let mut last = 0;
+    for _ in 0..4000 {
+        last = fast.say(&big).await;
+    }
+    assert_eq!(last, 4000);
+    // Now the slow client reads: what it gets ends with a 4008 close.
+    let closed = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match slow.recv().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return slow.peer_close().map(|f| f.code),
+                Err(error) => panic!("{error}"),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(closed, Some(switchboard_server::SLOW_CONSUMER));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_says_1001_to_room_members() {
+    let server = Server::start(Config::default()).await;
+    let mut alice = server.join("bye", "name=Alice").await;
+    let stopping = tokio::spawn(server.stop());
+    assert_eq!(alice.socket.recv().await.unwrap(), None);
+    assert_eq!(
+        alice.socket.peer_close().map(|f| f.code),
+        Some(CloseCode::GOING_AWAY)
+    );
+    stopping.await.unwrap();
+}
