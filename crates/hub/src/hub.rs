@@ -34,9 +34,9 @@ impl Default for HubConfig {
         Self {
             recent_on_join: 50,
             max_replay: 100_000,
-            outbound_queue: 1024,
+            outbound_queue: 4096,
             write_queue: 16 * 1024,
-            max_batch: 1024,
+            max_batch: 512,
         }
     }
 }

@@ -86,7 +86,10 @@ async fn typing_reaches_only_other_users_and_presence_counts_users_once() {
 
 #[tokio::test]
 async fn resume_while_others_send_has_no_gap_and_no_duplicate() {
-    let hub = memory_hub();
+    // A queue deep enough that a busy test machine never makes the reader "slow".
+    let mut config = HubConfig::default();
+    config.outbound_queue = 8192;
+    let hub = Hub::new(Arc::new(MemoryStore::new()), config);
     let sender = hub.join("busy", "Sender", None).await.unwrap();
     let (halfway, reached) = tokio::sync::oneshot::channel();
     let poster = tokio::spawn(async move {
@@ -163,6 +166,7 @@ async fn a_retried_nonce_is_stored_once() {
         .unwrap()
         .unwrap();
     assert_eq!(posted.id, 2);
+    posted.stored.await.unwrap().unwrap();
     assert_eq!(hub.history("r", 0, 100).await.unwrap().len(), 2);
 }
 

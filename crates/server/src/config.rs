@@ -63,7 +63,7 @@ impl Default for Config {
             room_max_message: 64 * 1024,
             max_text_chars: 4096,
             recent_on_join: 50,
-            outbound_queue: 1024,
+            outbound_queue: 4096,
             ping_interval_secs: 30,
             pong_timeout_secs: 60,
             handshake_timeout_secs: 10,
