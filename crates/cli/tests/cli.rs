@@ -14,7 +14,14 @@ const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
 /// its `listening on http://ADDR` log line.
 async fn serve() -> (Child, String) {
     let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--drain-timeout", "5", "--memory"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--drain-timeout",
+            "5",
+            "--memory",
+        ])
         .env("NO_COLOR", "1")
         .stderr(Stdio::piped())
         .kill_on_drop(true)

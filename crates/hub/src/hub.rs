@@ -221,6 +221,8 @@ impl std::fmt::Debug for Membership {
 #[derive(Debug)]
 pub struct Posted {
     pub id: u64,
+    /// The message as it is stored (server-set sender and time).
+    pub message: StoredMessage,
     /// Resolves once the message is stored (and broadcast); an error if storing failed.
     pub stored: oneshot::Receiver<Result<(), String>>,
 }
@@ -471,7 +473,7 @@ impl Hub {
         writer
             .send(Write {
                 room: room.clone(),
-                message,
+                message: message.clone(),
                 done: Some(done),
             })
             .await
@@ -484,7 +486,11 @@ impl Hub {
             }
             sequence.nonces.insert((user.clone(), nonce), id);
         }
-        Ok(Some(Posted { id, stored }))
+        Ok(Some(Posted {
+            id,
+            message,
+            stored,
+        }))
     }
 
     /// A retried message that is already stored goes again to the sender's connections
@@ -513,6 +519,49 @@ impl Hub {
             );
         }
         Ok(())
+    }
+
+    /// The message `user` sent to `room` with `nonce`, once stored.
+    pub async fn find_nonce(
+        &self,
+        room: &str,
+        user: &str,
+        nonce: &str,
+    ) -> Result<Option<StoredMessage>, HubError> {
+        let (room, user, nonce) = (room.to_owned(), user.to_owned(), nonce.to_owned());
+        self.blocking(move |store| store.find_nonce(&room, &user, &nonce))
+            .await
+    }
+
+    /// The users in `room` now, sorted.
+    pub fn members(&self, room: &str) -> Vec<String> {
+        let rooms = self.inner.rooms.lock().expect("rooms lock");
+        rooms.get(room).map_or_else(Vec::new, |room| {
+            room.shared
+                .lock()
+                .expect("room lock")
+                .users
+                .keys()
+                .map(|u| u.to_string())
+                .collect()
+        })
+    }
+
+    /// Rooms with members now, with how many users each has, sorted by name.
+    pub fn active_rooms(&self) -> Vec<(String, usize)> {
+        let rooms = self.inner.rooms.lock().expect("rooms lock");
+        let mut active: Vec<(String, usize)> = rooms
+            .values()
+            .map(|room| {
+                (
+                    room.name.to_string(),
+                    room.shared.lock().expect("room lock").users.len(),
+                )
+            })
+            .filter(|(_, users)| *users > 0)
+            .collect();
+        active.sort();
+        active
     }
 
     /// Messages of `room` after `since`, oldest first (for the HTTP API).

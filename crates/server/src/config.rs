@@ -24,6 +24,8 @@ pub struct Config {
     pub recent_on_join: usize,
     /// Events queued per room connection before it is closed as a slow consumer (4008).
     pub outbound_queue: usize,
+    /// Key the HTTP API requires (`Authorization: Bearer KEY`); `None` leaves it open.
+    pub api_key: Option<String>,
     /// Seconds of silence after which the server pings a client.
     pub ping_interval_secs: u64,
     /// Seconds after a ping without any answer before the client is dropped.
@@ -64,6 +66,7 @@ impl Default for Config {
             max_text_chars: 4096,
             recent_on_join: 50,
             outbound_queue: 4096,
+            api_key: None,
             ping_interval_secs: 30,
             pong_timeout_secs: 60,
             handshake_timeout_secs: 10,
@@ -99,6 +102,11 @@ impl Config {
 
     pub fn with_outbound_queue(mut self, events: usize) -> Self {
         self.outbound_queue = events;
+        self
+    }
+
+    pub fn with_api_key(mut self, key: Option<String>) -> Self {
+        self.api_key = key;
         self
     }
 

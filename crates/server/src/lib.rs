@@ -5,6 +5,7 @@
 //! taking the raw TCP stream back from hyper, caps connections, and on shutdown closes
 //! every WebSocket with 1001 and drains within a bound.
 
+mod api;
 mod config;
 mod echo;
 mod room;

@@ -6,12 +6,25 @@ use axum::routing::get;
 use axum::Router;
 use http::StatusCode;
 
+use crate::api;
 use crate::echo::echo_session;
 use crate::serve::AppState;
 use crate::upgrade::upgrade;
 
 pub(crate) fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/api/rooms", get(api::get_rooms))
+        .route(
+            "/api/rooms/{room}/messages",
+            get(api::get_messages).post(api::post_message),
+        )
+        .route("/api/rooms/{room}/members", get(api::get_members))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            api::require_key,
+        ));
     Router::new()
+        .merge(api)
         .route("/echo", get(echo))
         .route("/room/{room}", get(crate::room::room))
         .route("/healthz", get(healthz))

@@ -323,3 +323,138 @@ async fn shutdown_says_1001_to_room_members() {
     );
     stopping.await.unwrap();
 }
+
+/// A plain HTTP/1.1 call; returns the status and the JSON body.
+async fn http(
+    address: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(address).await.unwrap();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{headers}\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    let status = answer[9..12].parse().unwrap();
+    let json = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| serde_json::from_str(b).unwrap_or(Value::Null))
+        .unwrap();
+    (status, json)
+}
+
+#[tokio::test]
+async fn the_http_api_posts_and_reads() {
+    let server = Server::start(Config::default()).await;
+    let a = server.address;
+    let mut alice = server.join("prices", "name=Alice").await;
+
+    let (status, body) = http(
+        a,
+        "POST",
+        "/api/rooms/prices/messages",
+        "",
+        Some(json!({"from": "ticker", "text": "BTC 100k", "nonce": "t-1"})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(
+        (
+            body["message"]["id"].as_u64(),
+            body["message"]["from"].as_str()
+        ),
+        (Some(1), Some("ticker"))
+    );
+    let pushed = alice.next_of("message").await;
+    assert_eq!(pushed["text"], "BTC 100k");
+
+    // A retry with the nonce is answered with the stored message, stored once.
+    let (status, body) = http(
+        a,
+        "POST",
+        "/api/rooms/prices/messages",
+        "",
+        Some(json!({"from": "ticker", "text": "BTC 100k", "nonce": "t-1"})),
+    )
+    .await;
+    assert_eq!((status, body["message"]["id"].as_u64()), (200, Some(1)));
+    let (status, body) = http(
+        a,
+        "GET",
+        "/api/rooms/prices/messages?since=0&limit=10",
+        "",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(body["messages"].as_array().unwrap().len(), 1);
+
+    let (_, body) = http(a, "GET", "/api/rooms/prices/members", "", None).await;
+    assert_eq!(body, json!({"members": ["Alice"]}));
+    let (_, body) = http(a, "GET", "/api/rooms", "", None).await;
+    assert_eq!(body, json!({"rooms": [{"room": "prices", "members": 1}]}));
+
+    let (status, _) = http(
+        a,
+        "POST",
+        "/api/rooms/prices/messages",
+        "",
+        Some(json!({"text": "no sender"})),
+    )
+    .await;
+    assert_eq!(status, 400);
+    let (status, _) = http(a, "GET", "/api/rooms/prices/messages?since=soon", "", None).await;
+    assert_eq!(status, 400);
+    alice.socket.close(None).await.unwrap();
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_http_api_wants_its_key_when_configured() {
+    let server = Server::start(Config::default().with_api_key(Some("s3cret".into()))).await;
+    let a = server.address;
+    let body = || Some(json!({"from": "bot", "text": "hi"}));
+    assert_eq!(
+        http(a, "POST", "/api/rooms/r/messages", "", body()).await.0,
+        401
+    );
+    assert_eq!(
+        http(
+            a,
+            "POST",
+            "/api/rooms/r/messages",
+            "Authorization: Bearer wrong\r\n",
+            body()
+        )
+        .await
+        .0,
+        401
+    );
+    assert_eq!(
+        http(
+            a,
+            "POST",
+            "/api/rooms/r/messages",
+            "Authorization: Bearer s3cret\r\n",
+            body()
+        )
+        .await
+        .0,
+        201
+    );
+    assert_eq!(
+        http(a, "GET", "/api/rooms", "X-Api-Key: s3cret\r\n", None)
+            .await
+            .0,
+        200
+    );
+    assert_eq!(http(a, "GET", "/api/rooms", "", None).await.0, 401);
+    server.stop().await;
+}
