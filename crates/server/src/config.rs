@@ -26,6 +26,15 @@ pub struct Config {
     pub outbound_queue: usize,
     /// Key the HTTP API requires (`Authorization: Bearer KEY`); `None` leaves it open.
     pub api_key: Option<String>,
+    /// Origins allowed to open WebSockets (exact `Origin` values); empty allows any.
+    /// Clients that send no Origin (not browsers) are always allowed.
+    pub allowed_origins: Vec<String>,
+    /// Room events a connection may send per second, on average.
+    pub rate_limit_per_sec: f64,
+    /// Room events a connection may send in a burst.
+    pub rate_limit_burst: u32,
+    /// Refused events in a row after which the connection is closed with 1008.
+    pub rate_limit_strikes: u32,
     /// Seconds of silence after which the server pings a client.
     pub ping_interval_secs: u64,
     /// Seconds after a ping without any answer before the client is dropped.
@@ -67,6 +76,10 @@ impl Default for Config {
             recent_on_join: 50,
             outbound_queue: 4096,
             api_key: None,
+            allowed_origins: Vec::new(),
+            rate_limit_per_sec: 20.0,
+            rate_limit_burst: 40,
+            rate_limit_strikes: 20,
             ping_interval_secs: 30,
             pong_timeout_secs: 60,
             handshake_timeout_secs: 10,
@@ -107,6 +120,17 @@ impl Config {
 
     pub fn with_api_key(mut self, key: Option<String>) -> Self {
         self.api_key = key;
+        self
+    }
+
+    pub fn with_allowed_origins(mut self, origins: Vec<String>) -> Self {
+        self.allowed_origins = origins;
+        self
+    }
+
+    pub fn with_rate_limit(mut self, per_sec: f64, burst: u32) -> Self {
+        self.rate_limit_per_sec = per_sec;
+        self.rate_limit_burst = burst;
         self
     }
 

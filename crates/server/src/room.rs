@@ -5,10 +5,12 @@ use std::collections::HashMap;
 use axum::extract::{Path, Query, Request, State};
 use axum::response::{IntoResponse, Response};
 use http::StatusCode;
+use std::time::Instant;
 use switchboard_hub::event::{self, parse_client_event, ClientEvent};
 use switchboard_hub::{valid_room_id, valid_user_name, Membership, Outbound};
 use switchboard_net::wire::OpCode;
 use switchboard_net::{CloseCode, CloseFrame, Message, WebSocket};
+
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
@@ -17,6 +19,44 @@ use crate::upgrade::upgrade;
 
 /// Close code for a connection that fell too far behind its room.
 pub const SLOW_CONSUMER: CloseCode = CloseCode(4008);
+
+/// A token bucket: `rate` tokens a second, at most `burst` saved up.
+struct RateLimit {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    at: Instant,
+    /// Refusals in a row.
+    strikes: u32,
+}
+
+impl RateLimit {
+    fn new(rate: f64, burst: u32) -> Self {
+        let burst = f64::from(burst.max(1));
+        Self {
+            rate: rate.max(0.0),
+            burst,
+            tokens: burst,
+            at: Instant::now(),
+            strikes: 0,
+        }
+    }
+
+    fn allow(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.burst);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            self.strikes = 0;
+            true
+        } else {
+            self.strikes += 1;
+            false
+        }
+    }
+}
 
 fn bad_request(message: String) -> Response {
     (StatusCode::BAD_REQUEST, format!("{message}\n")).into_response()
@@ -83,6 +123,10 @@ async fn session(mut socket: WebSocket<TcpStream>, mut membership: Membership, s
     }
     let cancelled = state.shutdown.cancelled();
     tokio::pin!(cancelled);
+    let mut limit = RateLimit::new(
+        state.config.rate_limit_per_sec,
+        state.config.rate_limit_burst,
+    );
     let close = loop {
         tokio::select! {
             biased;
@@ -101,6 +145,17 @@ async fn session(mut socket: WebSocket<TcpStream>, mut membership: Membership, s
                 }
             }
             received = socket.recv() => match received {
+                Ok(Some(message @ (Message::Text(_) | Message::Binary(_)))) if !limit.allow() => {
+                    drop(message);
+                    if limit.strikes > state.config.rate_limit_strikes {
+                        break Some(CloseFrame::new(CloseCode::POLICY, "rate limit exceeded again and again"));
+                    }
+                    let error = event::error("rate_limited", "too many events; slow down");
+                    if let Err(cause) = socket.feed_frame(OpCode::Text, &error).await {
+                        debug!(%cause, "room connection ended while refusing");
+                        return;
+                    }
+                }
                 Ok(Some(Message::Text(text))) => {
                     if let Err(cause) = on_text(&mut socket, &membership, &state, text.as_str()).await {
                         debug!(%cause, "room connection ended while answering");

@@ -42,6 +42,16 @@ where
         Ok(upgrade) => upgrade,
         Err(error) => return refuse(&error),
     };
+    let allowed = &state.config.allowed_origins;
+    if let Some(origin) = &upgrade.origin {
+        if !allowed.is_empty() && !allowed.iter().any(|a| a == origin) {
+            return (
+                StatusCode::FORBIDDEN,
+                format!("origin {origin} is not allowed\n"),
+            )
+                .into_response();
+        }
+    }
     let deflate = config
         .deflate
         .as_ref()

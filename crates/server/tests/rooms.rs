@@ -458,3 +458,69 @@ async fn the_http_api_wants_its_key_when_configured() {
     assert_eq!(http(a, "GET", "/api/rooms", "", None).await.0, 401);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn the_rate_limit_answers_with_errors_then_closes_with_1008() {
+    let mut config = Config::default().with_rate_limit(0.5, 3);
+    config.rate_limit_strikes = 5;
+    let server = Server::start(config).await;
+    let mut spammer = server.join("spam", "name=Spammer").await;
+    for i in 1..=3 {
+        assert_eq!(spammer.say(&format!("ok {i}")).await, i);
+    }
+    spammer
+        .send(json!({"type": "message", "text": "one too many"}))
+        .await;
+    assert_eq!(spammer.next().await["code"], "rate_limited");
+    for _ in 0..10 {
+        // The server may already have closed; later sends can fail.
+        if spammer
+            .socket
+            .send_text(&json!({"type": "typing", "isTyping": true}).to_string())
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let code = loop {
+        match spammer.socket.recv().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => break spammer.socket.peer_close().map(|f| f.code),
+            Err(error) => panic!("{error}"),
+        }
+    };
+    assert_eq!(code, Some(CloseCode::POLICY));
+    // Nothing refused was stored.
+    let (_, body) = http(server.address, "GET", "/api/rooms/spam/messages", "", None).await;
+    assert_eq!(body["messages"].as_array().unwrap().len(), 3);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn origins_outside_the_allow_list_get_403() {
+    let config = Config::default().with_allowed_origins(vec!["https://chat.example".into()]);
+    let server = Server::start(config).await;
+    let url = format!("ws://{}/room/o?name=a", server.address);
+    let with_origin = |origin: &str| {
+        let mut options = ClientOptions::default();
+        options.origin = Some(origin.to_owned());
+        options
+    };
+    let refused = connect(&url, with_origin("https://evil.example"))
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("403"), "{refused}");
+    let mut allowed = connect(&url, with_origin("https://chat.example"))
+        .await
+        .unwrap()
+        .socket;
+    allowed.close(None).await.unwrap();
+    // Clients that send no Origin are not browsers and are not limited.
+    let mut plain = connect(&url, ClientOptions::default())
+        .await
+        .unwrap()
+        .socket;
+    plain.close(None).await.unwrap();
+    server.stop().await;
+}
