@@ -127,6 +127,8 @@ impl Room {
     /// joining now either finds it in the store or receives it live, never both.
     fn broadcast_stored(&self, message: &StoredMessage) {
         let mut shared = self.shared.lock().expect("room lock");
+        metrics::counter!("switchboard_messages_delivered_total")
+            .increment(shared.members.len() as u64);
         shared.broadcast_id = message.id;
         let item = Outbound::Message(message.id, event::message(message));
         self.deliver_locked(&mut shared, |_, _| true, item);
@@ -600,7 +602,13 @@ fn write_loop(store: Arc<dyn HistoryStore>, mut rx: mpsc::Receiver<Write>, max_b
             }
         }
         let messages: Vec<StoredMessage> = batch.iter().map(|w| w.message.clone()).collect();
+        let started = std::time::Instant::now();
         let result = store.append(&messages);
+        metrics::histogram!("switchboard_history_write_seconds")
+            .record(started.elapsed().as_secs_f64());
+        if result.is_ok() {
+            metrics::counter!("switchboard_messages_stored_total").increment(messages.len() as u64);
+        }
         for mut write in batch.drain(..) {
             match &result {
                 Ok(()) => {

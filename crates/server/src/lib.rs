@@ -8,6 +8,7 @@
 mod api;
 mod config;
 mod echo;
+mod metrics;
 mod room;
 mod routes;
 mod serve;

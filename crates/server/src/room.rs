@@ -133,6 +133,7 @@ async fn session(mut socket: WebSocket<TcpStream>, mut membership: Membership, s
             () = &mut cancelled => break Some(CloseFrame::new(CloseCode::GOING_AWAY, "server shutting down")),
             item = membership.recv() => {
                 let Some(item) = item else {
+                    metrics::counter!("switchboard_slow_consumer_closes_total").increment(1);
                     break Some(CloseFrame::new(SLOW_CONSUMER, "too slow: reconnect with ?since="));
                 };
                 let mut sent = feed(&mut socket, &item).await;
@@ -147,6 +148,7 @@ async fn session(mut socket: WebSocket<TcpStream>, mut membership: Membership, s
             received = socket.recv() => match received {
                 Ok(Some(message @ (Message::Text(_) | Message::Binary(_)))) if !limit.allow() => {
                     drop(message);
+                    metrics::counter!("switchboard_rate_limited_total").increment(1);
                     if limit.strikes > state.config.rate_limit_strikes {
                         break Some(CloseFrame::new(CloseCode::POLICY, "rate limit exceeded again and again"));
                     }
@@ -157,6 +159,7 @@ async fn session(mut socket: WebSocket<TcpStream>, mut membership: Membership, s
                     }
                 }
                 Ok(Some(Message::Text(text))) => {
+                    metrics::counter!("switchboard_events_received_total").increment(1);
                     if let Err(cause) = on_text(&mut socket, &membership, &state, text.as_str()).await {
                         debug!(%cause, "room connection ended while answering");
                         return;

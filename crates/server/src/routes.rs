@@ -28,6 +28,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/echo", get(echo))
         .route("/room/{room}", get(crate::room::room))
         .route("/healthz", get(healthz))
+        .route("/metrics", get(crate::metrics::render))
         .fallback(not_found)
         .with_state(state)
 }

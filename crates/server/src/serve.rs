@@ -68,6 +68,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
     let address = listener.local_addr()?;
+    crate::metrics::install();
     let store: Arc<dyn HistoryStore> = match &config.data_dir {
         Some(dir) => {
             let store = SqliteStore::open_dir(dir)?;

@@ -40,11 +40,17 @@ where
     );
     let upgrade = match checked {
         Ok(upgrade) => upgrade,
-        Err(error) => return refuse(&error),
+        Err(error) => {
+            metrics::counter!("switchboard_handshake_failures_total", "reason" => reason(&error))
+                .increment(1);
+            return refuse(&error);
+        }
     };
     let allowed = &state.config.allowed_origins;
     if let Some(origin) = &upgrade.origin {
         if !allowed.is_empty() && !allowed.iter().any(|a| a == origin) {
+            metrics::counter!("switchboard_handshake_failures_total", "reason" => "origin")
+                .increment(1);
             return (
                 StatusCode::FORBIDDEN,
                 format!("origin {origin} is not allowed\n"),
@@ -76,7 +82,10 @@ where
             Ok(parts) => {
                 let socket =
                     WebSocket::server(parts.io.into_inner(), &parts.read_buf, config, params);
+                metrics::counter!("switchboard_connections_total").increment(1);
+                metrics::gauge!("switchboard_connections").increment(1.0);
                 session(socket, upgrade).await;
+                metrics::gauge!("switchboard_connections").decrement(1.0);
             }
             Err(_) => error!("upgraded connection is not a TCP stream"),
         }
@@ -94,6 +103,18 @@ where
             .insert(header::SEC_WEBSOCKET_EXTENSIONS, extensions);
     }
     response
+}
+
+/// A short label for a handshake failure, for metrics.
+fn reason(error: &HandshakeError) -> &'static str {
+    match error {
+        HandshakeError::MethodNotAllowed => "method",
+        HandshakeError::NotAnUpgrade => "not_upgrade",
+        HandshakeError::UnsupportedVersion => "version",
+        HandshakeError::MissingKey | HandshakeError::InvalidKey => "key",
+        HandshakeError::TooLarge => "too_large",
+        _ => "malformed",
+    }
 }
 
 /// The plain HTTP answer to a failed upgrade.

@@ -524,3 +524,55 @@ async fn origins_outside_the_allow_list_get_403() {
     plain.close(None).await.unwrap();
     server.stop().await;
 }
+
+#[tokio::test]
+async fn metrics_count_connections_messages_and_failures() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = Server::start(Config::default()).await;
+    let mut alice = server.join("metered", "name=Alice").await;
+    alice.say("counted").await;
+    let bad = format!("ws://{}/room/metered", server.address);
+    assert!(connect(&bad, ClientOptions::default()).await.is_err());
+    let refused = connect(
+        &format!("ws://{}/nowhere", server.address),
+        ClientOptions::default(),
+    )
+    .await;
+    assert!(refused.is_err());
+    let mut stream = TcpStream::connect(server.address).await.unwrap();
+    stream
+        .write_all(b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut plain = String::new();
+    stream.read_to_string(&mut plain).await.unwrap();
+
+    let mut stream = TcpStream::connect(server.address).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let value = |name: &str| -> f64 {
+        answer
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing in\n{answer}"))
+    };
+    // Counters are process-wide (other tests' servers add to them): check lower bounds.
+    assert!(value("switchboard_connections_total") >= 1.0);
+    assert!(value("switchboard_messages_stored_total") >= 1.0);
+    assert!(value("switchboard_messages_delivered_total") >= 1.0);
+    assert!(value("switchboard_handshake_failures_total{reason=\"not_upgrade\"}") >= 1.0);
+    assert!(
+        answer.contains("switchboard_history_write_seconds"),
+        "{answer}"
+    );
+    assert!(answer.contains("switchboard_rooms"), "{answer}");
+    alice.socket.close(None).await.unwrap();
+    server.stop().await;
+}
