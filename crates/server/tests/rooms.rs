@@ -203,7 +203,8 @@ async fn binary_frames_are_relayed_to_the_others() {
 
 #[tokio::test]
 async fn resume_with_since_misses_nothing_while_others_send() {
-    let server = Server::start(Config::default()).await;
+    // Senders here go faster than the default rate limit allows.
+    let server = Server::start(Config::default().with_rate_limit(1e6, 1_000_000)).await;
     let mut writer = server.join("resume", "name=Writer").await;
     for i in 1..=20 {
         assert_eq!(writer.say(&format!("m{i}")).await, i);
@@ -281,7 +282,12 @@ async fn history_survives_a_restart_and_nonces_are_stored_once() {
 
 #[tokio::test]
 async fn a_slow_consumer_is_closed_with_4008_and_others_are_unaffected() {
-    let server = Server::start(Config::default().with_outbound_queue(8)).await;
+    let server = Server::start(
+        Config::default()
+            .with_outbound_queue(8)
+            .with_rate_limit(1e6, 1_000_000),
+    )
+    .await;
     // The slow client joins but never reads; its socket buffers fill, then its queue.
     let url = format!("ws://{}/room/flood?name=Slow", server.address);
     // Uncompressed, so its socket buffers fill up quickly.
