@@ -26,6 +26,28 @@ enum Workload {
     /// Server memory per idle connection: opens connections to /echo and reads the
     /// server's resident memory from /proc before and after.
     Idle(IdleArgs),
+    /// One room: senders post messages (each waits for its acknowledgements, a window at
+    /// a time) while receivers read; prints stored messages/s and delivered messages/s.
+    /// The server's rate limit must allow the load (`rate_limit_per_sec` in its config).
+    Room(RoomArgs),
+}
+
+#[derive(Debug, Args)]
+struct RoomArgs {
+    /// Room URL, such as ws://127.0.0.1:8080/room/bench
+    url: String,
+    /// Connections that post.
+    #[arg(long, default_value_t = 4)]
+    senders: usize,
+    /// Connections that only read.
+    #[arg(long, default_value_t = 100)]
+    receivers: usize,
+    /// Messages each sender posts.
+    #[arg(long, default_value_t = 5000)]
+    messages: usize,
+    /// Unacknowledged messages a sender keeps in flight.
+    #[arg(long, default_value_t = 64)]
+    window: usize,
 }
 
 #[derive(Debug, Args)]
@@ -90,6 +112,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
             Ok(())
         }
         Workload::Idle(args) => idle(args).await,
+        Workload::Room(args) => room(args).await,
     }
 }
 
@@ -333,6 +356,119 @@ async fn idle(args: IdleArgs) -> anyhow::Result<()> {
     println!(
         "{} connections {mode}, {} message(s) each, read after {}s idle: server RSS {} KiB -> {} KiB, {:.1} KiB per connection",
         args.connections, args.messages, args.wait, before, after, per / 1024.0
+    );
+    for mut socket in sockets {
+        socket.close(None).await?;
+    }
+    Ok(())
+}
+
+fn room_url(base: &str, name: &str) -> String {
+    let separator = if base.contains('?') { '&' } else { '?' };
+    format!("{base}{separator}name={name}")
+}
+
+/// Counts the chat messages a connection receives until it has seen `until` of them.
+async fn count_messages(
+    socket: &mut switchboard_net::WebSocket<tokio::net::TcpStream>,
+    until: usize,
+) -> anyhow::Result<usize> {
+    let mut seen = 0;
+    while seen < until {
+        match socket.recv().await? {
+            Some(Message::Text(text)) if text.as_str().starts_with(r#"{"type":"message""#) => {
+                seen += 1
+            }
+            Some(_) => {}
+            None => anyhow::bail!("the server closed a receiver"),
+        }
+    }
+    Ok(seen)
+}
+
+// The figures are this command's output.
+#[allow(clippy::print_stdout)]
+async fn room(args: RoomArgs) -> anyhow::Result<()> {
+    let total = args.senders * args.messages;
+    let mut options = ClientOptions::default();
+    options.config = options.config.with_deflate(None);
+    let mut receivers = Vec::with_capacity(args.receivers);
+    for i in 0..args.receivers {
+        let socket = connect(&room_url(&args.url, &format!("reader{i}")), options.clone())
+            .await?
+            .socket;
+        receivers.push(socket);
+    }
+    let mut senders = Vec::with_capacity(args.senders);
+    for i in 0..args.senders {
+        let socket = connect(&room_url(&args.url, &format!("writer{i}")), options.clone())
+            .await?
+            .socket;
+        senders.push(socket);
+    }
+    let started = Instant::now();
+    let reading: Vec<_> = receivers
+        .into_iter()
+        .map(|mut socket| {
+            tokio::spawn(async move {
+                count_messages(&mut socket, total)
+                    .await
+                    .map(|n| (n, Instant::now()))
+            })
+        })
+        .collect();
+    let writing: Vec<_> = senders
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut socket)| {
+            let (messages, window) = (args.messages, args.window.max(1));
+            tokio::spawn(async move {
+                let me = format!(r#""from":"writer{i}""#);
+                let (mut sent, mut acked) = (0, 0);
+                while acked < messages {
+                    while sent < messages && sent - acked < window {
+                        let text = format!(r#"{{"type":"message","text":"load {i} {sent} lorem ipsum dolor sit amet"}}"#);
+                        socket.feed(&Message::Text(text.into())).await?;
+                        sent += 1;
+                    }
+                    socket.flush().await?;
+                    match socket.recv().await? {
+                        Some(Message::Text(text)) if text.as_str().contains(&me) => acked += 1,
+                        Some(_) => {}
+                        None => anyhow::bail!("the server closed a sender"),
+                    }
+                }
+                Ok::<_, anyhow::Error>((acked, Instant::now(), socket))
+            })
+        })
+        .collect();
+    let mut stored_at = started;
+    let mut sockets = Vec::new();
+    for task in writing {
+        let (_, done, socket) = task.await.context("sender panicked")??;
+        stored_at = stored_at.max(done);
+        sockets.push(socket);
+    }
+    let mut delivered = 0;
+    let mut delivered_at = started;
+    for task in reading {
+        let (n, done) = task.await.context("receiver panicked")??;
+        delivered += n;
+        delivered_at = delivered_at.max(done);
+    }
+    let stored_secs = (stored_at - started).as_secs_f64();
+    let delivered_secs = (delivered_at - started).as_secs_f64();
+    println!(
+        "room: {} senders x {} messages (window {}), {} receivers",
+        args.senders, args.messages, args.window, args.receivers
+    );
+    println!(
+        "stored and acknowledged: {total} messages in {stored_secs:.2} s = {:.0} msg/s",
+        total as f64 / stored_secs
+    );
+    println!(
+        "delivered to receivers:  {delivered} messages in {delivered_secs:.2} s = {:.0} msg/s",
+        delivered as f64 / delivered_secs
     );
     for mut socket in sockets {
         socket.close(None).await?;
