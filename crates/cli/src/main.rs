@@ -21,6 +21,9 @@ struct Cli {
     /// Log filter (tracing's EnvFilter syntax), for example `info` or `switchboard_net=debug`.
     #[arg(long, global = true, env = "SWITCHBOARD_LOG")]
     log: Option<String>,
+    /// Write logs as JSON lines (for log collectors).
+    #[arg(long, global = true, env = "SWITCHBOARD_LOG_JSON")]
+    log_json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -46,11 +49,15 @@ fn main() -> ExitCode {
     };
     let filter = EnvFilter::try_new(cli.log.as_deref().unwrap_or(default_level))
         .unwrap_or_else(|_| EnvFilter::new(default_level));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
-        .init();
+        .with_writer(std::io::stderr);
+    if cli.log_json {
+        logs.json().init();
+    } else {
+        logs.with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+            .init();
+    }
 
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Command::Serve(serve::ServeArgs {

@@ -121,3 +121,31 @@ async fn sigterm_closes_websockets_with_1001_and_exits() {
         .unwrap();
     assert!(status.success(), "{status}");
 }
+
+#[tokio::test]
+async fn logs_can_be_json_lines() {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--memory", "--log-json"])
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let line = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let line = lines.next_line().await.unwrap().expect("a log line");
+            if line.contains("listening on") {
+                return line;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let parsed: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(parsed["level"], "INFO");
+    assert!(parsed["fields"]["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("listening on http://127.0.0.1:"));
+    child.kill().await.unwrap();
+}
