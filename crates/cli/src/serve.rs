@@ -24,6 +24,15 @@ pub(crate) struct ServeArgs {
     /// Keep room history in memory only (lost at exit).
     #[arg(long, env = "SWITCHBOARD_MEMORY")]
     memory: bool,
+    /// Require a JWT signed with this HS256 secret to join rooms.
+    #[arg(long, env = "SWITCHBOARD_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// Require a JWT signed with the RS256 key whose public half is in this PEM file.
+    #[arg(long, env = "SWITCHBOARD_JWT_PUBLIC_KEY")]
+    jwt_public_key: Option<PathBuf>,
+    /// Require this key on the HTTP API (Authorization: Bearer KEY).
+    #[arg(long, env = "SWITCHBOARD_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
     /// Runtime worker threads [default: one per core]
     #[arg(long, env = "SWITCHBOARD_WORKERS")]
     pub(crate) workers: Option<usize>,
@@ -74,6 +83,15 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         config = config.with_data_dir(Some(dir));
     } else if !file_has_data_dir && !file_memory {
         config = config.with_data_dir(Some(PathBuf::from("./switchboard-data")));
+    }
+    if let Some(secret) = args.jwt_secret {
+        config = config.with_jwt_secret(Some(secret));
+    }
+    if let Some(path) = args.jwt_public_key {
+        config = config.with_jwt_public_key_file(Some(path));
+    }
+    if let Some(key) = args.api_key {
+        config = config.with_api_key(Some(key));
     }
     if let Some(max) = args.max_connections {
         config = config.with_max_connections(max);

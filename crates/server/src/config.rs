@@ -24,6 +24,10 @@ pub struct Config {
     pub recent_on_join: usize,
     /// Events queued per room connection before it is closed as a slow consumer (4008).
     pub outbound_queue: usize,
+    /// HS256 secret: room connections then need a JWT signed with it.
+    pub jwt_secret: Option<String>,
+    /// RS256 public key (PEM file): room connections then need a JWT signed by its pair.
+    pub jwt_public_key_file: Option<std::path::PathBuf>,
     /// Key the HTTP API requires (`Authorization: Bearer KEY`); `None` leaves it open.
     pub api_key: Option<String>,
     /// Origins allowed to open WebSockets (exact `Origin` values); empty allows any.
@@ -75,6 +79,8 @@ impl Default for Config {
             max_text_chars: 4096,
             recent_on_join: 50,
             outbound_queue: 4096,
+            jwt_secret: None,
+            jwt_public_key_file: None,
             api_key: None,
             allowed_origins: Vec::new(),
             rate_limit_per_sec: 20.0,
@@ -115,6 +121,16 @@ impl Config {
 
     pub fn with_outbound_queue(mut self, events: usize) -> Self {
         self.outbound_queue = events;
+        self
+    }
+
+    pub fn with_jwt_secret(mut self, secret: Option<String>) -> Self {
+        self.jwt_secret = secret;
+        self
+    }
+
+    pub fn with_jwt_public_key_file(mut self, path: Option<std::path::PathBuf>) -> Self {
+        self.jwt_public_key_file = path;
         self
     }
 

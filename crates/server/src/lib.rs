@@ -6,6 +6,7 @@
 //! every WebSocket with 1001 and drains within a bound.
 
 mod api;
+mod auth;
 mod config;
 mod echo;
 mod metrics;
@@ -14,6 +15,7 @@ mod routes;
 mod serve;
 mod upgrade;
 
+pub use auth::AuthSetupError;
 pub use config::Config;
 pub use room::SLOW_CONSUMER;
 pub use serve::{run, Error};

@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use http::StatusCode;
 use std::time::Instant;
 use switchboard_hub::event::{self, parse_client_event, ClientEvent};
-use switchboard_hub::{valid_room_id, valid_user_name, Membership, Outbound};
+use switchboard_hub::{valid_room_id, Membership, Outbound};
 use switchboard_net::wire::OpCode;
 use switchboard_net::{CloseCode, CloseFrame, Message, WebSocket};
 
@@ -71,8 +71,13 @@ pub(crate) async fn room(
     if !valid_room_id(&room) {
         return bad_request("room ids are 1-128 characters of A-Z a-z 0-9 . _ : -".into());
     }
-    let Some(name) = query.get("name").filter(|n| valid_user_name(n)).cloned() else {
-        return bad_request("join with ?name=NAME (1-64 characters, no control characters)".into());
+    let name = match crate::auth::identify(&state.auth, &room, &query, request.headers()) {
+        Ok(name) => name,
+        Err(refused) => {
+            metrics::counter!("switchboard_handshake_failures_total", "reason" => "auth")
+                .increment(1);
+            return (refused.status, format!("{}\n", refused.message)).into_response();
+        }
     };
     let since = match query.get("since").map(|s| s.parse::<u64>()) {
         None => None,

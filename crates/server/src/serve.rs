@@ -26,6 +26,8 @@ pub enum Error {
     Listener(#[from] std::io::Error),
     #[error("history store: {0}")]
     Store(#[from] switchboard_hub::StoreError),
+    #[error("authentication: {0}")]
+    Auth(#[from] crate::auth::AuthSetupError),
 }
 
 /// What every request handler can reach.
@@ -34,6 +36,8 @@ pub(crate) struct AppState {
     pub(crate) config: Arc<Config>,
     /// Rooms and their history.
     pub(crate) hub: Hub,
+    /// How room connections prove who they are.
+    pub(crate) auth: Arc<crate::auth::Auth>,
     /// Cancelled when the server shuts down.
     pub(crate) shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
@@ -69,6 +73,7 @@ pub async fn run(
 ) -> Result<(), Error> {
     let address = listener.local_addr()?;
     crate::metrics::install();
+    let auth = Arc::new(crate::auth::Auth::from_config(&config)?);
     let store: Arc<dyn HistoryStore> = match &config.data_dir {
         Some(dir) => {
             let store = SqliteStore::open_dir(dir)?;
@@ -85,6 +90,7 @@ pub async fn run(
     hub_config.outbound_queue = config.outbound_queue;
     let state = AppState {
         hub: Hub::new(store, hub_config),
+        auth,
         config: Arc::new(config),
         shutdown: CancellationToken::new(),
         tasks: TaskTracker::new(),

@@ -582,3 +582,128 @@ async fn metrics_count_connections_messages_and_failures() {
     alice.socket.close(None).await.unwrap();
     server.stop().await;
 }
+
+fn token(
+    claims: Value,
+    key: &jsonwebtoken::EncodingKey,
+    algorithm: jsonwebtoken::Algorithm,
+) -> String {
+    jsonwebtoken::encode(&jsonwebtoken::Header::new(algorithm), &claims, key).unwrap()
+}
+
+fn in_an_hour() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600
+}
+
+#[tokio::test]
+async fn hs256_tokens_set_the_name_and_bad_ones_are_refused() {
+    use jsonwebtoken::{Algorithm, EncodingKey};
+    let server = Server::start(Config::default().with_jwt_secret(Some("room-secret".into()))).await;
+    let good = EncodingKey::from_secret(b"room-secret");
+    let alice = token(
+        json!({"sub": "u-1", "name": "Alice", "exp": in_an_hour()}),
+        &good,
+        Algorithm::HS256,
+    );
+    // The token names the user; ?name= cannot override it.
+    let mut client = server
+        .join("secure", &format!("token={alice}&name=Mallory"))
+        .await;
+    client
+        .send(json!({"type": "message", "text": "signed"}))
+        .await;
+    assert_eq!(client.next_of("message").await["from"], "Alice");
+
+    // The bearer header works too, and a `rooms` claim limits where the token goes.
+    let url = format!("ws://{}/room/secure", server.address);
+    let limited = token(
+        json!({"name": "Bob", "rooms": ["other"], "exp": in_an_hour()}),
+        &good,
+        Algorithm::HS256,
+    );
+    let options =
+        ClientOptions::default().with_header("Authorization", format!("Bearer {limited}"));
+    let refused = connect(&url, options).await.unwrap_err();
+    assert!(refused.to_string().contains("403"), "{refused}");
+
+    let forged = token(
+        json!({"name": "Alice", "exp": in_an_hour()}),
+        &EncodingKey::from_secret(b"guess"),
+        Algorithm::HS256,
+    );
+    let expired = token(
+        json!({"name": "Alice", "exp": 1_000_000}),
+        &good,
+        Algorithm::HS256,
+    );
+    for (query, status) in [
+        (format!("token={forged}"), "403"),
+        (format!("token={expired}"), "403"),
+        ("name=Alice".to_owned(), "401"),
+    ] {
+        let error = connect(&format!("{url}?{query}"), ClientOptions::default())
+            .await
+            .unwrap_err();
+        assert!(error.to_string().contains(status), "{query}: {error}");
+    }
+    client.socket.close(None).await.unwrap();
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn rs256_tokens_are_checked_against_the_public_key() {
+    use jsonwebtoken::{Algorithm, EncodingKey};
+    let dir = tempfile::tempdir().unwrap();
+    let private = dir.path().join("private.pem");
+    let public = dir.path().join("public.pem");
+    let made = std::process::Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+        ])
+        .arg(&private)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl is needed to make a test key");
+    assert!(made.success());
+    let exported = std::process::Command::new("openssl")
+        .args(["rsa", "-pubout", "-in"])
+        .arg(&private)
+        .arg("-out")
+        .arg(&public)
+        .status()
+        .unwrap();
+    assert!(exported.success());
+    let server = Server::start(Config::default().with_jwt_public_key_file(Some(public))).await;
+    let key = EncodingKey::from_rsa_pem(&std::fs::read(&private).unwrap()).unwrap();
+    let carol = token(
+        json!({"sub": "Carol", "exp": in_an_hour()}),
+        &key,
+        Algorithm::RS256,
+    );
+    let mut client = server.join("rsa", &format!("token={carol}")).await;
+    assert_eq!(client.say("rsa signed").await, 1);
+    // An HS256 token is not accepted where RS256 is configured.
+    let hs = token(
+        json!({"sub": "Carol", "exp": in_an_hour()}),
+        &EncodingKey::from_secret(b"x"),
+        Algorithm::HS256,
+    );
+    let error = connect(
+        &format!("ws://{}/room/rsa?token={hs}", server.address),
+        ClientOptions::default(),
+    )
+    .await
+    .unwrap_err();
+    assert!(error.to_string().contains("403"), "{error}");
+    client.socket.close(None).await.unwrap();
+    server.stop().await;
+}

@@ -1,0 +1,161 @@
+//! Identity for rooms: `?name=` in open mode; with a key configured, a JWT (HS256 or
+//! RS256) from `?token=` or `Authorization: Bearer`, whose `name` (or `sub`) claim is the
+//! user name. The token may also limit the rooms (`rooms`: a list of ids, `"*"` for any).
+//! The server, never the client, decides who a user is.
+
+use std::collections::HashMap;
+
+use http::{HeaderMap, StatusCode};
+use jsonwebtoken::{decode, Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+
+use crate::config::Config;
+
+/// How room connections are authenticated.
+// One per server, behind an Arc: the size of the JWT variant costs nothing.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Auth {
+    Open,
+    Jwt {
+        key: DecodingKey,
+        validation: Validation,
+    },
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Open => "Auth::Open",
+            Self::Jwt { .. } => "Auth::Jwt",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthSetupError {
+    #[error("reading the JWT public key {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("the JWT public key {path} is not an RSA public key in PEM: {source}")]
+    Key {
+        path: String,
+        source: jsonwebtoken::errors::Error,
+    },
+    #[error("configure either jwt_secret or jwt_public_key_file, not both")]
+    Both,
+}
+
+impl Auth {
+    pub(crate) fn from_config(config: &Config) -> Result<Self, AuthSetupError> {
+        match (&config.jwt_secret, &config.jwt_public_key_file) {
+            (None, None) => Ok(Self::Open),
+            (Some(_), Some(_)) => Err(AuthSetupError::Both),
+            (Some(secret), None) => Ok(Self::Jwt {
+                key: DecodingKey::from_secret(secret.as_bytes()),
+                validation: Validation::new(Algorithm::HS256),
+            }),
+            (None, Some(path)) => {
+                let shown = path.display().to_string();
+                let pem = std::fs::read(path).map_err(|source| AuthSetupError::Read {
+                    path: shown.clone(),
+                    source,
+                })?;
+                let key =
+                    DecodingKey::from_rsa_pem(&pem).map_err(|source| AuthSetupError::Key {
+                        path: shown,
+                        source,
+                    })?;
+                Ok(Self::Jwt {
+                    key,
+                    validation: Validation::new(Algorithm::RS256),
+                })
+            }
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct Claims {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    sub: Option<String>,
+    #[serde(default)]
+    rooms: Option<Vec<String>>,
+}
+
+/// Why a room connection was refused.
+#[derive(Debug)]
+pub(crate) struct Refused {
+    pub(crate) status: StatusCode,
+    pub(crate) message: String,
+}
+
+fn refused(status: StatusCode, message: impl Into<String>) -> Refused {
+    Refused {
+        status,
+        message: message.into(),
+    }
+}
+
+/// The user name for a room connection.
+pub(crate) fn identify(
+    auth: &Auth,
+    room: &str,
+    query: &HashMap<String, String>,
+    headers: &HeaderMap,
+) -> Result<String, Refused> {
+    let (key, validation) = match auth {
+        Auth::Open => {
+            return query
+                .get("name")
+                .filter(|n| switchboard_hub::valid_user_name(n))
+                .cloned()
+                .ok_or_else(|| {
+                    refused(
+                        StatusCode::BAD_REQUEST,
+                        "join with ?name=NAME (1-64 characters, no control characters)",
+                    )
+                })
+        }
+        Auth::Jwt { key, validation } => (key, validation),
+    };
+    let bearer = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let Some(token) = query.get("token").map(String::as_str).or(bearer) else {
+        return Err(refused(
+            StatusCode::UNAUTHORIZED,
+            "a token is required: ?token=JWT or Authorization: Bearer JWT",
+        ));
+    };
+    let claims = decode::<Claims>(token, key, validation)
+        .map_err(|e| {
+            refused(
+                StatusCode::FORBIDDEN,
+                format!("the token is not valid: {e}"),
+            )
+        })?
+        .claims;
+    if let Some(rooms) = &claims.rooms {
+        if !rooms.iter().any(|r| r == "*" || r == room) {
+            return Err(refused(
+                StatusCode::FORBIDDEN,
+                format!("the token does not allow room {room}"),
+            ));
+        }
+    }
+    claims
+        .name
+        .or(claims.sub)
+        .filter(|n| switchboard_hub::valid_user_name(n))
+        .ok_or_else(|| {
+            refused(
+                StatusCode::FORBIDDEN,
+                "the token names no valid user (`name` or `sub`)",
+            )
+        })
+}
