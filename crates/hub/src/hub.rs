@@ -207,6 +207,8 @@ pub struct Membership {
     events: mpsc::Receiver<Outbound>,
     /// Messages up to this id were seen already (the backlog, or `since`).
     seen: u64,
+    /// Whether the others were last told this member is typing.
+    typing: AtomicBool,
     slow: Arc<AtomicBool>,
 }
 
@@ -272,8 +274,15 @@ impl Membership {
             .await
     }
 
-    /// Tells the other users this one is typing (or stopped). Not stored.
+    /// Whether the others were last told this member is typing.
+    pub fn is_typing(&self) -> bool {
+        self.typing.load(Ordering::Relaxed)
+    }
+
+    /// Tells the other users this one is typing (or stopped). Not stored. A member that
+    /// leaves while typing is reported as stopped.
     pub fn typing(&self, is_typing: bool) {
+        self.typing.store(is_typing, Ordering::Relaxed);
         let item = Outbound::Text(event::typing(&self.user, is_typing));
         let user = self.user.clone();
         self.room.deliver(|_, m| m.user != user, item);
@@ -288,6 +297,9 @@ impl Membership {
 
 impl Drop for Membership {
     fn drop(&mut self) {
+        if self.is_typing() {
+            self.typing(false);
+        }
         let mut shared = self.room.shared.lock().expect("room lock");
         if shared.members.remove(&self.id).is_none() {
             // Already dropped as a slow consumer, presence included.
@@ -406,6 +418,7 @@ impl Hub {
             welcome: event::welcome(&room.name, &user, &members, upto),
             backlog: history.iter().map(event::message).collect(),
             seen: since.unwrap_or(0).max(upto),
+            typing: AtomicBool::new(false),
             room,
             id,
             user,

@@ -74,8 +74,10 @@ async fn typing_reaches_only_other_users_and_presence_counts_users_once() {
     assert!(alice_tab1.try_recv().is_none());
     assert!(alice_tab2.try_recv().is_none());
 
-    // Closing one of Alice's tabs is not a leave; closing the second is.
+    // Closing one of Alice's tabs is not a leave (the tab was typing: that stops);
+    // closing the second is.
     drop(alice_tab1);
+    assert_eq!(next(&mut bob).await["isTyping"], false);
     assert!(bob.try_recv().is_none());
     drop(alice_tab2);
     assert_eq!(

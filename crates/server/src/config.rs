@@ -33,6 +33,8 @@ pub struct Config {
     /// Origins allowed to open WebSockets (exact `Origin` values); empty allows any.
     /// Clients that send no Origin (not browsers) are always allowed.
     pub allowed_origins: Vec<String>,
+    /// Milliseconds after which an unrefreshed typing indicator is reported as stopped.
+    pub typing_expiry_ms: u64,
     /// Room events a connection may send per second, on average.
     pub rate_limit_per_sec: f64,
     /// Room events a connection may send in a burst.
@@ -83,6 +85,7 @@ impl Default for Config {
             jwt_public_key_file: None,
             api_key: None,
             allowed_origins: Vec::new(),
+            typing_expiry_ms: 5000,
             rate_limit_per_sec: 20.0,
             rate_limit_burst: 40,
             rate_limit_strikes: 20,

@@ -132,9 +132,16 @@ async fn session(mut socket: WebSocket<TcpStream>, mut membership: Membership, s
         state.config.rate_limit_per_sec,
         state.config.rate_limit_burst,
     );
+    // When an unrefreshed typing indicator expires.
+    let mut typing_until: Option<tokio::time::Instant> = None;
+    let typing_expiry = std::time::Duration::from_millis(state.config.typing_expiry_ms.max(1));
     let close = loop {
         tokio::select! {
             biased;
+            () = async { tokio::time::sleep_until(typing_until.expect("guarded")).await }, if typing_until.is_some() => {
+                membership.typing(false);
+                typing_until = None;
+            }
             () = &mut cancelled => break Some(CloseFrame::new(CloseCode::GOING_AWAY, "server shutting down")),
             item = membership.recv() => {
                 let Some(item) = item else {
@@ -165,9 +172,15 @@ async fn session(mut socket: WebSocket<TcpStream>, mut membership: Membership, s
                 }
                 Ok(Some(Message::Text(text))) => {
                     metrics::counter!("switchboard_events_received_total").increment(1);
-                    if let Err(cause) = on_text(&mut socket, &membership, &state, text.as_str()).await {
-                        debug!(%cause, "room connection ended while answering");
-                        return;
+                    match on_text(&mut socket, &membership, &state, text.as_str()).await {
+                        // Each "typing" restarts the expiry; "stopped" ends it.
+                        Ok(Some(true)) => typing_until = Some(tokio::time::Instant::now() + typing_expiry),
+                        Ok(Some(false)) => typing_until = None,
+                        Ok(None) => {}
+                        Err(cause) => {
+                            debug!(%cause, "room connection ended while answering");
+                            return;
+                        }
                     }
                 }
                 Ok(Some(Message::Binary(data))) => membership.relay_binary(data),
@@ -192,7 +205,7 @@ async fn on_text(
     membership: &Membership,
     state: &AppState,
     text: &str,
-) -> Result<(), switchboard_net::Error> {
+) -> Result<Option<bool>, switchboard_net::Error> {
     match parse_client_event(text, state.config.max_text_chars) {
         Ok(ClientEvent::Message { text, nonce }) => {
             // The sender's acknowledgement is the broadcast of its own message.
@@ -204,15 +217,15 @@ async fn on_text(
                 );
                 socket.feed_frame(OpCode::Text, &error).await?;
             }
-            Ok(())
+            Ok(None)
         }
         Ok(ClientEvent::Typing { is_typing }) => {
             membership.typing(is_typing);
-            Ok(())
+            Ok(Some(is_typing))
         }
         Err(refused) => {
             let error = event::error(refused.code, &refused.message);
-            socket.feed_frame(OpCode::Text, &error).await
+            socket.feed_frame(OpCode::Text, &error).await.map(|()| None)
         }
     }
 }

@@ -136,6 +136,8 @@ async fn two_users_chat_with_presence_and_typing() {
     let mut bob_tab = server.join("lobby", "name=Bob").await;
     bob_tab.socket.close(None).await.unwrap();
     bob.socket.close(None).await.unwrap();
+    // Bob was still "typing": that stops first, then he leaves.
+    assert_eq!(alice.next().await["isTyping"], false);
     assert_eq!(alice.next().await, json!({"type": "leave", "user": "Bob"}));
     alice.socket.close(None).await.unwrap();
     server.stop().await;
@@ -705,5 +707,37 @@ async fn rs256_tokens_are_checked_against_the_public_key() {
     .unwrap_err();
     assert!(error.to_string().contains("403"), "{error}");
     client.socket.close(None).await.unwrap();
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn typing_expires_and_stops_when_the_typist_leaves() {
+    let mut config = Config::default();
+    config.typing_expiry_ms = 300;
+    let server = Server::start(config).await;
+    let mut alice = server.join("typing", "name=Alice").await;
+    let mut bob = server.join("typing", "name=Bob").await;
+    assert_eq!(alice.next().await["type"], "join");
+
+    bob.send(json!({"type": "typing", "isTyping": true})).await;
+    assert_eq!(
+        alice.next().await,
+        json!({"type": "typing", "user": "Bob", "isTyping": true})
+    );
+    // Not refreshed: the server says Bob stopped.
+    assert_eq!(
+        alice.next().await,
+        json!({"type": "typing", "user": "Bob", "isTyping": false})
+    );
+
+    bob.send(json!({"type": "typing", "isTyping": true})).await;
+    assert_eq!(alice.next().await["isTyping"], true);
+    bob.socket.close(None).await.unwrap();
+    assert_eq!(
+        alice.next().await,
+        json!({"type": "typing", "user": "Bob", "isTyping": false})
+    );
+    assert_eq!(alice.next().await, json!({"type": "leave", "user": "Bob"}));
+    alice.socket.close(None).await.unwrap();
     server.stop().await;
 }
