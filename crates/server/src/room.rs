@@ -105,6 +105,9 @@ async fn feed(
     socket: &mut WebSocket<TcpStream>,
     item: &Outbound,
 ) -> Result<(), switchboard_net::Error> {
+    let (Outbound::Message(_, bytes) | Outbound::Text(bytes) | Outbound::Binary(bytes)) = item;
+    metrics::counter!("switchboard_events_sent_total").increment(1);
+    metrics::counter!("switchboard_bytes_sent_total").increment(bytes.len() as u64);
     match item {
         Outbound::Message(_, json) | Outbound::Text(json) => {
             socket.feed_frame(OpCode::Text, json).await
@@ -172,6 +175,7 @@ async fn session(mut socket: WebSocket<TcpStream>, mut membership: Membership, s
                 }
                 Ok(Some(Message::Text(text))) => {
                     metrics::counter!("switchboard_events_received_total").increment(1);
+                    metrics::counter!("switchboard_bytes_received_total").increment(text.len() as u64);
                     match on_text(&mut socket, &membership, &state, text.as_str()).await {
                         // Each "typing" restarts the expiry; "stopped" ends it.
                         Ok(Some(true)) => typing_until = Some(tokio::time::Instant::now() + typing_expiry),
@@ -183,7 +187,10 @@ async fn session(mut socket: WebSocket<TcpStream>, mut membership: Membership, s
                         }
                     }
                 }
-                Ok(Some(Message::Binary(data))) => membership.relay_binary(data),
+                Ok(Some(Message::Binary(data))) => {
+                    metrics::counter!("switchboard_bytes_received_total").increment(data.len() as u64);
+                    membership.relay_binary(data);
+                }
                 Ok(Some(_)) => {}
                 Ok(None) => return,
                 Err(cause) => {

@@ -575,6 +575,8 @@ async fn metrics_count_connections_messages_and_failures() {
     assert!(value("switchboard_connections_total") >= 1.0);
     assert!(value("switchboard_messages_stored_total") >= 1.0);
     assert!(value("switchboard_messages_delivered_total") >= 1.0);
+    assert!(value("switchboard_bytes_received_total") >= 1.0);
+    assert!(value("switchboard_bytes_sent_total") >= 1.0);
     assert!(value("switchboard_handshake_failures_total{reason=\"not_upgrade\"}") >= 1.0);
     assert!(
         answer.contains("switchboard_history_write_seconds"),
