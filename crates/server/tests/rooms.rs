@@ -5,45 +5,13 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use switchboard_net::{connect, ClientOptions, CloseCode, Message, WebSocket};
-use switchboard_server::{run, Config};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
+use switchboard_server::Config;
+use tokio::net::TcpStream;
 
-struct Server {
-    address: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<()>,
-}
+mod support;
+use support::Server;
 
 impl Server {
-    async fn start(config: Config) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            run(listener, config, async {
-                // A dropped sender also means stop.
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
-        });
-        Self {
-            address,
-            stop: Some(stop),
-            task,
-        }
-    }
-
-    async fn stop(mut self) {
-        self.stop.take().unwrap().send(()).unwrap();
-        tokio::time::timeout(Duration::from_secs(15), self.task)
-            .await
-            .unwrap()
-            .unwrap();
-    }
-
     async fn join(&self, room: &str, query: &str) -> Client {
         let url = format!("ws://{}/room/{room}?{query}", self.address);
         let socket = connect(&url, ClientOptions::default())

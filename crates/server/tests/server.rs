@@ -8,50 +8,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use switchboard_net::{connect, ClientOptions, CloseCode, Message};
-use switchboard_server::{run, Config};
+use switchboard_server::Config;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
+use tokio::net::TcpStream;
 
-struct Server {
-    address: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<()>,
-}
-
-impl Server {
-    async fn start(config: Config) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            run(listener, config, async {
-                // A dropped sender also means stop.
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
-        });
-        Self {
-            address,
-            stop: Some(stop),
-            task,
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("ws://{}{path}", self.address)
-    }
-
-    async fn stop(mut self) {
-        self.stop.take().unwrap().send(()).unwrap();
-        tokio::time::timeout(Duration::from_secs(15), self.task)
-            .await
-            .unwrap()
-            .unwrap();
-    }
-}
+mod support;
+use support::Server;
 
 /// Sends a raw request and returns the whole answer.
 async fn raw(address: SocketAddr, request: &str) -> String {

@@ -37,6 +37,23 @@ fn masked_frame(out: &mut BytesMut, opcode: OpCode, fin: bool, payload: &[u8], k
     encode_frame(out, &header, payload);
 }
 
+/// Feeds `wire` to `conn` in reads of the given sizes (cycled) and collects what it decodes.
+fn read_in_chunks(conn: &mut Connection, wire: &[u8], chunk_sizes: &[usize]) -> Vec<Message> {
+    let mut buf = BytesMut::new();
+    let mut got = Vec::new();
+    let mut at = 0;
+    let mut sizes = chunk_sizes.iter().cycle();
+    while at < wire.len() {
+        let end = (at + sizes.next().unwrap()).min(wire.len());
+        buf.extend_from_slice(&wire[at..end]);
+        at = end;
+        while let Some(m) = conn.read(&mut buf).unwrap() {
+            got.push(m);
+        }
+    }
+    got
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
@@ -83,18 +100,7 @@ proptest! {
         }
 
         let mut server = Connection::server(Config::default());
-        let mut buf = BytesMut::new();
-        let mut got = Vec::new();
-        let mut at = 0;
-        let mut sizes = chunk_sizes.iter().cycle();
-        while at < wire.len() {
-            let end = (at + sizes.next().unwrap()).min(wire.len());
-            buf.extend_from_slice(&wire[at..end]);
-            at = end;
-            while let Some(m) = server.read(&mut buf).unwrap() {
-                got.push(m);
-            }
-        }
+        let got = read_in_chunks(&mut server, &wire, &chunk_sizes);
         prop_assert_eq!(got, expected);
         prop_assert!(!server.is_mid_message());
     }
@@ -192,18 +198,7 @@ proptest! {
             }
         }
         let wire = client.take_output();
-        let mut buf = BytesMut::new();
-        let mut got = Vec::new();
-        let mut at = 0;
-        let mut sizes = chunk_sizes.iter().cycle();
-        while at < wire.len() {
-            let end = (at + sizes.next().unwrap()).min(wire.len());
-            buf.extend_from_slice(&wire[at..end]);
-            at = end;
-            while let Some(m) = server.read(&mut buf).unwrap() {
-                got.push(m);
-            }
-        }
+        let got = read_in_chunks(&mut server, &wire, &chunk_sizes);
         prop_assert_eq!(got, expected);
     }
 }
