@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
@@ -19,8 +19,8 @@ use crate::store::{HistoryStore, StoreError, StoredMessage};
 pub struct HubConfig {
     /// Messages sent on join without `since`.
     pub recent_on_join: usize,
-    /// Most messages replayed on a `since` resume (the rest: use the HTTP API).
-    pub max_replay: usize,
+    /// Messages read from the store at a time when replaying history.
+    pub replay_page: usize,
     /// Events queued per connection before it counts as a slow consumer (closed with 4008).
     pub outbound_queue: usize,
     /// Messages waiting for the writer before posters wait.
@@ -33,7 +33,7 @@ impl Default for HubConfig {
     fn default() -> Self {
         Self {
             recent_on_join: 50,
-            max_replay: 100_000,
+            replay_page: 500,
             outbound_queue: 4096,
             write_queue: 16 * 1024,
             max_batch: 512,
@@ -81,6 +81,9 @@ struct Shared {
 /// it in order.
 struct Sequence {
     last_id: u64,
+    /// Whether a nonce missing from `nonces` may still be in the store (the room had
+    /// history when loaded, or stored nonces were evicted).
+    store_may_know: bool,
     nonces: HashMap<(Arc<str>, String), u64>,
 }
 
@@ -177,6 +180,8 @@ struct Inner {
     rooms: Mutex<HashMap<Arc<str>, Arc<Room>>>,
     writer: Mutex<Option<mpsc::Sender<Write>>>,
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Set by shutdown: a writer stuck on a failing store stops retrying.
+    stopping: Arc<AtomicBool>,
     next_member: AtomicU64,
 }
 
@@ -202,11 +207,12 @@ pub struct Membership {
     user: Arc<str>,
     /// The `welcome` event.
     pub welcome: Bytes,
-    /// History to send before anything from `events`, in order.
-    pub backlog: Vec<Bytes>,
+    /// History still to send, before anything from `events`.
+    replay: Option<Replay>,
     events: mpsc::Receiver<Outbound>,
-    /// Messages up to this id were seen already (the backlog, or `since`).
-    seen: u64,
+    /// The last message broadcast when this member joined: history goes up to it, live
+    /// events start after it.
+    upto: u64,
     /// Whether the others were last told this member is typing.
     typing: AtomicBool,
     slow: Arc<AtomicBool>,
@@ -219,6 +225,15 @@ impl std::fmt::Debug for Membership {
             .field("user", &self.user)
             .finish()
     }
+}
+
+/// What history a joining member is sent.
+#[derive(Debug, Clone, Copy)]
+enum Replay {
+    /// The most recent messages, at most this many.
+    Recent(usize),
+    /// Every message after this id (up to the join), page by page.
+    After(u64),
 }
 
 /// A message accepted for storing.
@@ -236,13 +251,42 @@ impl Membership {
         &self.user
     }
 
+    /// The next page of history to send before any live event, oldest first; an empty
+    /// page once it is all sent. A resume from far back comes in pages, so it never
+    /// sits in memory whole.
+    pub async fn next_backlog(&mut self) -> Result<Vec<Bytes>, HubError> {
+        let page = self.hub.inner.config.replay_page.max(1);
+        let (name, upto) = (self.room.name.to_string(), self.upto);
+        let messages = match self.replay.take() {
+            None => return Ok(Vec::new()),
+            Some(Replay::Recent(limit)) => {
+                self.hub
+                    .blocking(move |store| store.recent(&name, upto, limit))
+                    .await?
+            }
+            Some(Replay::After(after)) if after >= upto => return Ok(Vec::new()),
+            Some(Replay::After(after)) => {
+                let messages = self
+                    .hub
+                    .blocking(move |store| store.range(&name, after, upto, page))
+                    .await?;
+                if let Some(last) = messages.last() {
+                    self.replay = Some(Replay::After(last.id));
+                }
+                messages
+            }
+        };
+        Ok(messages.iter().map(event::message).collect())
+    }
+
     /// The next live event, in order after the backlog; `None` once this member was
     /// dropped as a slow consumer (see [`Membership::was_slow`]). A message the client
     /// already has (a `since` ahead of the room) is skipped.
     pub async fn recv(&mut self) -> Option<Outbound> {
         loop {
             match self.events.recv().await? {
-                Outbound::Message(id, _) if id <= self.seen => continue,
+                // Sent with the history already.
+                Outbound::Message(id, _) if id <= self.upto => continue,
                 item => return Some(item),
             }
         }
@@ -252,7 +296,7 @@ impl Membership {
     pub fn try_recv(&mut self) -> Option<Outbound> {
         loop {
             match self.events.try_recv().ok()? {
-                Outbound::Message(id, _) if id <= self.seen => continue,
+                Outbound::Message(id, _) if id <= self.upto => continue,
                 item => return Some(item),
             }
         }
@@ -322,9 +366,11 @@ impl Hub {
         let (tx, rx) = mpsc::channel(config.write_queue.max(1));
         let writer_store = store.clone();
         let max_batch = config.max_batch.max(1);
+        let stopping = Arc::new(AtomicBool::new(false));
+        let writer_stopping = stopping.clone();
         let thread = std::thread::Builder::new()
             .name("switchboard-writer".into())
-            .spawn(move || write_loop(writer_store, rx, max_batch))
+            .spawn(move || write_loop(writer_store, rx, max_batch, writer_stopping))
             .expect("spawning the history writer");
         Self {
             inner: Arc::new(Inner {
@@ -333,6 +379,7 @@ impl Hub {
                 rooms: Mutex::new(HashMap::new()),
                 writer: Mutex::new(Some(tx)),
                 writer_thread: Mutex::new(Some(thread)),
+                stopping,
                 next_member: AtomicU64::new(1),
             }),
         }
@@ -365,6 +412,7 @@ impl Hub {
                 }),
                 sequence: tokio::sync::Mutex::new(Sequence {
                     last_id,
+                    store_may_know: last_id > 0,
                     nonces: HashMap::new(),
                 }),
             })
@@ -405,19 +453,17 @@ impl Hub {
             let members: Vec<String> = shared.users.keys().map(|u| u.to_string()).collect();
             (shared.broadcast_id, members)
         };
-        let name = room.name.to_string();
-        let config = self.inner.config.clone();
-        let history = self
-            .blocking(move |store| match since {
-                Some(after) => store.range(&name, after, upto, config.max_replay),
-                None => store.recent(&name, upto, config.recent_on_join),
-            })
-            .await?;
+        let replay = match since {
+            // A client ahead of the room (say, history kept in memory and restarted) gets
+            // what is new from here on, never a silent skip.
+            Some(after) => Replay::After(after.min(upto)),
+            None => Replay::Recent(self.inner.config.recent_on_join),
+        };
         Ok(Membership {
             hub: self.clone(),
             welcome: event::welcome(&room.name, &user, &members, upto),
-            backlog: history.iter().map(event::message).collect(),
-            seen: since.unwrap_or(0).max(upto),
+            replay: Some(replay),
+            upto,
             typing: AtomicBool::new(false),
             room,
             id,
@@ -456,6 +502,9 @@ impl Hub {
             let known = sequence.nonces.get(&(user.clone(), nonce.clone())).copied();
             let stored = match known {
                 Some(id) => Some(id),
+                // Only history from before this process, or evicted from the map, needs
+                // the store: a room's own recent nonces are all in the map.
+                None if !sequence.store_may_know => None,
                 None => {
                     let (name, who, n) = (room.name.to_string(), user.to_string(), nonce.clone());
                     self.blocking(move |store| store.find_nonce(&name, &who, &n))
@@ -496,8 +545,11 @@ impl Hub {
         sequence.last_id = id;
         if let Some(nonce) = nonce {
             if sequence.nonces.len() >= 100_000 {
-                // Older retries are still found in the store.
-                sequence.nonces.clear();
+                // Forget stored ones only (the store still finds them); messages still on
+                // their way to the store stay, or a retry now could be stored twice.
+                let stored_upto = room.shared.lock().expect("room lock").broadcast_id;
+                sequence.nonces.retain(|_, id| *id > stored_upto);
+                sequence.store_may_know = true;
             }
             sequence.nonces.insert((user.clone(), nonce), id);
         }
@@ -593,6 +645,7 @@ impl Hub {
 
     /// Stops taking messages and waits until everything accepted is stored.
     pub fn shutdown(&self) {
+        self.inner.stopping.store(true, Ordering::Relaxed);
         self.inner.writer.lock().expect("writer lock").take();
         if let Some(thread) = self.inner.writer_thread.lock().expect("writer lock").take() {
             if thread.join().is_err() {
@@ -603,8 +656,15 @@ impl Hub {
 }
 
 /// The writer thread: takes what is queued (up to `max_batch`), stores it in one commit,
-/// then broadcasts each message in id order.
-fn write_loop(store: Arc<dyn HistoryStore>, mut rx: mpsc::Receiver<Write>, max_batch: usize) {
+/// then broadcasts each message in id order. A failed commit is retried (backing off up
+/// to 2 s) until it succeeds, so ids stay contiguous and an accepted message is never
+/// dropped; posters wait meanwhile. Only at shutdown does it give up, saying what is lost.
+fn write_loop(
+    store: Arc<dyn HistoryStore>,
+    mut rx: mpsc::Receiver<Write>,
+    max_batch: usize,
+    stopping: Arc<AtomicBool>,
+) {
     let mut batch: Vec<Write> = Vec::with_capacity(max_batch);
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
@@ -615,28 +675,37 @@ fn write_loop(store: Arc<dyn HistoryStore>, mut rx: mpsc::Receiver<Write>, max_b
             }
         }
         let messages: Vec<StoredMessage> = batch.iter().map(|w| w.message.clone()).collect();
-        let started = std::time::Instant::now();
-        let result = store.append(&messages);
-        metrics::histogram!("switchboard_history_write_seconds")
-            .record(started.elapsed().as_secs_f64());
-        if result.is_ok() {
-            metrics::counter!("switchboard_messages_stored_total").increment(messages.len() as u64);
+        let mut backoff = Duration::from_millis(10);
+        let result = loop {
+            let started = std::time::Instant::now();
+            let result = store.append(&messages);
+            metrics::histogram!("switchboard_history_write_seconds")
+                .record(started.elapsed().as_secs_f64());
+            match result {
+                Ok(()) => break Ok(()),
+                Err(cause) if stopping.load(Ordering::Relaxed) => break Err(cause),
+                Err(cause) => {
+                    metrics::counter!("switchboard_history_write_failures_total").increment(1);
+                    warn!(%cause, messages = messages.len(), retry_in = ?backoff, "storing messages failed; retrying");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        };
+        match &result {
+            Ok(()) => metrics::counter!("switchboard_messages_stored_total")
+                .increment(messages.len() as u64),
+            Err(cause) => {
+                error!(%cause, lost = messages.len(), "shutting down with messages that could not be stored")
+            }
         }
         for mut write in batch.drain(..) {
-            match &result {
-                Ok(()) => {
-                    write.room.broadcast_stored(&write.message);
-                    if let Some(done) = write.done.take() {
-                        // The poster may have gone; the message is stored regardless.
-                        let _ = done.send(Ok(()));
-                    }
-                }
-                Err(cause) => {
-                    warn!(%cause, room = %write.message.room, id = write.message.id, "storing a message failed");
-                    if let Some(done) = write.done.take() {
-                        let _ = done.send(Err(cause.to_string()));
-                    }
-                }
+            if result.is_ok() {
+                write.room.broadcast_stored(&write.message);
+            }
+            if let Some(done) = write.done.take() {
+                // The poster may have gone; the outcome stands regardless.
+                let _ = done.send(result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
             }
         }
     }

@@ -18,6 +18,24 @@ fn json(item: &Outbound) -> serde_json::Value {
     }
 }
 
+/// The ids of every history page of a membership.
+async fn backlog_ids(member: &mut Membership) -> Vec<u64> {
+    let mut ids = Vec::new();
+    loop {
+        let page = member.next_backlog().await.unwrap();
+        if page.is_empty() {
+            return ids;
+        }
+        for event in page {
+            ids.push(
+                serde_json::from_slice::<serde_json::Value>(&event).unwrap()["id"]
+                    .as_u64()
+                    .unwrap(),
+            );
+        }
+    }
+}
+
 async fn next(member: &mut Membership) -> serde_json::Value {
     json(&member.recv().await.expect("event"))
 }
@@ -113,19 +131,8 @@ async fn resume_while_others_send_has_no_gap_and_no_duplicate() {
     reached.await.unwrap();
     let since = 10;
     let mut reader = hub.join("busy", "Reader", Some(since)).await.unwrap();
-    assert!(
-        reader.backlog.len() >= 490,
-        "the backlog holds the stored messages"
-    );
-    let mut ids: Vec<u64> = reader
-        .backlog
-        .iter()
-        .map(|b| {
-            serde_json::from_slice::<serde_json::Value>(b).unwrap()["id"]
-                .as_u64()
-                .unwrap()
-        })
-        .collect();
+    let mut ids = backlog_ids(&mut reader).await;
+    assert!(ids.len() >= 490, "the backlog holds the stored messages");
     // Read while the sender keeps sending.
     while ids.last().copied().unwrap_or(since) < 2000 {
         let event = next(&mut reader).await;
@@ -211,8 +218,8 @@ async fn history_and_ids_survive_a_restart() {
         Arc::new(SqliteStore::open_dir(dir.path()).unwrap()),
         HubConfig::default(),
     );
-    let member = hub.join("lobby", "Alice", None).await.unwrap();
-    assert_eq!(member.backlog.len(), 3);
+    let mut member = hub.join("lobby", "Alice", None).await.unwrap();
+    assert_eq!(backlog_ids(&mut member).await, [1, 2, 3]);
     let posted = member
         .post("after restart".into(), None)
         .await
@@ -229,4 +236,122 @@ async fn history_and_ids_survive_a_restart() {
         .collect();
     assert_eq!(ids, [1, 2, 3, 4]);
     hub.shutdown();
+}
+
+#[tokio::test]
+async fn a_long_resume_comes_in_pages_without_a_gap() {
+    let mut config = HubConfig::default();
+    config.replay_page = 3;
+    let hub = Hub::new(Arc::new(MemoryStore::new()), config);
+    let mut last = None;
+    for i in 0..10 {
+        last = hub
+            .post("paged", "bot", format!("m{i}"), None)
+            .await
+            .unwrap();
+    }
+    last.unwrap().stored.await.unwrap().unwrap();
+    let mut reader = hub.join("paged", "Reader", Some(0)).await.unwrap();
+    assert_eq!(backlog_ids(&mut reader).await, (1..=10).collect::<Vec<_>>());
+    hub.post("paged", "bot", "live".into(), None).await.unwrap();
+    assert_eq!(next(&mut reader).await["id"], 11);
+    // A client that claims ids the room does not have gets what is new, not a skip.
+    let mut ahead = hub.join("paged", "Ahead", Some(500)).await.unwrap();
+    assert!(backlog_ids(&mut ahead).await.is_empty());
+    hub.post("paged", "bot", "newer".into(), None)
+        .await
+        .unwrap();
+    assert_eq!(next(&mut ahead).await["text"], "newer");
+}
+
+/// A store whose writes fail until told otherwise.
+#[derive(Debug, Default)]
+struct Flaky {
+    inner: MemoryStore,
+    failing: std::sync::atomic::AtomicBool,
+}
+
+impl switchboard_hub::HistoryStore for Flaky {
+    fn append(
+        &self,
+        batch: &[switchboard_hub::StoredMessage],
+    ) -> Result<(), switchboard_hub::StoreError> {
+        if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(switchboard_hub::StoreError::DataDir {
+                path: "flaky".into(),
+                source: std::io::Error::other("disk unplugged"),
+            });
+        }
+        self.inner.append(batch)
+    }
+    fn range(
+        &self,
+        room: &str,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Vec<switchboard_hub::StoredMessage>, switchboard_hub::StoreError> {
+        self.inner.range(room, after, upto, limit)
+    }
+    fn recent(
+        &self,
+        room: &str,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Vec<switchboard_hub::StoredMessage>, switchboard_hub::StoreError> {
+        self.inner.recent(room, upto, limit)
+    }
+    fn last_id(&self, room: &str) -> Result<u64, switchboard_hub::StoreError> {
+        self.inner.last_id(room)
+    }
+    fn find_nonce(
+        &self,
+        room: &str,
+        user: &str,
+        nonce: &str,
+    ) -> Result<Option<switchboard_hub::StoredMessage>, switchboard_hub::StoreError> {
+        self.inner.find_nonce(room, user, nonce)
+    }
+}
+
+#[tokio::test]
+async fn a_failing_store_delays_messages_but_loses_none_and_skips_no_id() {
+    let store = Arc::new(Flaky::default());
+    store
+        .failing
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let hub = Hub::new(store.clone(), HubConfig::default());
+    let mut alice = hub.join("r", "Alice", None).await.unwrap();
+    let first = alice
+        .post("first".into(), Some("n-1".into()))
+        .await
+        .unwrap()
+        .unwrap();
+    // A retry while the store is down is recognised and not stored twice.
+    assert!(alice
+        .post("first".into(), Some("n-1".into()))
+        .await
+        .unwrap()
+        .is_none());
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert!(
+        alice.try_recv().is_none(),
+        "nothing is sent before it is stored"
+    );
+    store
+        .failing
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    first.stored.await.unwrap().unwrap();
+    assert_eq!(next(&mut alice).await["id"], 1);
+    let second = alice.post("second".into(), None).await.unwrap().unwrap();
+    assert_eq!(second.id, 2);
+    second.stored.await.unwrap().unwrap();
+    let ids: Vec<u64> = hub
+        .history("r", 0, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(ids, [1, 2]);
 }

@@ -45,10 +45,16 @@ pub enum AuthSetupError {
     },
     #[error("configure either jwt_secret or jwt_public_key_file, not both")]
     Both,
+    #[error("rooms require tokens, so the HTTP API (which posts as any user) needs api_key too")]
+    OpenApi,
 }
 
 impl Auth {
     pub(crate) fn from_config(config: &Config) -> Result<Self, AuthSetupError> {
+        let tokens = config.jwt_secret.is_some() || config.jwt_public_key_file.is_some();
+        if tokens && config.api_key.is_none() {
+            return Err(AuthSetupError::OpenApi);
+        }
         match (&config.jwt_secret, &config.jwt_public_key_file) {
             (None, None) => Ok(Self::Open),
             (Some(_), Some(_)) => Err(AuthSetupError::Both),

@@ -81,8 +81,9 @@ pub(crate) async fn room(
     };
     let since = match query.get("since").map(|s| s.parse::<u64>()) {
         None => None,
-        Some(Ok(id)) => Some(id),
-        Some(Err(_)) => return bad_request("since must be a message id (a whole number)".into()),
+        // Ids are stored as SQLite integers.
+        Some(Ok(id)) if id <= i64::MAX as u64 => Some(id),
+        Some(_) => return bad_request("since must be a message id (a whole number)".into()),
     };
     let config = state.config.socket_config(state.config.room_max_message);
     let session_state = state.clone();
@@ -117,12 +118,26 @@ async fn feed(
 }
 
 async fn session(mut socket: WebSocket<TcpStream>, mut membership: Membership, state: AppState) {
-    let result: Result<(), switchboard_net::Error> = async {
-        socket.feed_frame(OpCode::Text, &membership.welcome).await?;
-        for message in std::mem::take(&mut membership.backlog) {
-            socket.feed_frame(OpCode::Text, &message).await?;
+    // The welcome, then history page by page; live events wait in the member's queue.
+    let result: Result<(), String> = async {
+        socket
+            .feed_frame(OpCode::Text, &membership.welcome)
+            .await
+            .map_err(|e| e.to_string())?;
+        loop {
+            let page = membership.next_backlog().await.map_err(|e| e.to_string())?;
+            if page.is_empty() {
+                break;
+            }
+            for message in &page {
+                socket
+                    .feed_frame(OpCode::Text, message)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            socket.flush().await.map_err(|e| e.to_string())?;
         }
-        socket.flush().await
+        socket.flush().await.map_err(|e| e.to_string())
     }
     .await;
     if let Err(cause) = result {

@@ -574,7 +574,12 @@ fn in_an_hour() -> u64 {
 #[tokio::test]
 async fn hs256_tokens_set_the_name_and_bad_ones_are_refused() {
     use jsonwebtoken::{Algorithm, EncodingKey};
-    let server = Server::start(Config::default().with_jwt_secret(Some("room-secret".into()))).await;
+    let server = Server::start(
+        Config::default()
+            .with_jwt_secret(Some("room-secret".into()))
+            .with_api_key(Some("api".into())),
+    )
+    .await;
     let good = EncodingKey::from_secret(b"room-secret");
     let alice = token(
         json!({"sub": "u-1", "name": "Alice", "exp": in_an_hour()}),
@@ -654,7 +659,12 @@ async fn rs256_tokens_are_checked_against_the_public_key() {
         .status()
         .unwrap();
     assert!(exported.success());
-    let server = Server::start(Config::default().with_jwt_public_key_file(Some(public))).await;
+    let server = Server::start(
+        Config::default()
+            .with_jwt_public_key_file(Some(public))
+            .with_api_key(Some("api".into())),
+    )
+    .await;
     let key = EncodingKey::from_rsa_pem(&std::fs::read(&private).unwrap()).unwrap();
     let carol = token(
         json!({"sub": "Carol", "exp": in_an_hour()}),
