@@ -3,7 +3,7 @@
 use std::pin::Pin;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use switchboard_wire::deflate::DeflateParams;
 use switchboard_wire::{CloseFrame, Connection, Message, OpCode, Role};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -260,12 +260,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     /// serializer, say), with no intermediate `Message`.
     pub async fn feed_frame(&mut self, opcode: OpCode, payload: &[u8]) -> Result<(), Error> {
         self.conn.send(opcode, payload)?;
-        self.relieve().await
-    }
-
-    /// Queues a frame encoded once for many connections (servers only).
-    pub async fn feed_encoded(&mut self, frame: &Bytes) -> Result<(), Error> {
-        self.conn.send_encoded(frame)?;
         self.relieve().await
     }
 

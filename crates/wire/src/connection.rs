@@ -8,7 +8,7 @@
 //! Output (replies and everything sent) collects in one buffer the caller writes out in
 //! a single write, however many frames it holds.
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BytesMut};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -456,15 +456,6 @@ impl Connection {
         Ok(())
     }
 
-    /// Queues a frame encoded once for many connections (see [`crate::frame::encode_frame`]).
-    /// Only servers may do this, since client frames need a fresh mask each.
-    pub fn send_encoded(&mut self, frame: &[u8]) -> Result<(), Error> {
-        debug_assert_eq!(self.role, Role::Server);
-        self.check_open()?;
-        self.out.extend_from_slice(frame);
-        Ok(())
-    }
-
     /// Starts the close handshake. Does nothing if this side already sent its Close.
     pub fn close(&mut self, frame: Option<CloseFrame>) {
         if self.close_sent {
@@ -516,23 +507,12 @@ impl Connection {
     pub fn is_mid_message(&self) -> bool {
         self.frame.is_some() || self.message.is_some()
     }
-
-    /// Encodes an unmasked server frame once, to be sent to many connections with
-    /// [`Connection::send_encoded`].
-    pub fn encode_shared(opcode: OpCode, payload: &[u8]) -> Bytes {
-        let mut out = BytesMut::new();
-        encode_frame(
-            &mut out,
-            &FrameHeader::new(opcode, payload.len() as u64),
-            payload,
-        );
-        out.freeze()
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     fn pair() -> (Connection, Connection) {
         (
