@@ -102,13 +102,34 @@ pub(crate) async fn room(
     })
 }
 
+/// A session's counters, looked up in the registry once rather than per event: the
+/// send side runs once per member for every message in the room.
+struct Counters {
+    events_sent: metrics::Counter,
+    bytes_sent: metrics::Counter,
+    events_received: metrics::Counter,
+    bytes_received: metrics::Counter,
+}
+
+impl Counters {
+    fn new() -> Self {
+        Self {
+            events_sent: metrics::counter!("switchboard_events_sent_total"),
+            bytes_sent: metrics::counter!("switchboard_bytes_sent_total"),
+            events_received: metrics::counter!("switchboard_events_received_total"),
+            bytes_received: metrics::counter!("switchboard_bytes_received_total"),
+        }
+    }
+}
+
 async fn feed(
     socket: &mut WebSocket<TcpStream>,
+    counters: &Counters,
     item: &Outbound,
 ) -> Result<(), switchboard_net::Error> {
     let (Outbound::Message(_, bytes) | Outbound::Text(bytes) | Outbound::Binary(bytes)) = item;
-    metrics::counter!("switchboard_events_sent_total").increment(1);
-    metrics::counter!("switchboard_bytes_sent_total").increment(bytes.len() as u64);
+    counters.events_sent.increment(1);
+    counters.bytes_sent.increment(bytes.len() as u64);
     match item {
         Outbound::Message(_, json) | Outbound::Text(json) => {
             socket.feed_frame(OpCode::Text, json).await
@@ -144,6 +165,7 @@ async fn session(mut socket: WebSocket<TcpStream>, mut membership: Membership, s
         debug!(%cause, "room connection ended during the welcome");
         return;
     }
+    let counters = Counters::new();
     let cancelled = state.shutdown.cancelled();
     tokio::pin!(cancelled);
     let mut limit = RateLimit::new(
@@ -166,9 +188,9 @@ async fn session(mut socket: WebSocket<TcpStream>, mut membership: Membership, s
                     metrics::counter!("switchboard_slow_consumer_closes_total").increment(1);
                     break Some(CloseFrame::new(SLOW_CONSUMER, "too slow: reconnect with ?since="));
                 };
-                let mut sent = feed(&mut socket, &item).await;
+                let mut sent = feed(&mut socket, &counters, &item).await;
                 while let (Ok(()), Some(more)) = (&sent, membership.try_recv()) {
-                    sent = feed(&mut socket, &more).await;
+                    sent = feed(&mut socket, &counters, &more).await;
                 }
                 if let Err(cause) = sent.and(socket.flush().await) {
                     debug!(%cause, "room connection ended while sending");
@@ -189,8 +211,8 @@ async fn session(mut socket: WebSocket<TcpStream>, mut membership: Membership, s
                     }
                 }
                 Ok(Some(Message::Text(text))) => {
-                    metrics::counter!("switchboard_events_received_total").increment(1);
-                    metrics::counter!("switchboard_bytes_received_total").increment(text.len() as u64);
+                    counters.events_received.increment(1);
+                    counters.bytes_received.increment(text.len() as u64);
                     match on_text(&mut socket, &membership, &state, text.as_str()).await {
                         // Each "typing" restarts the expiry; "stopped" ends it.
                         Ok(Some(true)) => typing_until = Some(tokio::time::Instant::now() + typing_expiry),
@@ -203,7 +225,7 @@ async fn session(mut socket: WebSocket<TcpStream>, mut membership: Membership, s
                     }
                 }
                 Ok(Some(Message::Binary(data))) => {
-                    metrics::counter!("switchboard_bytes_received_total").increment(data.len() as u64);
+                    counters.bytes_received.increment(data.len() as u64);
                     membership.relay_binary(data);
                 }
                 Ok(Some(_)) => {}
