@@ -20,6 +20,13 @@ pub mod store;
 pub use hub::{Hub, HubConfig, HubError, Membership, Outbound, Posted};
 pub use store::{HistoryStore, MemoryStore, SqliteStore, StoreError, StoredMessage};
 
+/// The rule [`valid_room_id`] checks, in words, for error messages.
+pub const ROOM_ID_RULE: &str = "room ids are 1-128 characters of A-Z a-z 0-9 . _ : -";
+
+/// The rule [`valid_user_name`] checks, in words, for error messages.
+pub const USER_NAME_RULE: &str =
+    "user names are 1-64 characters, no control characters or surrounding spaces";
+
 /// Whether `room` is a valid room id: 1-128 characters of `[A-Za-z0-9._:-]`.
 pub fn valid_room_id(room: &str) -> bool {
     (1..=128).contains(&room.len())

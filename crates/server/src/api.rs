@@ -20,7 +20,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use switchboard_hub::{event, valid_room_id, valid_user_name, StoredMessage};
+use switchboard_hub::{
+    event, valid_room_id, valid_user_name, StoredMessage, ROOM_ID_RULE, USER_NAME_RULE,
+};
 use tracing::warn;
 
 use crate::serve::AppState;
@@ -85,10 +87,7 @@ pub(crate) async fn post_message(
     body: Result<Json<NewMessage>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     if !valid_room_id(&room) {
-        return problem(
-            StatusCode::BAD_REQUEST,
-            "room ids are 1-128 characters of A-Z a-z 0-9 . _ : -",
-        );
+        return problem(StatusCode::BAD_REQUEST, ROOM_ID_RULE);
     }
     let Json(new) = match body {
         Ok(body) => body,
@@ -97,7 +96,7 @@ pub(crate) async fn post_message(
     if !valid_user_name(&new.from) {
         return problem(
             StatusCode::BAD_REQUEST,
-            "`from` must be 1-64 characters, no control characters",
+            &format!("`from`: {USER_NAME_RULE}"),
         );
     }
     if new.text.chars().count() > state.config.max_text_chars {
@@ -160,10 +159,7 @@ pub(crate) async fn get_messages(
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
     if !valid_room_id(&room) {
-        return problem(
-            StatusCode::BAD_REQUEST,
-            "room ids are 1-128 characters of A-Z a-z 0-9 . _ : -",
-        );
+        return problem(StatusCode::BAD_REQUEST, ROOM_ID_RULE);
     }
     let number = |key: &str, default: u64| match query.get(key) {
         None => Ok(default),
@@ -192,10 +188,7 @@ pub(crate) async fn get_members(
     Path(room): Path<String>,
 ) -> Response {
     if !valid_room_id(&room) {
-        return problem(
-            StatusCode::BAD_REQUEST,
-            "room ids are 1-128 characters of A-Z a-z 0-9 . _ : -",
-        );
+        return problem(StatusCode::BAD_REQUEST, ROOM_ID_RULE);
     }
     Json(json!({"members": state.hub.members(&room)})).into_response()
 }

@@ -122,7 +122,7 @@ pub(crate) fn identify(
                 .ok_or_else(|| {
                     refused(
                         StatusCode::BAD_REQUEST,
-                        "join with ?name=NAME (1-64 characters, no control characters)",
+                        format!("join with ?name=NAME ({})", switchboard_hub::USER_NAME_RULE),
                     )
                 })
         }

@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use http::StatusCode;
 use std::time::Instant;
 use switchboard_hub::event::{self, parse_client_event, ClientEvent};
-use switchboard_hub::{valid_room_id, Membership, Outbound};
+use switchboard_hub::{valid_room_id, Membership, Outbound, ROOM_ID_RULE};
 use switchboard_net::wire::OpCode;
 use switchboard_net::{CloseCode, CloseFrame, Message, WebSocket};
 
@@ -69,7 +69,7 @@ pub(crate) async fn room(
     request: Request,
 ) -> Response {
     if !valid_room_id(&room) {
-        return bad_request("room ids are 1-128 characters of A-Z a-z 0-9 . _ : -".into());
+        return bad_request(ROOM_ID_RULE.into());
     }
     let name = match crate::auth::identify(&state.auth, &room, &query, request.headers()) {
         Ok(name) => name,
