@@ -341,21 +341,34 @@ pub fn parse_request(
 ) -> Result<Option<(RequestHead, usize)>, HandshakeError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
-    match request.parse(buf) {
-        Ok(httparse::Status::Complete(len)) if len <= max_len => {
-            let head = RequestHead {
-                method: request.method.unwrap_or_default().to_owned(),
-                target: request.path.unwrap_or_default().to_owned(),
-                http_11_or_later: request.version.unwrap_or(0) >= 1,
-                headers: request
-                    .headers
-                    .iter()
-                    .map(|h| (h.name.to_owned(), h.value.to_vec()))
-                    .collect(),
-            };
-            Ok(Some((head, len)))
-        }
-        Ok(_) if buf.len() >= max_len => Err(HandshakeError::TooLarge),
+    let status = request.parse(buf);
+    parsed_head(status, buf.len(), max_len, || RequestHead {
+        method: request.method.unwrap_or_default().to_owned(),
+        target: request.path.unwrap_or_default().to_owned(),
+        http_11_or_later: request.version.unwrap_or(0) >= 1,
+        headers: owned_headers(request.headers),
+    })
+}
+
+/// Headers copied out of httparse's borrowed slice.
+fn owned_headers(headers: &[httparse::Header<'_>]) -> Vec<(String, Vec<u8>)> {
+    headers
+        .iter()
+        .map(|h| (h.name.to_owned(), h.value.to_vec()))
+        .collect()
+}
+
+/// What an httparse result means for a head: complete (built by `head`), incomplete, or
+/// an error; a head that does not fit in `max_len` bytes is too large.
+fn parsed_head<T>(
+    status: httparse::Result<usize>,
+    buffered: usize,
+    max_len: usize,
+    head: impl FnOnce() -> T,
+) -> Result<Option<(T, usize)>, HandshakeError> {
+    match status {
+        Ok(httparse::Status::Complete(len)) if len <= max_len => Ok(Some((head(), len))),
+        Ok(_) if buffered >= max_len => Err(HandshakeError::TooLarge),
         Ok(_) => Ok(None),
         Err(httparse::Error::TooManyHeaders) => Err(HandshakeError::TooLarge),
         Err(e) => Err(HandshakeError::Malformed(e.to_string())),
@@ -441,24 +454,12 @@ pub fn parse_response(
 ) -> Result<Option<(ResponseHead, usize)>, HandshakeError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut headers);
-    match response.parse(buf) {
-        Ok(httparse::Status::Complete(len)) if len <= max_len => {
-            let head = ResponseHead {
-                status: response.code.unwrap_or_default(),
-                reason: response.reason.unwrap_or_default().to_owned(),
-                headers: response
-                    .headers
-                    .iter()
-                    .map(|h| (h.name.to_owned(), h.value.to_vec()))
-                    .collect(),
-            };
-            Ok(Some((head, len)))
-        }
-        Ok(_) if buf.len() >= max_len => Err(HandshakeError::TooLarge),
-        Ok(_) => Ok(None),
-        Err(httparse::Error::TooManyHeaders) => Err(HandshakeError::TooLarge),
-        Err(e) => Err(HandshakeError::Malformed(e.to_string())),
-    }
+    let status = response.parse(buf);
+    parsed_head(status, buf.len(), max_len, || ResponseHead {
+        status: response.code.unwrap_or_default(),
+        reason: response.reason.unwrap_or_default().to_owned(),
+        headers: owned_headers(response.headers),
+    })
 }
 
 /// What the server agreed to.
