@@ -4,10 +4,9 @@ use std::io::Write;
 
 use anyhow::Context;
 use clap::Args;
-use switchboard_net::{connect, ClientOptions, CloseCode, CloseFrame, Message};
+use switchboard_client::{connect_raw, Event, Options, State};
+use switchboard_net::{connect, ClientOptions};
 use tokio::io::{AsyncBufReadExt, BufReader};
-
-const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Debug, Args)]
 #[command(
@@ -22,6 +21,9 @@ pub(crate) struct ConnectArgs {
     /// Send every received message back with its type unchanged instead of reading stdin.
     #[arg(long)]
     echo: bool,
+    /// Reconnect (with backoff) when the connection is lost, instead of exiting.
+    #[arg(long, conflicts_with = "echo")]
+    reconnect: bool,
     /// Do not offer permessage-deflate compression (offered by default).
     #[arg(long)]
     no_deflate: bool,
@@ -30,74 +32,97 @@ pub(crate) struct ConnectArgs {
     headers: Vec<String>,
 }
 
+fn headers(args: &ConnectArgs) -> anyhow::Result<Vec<(String, String)>> {
+    args.headers
+        .iter()
+        .map(|header| {
+            let (name, value) = header
+                .split_once(':')
+                .with_context(|| format!("header {header:?} is not `Name: value`"))?;
+            Ok((name.trim().to_owned(), value.trim().to_owned()))
+        })
+        .collect()
+}
+
 pub(crate) async fn run(args: ConnectArgs) -> anyhow::Result<()> {
-    let mut options = ClientOptions::default();
-    if args.no_deflate {
-        options.config = options.config.with_deflate(None);
+    if args.echo {
+        return echo(&args).await;
     }
-    for header in &args.headers {
-        let (name, value) = header
-            .split_once(':')
-            .with_context(|| format!("header {header:?} is not `Name: value`"))?;
-        options = options.with_header(name.trim(), value.trim());
+    let mut options = Options::default()
+        .with_compression(!args.no_deflate)
+        .with_reconnect(args.reconnect);
+    for (name, value) in headers(&args)? {
+        options = options.with_header(name, value);
     }
-    let connected = connect(&args.url, options)
+    let (client, mut events) = connect_raw(&args.url, options)
         .await
         .with_context(|| format!("connecting to {}", args.url))?;
-    let mut socket = connected.socket;
-    if args.echo {
-        loop {
-            match socket.recv().await {
-                Ok(Some(message)) => socket.feed(&message).await?,
-                Ok(None) => return Ok(()),
-                // The server is told why (the close frame went out); the run is over.
-                Err(error) => return Err(error).context("connection failed"),
-            }
-        }
-    }
 
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let mut stdout = std::io::stdout().lock();
-    // After stdin ends, replies still in flight are printed until the server's Close.
-    let mut closing = None;
+    let mut stdin_open = true;
     loop {
         tokio::select! {
-            line = lines.next_line(), if closing.is_none() => match line.context("reading stdin")? {
-                Some(line) => socket.send_text(&line).await?,
+            line = lines.next_line(), if stdin_open => match line.context("reading stdin")? {
+                Some(line) => client.send_text(line)?,
                 None => {
-                    socket.start_close(Some(CloseFrame::new(CloseCode::NORMAL, ""))).await?;
-                    closing = Some(Box::pin(tokio::time::sleep(CLOSE_TIMEOUT)));
+                    // Replies still in flight are printed until the server's Close.
+                    stdin_open = false;
+                    let closing = client.clone();
+                    tokio::spawn(async move { closing.close().await });
                 }
             },
-            () = async { closing.as_mut().expect("guarded").await }, if closing.is_some() => {
-                anyhow::bail!("the server did not answer the close frame within {CLOSE_TIMEOUT:?}");
-            }
-            received = socket.recv() => match received.context("connection failed")? {
-                Some(message) => print_message(&mut stdout, &message)?,
-                None => {
-                    let why = socket
-                        .peer_close()
-                        .map_or_else(|| "without a code".to_owned(), |f| format!("with {} {}", f.code, f.reason));
-                    tracing::info!("server closed the connection {why}");
+            event = events.recv() => match event {
+                Some(Event::Text(text)) => {
+                    writeln!(stdout, "{}", text.replace('\n', "\\n"))?;
+                    stdout.flush()?;
+                }
+                Some(Event::Binary(data)) => {
+                    write!(stdout, "[binary {} bytes] ", data.len())?;
+                    for byte in data.iter() {
+                        write!(stdout, "{byte:02x}")?;
+                    }
+                    writeln!(stdout)?;
+                    stdout.flush()?;
+                }
+                Some(Event::State(State::Reconnecting { reason, delay, .. })) => {
+                    tracing::warn!("{reason}; reconnecting in {delay:.1?}");
+                }
+                Some(Event::State(State::Closed { reason, failed })) => {
+                    if failed {
+                        anyhow::bail!("connection failed: {reason}");
+                    }
+                    tracing::info!("{reason}");
                     return Ok(());
                 }
+                Some(_) => {}
+                None => return Ok(()),
             },
         }
     }
 }
 
-fn print_message(out: &mut impl Write, message: &Message) -> anyhow::Result<()> {
-    match message {
-        Message::Text(text) => writeln!(out, "{}", text.replace('\n', "\\n"))?,
-        Message::Binary(data) => {
-            write!(out, "[binary {} bytes] ", data.len())?;
-            for byte in data.iter() {
-                write!(out, "{byte:02x}")?;
-            }
-            writeln!(out)?;
-        }
-        _ => {}
+/// `--echo`: every message goes back as it came, before the next one is read. This is
+/// the conformance suite's probe of the protocol engine, so it runs on the engine
+/// directly: no queue between receiving and answering, no reconnection.
+async fn echo(args: &ConnectArgs) -> anyhow::Result<()> {
+    let mut options = ClientOptions::default();
+    if args.no_deflate {
+        options.config = options.config.with_deflate(None);
     }
-    out.flush()?;
-    Ok(())
+    for (name, value) in headers(args)? {
+        options = options.with_header(name, value);
+    }
+    let mut socket = connect(&args.url, options)
+        .await
+        .with_context(|| format!("connecting to {}", args.url))?
+        .socket;
+    loop {
+        match socket.recv().await {
+            Ok(Some(message)) => socket.feed(&message).await?,
+            Ok(None) => return Ok(()),
+            // The server is told why (the close frame went out); the run is over.
+            Err(error) => return Err(error).context("connection failed"),
+        }
+    }
 }

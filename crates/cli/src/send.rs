@@ -1,22 +1,26 @@
 //! `switchboard send`: join a room, send one message, wait for it to come back stored.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use switchboard_net::{connect, ClientOptions, CloseCode, CloseFrame, Message};
+use switchboard_client::{connect, Event, Options, State};
 
 #[derive(Debug, Args)]
 #[command(
     after_help = "Prints the message's id on success and exits 0; exits 1 with a reason \
-when the room cannot be joined or the message is refused or not acknowledged in time."
+when the room cannot be joined or the message is refused or not acknowledged in time. A \
+connection lost on the way is reopened and the message sent again; the room stores it once."
 )]
 pub(crate) struct SendArgs {
     /// Room URL, such as ws://127.0.0.1:8080/room/lobby
     url: String,
-    /// The name to send as.
+    /// The name to send as (in open mode; with --token the name comes from the token).
     #[arg(long)]
-    name: String,
+    name: Option<String>,
+    /// JWT for servers with auth (sent as `Authorization: Bearer`).
+    #[arg(long, env = "SWITCHBOARD_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// The message text.
     text: String,
     /// Seconds to wait for the acknowledgement.
@@ -24,85 +28,49 @@ pub(crate) struct SendArgs {
     timeout: u64,
 }
 
-fn with_name(url: &str, name: &str) -> String {
-    let encoded: String = name
-        .bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                char::from(b).to_string()
-            }
-            other => format!("%{other:02X}"),
-        })
-        .collect();
-    let separator = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{separator}name={encoded}")
-}
-
 // The id is this command's output.
 #[allow(clippy::print_stdout)]
 pub(crate) async fn run(args: SendArgs) -> anyhow::Result<()> {
-    let url = with_name(&args.url, &args.name);
-    let mut socket = connect(&url, ClientOptions::default())
+    if args.name.is_none() && args.token.is_none() {
+        bail!("give --name (or --token on a server with auth)");
+    }
+    let mut options = Options::default().with_connect_timeout(Duration::from_secs(args.timeout));
+    if let Some(name) = &args.name {
+        options = options.with_name(name);
+    }
+    if let Some(token) = &args.token {
+        options = options.with_token(token);
+    }
+    let (room, mut events) = connect(&args.url, options)
         .await
-        .with_context(|| format!("joining {}", args.url))?
-        .socket;
-    let stamp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    let nonce = format!("send-{}-{stamp}", std::process::id());
-    let request = serde_json::json!({"type": "message", "text": args.text, "nonce": nonce});
-    socket.send_text(&request.to_string()).await?;
+        .with_context(|| format!("joining {}", args.url))?;
+    let nonce = room.send_message(args.text)?;
 
     let acknowledged = tokio::time::timeout(Duration::from_secs(args.timeout), async {
-        loop {
-            let Some(message) = socket.recv().await.context("connection failed")? else {
-                let why = socket
-                    .peer_close()
-                    .map_or_else(String::new, |f| format!(": {} {}", f.code, f.reason));
-                bail!("the server closed the connection before acknowledging{why}");
-            };
-            let Message::Text(text) = message else {
-                continue;
-            };
-            let Ok(event) = serde_json::from_str::<serde_json::Value>(text.as_str()) else {
-                continue;
-            };
-            match event["type"].as_str() {
-                Some("message") if event["nonce"] == nonce.as_str() => {
-                    return event["id"]
-                        .as_u64()
-                        .context("acknowledgement without an id");
+        while let Some(event) = events.recv().await {
+            match event {
+                Event::Message(m) if m.nonce.as_deref() == Some(nonce.as_str()) => {
+                    return Ok(m.id);
                 }
-                Some("error") => bail!("refused: {} ({})", event["message"], event["code"]),
+                Event::Error(e) if e.nonce.as_deref() == Some(nonce.as_str()) => {
+                    bail!("refused: {} ({})", e.message, e.code)
+                }
+                Event::State(State::Reconnecting { reason, delay, .. }) => {
+                    tracing::warn!("{reason}; reconnecting in {delay:.1?}");
+                }
+                Event::State(State::Closed { reason, .. }) => {
+                    bail!("the connection closed before the acknowledgement: {reason}")
+                }
                 _ => {}
             }
         }
+        bail!("the connection closed before the acknowledgement")
     })
     .await
     .map_err(|_| anyhow::anyhow!("no acknowledgement within {} s", args.timeout))??;
     println!("{acknowledged}");
-    if let Err(cause) = socket
-        .close(Some(CloseFrame::new(CloseCode::NORMAL, "")))
-        .await
-    {
-        tracing::debug!(%cause, "closing after send");
-    }
+    // Nothing more is read: dropping the events lets the close run without waiting on us.
+    drop(events);
+    room.close().await;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_are_encoded_into_the_url() {
-        assert_eq!(
-            with_name("ws://h/room/lobby", "bot"),
-            "ws://h/room/lobby?name=bot"
-        );
-        assert_eq!(
-            with_name("ws://h/room/lobby?since=3", "Zoë B"),
-            "ws://h/room/lobby?since=3&name=Zo%C3%AB%20B"
-        );
-    }
 }

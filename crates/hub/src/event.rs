@@ -17,6 +17,8 @@ pub enum ClientEvent {
 pub struct EventError {
     pub code: &'static str,
     pub message: String,
+    /// The refused message's `nonce`, so its sender knows which one it was.
+    pub nonce: Option<String>,
 }
 
 impl EventError {
@@ -24,9 +26,44 @@ impl EventError {
         Self {
             code,
             message: message.into(),
+            nonce: None,
         }
     }
+
+    fn for_nonce(mut self, nonce: &Option<String>) -> Self {
+        self.nonce.clone_from(nonce);
+        self
+    }
 }
+
+/// What a room announces in its `welcome` about the limits it enforces, so clients can
+/// pace themselves instead of being refused.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Limits {
+    /// Events a connection may send per second, on average.
+    pub events_per_sec: f64,
+    /// Events a connection may send in a burst.
+    pub burst: u32,
+    /// Longest message text, in characters.
+    pub max_text_chars: usize,
+}
+
+/// The `nonce` of a client's message event, read on its own (for refusals of events
+/// that were not parsed, such as those over the rate limit).
+pub fn nonce_of(text: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Nonce {
+        nonce: Option<String>,
+    }
+    serde_json::from_str::<Nonce>(text)
+        .ok()
+        .and_then(|n| n.nonce)
+        .filter(|n| n.len() <= MAX_NONCE)
+}
+
+/// Longest accepted `nonce`, in bytes.
+pub const MAX_NONCE: usize = 128;
 
 /// Parses a client's text frame. `timestamp` is accepted and ignored: the server sets
 /// the time, as it sets the sender.
@@ -42,19 +79,9 @@ pub fn parse_client_event(text: &str, max_text: usize) -> Result<ClientEvent, Ev
         .ok_or_else(|| EventError::new("bad_event", "an event needs a string `type`"))?;
     match kind {
         "message" => {
-            let text = object
-                .get("text")
-                .and_then(|t| t.as_str())
-                .ok_or_else(|| EventError::new("bad_event", "a message needs a string `text`"))?;
-            if text.chars().count() > max_text {
-                return Err(EventError::new(
-                    "too_long",
-                    format!("text is over {max_text} characters"),
-                ));
-            }
             let nonce = match object.get("nonce") {
                 None | Some(serde_json::Value::Null) => None,
-                Some(serde_json::Value::String(n)) if n.len() <= 128 => Some(n.clone()),
+                Some(serde_json::Value::String(n)) if n.len() <= MAX_NONCE => Some(n.clone()),
                 Some(_) => {
                     return Err(EventError::new(
                         "bad_event",
@@ -62,6 +89,16 @@ pub fn parse_client_event(text: &str, max_text: usize) -> Result<ClientEvent, Ev
                     ))
                 }
             };
+            let text = object.get("text").and_then(|t| t.as_str()).ok_or_else(|| {
+                EventError::new("bad_event", "a message needs a string `text`").for_nonce(&nonce)
+            })?;
+            if text.chars().count() > max_text {
+                return Err(EventError::new(
+                    "too_long",
+                    format!("text is over {max_text} characters"),
+                )
+                .for_nonce(&nonce));
+            }
             Ok(ClientEvent::Message {
                 text: text.to_owned(),
                 nonce,
@@ -109,7 +146,13 @@ pub fn message(m: &StoredMessage) -> Bytes {
     })
 }
 
-pub fn welcome(room: &str, user: &str, members: &[String], last_id: u64) -> Bytes {
+pub fn welcome(
+    room: &str,
+    user: &str,
+    members: &[String],
+    last_id: u64,
+    limits: Option<&Limits>,
+) -> Bytes {
     #[derive(Serialize)]
     struct Welcome<'a> {
         r#type: &'static str,
@@ -118,6 +161,8 @@ pub fn welcome(room: &str, user: &str, members: &[String], last_id: u64) -> Byte
         members: &'a [String],
         #[serde(rename = "lastId")]
         last_id: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        limits: Option<&'a Limits>,
     }
     encode(&Welcome {
         r#type: "welcome",
@@ -125,6 +170,7 @@ pub fn welcome(room: &str, user: &str, members: &[String], last_id: u64) -> Byte
         user,
         members,
         last_id,
+        limits,
     })
 }
 
@@ -152,17 +198,21 @@ pub fn presence(kind: &'static str, user: &str) -> Bytes {
     encode(&Presence { r#type: kind, user })
 }
 
-pub fn error(code: &str, message: &str) -> Bytes {
+/// An `error` event; `nonce` names the refused message when there was one.
+pub fn error(code: &str, message: &str, nonce: Option<&str>) -> Bytes {
     #[derive(Serialize)]
     struct Error<'a> {
         r#type: &'static str,
         code: &'a str,
         message: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        nonce: Option<&'a str>,
     }
     encode(&Error {
         r#type: "error",
         code,
         message,
+        nonce,
     })
 }
 
@@ -209,6 +259,15 @@ mod tests {
                 .code,
             "too_long"
         );
+        // A refused message names its nonce, so the sender knows which one it was.
+        let refused = parse_client_event(r#"{"type":"message","text":"toolong","nonce":"n-1"}"#, 3);
+        assert_eq!(refused.unwrap_err().nonce.as_deref(), Some("n-1"));
+        assert_eq!(
+            nonce_of(r#"{"type":"message","text":"x","nonce":"n-2"}"#).as_deref(),
+            Some("n-2")
+        );
+        assert_eq!(nonce_of(r#"{"type":"typing","isTyping":true}"#), None);
+        assert_eq!(nonce_of("not json"), None);
         // A spoofed sender is not part of what is parsed.
         assert_eq!(
             parse_client_event(r#"{"type":"message","text":"hi","from":"Mallory"}"#, 100),
@@ -234,8 +293,21 @@ mod tests {
             br#"{"type":"message","id":42,"room":"lobby","from":"Alice","text":"Hi there!","timestamp":"2026-11-23T10:00:00.123Z","nonce":"c-17"}"#
         );
         assert_eq!(
-            &welcome("lobby", "Alice", &["Alice".into(), "Bob".into()], 41)[..],
+            &welcome("lobby", "Alice", &["Alice".into(), "Bob".into()], 41, None)[..],
             br#"{"type":"welcome","room":"lobby","user":"Alice","members":["Alice","Bob"],"lastId":41}"#
+        );
+        let limits = Limits {
+            events_per_sec: 20.0,
+            burst: 40,
+            max_text_chars: 4096,
+        };
+        assert_eq!(
+            &welcome("lobby", "Alice", &[], 0, Some(&limits))[..],
+            br#"{"type":"welcome","room":"lobby","user":"Alice","members":[],"lastId":0,"limits":{"eventsPerSec":20.0,"burst":40,"maxTextChars":4096}}"#
+        );
+        assert_eq!(
+            &error("rate_limited", "slow down", Some("c-1"))[..],
+            br#"{"type":"error","code":"rate_limited","message":"slow down","nonce":"c-1"}"#
         );
         assert_eq!(
             &typing("Bob", true)[..],

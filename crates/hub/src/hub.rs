@@ -27,6 +27,8 @@ pub struct HubConfig {
     pub write_queue: usize,
     /// Most messages stored in one commit.
     pub max_batch: usize,
+    /// The limits announced in every `welcome` (enforced by whoever serves the room).
+    pub limits: Option<event::Limits>,
 }
 
 impl Default for HubConfig {
@@ -37,6 +39,7 @@ impl Default for HubConfig {
             outbound_queue: 4096,
             write_queue: 16 * 1024,
             max_batch: 512,
+            limits: None,
         }
     }
 }
@@ -461,7 +464,13 @@ impl Hub {
         };
         Ok(Membership {
             hub: self.clone(),
-            welcome: event::welcome(&room.name, &user, &members, upto),
+            welcome: event::welcome(
+                &room.name,
+                &user,
+                &members,
+                upto,
+                self.inner.config.limits.as_ref(),
+            ),
             replay: Some(replay),
             upto,
             typing: AtomicBool::new(false),

@@ -199,12 +199,16 @@ async fn session(mut socket: WebSocket<TcpStream>, mut membership: Membership, s
             }
             received = socket.recv() => match received {
                 Ok(Some(message @ (Message::Text(_) | Message::Binary(_)))) if !limit.allow() => {
-                    drop(message);
                     metrics::counter!("switchboard_rate_limited_total").increment(1);
                     if limit.strikes > state.config.rate_limit_strikes {
                         break Some(CloseFrame::new(CloseCode::POLICY, "rate limit exceeded again and again"));
                     }
-                    let error = event::error("rate_limited", "too many events; slow down");
+                    // A refused message is named, so its sender can send it again later.
+                    let nonce = match &message {
+                        Message::Text(text) => event::nonce_of(text.as_str()),
+                        _ => None,
+                    };
+                    let error = event::error("rate_limited", "too many events; slow down", nonce.as_deref());
                     if let Err(cause) = socket.feed_frame(OpCode::Text, &error).await {
                         debug!(%cause, "room connection ended while refusing");
                         return;
@@ -253,11 +257,13 @@ async fn on_text(
     match parse_client_event(text, state.config.max_text_chars) {
         Ok(ClientEvent::Message { text, nonce }) => {
             // The sender's acknowledgement is the broadcast of its own message.
+            let named = nonce.clone();
             if let Err(cause) = membership.post(text, nonce).await {
                 warn!(%cause, "posting a message failed");
                 let error = event::error(
                     "unavailable",
                     "the message could not be stored; send it again",
+                    named.as_deref(),
                 );
                 socket.feed_frame(OpCode::Text, &error).await?;
             }
@@ -268,7 +274,7 @@ async fn on_text(
             Ok(Some(is_typing))
         }
         Err(refused) => {
-            let error = event::error(refused.code, &refused.message);
+            let error = event::error(refused.code, &refused.message, refused.nonce.as_deref());
             socket.feed_frame(OpCode::Text, &error).await.map(|()| None)
         }
     }

@@ -88,6 +88,11 @@ pub async fn run(
     let mut hub_config = HubConfig::default();
     hub_config.recent_on_join = config.recent_on_join;
     hub_config.outbound_queue = config.outbound_queue;
+    hub_config.limits = Some(switchboard_hub::event::Limits {
+        events_per_sec: config.rate_limit_per_sec,
+        burst: config.rate_limit_burst,
+        max_text_chars: config.max_text_chars,
+    });
     let state = AppState {
         hub: Hub::new(store, hub_config),
         auth,

@@ -1,0 +1,406 @@
+//! The client against a real server: restarts, cut connections, backoff, dead peers.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use switchboard_client::{connect, connect_raw, Backoff, Error, Event, Events, Options, State};
+use switchboard_server::{run, Config};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::{timeout, Instant};
+
+/// A server on a fixed address that can be stopped and started again.
+struct Server {
+    address: SocketAddr,
+    config: Config,
+    running: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
+}
+
+impl Server {
+    async fn start(config: Config) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut server = Self {
+            address: listener.local_addr().unwrap(),
+            config,
+            running: None,
+        };
+        server.serve(listener);
+        server
+    }
+
+    fn serve(&mut self, listener: TcpListener) {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let config = self.config.clone();
+        let task = tokio::spawn(async move {
+            run(listener, config, async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+        });
+        self.running = Some((stop, task));
+    }
+
+    /// Shuts down (every connection closed with 1001) and waits until it is gone.
+    async fn stop(&mut self) {
+        let (stop, task) = self.running.take().expect("running");
+        stop.send(()).unwrap();
+        timeout(Duration::from_secs(20), task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    async fn restart(&mut self) {
+        self.stop().await;
+        let listener = TcpListener::bind(self.address).await.unwrap();
+        self.serve(listener);
+    }
+}
+
+/// A TCP relay in front of the server whose connections can all be cut at once,
+/// abruptly (a reset, no close frame), as a network failure would.
+#[derive(Clone)]
+struct Relay {
+    address: SocketAddr,
+    links: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl Relay {
+    async fn start(upstream: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let relay = Self {
+            address: listener.local_addr().unwrap(),
+            links: Arc::default(),
+        };
+        let links = relay.links.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let link = tokio::spawn(async move {
+                    let Ok(mut server) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    // Linger 0: dropping the link resets both connections. (Deprecated
+                    // because a nonzero linger blocks on drop; zero does not.)
+                    #[allow(deprecated)]
+                    {
+                        client.set_linger(Some(Duration::ZERO)).unwrap();
+                        server.set_linger(Some(Duration::ZERO)).unwrap();
+                    }
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                });
+                links.lock().unwrap().push(link);
+            }
+        });
+        relay
+    }
+
+    fn cut(&self) {
+        for link in self.links.lock().unwrap().drain(..) {
+            link.abort();
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("ws://{}{path}", self.address)
+    }
+}
+
+fn data_config(dir: &tempfile::TempDir) -> Config {
+    // A rate limit above what this test sends: pacing under the default one is tested
+    // on its own below.
+    Config::default()
+        .with_data_dir(Some(dir.path().to_owned()))
+        .with_rate_limit(5000.0, 1000)
+}
+
+/// Fails with the first place `got` departs from `expected`, not 1,000 lines of both.
+fn assert_once_in_order(got: &[String], expected: &[String], what: &str) {
+    if let Some(at) = (0..got.len().max(expected.len())).find(|&i| got.get(i) != expected.get(i)) {
+        panic!(
+            "{what} {} messages, not each once in order: at {at} got {:?}, expected {:?}",
+            got.len(),
+            &got[at.saturating_sub(2)..(at + 3).min(got.len())],
+            expected.get(at),
+        );
+    }
+}
+
+async fn next_event(events: &mut Events) -> Event {
+    timeout(Duration::from_secs(30), events.recv())
+        .await
+        .expect("an event within 30 s")
+        .expect("the client is open")
+}
+
+fn quick_backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(50), Duration::from_millis(500))
+}
+
+/// Every message of a room, read with a fresh client from the start of its history.
+async fn history(url: &str) -> Vec<(u64, String, String)> {
+    let options = Options::default().with_name("auditor").with_since(Some(0));
+    let (client, mut events) = connect(url, options).await.unwrap();
+    let mut last_id = None;
+    let mut messages = Vec::new();
+    loop {
+        match next_event(&mut events).await {
+            Event::Welcome(welcome) => last_id = Some(welcome.last_id),
+            Event::Message(m) => {
+                let done = Some(m.id) == last_id;
+                messages.push((m.id, m.from, m.text));
+                if done {
+                    break;
+                }
+            }
+            _ => {}
+        }
+        if last_id == Some(0) {
+            break;
+        }
+    }
+    client.close().await;
+    messages
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_messages_through_two_restarts_and_two_cuts_land_once_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(data_config(&dir)).await;
+    let relay = Relay::start(server.address).await;
+    let url = relay.url("/room/exactly-once");
+    let options = |name: &str| {
+        Options::default()
+            .with_name(name)
+            .with_backoff(quick_backoff())
+    };
+
+    let (_bob, mut bob_events) = connect(&url, options("bob")).await.unwrap();
+    let receiver = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        let mut reconnections = 0;
+        while seen.len() < 1000 {
+            match next_event(&mut bob_events).await {
+                Event::Message(m) => seen.push((m.id, m.from, m.text)),
+                Event::State(State::Reconnecting { .. }) => reconnections += 1,
+                Event::State(State::Closed { reason, .. }) => panic!("bob closed: {reason}"),
+                _ => {}
+            }
+        }
+        (seen, reconnections)
+    });
+
+    let (alice, mut alice_events) = connect(&url, options("alice")).await.unwrap();
+    let alice_watch = tokio::spawn(async move {
+        let mut reconnections = 0;
+        let mut acknowledged = Vec::new();
+        while let Some(event) = alice_events.recv().await {
+            match event {
+                Event::Message(m) => acknowledged.push(m.text),
+                Event::State(State::Reconnecting { .. }) => reconnections += 1,
+                Event::Error(error) => panic!("alice was refused: {error:?}"),
+                _ => {}
+            }
+        }
+        (acknowledged, reconnections)
+    });
+
+    for i in 0..1000 {
+        alice.send_message(format!("m-{i:04}")).unwrap();
+        match i {
+            200 | 600 => server.restart().await,
+            400 | 800 => relay.cut(),
+            _ => {}
+        }
+        if i % 10 == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while alice.queued() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} never acknowledged",
+            alice.queued()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let expected: Vec<String> = (0..1000).map(|i| format!("m-{i:04}")).collect();
+    let (seen, bob_reconnections) = timeout(Duration::from_secs(60), receiver)
+        .await
+        .unwrap()
+        .unwrap();
+    let texts: Vec<String> = seen.iter().map(|(_, _, text)| text.clone()).collect();
+    assert_once_in_order(&texts, &expected, "bob saw");
+    assert!(seen.iter().all(|(_, from, _)| from == "alice"));
+    assert!(
+        seen.windows(2).all(|w| w[1].0 == w[0].0 + 1),
+        "ids without gaps"
+    );
+
+    let stored = history(&url).await;
+    let texts: Vec<String> = stored.iter().map(|(_, _, text)| text.clone()).collect();
+    assert_once_in_order(&texts, &expected, "the room stored");
+
+    alice.close().await;
+    let (acknowledged, alice_reconnections) = timeout(Duration::from_secs(10), alice_watch)
+        .await
+        .unwrap()
+        .unwrap();
+    // The sender sees its own messages once each too, though some were acknowledged
+    // twice (sent again after a cut that lost the first acknowledgement).
+    assert_once_in_order(&acknowledged, &expected, "alice saw");
+    // Each restart and each cut dropped both clients, and both came back every time.
+    assert!(
+        bob_reconnections >= 4,
+        "bob reconnected {bob_reconnections} times"
+    );
+    assert!(
+        alice_reconnections >= 4,
+        "alice reconnected {alice_reconnections} times"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnection_delays_grow_with_jitter_up_to_the_cap() {
+    let mut server = Server::start(Config::default()).await;
+    let url = format!("ws://{}/room/backoff", server.address);
+    let backoff = Backoff::new(Duration::from_millis(20), Duration::from_millis(160));
+    let options = Options::default()
+        .with_name("carol")
+        .with_backoff(backoff.clone());
+    let (_carol, mut events) = connect(&url, options).await.unwrap();
+    server.stop().await;
+
+    // Attempts against a server that is down: (attempt, delay, when announced).
+    let mut attempts: Vec<(u32, Duration, Instant)> = Vec::new();
+    let mut connecting_at: Vec<Instant> = Vec::new();
+    while attempts.len() < 12 {
+        match next_event(&mut events).await {
+            Event::State(State::Reconnecting { attempt, delay, .. }) => {
+                attempts.push((attempt, delay, Instant::now()));
+            }
+            Event::State(State::Connecting { attempt }) if attempt > 0 => {
+                connecting_at.push(Instant::now());
+            }
+            _ => {}
+        }
+    }
+    let numbers: Vec<u32> = attempts.iter().map(|a| a.0).collect();
+    assert_eq!(numbers, (1..=12).collect::<Vec<u32>>());
+    for (attempt, delay, _) in &attempts {
+        assert!(
+            *delay <= backoff.ceiling(*attempt),
+            "attempt {attempt}: {delay:?}"
+        );
+        assert!(*delay <= Duration::from_millis(160), "capped: {delay:?}");
+    }
+    // The ceiling doubles until the cap: 20, 40, 80, 160, 160, …
+    let ceilings: Vec<u128> = numbers
+        .iter()
+        .map(|&a| backoff.ceiling(a).as_millis())
+        .collect();
+    assert_eq!(&ceilings[..5], &[20, 40, 80, 160, 160]);
+    // Jitter: the capped attempts do not all wait the same time.
+    let capped: Vec<Duration> = attempts[4..].iter().map(|a| a.1).collect();
+    assert!(
+        capped.iter().any(|d| *d != capped[0]),
+        "no jitter: {capped:?}"
+    );
+    // And each announced delay was waited before the next attempt.
+    for ((_, delay, announced), started) in attempts.iter().zip(&connecting_at) {
+        assert!(*started >= *announced + *delay, "attempt started early");
+    }
+
+    // When the server is back, the client is too.
+    let listener = TcpListener::bind(server.address).await.unwrap();
+    server.serve(listener);
+    loop {
+        if let Event::Welcome(welcome) = next_event(&mut events).await {
+            assert_eq!(welcome.user, "carol");
+            break;
+        }
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_answering_is_detected_by_ping() {
+    // A server that completes the handshake, then never reads nor answers again while
+    // keeping the TCP connection open: only a ping can tell it is gone.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let (held_tx, mut held) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let config = switchboard_net::Config::default().with_ping_interval(None);
+            if let Ok(socket) = switchboard_net::accept(stream, config).await {
+                let _ = held_tx.send(socket);
+            }
+        }
+    });
+    let options = Options::default()
+        .with_heartbeat(Duration::from_millis(300), Duration::from_millis(500))
+        .with_backoff(Backoff::new(Duration::from_secs(5), Duration::from_secs(5)));
+    let started = Instant::now();
+    let (_client, mut events) = connect_raw(&format!("ws://{address}/"), options)
+        .await
+        .unwrap();
+    let _socket = held.recv().await.unwrap();
+    let reason = loop {
+        if let Event::State(State::Reconnecting { reason, .. }) = next_event(&mut events).await {
+            break reason;
+        }
+    };
+    assert!(reason.contains("ping"), "{reason}");
+    let noticed = started.elapsed();
+    // Detected after the ping interval plus the pong timeout, long before TCP would.
+    assert!(noticed >= Duration::from_millis(800), "{noticed:?}");
+    assert!(noticed < Duration::from_secs(20), "{noticed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_are_paced_under_the_announced_rate_limit() {
+    // The default limit: 20 a second, bursts of 40. Sixty messages at once would be
+    // refused past the burst without pacing.
+    let mut server = Server::start(Config::default()).await;
+    let url = format!("ws://{}/room/paced", server.address);
+    let (dave, mut events) = connect(&url, Options::default().with_name("dave"))
+        .await
+        .unwrap();
+    let nonces: Vec<String> = (0..60)
+        .map(|i| dave.send_message(format!("p-{i}")).unwrap())
+        .collect();
+    let mut acknowledged = Vec::new();
+    while acknowledged.len() < nonces.len() {
+        match next_event(&mut events).await {
+            Event::Message(m) => acknowledged.push(m.nonce.unwrap()),
+            Event::Error(error) => panic!("refused: {error:?}"),
+            _ => {}
+        }
+    }
+    assert_eq!(
+        acknowledged, nonces,
+        "every message once, in the order sent"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn refusals_that_retrying_cannot_fix_are_errors_at_once() {
+    let mut server = Server::start(Config::default()).await;
+    let bad_room = format!("ws://{}/room/not%20valid", server.address);
+    let refused = connect(&bad_room, Options::default().with_name("erin")).await;
+    match refused {
+        Err(Error::Net(error)) => assert!(error.to_string().contains("400"), "{error}"),
+        other => panic!("expected a 400 refusal, got {other:?}"),
+    }
+    let echo = format!("ws://{}/echo", server.address);
+    let not_a_room = connect(&echo, Options::default().with_name("erin")).await;
+    assert!(matches!(not_a_room, Err(Error::Room(_))), "{not_a_room:?}");
+    server.stop().await;
+}
