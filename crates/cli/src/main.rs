@@ -1,6 +1,7 @@
 //! `switchboard`: the one binary. Parses flags, sets up logging, calls the libraries.
 
 mod bench;
+mod chat;
 mod connect;
 mod send;
 mod serve;
@@ -35,6 +36,8 @@ enum Command {
     /// Connect to a WebSocket URL: stdin lines go out as text, received messages come out
     /// on stdout, one per line.
     Connect(connect::ConnectArgs),
+    /// Chat in a room from the terminal.
+    Chat(chat::ChatArgs),
     /// Send one message to a room and print its id once the server stored it.
     Send(send::SendArgs),
     /// Load the server and print figures.
@@ -46,6 +49,9 @@ fn main() -> ExitCode {
     let default_level = match cli.command {
         Command::Serve(_) => "info",
         Command::Connect(_) | Command::Bench(_) | Command::Send(_) => "warn",
+        // The screen is the chat's; logs go there only when asked for (`--log`, with
+        // stderr redirected to a file).
+        Command::Chat(_) => "off",
     };
     let filter = EnvFilter::try_new(cli.log.as_deref().unwrap_or(default_level))
         .unwrap_or_else(|_| EnvFilter::new(default_level));
@@ -80,6 +86,7 @@ fn main() -> ExitCode {
             Command::Connect(args) => connect::run(args).await,
             Command::Bench(args) => bench::run(args).await,
             Command::Send(args) => send::run(args).await,
+            Command::Chat(args) => chat::run(args).await,
         }
     });
     match result {

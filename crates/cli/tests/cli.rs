@@ -6,42 +6,11 @@ use std::time::Duration;
 
 use switchboard_net::{connect, ClientOptions, CloseCode, Message};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
-const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
+mod support;
 
-/// Starts `switchboard serve` on a free port and returns it with its address, read from
-/// its `listening on http://ADDR` log line.
-async fn serve() -> (Child, String) {
-    let mut child = Command::new(BIN)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--drain-timeout",
-            "5",
-            "--memory",
-        ])
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let address = tokio::time::timeout(Duration::from_secs(10), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if let Some((_, rest)) = line.split_once("listening on http://") {
-                return rest.trim().to_owned();
-            }
-        }
-        panic!("serve exited without logging its address");
-    })
-    .await
-    .unwrap();
-    // Keep draining the log so the server never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, address)
-}
+use support::{serve, BIN};
 
 #[tokio::test]
 async fn connect_pipes_lines_through_echo() {
@@ -148,4 +117,30 @@ async fn logs_can_be_json_lines() {
         .unwrap()
         .starts_with("listening on http://127.0.0.1:"));
     child.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn send_prints_the_stored_id_or_one_line_of_refusal() {
+    let (mut server, address) = serve().await;
+    let url = format!("ws://{address}/room/sent");
+    for expected in ["1", "2"] {
+        let output = Command::new(BIN)
+            .args(["send", &url, "--name", "bot", "hello"])
+            .output()
+            .await
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        assert_eq!(String::from_utf8(output.stdout).unwrap().trim(), expected);
+    }
+    let bad_room = format!("ws://{address}/room/no%20spaces");
+    let output = Command::new(BIN)
+        .args(["send", &bad_room, "--name", "bot", "hello"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("400"), "{stderr}");
+    server.kill().await.unwrap();
 }

@@ -109,6 +109,11 @@ impl Events {
     pub async fn recv(&mut self) -> Option<Event> {
         self.events.recv().await
     }
+
+    /// The next event if one is ready, without waiting.
+    pub fn try_recv(&mut self) -> Option<Event> {
+        self.events.try_recv().ok()
+    }
 }
 
 impl futures_core::Stream for Events {

@@ -440,14 +440,30 @@ async fn the_rate_limit_answers_with_errors_then_closes_with_1008() {
     let mut config = Config::default().with_rate_limit(0.5, 3);
     config.rate_limit_strikes = 5;
     let server = Server::start(config).await;
+    // The welcome announces the limits, so well-behaved clients can keep under them.
+    let url = format!("ws://{}/room/spam?name=Watcher", server.address);
+    let mut watcher = Client {
+        socket: connect(&url, ClientOptions::default())
+            .await
+            .unwrap()
+            .socket,
+    };
+    let welcome = watcher.next().await;
+    assert_eq!(
+        welcome["limits"],
+        json!({"eventsPerSec": 0.5, "burst": 3, "maxTextChars": 4096})
+    );
     let mut spammer = server.join("spam", "name=Spammer").await;
     for i in 1..=3 {
         assert_eq!(spammer.say(&format!("ok {i}")).await, i);
     }
     spammer
-        .send(json!({"type": "message", "text": "one too many"}))
+        .send(json!({"type": "message", "text": "one too many", "nonce": "n-4"}))
         .await;
-    assert_eq!(spammer.next().await["code"], "rate_limited");
+    let refused = spammer.next().await;
+    assert_eq!(refused["code"], "rate_limited");
+    // The refusal names the message, so its sender can send it again later.
+    assert_eq!(refused["nonce"], "n-4");
     for _ in 0..10 {
         // The server may already have closed; later sends can fail.
         if spammer

@@ -1,0 +1,42 @@
+//! Running the binary: `switchboard serve` on a free (or given) port.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
+
+/// Starts `switchboard serve --listen LISTEN EXTRA…` and returns it with its address, read
+/// from its `listening on http://ADDR` log line.
+pub(crate) async fn serve_with(listen: &str, extra: &[&str]) -> (Child, String) {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", listen, "--drain-timeout", "5"])
+        .args(extra)
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let address = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some((_, rest)) = line.split_once("listening on http://") {
+                return rest.trim().to_owned();
+            }
+        }
+        panic!("serve exited without logging its address");
+    })
+    .await
+    .unwrap();
+    // Keep draining the log so the server never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, address)
+}
+
+/// A server keeping history in memory, on a free port.
+#[allow(dead_code)] // Not every test file needs it.
+pub(crate) async fn serve() -> (Child, String) {
+    serve_with("127.0.0.1:0", &["--memory"]).await
+}
