@@ -15,6 +15,7 @@ use ratatui::widgets::{Block, Paragraph, Wrap};
 use ratatui::{DefaultTerminal, Frame};
 use switchboard_client::{connect, Event, Events, Options, RoomClient, State};
 use tokio::sync::mpsc;
+use unicode_width::UnicodeWidthChar;
 
 #[derive(Debug, Args)]
 #[command(
@@ -462,9 +463,19 @@ impl App {
                 Style::new().add_modifier(Modifier::BOLD),
             )))
             .title(self.status_line());
-        let paragraph = Paragraph::new(lines).wrap(Wrap { trim: false });
+        // Only the tail that can be shown is laid out (and scroll offsets stay small).
+        let width = area.width.saturating_sub(2);
         let inner_height = usize::from(area.height.saturating_sub(2));
-        let total = paragraph.line_count(area.width.saturating_sub(2));
+        let wanted = inner_height + self.scroll;
+        let (mut start, mut height) = (lines.len(), 0);
+        while start > 0 && height < wanted {
+            start -= 1;
+            height += Paragraph::new(lines[start].clone())
+                .wrap(Wrap { trim: false })
+                .line_count(width);
+        }
+        let paragraph = Paragraph::new(lines.split_off(start)).wrap(Wrap { trim: false });
+        let total = paragraph.line_count(width);
         let bottom = total.saturating_sub(inner_height);
         self.scroll = self.scroll.min(bottom);
         let top = bottom - self.scroll;
@@ -510,12 +521,28 @@ impl App {
 
     fn draw_input(&self, frame: &mut Frame<'_>, area: Rect) {
         let width = usize::from(area.width.saturating_sub(2)).max(1);
-        // Scrolled sideways so the cursor stays in view.
-        let skip = (self.cursor + 1).saturating_sub(width);
-        let visible: String = self.input.chars().skip(skip).take(width).collect();
+        let columns = |c: char| c.width().unwrap_or(0);
+        // Scrolled sideways so the cursor stays in view; widths in terminal columns.
+        let before: Vec<char> = self.input.chars().take(self.cursor).collect();
+        let mut at = before.iter().copied().map(columns).sum::<usize>();
+        let mut skip = 0;
+        while at + 1 > width && skip < before.len() {
+            at -= columns(before[skip]);
+            skip += 1;
+        }
+        let mut used = 0;
+        let visible: String = self
+            .input
+            .chars()
+            .skip(skip)
+            .take_while(|&c| {
+                used += columns(c);
+                used <= width
+            })
+            .collect();
         let block = Block::bordered().title(" message · Enter sends · Esc quits ");
         frame.render_widget(Paragraph::new(visible).block(block), area);
-        let x = area.x + 1 + u16::try_from(self.cursor - skip).unwrap_or(0);
+        let x = area.x + 1 + u16::try_from(at).unwrap_or(0);
         frame.set_cursor_position(Position::new(x, area.y + 1));
     }
 }

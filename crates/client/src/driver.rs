@@ -64,22 +64,36 @@ enum End {
         permanent: bool,
         /// The server closed with a close handshake.
         clean: bool,
-        /// The connection was up (welcomed, for a room) before it was lost.
-        established: bool,
+        /// When the connection came up (welcomed, for a room), if it did.
+        since: Option<Instant>,
     },
 }
 
 impl End {
-    fn lost(error: impl Into<Error>) -> Self {
+    fn lost(error: impl Into<Error>, since: Instant) -> Self {
         let error = error.into();
         Self::Lost {
             permanent: is_permanent(&error),
             error,
             clean: false,
-            established: true,
+            since: Some(since),
+        }
+    }
+
+    /// A failure before the connection came up.
+    fn failed(error: Error) -> Self {
+        Self::Lost {
+            permanent: is_permanent(&error),
+            error,
+            clean: false,
+            since: None,
         }
     }
 }
+
+/// A connection that stayed up this long starts the backoff over when lost; one lost
+/// sooner (a server that accepts, then drops) keeps it growing.
+const STABLE: Duration = Duration::from_secs(10);
 
 /// Whether reconnecting cannot help.
 fn is_permanent(error: &Error) -> bool {
@@ -130,9 +144,14 @@ impl Bucket {
     }
 
     fn ready_at(&self) -> Instant {
-        self.at + Duration::from_secs_f64(((1.0 - self.tokens) / self.rate).max(0.001))
+        // Bounded, whatever rate a server announces.
+        let wait = ((1.0 - self.tokens) / self.rate).clamp(0.001, 60.0);
+        self.at + Duration::from_secs_f64(wait)
     }
 }
+
+/// Binary messages a room client holds while pacing before it drops the oldest.
+const RELAY_QUEUE: usize = 1024;
 
 /// How long to wait for the server's Close after ours.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -147,6 +166,9 @@ pub(crate) struct Driver {
     commands: mpsc::UnboundedReceiver<Command>,
     /// Every handle is gone: close once the queue is acknowledged.
     handles_gone: bool,
+    /// A close was asked for (or every handle dropped): the deadline for the messages
+    /// already sent to be acknowledged before the Close goes out regardless.
+    closing: Option<Instant>,
     events: mpsc::Sender<Event>,
     shared: Arc<Shared>,
     rng: StdRng,
@@ -167,6 +189,8 @@ pub(crate) struct Driver {
     blocked_until: Option<Instant>,
     /// Raw messages waiting for a connection.
     outbox: VecDeque<Message>,
+    /// Binary data to relay in a room, paced with the messages.
+    relay: VecDeque<Bytes>,
     /// Callers of `close()` waiting for the end.
     closers: Vec<oneshot::Sender<()>>,
 }
@@ -185,6 +209,7 @@ impl Driver {
             mode,
             commands,
             handles_gone: false,
+            closing: None,
             events,
             shared,
             rng: StdRng::from_os_rng(),
@@ -197,6 +222,7 @@ impl Driver {
             paused_until: None,
             blocked_until: None,
             outbox: VecDeque::new(),
+            relay: VecDeque::new(),
             closers: Vec::new(),
             options,
         }
@@ -215,14 +241,18 @@ impl Driver {
                     error,
                     permanent,
                     clean,
-                    established,
+                    since,
                 } => {
-                    if established {
+                    if since.is_some_and(|up| up.elapsed() >= STABLE) {
                         attempt = 0;
                     }
                     (error, permanent, clean)
                 }
             };
+            if self.closing.is_some() {
+                // Closing anyway: what was not acknowledged by now will not be.
+                return self.finish("closed".into(), false).await;
+            }
             if let Some(first) = first.take() {
                 // The caller of `connect` gets the reason; nobody holds a handle yet.
                 let _ = first.send(Err(error));
@@ -248,19 +278,33 @@ impl Driver {
     }
 
     async fn finish(mut self, reason: String, failed: bool) {
-        self.emit(Event::State(State::Closed { reason, failed }))
-            .await;
+        // Sends from here on fail instead of vanishing into a queue nobody reads.
+        self.commands.close();
         self.shared.queued.store(0, Ordering::Relaxed);
+        // Callers of `close()` are answered first: they may not be reading events.
         for closer in self.closers.drain(..) {
             let _ = closer.send(());
         }
+        let _ = self
+            .events
+            .try_send(Event::State(State::Closed { reason, failed }));
     }
 
     /// Delivers an event; waits while the application's queue is full (the server then
     /// holds the rest, and closes a connection that falls too far behind, to be resumed).
+    /// While closing, it waits no longer than the close deadline: a caller of `close()`
+    /// may not be reading.
     async fn emit(&mut self, event: Event) {
         // Nobody listening is not an error: the handles may still send.
-        let _ = self.events.send(event).await;
+        match self.closing {
+            None => {
+                let _ = self.events.send(event).await;
+            }
+            Some(deadline) => {
+                let deadline = deadline.max(Instant::now()) + CLOSE_TIMEOUT;
+                let _ = timeout(deadline - Instant::now(), self.events.send(event)).await;
+            }
+        }
     }
 
     /// Sleeps between attempts, queuing what is sent meanwhile.
@@ -346,10 +390,7 @@ impl Driver {
             tokio::select! {
                 connected = &mut connecting => match connected {
                     Ok(connected) => break connected.socket,
-                    Err(error) => {
-                        let error = Error::Net(error);
-                        return End::Lost { permanent: is_permanent(&error), error, clean: false, established: false };
-                    }
+                    Err(error) => return End::failed(Error::Net(error)),
                 },
                 command = self.commands.recv(), if !self.handles_gone => {
                     if let Some(end) = self.offline(command) {
@@ -360,39 +401,36 @@ impl Driver {
         };
         if self.mode == Mode::Room {
             if let Err(error) = self.welcome(&mut socket).await {
-                return End::Lost {
-                    permanent: is_permanent(&error),
-                    error,
-                    clean: false,
-                    established: false,
-                };
+                return End::failed(error);
             }
         }
+        let up = Instant::now();
         self.emit(Event::State(State::Connected)).await;
         if let Some(first) = first.take() {
             let _ = first.send(Ok(()));
         }
         // Everything unacknowledged goes again, in order: the server stores a nonce it
-        // already has only once, and acknowledges it again.
+        // already has only once, and acknowledges it again. Relayed data of the moment
+        // that did not go out before the loss is stale now.
         self.in_flight = 0;
+        self.relay.clear();
         while let Some(message) = self.outbox.pop_front() {
             if let Err(error) = socket.feed(&message).await {
-                return End::lost(error);
+                return End::lost(error, up);
             }
         }
-        // When to close even if messages are still unacknowledged.
-        let mut closing: Option<Instant> = self
-            .handles_gone
-            .then(|| Instant::now() + self.options.connect_timeout);
         // Once our Close went out: when to stop waiting for the server's.
         let mut close_sent: Option<Instant> = None;
         loop {
             let now = Instant::now();
             if close_sent.is_none() {
                 if let Err(error) = self.pump(&mut socket).await {
-                    return End::lost(error);
+                    return End::lost(error, up);
                 }
-                if closing.is_some_and(|deadline| self.pending.is_empty() || now >= deadline) {
+                if self
+                    .closing
+                    .is_some_and(|deadline| self.pending.is_empty() || now >= deadline)
+                {
                     // Messages still in flight from the server keep arriving until its Close.
                     let frame = CloseFrame::new(CloseCode::NORMAL, "");
                     if let Err(cause) = socket.start_close(Some(frame)).await {
@@ -404,42 +442,49 @@ impl Driver {
             } else if close_sent.is_some_and(|deadline| now >= deadline) {
                 return End::Closed;
             }
-            let wake = [self.blocked_until, closing, close_sent]
-                .into_iter()
-                .flatten()
-                .min();
+            let wake = match close_sent {
+                // Only the server's Close (or the end of waiting for it) matters now.
+                Some(deadline) => Some(deadline),
+                None => [self.blocked_until, self.closing]
+                    .into_iter()
+                    .flatten()
+                    .min(),
+            };
             tokio::select! {
                 biased;
                 command = self.commands.recv(), if !self.handles_gone && close_sent.is_none() => match command {
                     None => {
                         self.handles_gone = true;
-                        closing.get_or_insert(Instant::now() + self.options.connect_timeout);
+                        self.start_closing();
                     }
                     Some(Command::Close(reply)) => {
                         self.closers.push(reply);
-                        // Messages already sent get their acknowledgement first (bounded).
-                        closing.get_or_insert(Instant::now() + self.options.connect_timeout);
+                        self.start_closing();
                     }
                     Some(Command::Message { nonce, json }) => self.pending.push_back(Pending { nonce, json }),
                     Some(Command::Typing(is_typing)) => {
                         if self.bucket.as_mut().map_or(true, |b| b.take(Instant::now())) {
                             let json = format!(r#"{{"type":"typing","isTyping":{is_typing}}}"#);
                             if let Err(error) = socket.feed_frame(OpCode::Text, json.as_bytes()).await {
-                                return End::lost(error);
+                                return End::lost(error, up);
                             }
                         }
                     }
-                    Some(Command::Binary(data)) => {
-                        if let Some(bucket) = self.bucket.as_mut() {
-                            bucket.take(Instant::now());
+                    Some(Command::Binary(data)) if self.mode == Mode::Room => {
+                        if self.relay.len() >= RELAY_QUEUE {
+                            debug!("relay queue full: dropping the oldest binary message");
+                            self.relay.pop_front();
                         }
+                        self.relay.push_back(data);
+                    }
+                    Some(Command::Binary(data)) => {
                         if let Err(error) = socket.feed_frame(OpCode::Binary, &data).await {
-                            return End::lost(error);
+                            return End::lost(error, up);
                         }
                     }
                     Some(Command::Text(text)) => {
                         if let Err(error) = socket.feed_frame(OpCode::Text, text.as_bytes()).await {
-                            return End::lost(error);
+                            return End::lost(error, up);
                         }
                     }
                 },
@@ -456,9 +501,9 @@ impl Driver {
                             || "the server closed the connection".to_owned(),
                             |f| format!("the server closed the connection: {} {}", f.code, f.reason),
                         );
-                        return End::Lost { error: Error::Room(reason), permanent: false, clean: true, established: true };
+                        return End::Lost { error: Error::Room(reason), permanent: false, clean: true, since: Some(up) };
                     }
-                    Err(error) => return End::lost(error),
+                    Err(error) => return End::lost(error, up),
                 },
                 () = async { sleep_until(wake.expect("guarded")).await }, if wake.is_some() => {}
             }
@@ -502,6 +547,7 @@ impl Driver {
                 // its ids start again, and must not be taken for ones already seen.
                 debug!(seen, now = welcome.last_id, "room history restarted");
                 self.last_id = Some(welcome.last_id);
+                welcome.resumed_after = Some(welcome.last_id);
             }
         }
         if self.joined_at.is_none() && self.options.since.is_none() {
@@ -567,16 +613,34 @@ impl Driver {
         self.shared.queued.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Sends queued messages, as many as the window and the room's pace allow.
+    fn start_closing(&mut self) {
+        // Messages already sent get their acknowledgement first, within bounds.
+        self.closing
+            .get_or_insert(Instant::now() + self.options.connect_timeout);
+    }
+
+    /// Sends relayed data and queued messages, as many as the window and the room's
+    /// pace allow (the server counts both against its rate limit).
     async fn pump(&mut self, socket: &mut WebSocket<TcpStream>) -> Result<(), Error> {
         self.blocked_until = None;
         let now = Instant::now();
+        while let Some(data) = self.relay.front() {
+            if let Some(bucket) = self.bucket.as_mut() {
+                if !bucket.take(now) {
+                    self.blocked_until = Some(bucket.ready_at());
+                    socket.flush().await?;
+                    return Ok(());
+                }
+            }
+            socket.feed_frame(OpCode::Binary, data).await?;
+            self.relay.pop_front();
+        }
         match self.paused_until {
             Some(until) if now < until => self.blocked_until = Some(until),
             _ => {
                 self.paused_until = None;
                 while self.in_flight < self.pending.len()
-                    && self.in_flight < self.options.max_in_flight
+                    && self.in_flight < self.options.max_in_flight.max(1)
                 {
                     if let Some(bucket) = self.bucket.as_mut() {
                         if !bucket.take(now) {

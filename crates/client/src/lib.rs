@@ -232,8 +232,9 @@ impl RoomClient {
         self.handle.command(Command::Typing(is_typing))
     }
 
-    /// Relays binary data to the other members (not stored, not queued while
-    /// disconnected).
+    /// Relays binary data to the other members: not stored, not kept while disconnected,
+    /// paced with the messages under the room's rate limit (beyond 1024 waiting, the
+    /// oldest is dropped).
     pub fn send_binary(&self, data: impl Into<Bytes>) -> Result<(), Error> {
         self.handle.command(Command::Binary(data.into()))
     }
@@ -244,8 +245,10 @@ impl RoomClient {
     }
 
     /// Closes with 1000 once the messages already sent are acknowledged (bounded by the
-    /// connect timeout), and waits until the client has closed. Keep reading [`Events`]
-    /// meanwhile, or drop them: the client does not discard events you still hold.
+    /// connect timeout), and waits until the client has closed. Messages still
+    /// unacknowledged then (or queued while disconnected) are not sent: check
+    /// [`RoomClient::queued`] first when that matters. Events that arrive meanwhile are
+    /// delivered while there is room in the queue.
     pub async fn close(&self) {
         self.handle.close().await;
     }

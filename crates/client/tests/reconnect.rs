@@ -1,6 +1,7 @@
 //! The client against a real server: restarts, cut connections, backoff, dead peers.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -177,7 +178,12 @@ async fn a_thousand_messages_through_two_restarts_and_two_cuts_land_once_in_orde
             .with_backoff(quick_backoff())
     };
 
+    // Connections made so far, per client: each disruption waits for both to be up, so
+    // that it hits live connections.
+    let bob_up = Arc::new(AtomicUsize::new(0));
+    let alice_up = Arc::new(AtomicUsize::new(0));
     let (_bob, mut bob_events) = connect(&url, options("bob")).await.unwrap();
+    let up = bob_up.clone();
     let receiver = tokio::spawn(async move {
         let mut seen = Vec::new();
         let mut reconnections = 0;
@@ -185,6 +191,9 @@ async fn a_thousand_messages_through_two_restarts_and_two_cuts_land_once_in_orde
             match next_event(&mut bob_events).await {
                 Event::Message(m) => seen.push((m.id, m.from, m.text)),
                 Event::State(State::Reconnecting { .. }) => reconnections += 1,
+                Event::State(State::Connected) => {
+                    up.fetch_add(1, Ordering::SeqCst);
+                }
                 Event::State(State::Closed { reason, .. }) => panic!("bob closed: {reason}"),
                 _ => {}
             }
@@ -193,6 +202,7 @@ async fn a_thousand_messages_through_two_restarts_and_two_cuts_land_once_in_orde
     });
 
     let (alice, mut alice_events) = connect(&url, options("alice")).await.unwrap();
+    let up = alice_up.clone();
     let alice_watch = tokio::spawn(async move {
         let mut reconnections = 0;
         let mut acknowledged = Vec::new();
@@ -200,6 +210,9 @@ async fn a_thousand_messages_through_two_restarts_and_two_cuts_land_once_in_orde
             match event {
                 Event::Message(m) => acknowledged.push(m.text),
                 Event::State(State::Reconnecting { .. }) => reconnections += 1,
+                Event::State(State::Connected) => {
+                    up.fetch_add(1, Ordering::SeqCst);
+                }
                 Event::Error(error) => panic!("alice was refused: {error:?}"),
                 _ => {}
             }
@@ -207,12 +220,22 @@ async fn a_thousand_messages_through_two_restarts_and_two_cuts_land_once_in_orde
         (acknowledged, reconnections)
     });
 
+    let mut disruptions = 0;
     for i in 0..1000 {
         alice.send_message(format!("m-{i:04}")).unwrap();
-        match i {
-            200 | 600 => server.restart().await,
-            400 | 800 => relay.cut(),
-            _ => {}
+        if matches!(i, 200 | 400 | 600 | 800) {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while bob_up.load(Ordering::SeqCst) < disruptions + 1
+                || alice_up.load(Ordering::SeqCst) < disruptions + 1
+            {
+                assert!(Instant::now() < deadline, "the clients did not reconnect");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            disruptions += 1;
+            match i {
+                200 | 600 => server.restart().await,
+                _ => relay.cut(),
+            }
         }
         if i % 10 == 0 {
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -262,6 +285,9 @@ async fn a_thousand_messages_through_two_restarts_and_two_cuts_land_once_in_orde
         alice_reconnections >= 4,
         "alice reconnected {alice_reconnections} times"
     );
+    // And each came back after all four.
+    assert_eq!(bob_up.load(Ordering::SeqCst), 5);
+    assert_eq!(alice_up.load(Ordering::SeqCst), 5);
     server.stop().await;
 }
 
@@ -274,25 +300,22 @@ async fn reconnection_delays_grow_with_jitter_up_to_the_cap() {
         .with_name("carol")
         .with_backoff(backoff.clone());
     let (_carol, mut events) = connect(&url, options).await.unwrap();
+    let stopped = Instant::now();
     server.stop().await;
 
-    // Attempts against a server that is down: (attempt, delay, when announced).
-    let mut attempts: Vec<(u32, Duration, Instant)> = Vec::new();
-    let mut connecting_at: Vec<Instant> = Vec::new();
+    // Attempts against a server that is down: (attempt, delay).
+    let mut attempts: Vec<(u32, Duration)> = Vec::new();
     while attempts.len() < 12 {
-        match next_event(&mut events).await {
-            Event::State(State::Reconnecting { attempt, delay, .. }) => {
-                attempts.push((attempt, delay, Instant::now()));
-            }
-            Event::State(State::Connecting { attempt }) if attempt > 0 => {
-                connecting_at.push(Instant::now());
-            }
-            _ => {}
+        if let Event::State(State::Reconnecting { attempt, delay, .. }) =
+            next_event(&mut events).await
+        {
+            attempts.push((attempt, delay));
         }
     }
+    let elapsed = stopped.elapsed();
     let numbers: Vec<u32> = attempts.iter().map(|a| a.0).collect();
     assert_eq!(numbers, (1..=12).collect::<Vec<u32>>());
-    for (attempt, delay, _) in &attempts {
+    for (attempt, delay) in &attempts {
         assert!(
             *delay <= backoff.ceiling(*attempt),
             "attempt {attempt}: {delay:?}"
@@ -311,10 +334,11 @@ async fn reconnection_delays_grow_with_jitter_up_to_the_cap() {
         capped.iter().any(|d| *d != capped[0]),
         "no jitter: {capped:?}"
     );
-    // And each announced delay was waited before the next attempt.
-    for ((_, delay, announced), started) in attempts.iter().zip(&connecting_at) {
-        assert!(*started >= *announced + *delay, "attempt started early");
-    }
+    // And each announced delay was waited before the next attempt: the twelfth
+    // announcement came after the eleven delays before it (a lower bound that a busy
+    // machine can only make later).
+    let waited: Duration = attempts[..11].iter().map(|a| a.1).sum();
+    assert!(elapsed >= waited, "{elapsed:?} < {waited:?}");
 
     // When the server is back, the client is too.
     let listener = TcpListener::bind(server.address).await.unwrap();
@@ -403,4 +427,50 @@ async fn refusals_that_retrying_cannot_fix_are_errors_at_once() {
     let not_a_room = connect(&echo, Options::default().with_name("erin")).await;
     assert!(matches!(not_a_room, Err(Error::Room(_))), "{not_a_room:?}");
     server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_is_bounded_when_the_server_never_acknowledges() {
+    // A room that welcomes, then never answers anything again.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let config = switchboard_net::Config::default().with_ping_interval(None);
+        let (mut socket, _) = switchboard_net::accept(stream, config).await.unwrap();
+        let welcome =
+            r#"{"type":"welcome","room":"mute","user":"frank","members":["frank"],"lastId":0}"#;
+        socket.send_text(welcome).await.unwrap();
+        std::future::pending::<()>().await;
+        drop(socket);
+    });
+    let options = Options::default()
+        .with_name("frank")
+        .with_connect_timeout(Duration::from_millis(500));
+    let url = format!("ws://{address}/room/mute");
+    let (frank, mut events) = connect(&url, options).await.unwrap();
+    frank.send_message("never acknowledged").unwrap();
+    assert_eq!(frank.queued(), 1);
+    let started = Instant::now();
+    // Not reading events meanwhile must not hold the close up either.
+    timeout(Duration::from_secs(15), frank.close())
+        .await
+        .expect("close() returned");
+    let waited = started.elapsed();
+    // It waited for the acknowledgement (up to the connect timeout), then for the
+    // server's Close (which never came), and gave up on both.
+    assert!(waited >= Duration::from_millis(500), "{waited:?}");
+    let mut last = None;
+    while let Some(event) = events.recv().await {
+        last = Some(event);
+    }
+    assert!(
+        matches!(
+            last,
+            Some(Event::State(State::Closed { failed: false, .. }))
+        ),
+        "{last:?}"
+    );
+    assert_eq!(frank.queued(), 0);
+    assert!(matches!(frank.send_message("late"), Err(Error::Closed)));
 }
