@@ -14,6 +14,7 @@ mod room;
 mod routes;
 mod serve;
 mod upgrade;
+mod web;
 
 pub use auth::AuthSetupError;
 pub use config::Config;

@@ -49,6 +49,26 @@ async fn routes_and_statuses() {
     let health = raw(a, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert!(health.starts_with("HTTP/1.1 200 OK"), "{health}");
 
+    // The chat page and its assets, from the binary, under a policy that lets nothing
+    // but them run.
+    for (path, kind, start) in [
+        ("/", "text/html", "<!doctype html>"),
+        ("/assets/app.js", "text/javascript", "// Switchboard"),
+        ("/assets/style.css", "text/css", ":root"),
+    ] {
+        let page = raw(a, &format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n")).await;
+        let lower = page.to_ascii_lowercase();
+        assert!(page.starts_with("HTTP/1.1 200 OK"), "{path}: {page}");
+        assert!(
+            lower.contains(&format!("content-type: {kind}")),
+            "{path}: {page}"
+        );
+        assert!(lower.contains("content-security-policy: default-src 'none'; script-src 'self'"));
+        assert!(lower.contains("x-content-type-options: nosniff"));
+        let body = &page[page.find("\r\n\r\n").unwrap() + 4..];
+        assert!(body.starts_with(start), "{path}: {body:.80}");
+    }
+
     let plain = raw(a, "GET /echo HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert!(plain.starts_with("HTTP/1.1 426 "), "{plain}");
     assert!(plain.contains("speaks WebSocket"), "{plain}");

@@ -1,0 +1,259 @@
+// The chat page end to end in Debian's Chromium (playwright-core): two people chat
+// both ways, see each other typing and in the member list, ride out a server restart and
+// a network outage without losing or repeating a message, and markup stays text.
+//
+// Needs SWITCHBOARD_BIN (scripts/browser.sh builds it). Screenshots go to
+// reports/browser/ (BROWSER_REPORTS elsewhere).
+
+import { test, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
+import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import readline from 'node:readline';
+import { fileURLToPath } from 'node:url';
+import { chromium } from 'playwright-core';
+
+const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+const BIN = process.env.SWITCHBOARD_BIN ?? path.join(ROOT, 'target/release/switchboard');
+const REPORTS = process.env.BROWSER_REPORTS ?? path.join(ROOT, 'reports/browser');
+const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
+const CHROMIUM_ARGS = [
+  '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+  '--disable-background-networking', '--disable-component-update', '--disable-sync',
+];
+
+const cleanups = [];
+after(async () => {
+  for (const cleanup of cleanups.reverse()) await cleanup();
+});
+
+/** Starts `switchboard serve`; resolves with the process and its address once it listens. */
+async function startServer(listen, dataDir) {
+  const child = spawn(BIN, ['serve', '--listen', listen, '--data-dir', dataDir, '--drain-timeout', '2'], {
+    stdio: ['ignore', 'ignore', 'pipe'],
+    env: { ...process.env, NO_COLOR: '1' },
+  });
+  const lines = readline.createInterface({ input: child.stderr });
+  const address = await new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error('serve did not start in 15 s')), 15000);
+    lines.on('line', (line) => {
+      const found = /listening on http:\/\/(\S+)/.exec(line);
+      if (found) {
+        clearTimeout(timer);
+        resolve(found[1]);
+      }
+    });
+    child.on('exit', (code) => reject(new Error(`serve exited with ${code}`)));
+  });
+  const exited = once(child, 'exit');
+  const stop = async () => {
+    if (child.exitCode === null && child.signalCode === null) {
+      child.kill('SIGTERM');
+      await exited;
+    }
+  };
+  cleanups.push(stop);
+  return { address, stop };
+}
+
+/** A TCP relay in front of the server that can cut every connection and refuse new ones. */
+async function startRelay(target) {
+  const [host, port] = [target.slice(0, target.lastIndexOf(':')), Number(target.slice(target.lastIndexOf(':') + 1))];
+  const sockets = new Set();
+  let blocked = false;
+  const server = net.createServer((client) => {
+    if (blocked) {
+      client.resetAndDestroy();
+      return;
+    }
+    const upstream = net.connect(port, host);
+    const end = () => {
+      for (const s of [client, upstream]) {
+        sockets.delete(s);
+        s.destroy();
+      }
+    };
+    for (const s of [client, upstream]) {
+      sockets.add(s);
+      s.on('error', end);
+      s.on('close', end);
+    }
+    client.pipe(upstream);
+    upstream.pipe(client);
+  });
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  cleanups.push(() => new Promise((resolve) => {
+    for (const s of sockets) s.destroy();
+    server.close(resolve);
+  }));
+  return {
+    url: `http://127.0.0.1:${server.address().port}`,
+    block() {
+      blocked = true;
+      for (const s of sockets) s.resetAndDestroy();
+    },
+    unblock() {
+      blocked = false;
+    },
+  };
+}
+
+/** Polls `check` until it returns a truthy value (up to 20 s); fails naming `what`. */
+async function eventually(what, check) {
+  const deadline = Date.now() + 20000;
+  let last;
+  for (;;) {
+    try {
+      last = await check();
+      if (last) return last;
+    } catch (error) {
+      last = error;
+    }
+    if (Date.now() > deadline) throw new Error(`never: ${what} (last: ${last})`);
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+}
+
+const status = (page) => page.locator('#status').getAttribute('data-state');
+const members = async (page) => (await page.locator('#members .name').allTextContents()).sort();
+/** Stored messages shown (not those still being sent): [{id, from, text}]. */
+const shown = (page) => page.locator('#messages .message:not(.pending)').evaluateAll((items) =>
+  items.map((li) => ({
+    id: Number(li.dataset.id),
+    from: li.querySelector('.from').textContent,
+    text: li.querySelector('.text').textContent,
+  })));
+const hasMessage = async (page, from, text) =>
+  (await shown(page)).some((m) => m.from === from && m.text === text);
+
+function assertOnceInOrder(messages, who) {
+  const ids = messages.map((m) => m.id);
+  assert.ok(ids.every((id, i) => i === 0 || id > ids[i - 1]), `${who}: ids in order: ${ids}`);
+  const texts = messages.map((m) => m.text);
+  assert.equal(new Set(texts).size, texts.length, `${who}: no message twice: ${texts}`);
+}
+
+test('two people chat in the browser through a restart and an outage', async () => {
+  assert.ok(fs.existsSync(BIN), `no server binary at ${BIN}`);
+  assert.ok(fs.existsSync(CHROMIUM), `no Chromium at ${CHROMIUM} (apt-get install chromium)`);
+  fs.mkdirSync(REPORTS, { recursive: true });
+  const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'switchboard-browser-'));
+  cleanups.push(() => fs.rmSync(dataDir, { recursive: true, force: true }));
+
+  let server = await startServer('127.0.0.1:0', dataDir);
+  const address = server.address;
+  const relay = await startRelay(address);
+  const browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS, headless: true });
+  cleanups.push(() => browser.close());
+  const errors = [];
+  const open = async (options) => {
+    const page = await (await browser.newContext(options)).newPage();
+    page.on('pageerror', (error) => errors.push(error));
+    return page;
+  };
+  // Alice on a desktop, Bob on a phone.
+  const alice = await open({ viewport: { width: 1280, height: 800 } });
+  const bob = await open({
+    viewport: { width: 390, height: 844 }, deviceScaleFactor: 2, isMobile: true, hasTouch: true,
+  });
+
+  // Alice joins through the form, Bob straight from the link.
+  await alice.goto(`${relay.url}/`);
+  await alice.screenshot({ path: path.join(REPORTS, 'join-desktop.png') });
+  await alice.getByLabel('Name').fill('alice');
+  await alice.getByLabel('Room').fill('e2e');
+  await alice.getByRole('button', { name: 'Join' }).click();
+  await bob.goto(`${relay.url}/?room=e2e&name=bob`);
+  for (const page of [alice, bob]) {
+    await eventually('connected', async () => (await status(page)) === 'connected');
+    await eventually('both members listed', async () => (await members(page)).join() === 'alice,bob');
+  }
+
+  // Typing shows for the other; Enter sends.
+  const aliceInput = alice.getByLabel('Message');
+  await aliceInput.pressSequentially('hello bob');
+  await eventually('alice typing, on bob\'s page', async () =>
+    (await bob.locator('#typing').textContent()) === 'alice is typing…');
+  assert.equal(await alice.locator('#typing').textContent(), '', 'nobody is typing for alice');
+  await aliceInput.press('Enter');
+  await eventually('alice\'s message at bob', () => hasMessage(bob, 'alice', 'hello bob'));
+  await eventually('the typing line cleared', async () => (await bob.locator('#typing').textContent()) === '');
+
+  // And the Send button, the other way.
+  await bob.getByLabel('Message').fill('hi alice');
+  await bob.getByRole('button', { name: 'Send' }).click();
+  await eventually('bob\'s message at alice', () => hasMessage(alice, 'bob', 'hi alice'));
+  const time = await alice.locator('#messages .message:not(.pending) .time').first().textContent();
+  assert.match(time, /\d{1,2}[:.]\d{2}/, 'messages show their time');
+
+  // The server restarts (same data dir, same port). Bob writes while it is down.
+  await server.stop();
+  for (const page of [alice, bob]) {
+    await eventually('reconnecting', async () => (await status(page)) === 'reconnecting');
+  }
+  await bob.getByLabel('Message').fill('written while the server was down');
+  await bob.getByLabel('Message').press('Enter');
+  await eventually('bob\'s message waiting', async () =>
+    (await bob.locator('#messages .message.pending').count()) === 1);
+  server = await startServer(address, dataDir);
+  for (const page of [alice, bob]) {
+    await eventually('reconnected after the restart', async () => (await status(page)) === 'connected');
+  }
+  await eventually('the waiting message delivered', () =>
+    hasMessage(alice, 'bob', 'written while the server was down'));
+  await eventually('and acknowledged', async () =>
+    (await bob.locator('#messages .message.pending').count()) === 0);
+
+  // A network outage: both pages lose the server while others go on talking.
+  relay.block();
+  for (const page of [alice, bob]) {
+    await eventually('offline', async () => (await status(page)) === 'reconnecting');
+  }
+  // More than the 50 recent messages a join without `since` gets: only resuming after
+  // the last id seen brings all of them.
+  const missed = Array.from({ length: 60 }, (_, i) => `missed ${i + 1}`);
+  for (const text of missed) {
+    const answer = await fetch(`http://${address}/api/rooms/e2e/messages`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ from: 'carol', text }),
+    });
+    assert.equal(answer.status, 201);
+  }
+  relay.unblock();
+  for (const page of [alice, bob]) {
+    await eventually('back after the outage', async () => (await status(page)) === 'connected');
+    await eventually('the missed messages filled in', () => hasMessage(page, 'carol', 'missed 60'));
+    const messages = await shown(page);
+    assertOnceInOrder(messages, page === alice ? 'alice' : 'bob');
+    assert.deepEqual(messages.filter((m) => m.from === 'carol').map((m) => m.text), missed);
+    assert.equal(messages.filter((m) => m.text === 'written while the server was down').length, 1);
+  }
+
+  // Markup is shown as text, never run or rendered.
+  const markup = '<img src=x onerror="window.pwned=1"><script>window.pwned=1</script><b>bold</b>';
+  await aliceInput.fill(markup);
+  await aliceInput.press('Enter');
+  await eventually('the markup message at bob', () => hasMessage(bob, 'alice', markup));
+  await bob.waitForTimeout(300);
+  assert.equal(await bob.evaluate(() => window.pwned), undefined, 'no script ran');
+  assert.equal(await bob.locator('#messages img, #messages script, #messages b').count(), 0);
+
+  // The browser and the server agreed on permessage-deflate.
+  for (const page of [alice, bob]) {
+    const extensions = await page.evaluate(() => document.body.dataset.extensions);
+    assert.match(extensions, /permessage-deflate/);
+  }
+
+  await aliceInput.pressSequentially('typing for the screenshot');
+  await eventually('alice typing again', async () =>
+    (await bob.locator('#typing').textContent()) === 'alice is typing…');
+  await alice.screenshot({ path: path.join(REPORTS, 'chat-desktop.png') });
+  await bob.screenshot({ path: path.join(REPORTS, 'chat-phone.png') });
+  assert.deepEqual(errors, [], 'no script errors on the pages');
+});

@@ -1,0 +1,446 @@
+// Switchboard's chat page: the room protocol over one WebSocket, with reconnection
+// (exponential backoff, full jitter), resume after the last id seen, and messages sent
+// again with their nonce until the room acknowledges them. Every text shown goes
+// through textContent: nothing received is ever parsed as HTML.
+'use strict';
+
+(() => {
+  const ROOM_RULE = /^[A-Za-z0-9._:-]{1,128}$/;
+  const BACKOFF_INITIAL_MS = 250;
+  const BACKOFF_MAX_MS = 30000;
+  // A connection that stayed up this long starts the backoff over when lost.
+  const STABLE_MS = 10000;
+  const TYPING_IDLE_MS = 3000;
+  const TYPING_REFRESH_MS = 3000;
+  const TYPING_FADE_MS = 8000;
+  const RETRYABLE = new Set(['rate_limited', 'unavailable']);
+
+  const $ = (id) => document.getElementById(id);
+  const view = {
+    join: $('join-view'),
+    joinForm: $('join-form'),
+    joinName: $('join-name'),
+    joinRoom: $('join-room'),
+    joinError: $('join-error'),
+    chat: $('chat-view'),
+    roomName: $('room-name'),
+    meName: $('me-name'),
+    status: $('status'),
+    leave: $('leave'),
+    messages: $('messages'),
+    members: $('members'),
+    memberCount: $('member-count'),
+    typing: $('typing'),
+    sendForm: $('send-form'),
+    message: $('message'),
+  };
+
+  const randomHex = () =>
+    Array.from(crypto.getRandomValues(new Uint8Array(8)), (b) => b.toString(16).padStart(2, '0')).join('');
+
+  const state = {
+    name: '',
+    room: '',
+    me: '',
+    ws: null,
+    welcomed: false,
+    leaving: false,
+    lastId: null, // the last message id shown: the resume point
+    joinedAt: null, // the room's last id when first joined, until a message arrives
+    attempt: 0,
+    connectedAt: 0,
+    retryTimer: 0,
+    countdown: 0,
+    members: new Set(),
+    // Members before the connection was lost: their rejoining is not news.
+    before: new Set(),
+    typing: new Map(), // user -> fade timer
+    pending: [], // {nonce, text, el}: sent, not yet acknowledged
+    noncePrefix: randomHex(),
+    nonceSeq: 0,
+    typingSentAt: 0,
+    typingIdle: 0,
+  };
+
+  // ---- joining ----
+
+  function nameProblem(name) {
+    if (!name) return 'Enter a name.';
+    if ([...name].length > 64) return 'A name is at most 64 characters.';
+    if (/[\u0000-\u001f\u007f]/.test(name)) return 'A name cannot contain control characters.';
+    return '';
+  }
+
+  function roomProblem(room) {
+    if (!room) return 'Enter a room.';
+    if (!ROOM_RULE.test(room)) return 'Room names use letters, digits and . _ : - (up to 128).';
+    return '';
+  }
+
+  function join(name, room) {
+    state.name = name;
+    state.room = room;
+    state.leaving = false;
+    state.lastId = null;
+    state.joinedAt = null;
+    state.attempt = 0;
+    state.pending = [];
+    view.messages.replaceChildren();
+    view.roomName.textContent = room;
+    view.meName.textContent = name;
+    view.join.hidden = true;
+    view.chat.hidden = false;
+    document.title = `#${room} · Switchboard`;
+    const query = new URLSearchParams({ room, name });
+    history.replaceState(null, '', `/?${query}`);
+    connect();
+    view.message.focus();
+  }
+
+  view.joinForm.addEventListener('submit', (event) => {
+    event.preventDefault();
+    const name = view.joinName.value.trim();
+    const room = view.joinRoom.value.trim();
+    const problem = nameProblem(name) || roomProblem(room);
+    view.joinError.textContent = problem;
+    if (!problem) join(name, room);
+  });
+
+  view.leave.addEventListener('click', () => {
+    state.leaving = true;
+    clearTimeout(state.retryTimer);
+    clearInterval(state.countdown);
+    stopTyping();
+    if (state.ws) state.ws.close(1000, 'left');
+    state.ws = null;
+    view.chat.hidden = true;
+    view.join.hidden = false;
+    document.title = 'Switchboard';
+    history.replaceState(null, '', '/');
+    view.joinName.value = state.name;
+    view.joinRoom.value = state.room;
+  });
+
+  // ---- the connection ----
+
+  function setStatus(kind, text) {
+    view.status.dataset.state = kind;
+    view.status.textContent = text;
+  }
+
+  function connect() {
+    clearTimeout(state.retryTimer);
+    clearInterval(state.countdown);
+    const params = new URLSearchParams({ name: state.name });
+    const since = state.lastId ?? state.joinedAt;
+    if (since !== null) params.set('since', String(since));
+    const scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
+    const url = `${scheme}//${location.host}/room/${encodeURIComponent(state.room)}?${params}`;
+    setStatus(state.attempt ? 'reconnecting' : 'connecting',
+      state.attempt ? `reconnecting… (attempt ${state.attempt})` : 'connecting…');
+    const ws = new WebSocket(url);
+    state.ws = ws;
+    state.welcomed = false;
+    ws.addEventListener('message', (event) => {
+      if (state.ws !== ws || typeof event.data !== 'string') return;
+      let data;
+      try {
+        data = JSON.parse(event.data);
+      } catch {
+        return;
+      }
+      if (data.type === 'welcome') onWelcome(data);
+      else onEvent(data);
+    });
+    // An error is always followed by a close.
+    ws.addEventListener('close', (event) => {
+      if (state.ws !== ws) return;
+      state.ws = null;
+      state.welcomed = false;
+      onClosed(event);
+    });
+  }
+
+  function onWelcome(welcome) {
+    const resumedAfter = state.lastId ?? state.joinedAt;
+    if (state.lastId !== null && welcome.lastId < state.lastId) {
+      // The room's history restarted (a server keeping it in memory): new ids are new.
+      state.lastId = welcome.lastId;
+    }
+    if (state.joinedAt === null) state.joinedAt = welcome.lastId;
+    state.me = welcome.user;
+    state.welcomed = true;
+    state.connectedAt = Date.now();
+    view.meName.textContent = welcome.user;
+    document.body.dataset.extensions = state.ws ? state.ws.extensions : '';
+    state.members = new Set(welcome.members);
+    for (const member of welcome.members) state.before.delete(member);
+    setTimeout(() => state.before.clear(), STABLE_MS);
+    renderMembers();
+    clearTyping();
+    setStatus('connected', 'connected');
+    if (resumedAfter === null) {
+      notice(`You joined #${welcome.room} as ${welcome.user}.`);
+    } else {
+      const missed = Math.max(0, welcome.lastId - resumedAfter);
+      notice(missed ? `Reconnected: ${missed} new message${missed === 1 ? '' : 's'} while away.` : 'Reconnected.');
+    }
+    // Unacknowledged messages go again, in order; the room stores each nonce once.
+    for (const pending of state.pending) {
+      send({ type: 'message', text: pending.text, nonce: pending.nonce });
+    }
+  }
+
+  function onClosed(event) {
+    if (state.leaving) return;
+    if (state.connectedAt && Date.now() - state.connectedAt >= STABLE_MS) state.attempt = 0;
+    const wasUp = state.connectedAt !== 0;
+    if (wasUp) state.before = new Set(state.members);
+    state.connectedAt = 0;
+    state.attempt += 1;
+    clearTyping();
+    if (wasUp) {
+      const why = event.code && event.code !== 1006 ? ` (${event.code}${event.reason ? ` ${event.reason}` : ''})` : '';
+      notice(`Connection lost${why}. Reconnecting…`);
+    }
+    const ceiling = Math.min(BACKOFF_MAX_MS, BACKOFF_INITIAL_MS * 2 ** (state.attempt - 1));
+    const delay = Math.random() * ceiling;
+    const at = Date.now() + delay;
+    const show = () => {
+      const left = Math.max(0, at - Date.now()) / 1000;
+      setStatus('reconnecting', `reconnecting in ${left.toFixed(1)} s (attempt ${state.attempt})`);
+    };
+    show();
+    state.countdown = setInterval(show, 200);
+    state.retryTimer = setTimeout(connect, delay);
+  }
+
+  // Back online: no reason to wait out the backoff.
+  window.addEventListener('online', () => {
+    if (!state.ws && !state.leaving && state.room) connect();
+  });
+
+  function send(event) {
+    if (state.ws && state.welcomed && state.ws.readyState === WebSocket.OPEN) {
+      state.ws.send(JSON.stringify(event));
+    }
+  }
+
+  // ---- room events ----
+
+  function onEvent(event) {
+    switch (event.type) {
+      case 'message':
+        onMessage(event);
+        break;
+      case 'typing':
+        if (event.user !== state.me) setTyping(event.user, event.isTyping === true);
+        break;
+      case 'join':
+        state.members.add(event.user);
+        renderMembers();
+        if (!state.before.delete(event.user)) notice(`${event.user} joined.`);
+        break;
+      case 'leave':
+        state.members.delete(event.user);
+        setTyping(event.user, false);
+        renderMembers();
+        notice(`${event.user} left.`);
+        break;
+      case 'error':
+        onError(event);
+        break;
+      default:
+        break;
+    }
+  }
+
+  function onMessage(message) {
+    if (message.nonce && message.from === state.me) {
+      const index = state.pending.findIndex((p) => p.nonce === message.nonce);
+      if (index >= 0) {
+        state.pending[index].el.remove();
+        state.pending.splice(index, 1);
+      }
+    }
+    // Replayed after a reconnection, or acknowledged again: shown already.
+    if (state.lastId !== null && message.id <= state.lastId) return;
+    state.lastId = message.id;
+    setTyping(message.from, false);
+    append(messageElement(message.from, message.text, message.timestamp, message.id));
+  }
+
+  function onError(error) {
+    const index = error.nonce ? state.pending.findIndex((p) => p.nonce === error.nonce) : -1;
+    if (index < 0) {
+      notice(`The room said: ${error.message}`);
+      return;
+    }
+    const pending = state.pending[index];
+    if (RETRYABLE.has(error.code)) {
+      setTimeout(() => send({ type: 'message', text: pending.text, nonce: pending.nonce }), 1000);
+      return;
+    }
+    state.pending.splice(index, 1);
+    pending.el.classList.replace('pending', 'failed');
+    pending.el.querySelector('.badge').textContent = `not sent: ${error.message}`;
+  }
+
+  // ---- showing things (textContent only) ----
+
+  function nameColor(name) {
+    let hash = 5381;
+    for (const ch of name) hash = ((hash * 33) ^ ch.codePointAt(0)) >>> 0;
+    return `hsl(${hash % 360} 60% var(--name-lightness))`;
+  }
+
+  function span(className, text) {
+    const el = document.createElement('span');
+    el.className = className;
+    el.textContent = text;
+    return el;
+  }
+
+  function localTime(timestamp) {
+    const date = new Date(timestamp);
+    if (Number.isNaN(date.getTime())) return '';
+    return date.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
+  }
+
+  function messageElement(from, text, timestamp, id) {
+    const li = document.createElement('li');
+    li.className = 'message';
+    if (from === state.me) li.classList.add('mine');
+    if (id !== undefined) li.dataset.id = String(id);
+    const head = document.createElement('div');
+    head.className = 'head';
+    const who = span('from', from);
+    who.style.color = nameColor(from);
+    head.append(who);
+    const time = document.createElement('time');
+    time.className = 'time';
+    if (timestamp) {
+      time.dateTime = timestamp;
+      time.textContent = localTime(timestamp);
+      time.title = new Date(timestamp).toLocaleString();
+    }
+    head.append(time);
+    li.append(head, span('text', text));
+    return li;
+  }
+
+  function notice(text) {
+    const li = document.createElement('li');
+    li.className = 'notice';
+    li.textContent = text;
+    append(li);
+  }
+
+  function append(el) {
+    const list = view.messages;
+    const nearBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 80;
+    // Messages go before the ones still being sent, which stay at the end.
+    const firstPending = state.pending.length ? state.pending[0].el : null;
+    if (firstPending && firstPending.parentNode === list && el !== firstPending && !el.classList.contains('pending')) {
+      list.insertBefore(el, firstPending);
+    } else {
+      list.append(el);
+    }
+    if (nearBottom || el.classList.contains('mine') || el.classList.contains('pending')) {
+      list.scrollTop = list.scrollHeight;
+    }
+  }
+
+  function renderMembers() {
+    const items = [...state.members].sort((a, b) => a.localeCompare(b)).map((member) => {
+      const li = document.createElement('li');
+      const dot = span('dot', '');
+      dot.style.background = nameColor(member);
+      li.append(dot, span('name', member));
+      if (member === state.me) li.append(span('you', '(you)'));
+      return li;
+    });
+    view.members.replaceChildren(...items);
+    view.memberCount.textContent = String(state.members.size);
+  }
+
+  function setTyping(user, isTyping) {
+    clearTimeout(state.typing.get(user));
+    if (isTyping) {
+      state.typing.set(user, setTimeout(() => setTyping(user, false), TYPING_FADE_MS));
+    } else {
+      state.typing.delete(user);
+    }
+    renderTyping();
+  }
+
+  function clearTyping() {
+    for (const timer of state.typing.values()) clearTimeout(timer);
+    state.typing.clear();
+    renderTyping();
+  }
+
+  function renderTyping() {
+    const names = [...state.typing.keys()].sort();
+    let text = '';
+    if (names.length === 1) text = `${names[0]} is typing…`;
+    else if (names.length === 2) text = `${names[0]} and ${names[1]} are typing…`;
+    else if (names.length > 2) text = `${names.length} people are typing…`;
+    view.typing.textContent = text;
+  }
+
+  // ---- sending ----
+
+  function stopTyping() {
+    clearTimeout(state.typingIdle);
+    if (state.typingSentAt) {
+      state.typingSentAt = 0;
+      send({ type: 'typing', isTyping: false });
+    }
+  }
+
+  // "Started" once (refreshed while typing goes on), "stopped" on send, on an empty
+  // line, or after a pause: not one event per key.
+  view.message.addEventListener('input', () => {
+    if (!view.message.value) {
+      stopTyping();
+      return;
+    }
+    const now = Date.now();
+    if (!state.typingSentAt || now - state.typingSentAt >= TYPING_REFRESH_MS) {
+      state.typingSentAt = now;
+      send({ type: 'typing', isTyping: true });
+    }
+    clearTimeout(state.typingIdle);
+    state.typingIdle = setTimeout(stopTyping, TYPING_IDLE_MS);
+  });
+
+  view.sendForm.addEventListener('submit', (event) => {
+    event.preventDefault();
+    const text = view.message.value.trim();
+    view.message.value = '';
+    stopTyping();
+    if (!text) return;
+    state.nonceSeq += 1;
+    const nonce = `${state.noncePrefix}-${state.nonceSeq}`;
+    const el = messageElement(state.me || state.name, text, '', undefined);
+    el.classList.add('pending');
+    el.append(span('badge', 'sending…'));
+    state.pending.push({ nonce, text, el });
+    append(el);
+    send({ type: 'message', text, nonce });
+  });
+
+  // ---- start ----
+
+  const query = new URLSearchParams(location.search);
+  const name = (query.get('name') || '').trim();
+  const room = (query.get('room') || '').trim();
+  if (room) view.joinRoom.value = room;
+  if (name) view.joinName.value = name;
+  if (name && room && !nameProblem(name) && !roomProblem(room)) {
+    join(name, room);
+  } else if (name || room) {
+    view.joinError.textContent = nameProblem(name) || roomProblem(room);
+  }
+})();
