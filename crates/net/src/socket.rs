@@ -1,6 +1,8 @@
 //! [`WebSocket`]: one connection's I/O loop around a [`switchboard_wire::Connection`].
 
+use std::future::Future;
 use std::pin::Pin;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -223,11 +225,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
         if !self.conn.has_output() {
             return Ok(());
         }
-        let written = tokio::time::timeout(
-            self.config.write_timeout,
-            write_out(&mut self.io, self.conn.output()),
-        )
-        .await;
+        let mut write = std::pin::pin!(write_out(&mut self.io, self.conn.output()));
+        // Most flushes complete at once: the write timeout's timer is armed only for one
+        // that has to wait for the peer.
+        let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
+        let written = match first {
+            Poll::Ready(result) => Ok(result),
+            Poll::Pending => tokio::time::timeout(self.config.write_timeout, write).await,
+        };
         match written {
             Ok(result) => result?,
             Err(_) => {

@@ -2,33 +2,29 @@
 
 use switchboard_net::{CloseCode, CloseFrame, WebSocket};
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-pub(crate) async fn echo_session(mut socket: WebSocket<TcpStream>, shutdown: CancellationToken) {
-    let cancelled = shutdown.cancelled();
-    tokio::pin!(cancelled);
-    loop {
-        // Replies are queued and go out together when the input runs dry. Shutdown can
-        // interrupt a send too: a peer that stopped reading must not hold up the drain.
-        let step = async {
-            match socket.recv().await? {
-                Some(message) => socket.feed(&message).await.map(|()| true),
-                None => Ok(false),
-            }
-        };
-        tokio::select! {
-            biased;
-            () = &mut cancelled => break,
-            result = step => match result {
-                Ok(true) => continue,
-                Ok(false) => return,
-                Err(cause) => {
-                    debug!(%cause, "echo connection ended");
-                    return;
-                }
-            },
+use crate::shutdown::Shutdown;
+
+pub(crate) async fn echo_session(mut socket: WebSocket<TcpStream>, shutdown: Shutdown) {
+    // Replies are queued and go out together when the input runs dry. One loop future
+    // for the whole session (not one per message), raced against shutdown, which can
+    // interrupt a send too: a peer that stopped reading must not hold up the drain.
+    let echo = async {
+        while let Some(message) = socket.recv().await? {
+            socket.feed(&message).await?;
         }
+        Ok::<_, switchboard_net::Error>(())
+    };
+    tokio::select! {
+        biased;
+        result = echo => {
+            if let Err(cause) = result {
+                debug!(%cause, "echo connection ended");
+            }
+            return;
+        }
+        () = shutdown.stopping() => {}
     }
     let going_away = CloseFrame::new(CloseCode::GOING_AWAY, "server shutting down");
     if let Err(cause) = socket.close(Some(going_away)).await {

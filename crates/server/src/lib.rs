@@ -13,6 +13,7 @@ mod metrics;
 mod room;
 mod routes;
 mod serve;
+mod shutdown;
 mod upgrade;
 mod web;
 

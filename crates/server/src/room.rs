@@ -166,7 +166,7 @@ async fn session(mut socket: WebSocket<TcpStream>, mut membership: Membership, s
         return;
     }
     let counters = Counters::new();
-    let cancelled = state.shutdown.cancelled();
+    let cancelled = state.shutdown.stopping();
     tokio::pin!(cancelled);
     let mut limit = RateLimit::new(
         state.config.rate_limit_per_sec,

@@ -9,7 +9,6 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 use tracing::{debug, info, warn};
@@ -18,6 +17,7 @@ use switchboard_hub::{HistoryStore, Hub, HubConfig, MemoryStore, SqliteStore};
 
 use crate::config::Config;
 use crate::routes::router;
+use crate::shutdown::Shutdown;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -39,11 +39,11 @@ pub(crate) struct AppState {
     /// How room connections prove who they are.
     pub(crate) auth: Arc<crate::auth::Auth>,
     /// Cancelled when the server shuts down.
-    pub(crate) shutdown: CancellationToken,
+    pub(crate) shutdown: Shutdown,
     /// Every connection task, so shutdown can wait for them.
     pub(crate) tasks: TaskTracker,
     /// Cancelled when the drain timeout passes: tasks still running are stopped.
-    pub(crate) kill: CancellationToken,
+    pub(crate) kill: Shutdown,
 }
 
 impl AppState {
@@ -53,8 +53,9 @@ impl AppState {
         let kill = self.kill.clone();
         self.tasks.spawn(async move {
             tokio::select! {
+                biased;
                 () = task => {}
-                () = kill.cancelled() => {}
+                () = kill.stopping() => {}
             }
         });
     }
@@ -97,9 +98,9 @@ pub async fn run(
         hub: Hub::new(store, hub_config),
         auth,
         config: Arc::new(config),
-        shutdown: CancellationToken::new(),
+        shutdown: Shutdown::default(),
         tasks: TaskTracker::new(),
-        kill: CancellationToken::new(),
+        kill: Shutdown::default(),
     };
     let slots = Arc::new(Semaphore::new(state.config.max_connections));
     let app = router(state.clone());
@@ -150,7 +151,7 @@ pub async fn run(
                         debug!(cause = %error, %peer, "http connection ended with an error");
                     }
                 }
-                () = state2.shutdown.cancelled() => {
+                () = state2.shutdown.stopping() => {
                     connection.as_mut().graceful_shutdown();
                     if let Err(error) = connection.await {
                         debug!(cause = %error, %peer, "http connection ended during shutdown");
@@ -162,7 +163,7 @@ pub async fn run(
 
     info!("shutting down: closing connections");
     drop(listener);
-    state.shutdown.cancel();
+    state.shutdown.start();
     state.tasks.close();
     let drain = Duration::from_secs(state.config.drain_timeout_secs.max(1));
     if tokio::time::timeout(drain, state.tasks.wait())
@@ -173,7 +174,7 @@ pub async fn run(
             remaining = state.tasks.len(),
             "drain timeout passed; dropping the remaining connections"
         );
-        state.kill.cancel();
+        state.kill.start();
         // Each task stops at its next poll.
         if tokio::time::timeout(Duration::from_secs(1), state.tasks.wait())
             .await

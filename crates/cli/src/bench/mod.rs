@@ -1,6 +1,12 @@
-//! `switchboard bench echo`: a closed-loop echo load. Each connection sends one message
-//! and waits for its echo before sending the next; the figure is messages echoed per
-//! second, sampled every second after a warm-up, reported as the median and the spread.
+//! `switchboard bench`: load generators that print figures.
+//!
+//! `echo` is a closed-loop echo load: each connection sends one message and waits for its
+//! echo before sending the next; the figure is messages echoed per second, sampled every
+//! second after a warm-up, reported as the median and the spread. With `--rate` the same
+//! loop is paced to a fixed offered rate and, given `--server-pid`, reports the server's
+//! CPU time per message. `compare` runs these cells against peer servers side by side.
+
+mod compare;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -26,6 +32,9 @@ enum Workload {
     /// Server memory per idle connection: opens connections to /echo and reads the
     /// server's resident memory from /proc before and after.
     Idle(IdleArgs),
+    /// Echo cells against Switchboard and peer servers (bench/), side by side: the
+    /// server pinned to one core, the load to another; a table, JSON and a chart.
+    Compare(compare::CompareArgs),
     /// One room: senders post messages (each waits for its acknowledgements, a window at
     /// a time) while receivers read; prints stored messages/s and delivered messages/s.
     /// The server's rate limit must allow the load (`rate_limit_per_sec` in its config).
@@ -80,10 +89,23 @@ struct IdleArgs {
     wait: f64,
 }
 
-#[derive(Debug, Args)]
-struct EchoArgs {
-    /// ws:// URL of an echo endpoint.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct EchoArgs {
+    /// ws:// URL of an echo endpoint (with --raw: the host:port of a TCP echo).
     url: String,
+    /// Plain TCP, no WebSocket framing: for a raw TCP echo, the ceiling of the machine.
+    #[arg(long)]
+    raw: bool,
+    /// Pace the load to this many messages per second in all (each connection still
+    /// waits for its echo): the fixed offered rate at which CPU per message compares.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Read the server's CPU time from /proc over the samples and report it per message.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Print one JSON object instead of a sentence.
+    #[arg(long)]
+    json: bool,
     /// Concurrent connections.
     #[arg(long, default_value_t = 100)]
     connections: usize,
@@ -113,14 +135,179 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
         Workload::Idle(args) => idle(args).await,
         Workload::Room(args) => room(args).await,
+        Workload::Compare(args) => compare::run(args).await,
     }
+}
+
+/// What one echo run measured.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct EchoResult {
+    pub(crate) connections: usize,
+    pub(crate) size: usize,
+    /// Messages echoed per second: median, lowest and highest one-second sample.
+    pub(crate) median: f64,
+    pub(crate) min: f64,
+    pub(crate) max: f64,
+    /// The server's CPU time per message in microseconds, user and system (with
+    /// `--server-pid`), over the sampled seconds.
+    pub(crate) user_us: Option<f64>,
+    pub(crate) system_us: Option<f64>,
 }
 
 // The figures are this command's output.
 #[allow(clippy::print_stdout)]
 async fn echo(args: EchoArgs) -> anyhow::Result<()> {
-    let counter = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
+    let result = echo_load(&args).await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&result)?);
+        return Ok(());
+    }
+    let kind = match (args.raw, args.binary, args.deflate) {
+        (true, _, _) => "raw TCP",
+        (false, true, false) => "binary",
+        (false, false, false) => "text",
+        (false, true, true) => "binary, deflate",
+        (false, false, true) => "text, deflate",
+    };
+    let paced = args
+        .rate
+        .map_or_else(String::new, |rate| format!(" paced to {rate:.0} msg/s"));
+    println!(
+        "echo {} connections x {} B {kind}{paced}: median {:.0} msg/s (min {:.0}, max {:.0}) over {} samples",
+        args.connections, args.size, result.median, result.min, result.max, args.samples
+    );
+    if let (Some(user), Some(system)) = (result.user_us, result.system_us) {
+        println!(
+            "server CPU per message: {:.2} µs user + {:.2} µs system = {:.2} µs",
+            user,
+            system,
+            user + system
+        );
+    }
+    Ok(())
+}
+
+/// The `host:port` of a `ws://host:port/path` URL (or of a bare `host:port`).
+fn host_port(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    rest.split('/').next().unwrap_or(rest)
+}
+
+/// A process's CPU time so far: user and system time in clock ticks (10 ms coarse), and
+/// the total to the nanosecond from the scheduler's counters of every thread.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CpuSample {
+    user: Duration,
+    system: Duration,
+    total: Duration,
+}
+
+impl CpuSample {
+    /// CPU time from `earlier` to `self` as (user, system): the precise total, split in
+    /// the proportion of the tick counts.
+    fn since(&self, earlier: &CpuSample) -> (Duration, Duration) {
+        let user = self.user.saturating_sub(earlier.user).as_secs_f64();
+        let system = self.system.saturating_sub(earlier.system).as_secs_f64();
+        let total = self.total.saturating_sub(earlier.total);
+        if user + system <= 0.0 {
+            return (Duration::ZERO, total);
+        }
+        let share = user / (user + system);
+        (total.mul_f64(share), total.mul_f64(1.0 - share))
+    }
+}
+
+/// Reads a process's [`CpuSample`] from `/proc/PID/stat` and `/proc/PID/task/*/schedstat`.
+pub(crate) fn process_cpu(pid: u32) -> anyhow::Result<CpuSample> {
+    let (user, system) = process_ticks(pid)?;
+    let mut total_ns: u64 = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let path = task?.path().join("schedstat");
+        // A thread may end between listing and reading.
+        if let Ok(stat) = std::fs::read_to_string(path) {
+            total_ns += stat
+                .split_whitespace()
+                .next()
+                .and_then(|ns| ns.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    Ok(CpuSample {
+        user,
+        system,
+        total: Duration::from_nanos(total_ns),
+    })
+}
+
+/// A process's CPU time so far (user, system) in clock ticks, from `/proc/PID/stat`.
+fn process_ticks(pid: u32) -> anyhow::Result<(Duration, Duration)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces:
+    // state is field 3, utime 14 and stime 15.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| -> anyhow::Result<u64> {
+        Ok(fields
+            .get(i)
+            .context("short /proc stat line")?
+            .parse::<u64>()?)
+    };
+    let hz = clock_ticks() as f64;
+    Ok((
+        Duration::from_secs_f64(ticks(11)? as f64 / hz),
+        Duration::from_secs_f64(ticks(12)? as f64 / hz),
+    ))
+}
+
+/// `sysconf(_SC_CLK_TCK)`, asked of `getconf` once (100 on Linux in practice).
+fn clock_ticks() -> u64 {
+    static TICKS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100)
+    })
+}
+
+/// One connection's loop: send, wait for the echo, count; paced when `every` is set.
+async fn echo_connection(
+    args: &EchoArgs,
+    every: Option<Duration>,
+    counter: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    start_after: Duration,
+) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let mut next = tokio::time::Instant::now() + start_after;
+    let mut pace = move || {
+        let every = every?;
+        let at = next;
+        next = (next + every).max(tokio::time::Instant::now());
+        Some(at)
+    };
+    if args.raw {
+        let mut stream = tokio::net::TcpStream::connect(host_port(&args.url))
+            .await
+            .with_context(|| format!("connecting to {}", args.url))?;
+        stream.set_nodelay(true)?;
+        let message = vec![0x5a; args.size];
+        let mut reply = vec![0; args.size];
+        while !stop.load(Ordering::Relaxed) {
+            if let Some(at) = pace() {
+                tokio::time::sleep_until(at).await;
+            }
+            stream.write_all(&message).await?;
+            stream.read_exact(&mut reply).await?;
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+        return Ok(());
+    }
     let message = if args.binary {
         Message::Binary(vec![0x5a; args.size].into())
     } else {
@@ -130,35 +317,57 @@ async fn echo(args: EchoArgs) -> anyhow::Result<()> {
     if !args.deflate {
         options.config = options.config.with_deflate(None);
     }
+    let mut socket = connect(&args.url, options)
+        .await
+        .with_context(|| format!("connecting to {}", args.url))?
+        .socket;
+    while !stop.load(Ordering::Relaxed) {
+        if let Some(at) = pace() {
+            tokio::time::sleep_until(at).await;
+        }
+        socket.send(&message).await?;
+        match socket.recv().await? {
+            Some(_) => counter.fetch_add(1, Ordering::Relaxed),
+            None => anyhow::bail!("server closed the connection"),
+        };
+    }
+    socket.close(None).await?;
+    Ok(())
+}
+
+pub(crate) async fn echo_load(args: &EchoArgs) -> anyhow::Result<EchoResult> {
+    let args = Arc::new(args.clone());
+    let counter = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let every = args
+        .rate
+        .filter(|rate| *rate > 0.0)
+        .map(|rate| Duration::from_secs_f64(args.connections as f64 / rate));
     let mut tasks = Vec::with_capacity(args.connections);
-    for _ in 0..args.connections {
-        let connected = connect(&args.url, options.clone())
-            .await
-            .with_context(|| format!("connecting to {}", args.url))?;
-        let mut socket = connected.socket;
-        let (counter, stop, message) = (counter.clone(), stop.clone(), message.clone());
+    for i in 0..args.connections {
+        // Paced connections start spread over one interval, not all at once.
+        let offset = every.map_or(Duration::ZERO, |every| {
+            every.mul_f64(i as f64 / args.connections as f64)
+        });
+        let (args, counter, stop) = (args.clone(), counter.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                socket.send(&message).await?;
-                match socket.recv().await? {
-                    Some(_) => counter.fetch_add(1, Ordering::Relaxed),
-                    None => anyhow::bail!("server closed the connection"),
-                };
-            }
-            socket.close(None).await?;
-            Ok(())
+            echo_connection(&args, every, counter, stop, offset).await
         }));
     }
 
     tokio::time::sleep(Duration::from_secs(args.warmup)).await;
+    let cpu_before = args.server_pid.map(process_cpu).transpose()?;
+    let started = (Instant::now(), counter.load(Ordering::Relaxed));
     let mut rates = Vec::with_capacity(args.samples);
-    let mut last = (Instant::now(), counter.load(Ordering::Relaxed));
-    for _ in 0..args.samples {
+    let mut last = started;
+    for _ in 0..args.samples.max(1) {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let now = (Instant::now(), counter.load(Ordering::Relaxed));
         rates.push((now.1 - last.1) as f64 / (now.0 - last.0).as_secs_f64());
         last = now;
     }
+    let cpu_after = args.server_pid.map(process_cpu).transpose()?;
+    let messages = (last.1 - started.1).max(1) as f64;
     stop.store(true, Ordering::Relaxed);
     for task in tasks {
         task.await
@@ -167,19 +376,23 @@ async fn echo(args: EchoArgs) -> anyhow::Result<()> {
     }
 
     rates.sort_by(f64::total_cmp);
-    let median = rates[rates.len() / 2];
-    let (low, high) = (rates[0], rates[rates.len() - 1]);
-    let kind = match (args.binary, args.deflate) {
-        (true, false) => "binary",
-        (false, false) => "text",
-        (true, true) => "binary, deflate",
-        (false, true) => "text, deflate",
+    let (user_us, system_us) = match (cpu_before, cpu_after) {
+        (Some(before), Some(after)) => {
+            let (user, system) = after.since(&before);
+            let per_message = |d: Duration| d.as_secs_f64() * 1e6 / messages;
+            (Some(per_message(user)), Some(per_message(system)))
+        }
+        _ => (None, None),
     };
-    println!(
-        "echo {} connections x {} B {kind}: median {:.0} msg/s (min {:.0}, max {:.0}) over {} samples",
-        args.connections, args.size, median, low, high, rates.len()
-    );
-    Ok(())
+    Ok(EchoResult {
+        connections: args.connections,
+        size: args.size,
+        median: rates[rates.len() / 2],
+        min: rates[0],
+        max: rates[rates.len() - 1],
+        user_us,
+        system_us,
+    })
 }
 
 /// A deterministic chat stream: the room events a server sends, with varied text.

@@ -1,0 +1,514 @@
+//! `switchboard bench compare`: the echo cells against Switchboard and peer servers on
+//! other engines (bench/), one after another on the same machine: each server pinned to
+//! one core, the load (`switchboard bench echo`, the same client for all) to another.
+//!
+//! Two passes: closed-loop throughput per cell, then the server's CPU time per message
+//! at a fixed offered rate below every server's maximum (half the slowest one's), the
+//! figure that ranks engines when the load generator is the ceiling.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use serde::Serialize;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use super::EchoResult;
+
+#[derive(Debug, Args)]
+pub(crate) struct CompareArgs {
+    /// The peer servers' binary; build it with
+    /// `cargo build --release --manifest-path bench/Cargo.toml`.
+    #[arg(long, default_value = "bench/target/release/switchboard-peers")]
+    peers: PathBuf,
+    /// Servers to compare, in this order: `switchboard` and the peers' engines.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "switchboard,raw,fastwebsockets,tokio-websockets,sockudo-ws,tungstenite"
+    )]
+    engines: Vec<String>,
+    /// A short run for CI: two cells, 1 s of warm-up, 3 samples.
+    #[arg(long)]
+    quick: bool,
+    /// Seconds of warm-up per cell.
+    #[arg(long, default_value_t = 2)]
+    warmup: u64,
+    /// One-second samples per cell.
+    #[arg(long, default_value_t = 5)]
+    samples: usize,
+    /// The core the server runs on.
+    #[arg(long, default_value_t = 0)]
+    server_core: usize,
+    /// The core the load runs on.
+    #[arg(long, default_value_t = 1)]
+    load_core: usize,
+    /// Skip the fixed-rate CPU pass.
+    #[arg(long)]
+    no_cpu: bool,
+    /// Where compare.md, compare.json and compare.svg go.
+    #[arg(long, default_value = "reports/bench")]
+    out: PathBuf,
+}
+
+/// Connections × message bytes.
+const CELLS: [(usize, usize); 5] = [
+    (100, 20),
+    (500, 1024),
+    (10, 16384),
+    (200, 16384),
+    (500, 16384),
+];
+const QUICK_CELLS: [(usize, usize); 2] = [(100, 20), (200, 16384)];
+
+/// The engines that are neither Switchboard nor the raw TCP ceiling.
+fn is_peer(engine: &str) -> bool {
+    engine != "switchboard" && engine != "raw"
+}
+
+fn cell_name((connections, size): (usize, usize)) -> String {
+    if size >= 1024 && size % 1024 == 0 {
+        format!("{connections} × {} KiB", size / 1024)
+    } else {
+        format!("{connections} × {size} B")
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    machine: String,
+    settings: String,
+    cells: Vec<String>,
+    engines: Vec<String>,
+    /// engine → cell → closed-loop result.
+    throughput: BTreeMap<String, BTreeMap<String, EchoResult>>,
+    /// cell → the fixed rate of the CPU pass.
+    rates: BTreeMap<String, f64>,
+    /// engine → cell → result at the fixed rate (with CPU per message).
+    cpu: BTreeMap<String, BTreeMap<String, EchoResult>>,
+}
+
+/// A server under test, pinned to its core.
+struct Server {
+    child: Child,
+    address: String,
+}
+
+impl Server {
+    async fn start(args: &CompareArgs, engine: &str) -> anyhow::Result<Self> {
+        let mut command = Command::new("taskset");
+        command.args(["-c", &args.server_core.to_string()]);
+        if engine == "switchboard" {
+            let me = std::env::current_exe()?;
+            command.arg(me).args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--memory",
+                "--workers",
+                "1",
+            ]);
+        } else {
+            command
+                .arg(&args.peers)
+                .args([engine, "--listen", "127.0.0.1:0", "--workers", "1"]);
+        }
+        let mut child = command
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting the {engine} server (is taskset installed?)"))?;
+        let mut lines = BufReader::new(child.stderr.take().context("stderr")?).lines();
+        let address = tokio::time::timeout(Duration::from_secs(20), async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some((_, rest)) = line.split_once("listening on ") {
+                    let rest = rest.trim();
+                    return Ok(rest.strip_prefix("http://").unwrap_or(rest).to_owned());
+                }
+            }
+            bail!("the {engine} server exited before listening")
+        })
+        .await
+        .with_context(|| format!("the {engine} server did not start"))??;
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Self { child, address })
+    }
+
+    fn pid(&self) -> anyhow::Result<u32> {
+        self.child.id().context("the server exited")
+    }
+
+    async fn stop(mut self) {
+        // The numbers are taken; how it exits does not matter.
+        let _ = self.child.kill().await;
+    }
+}
+
+/// Runs one cell's load (`switchboard bench echo --json`) pinned to the load core.
+async fn load(
+    args: &CompareArgs,
+    engine: &str,
+    server: &Server,
+    cell: (usize, usize),
+    rate: Option<f64>,
+) -> anyhow::Result<EchoResult> {
+    let (warmup, samples) = if args.quick {
+        (1, 3)
+    } else {
+        (args.warmup, args.samples)
+    };
+    let me = std::env::current_exe()?;
+    let mut command = Command::new("taskset");
+    command
+        .args(["-c", &args.load_core.to_string()])
+        .arg(me)
+        .args(["bench", "echo", &format!("ws://{}/echo", server.address)])
+        .args(["--connections", &cell.0.to_string()])
+        .args(["--size", &cell.1.to_string()])
+        .args(["--warmup", &warmup.to_string()])
+        .args(["--samples", &samples.to_string()])
+        .arg("--json");
+    if engine == "raw" {
+        command.arg("--raw");
+    }
+    if let Some(rate) = rate {
+        command
+            .args(["--rate", &format!("{rate:.0}")])
+            .args(["--server-pid", &server.pid()?.to_string()]);
+    }
+    let output = command.output().await?;
+    if !output.status.success() {
+        bail!(
+            "{engine} {}: {}",
+            cell_name(cell),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(serde_json::from_slice(&output.stdout)?)
+}
+
+fn thousands(value: f64) -> String {
+    let digits = format!("{:.0}", value.max(0.0));
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+// Progress on stderr, the table on stdout: this command's output.
+#[allow(clippy::print_stdout)]
+pub(crate) async fn run(args: CompareArgs) -> anyhow::Result<()> {
+    let cells: Vec<(usize, usize)> = if args.quick {
+        QUICK_CELLS.to_vec()
+    } else {
+        CELLS.to_vec()
+    };
+    if args.engines.iter().any(|e| e != "switchboard") && !args.peers.exists() {
+        bail!(
+            "no peer servers at {}: build them with `cargo build --release --manifest-path \
+             bench/Cargo.toml`, or pass --peers",
+            args.peers.display()
+        );
+    }
+    let mut report = Report {
+        machine: machine(),
+        settings: format!(
+            "server on core {} (1 worker), load on core {}; {} s warm-up, {} one-second samples per cell",
+            args.server_core,
+            args.load_core,
+            if args.quick { 1 } else { args.warmup },
+            if args.quick { 3 } else { args.samples },
+        ),
+        cells: cells.iter().map(|c| cell_name(*c)).collect(),
+        engines: args.engines.clone(),
+        throughput: BTreeMap::new(),
+        rates: BTreeMap::new(),
+        cpu: BTreeMap::new(),
+    };
+    let steps = args.engines.len() * cells.len() * if args.no_cpu { 1 } else { 2 };
+    let mut step = 0;
+    for engine in &args.engines {
+        let server = Server::start(&args, engine).await?;
+        for &cell in &cells {
+            step += 1;
+            let result = load(&args, engine, &server, cell, None).await?;
+            eprintln!(
+                "[{step}/{steps}] {engine:>16} {:>12}: {:>9} msg/s",
+                cell_name(cell),
+                thousands(result.median)
+            );
+            report
+                .throughput
+                .entry(engine.clone())
+                .or_default()
+                .insert(cell_name(cell), result);
+        }
+        server.stop().await;
+    }
+    if !args.no_cpu {
+        for &cell in &cells {
+            let slowest = report
+                .throughput
+                .values()
+                .filter_map(|cells| cells.get(&cell_name(cell)))
+                .map(|r| r.median)
+                .fold(f64::INFINITY, f64::min);
+            report
+                .rates
+                .insert(cell_name(cell), (slowest / 2.0).round().max(1.0));
+        }
+        for engine in &args.engines {
+            let server = Server::start(&args, engine).await?;
+            for &cell in &cells {
+                step += 1;
+                let rate = report.rates[&cell_name(cell)];
+                let result = load(&args, engine, &server, cell, Some(rate)).await?;
+                eprintln!(
+                    "[{step}/{steps}] {engine:>16} {:>12} at {:>7} msg/s: {:.2} µs user + {:.2} µs system",
+                    cell_name(cell),
+                    thousands(rate),
+                    result.user_us.unwrap_or(f64::NAN),
+                    result.system_us.unwrap_or(f64::NAN),
+                );
+                report
+                    .cpu
+                    .entry(engine.clone())
+                    .or_default()
+                    .insert(cell_name(cell), result);
+            }
+            server.stop().await;
+        }
+    }
+
+    let table = markdown(&report);
+    println!("{table}");
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    std::fs::write(args.out.join("compare.md"), &table)?;
+    std::fs::write(
+        args.out.join("compare.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    std::fs::write(args.out.join("compare.svg"), chart(&report))?;
+    eprintln!(
+        "wrote compare.md, compare.json and compare.svg to {}",
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// The machine, in a line: CPU model and count, kernel.
+fn machine() -> String {
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map_or_else(|_| "unknown".into(), |k| k.trim().to_owned());
+    format!("{model}, {cpus} CPUs, Linux {kernel}")
+}
+
+/// The best peer's value in a cell (peers only: not Switchboard, not raw TCP).
+fn best_peer<'a>(
+    results: &'a BTreeMap<String, BTreeMap<String, EchoResult>>,
+    cell: &str,
+    better: impl Fn(&EchoResult, &EchoResult) -> bool,
+) -> Option<(&'a str, &'a EchoResult)> {
+    results
+        .iter()
+        .filter(|(engine, _)| is_peer(engine))
+        .filter_map(|(engine, cells)| cells.get(cell).map(|r| (engine.as_str(), r)))
+        .reduce(|a, b| if better(b.1, a.1) { b } else { a })
+}
+
+fn markdown(report: &Report) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "Machine: {}. {}.\n", report.machine, report.settings);
+    let _ = writeln!(
+        out,
+        "### Echo throughput (messages/s, median of the samples; closed loop)\n"
+    );
+    let header: Vec<&str> = report.engines.iter().map(String::as_str).collect();
+    let _ = writeln!(
+        out,
+        "| cell | {} | Switchboard ÷ best peer | Switchboard ÷ raw TCP |",
+        header.join(" | ")
+    );
+    let _ = writeln!(out, "|---|{}---|---|", "---:|".repeat(header.len()));
+    for cell in &report.cells {
+        let mut row = format!("| {cell} |");
+        for engine in &report.engines {
+            let value = report
+                .throughput
+                .get(engine)
+                .and_then(|c| c.get(cell))
+                .map_or_else(|| "–".into(), |r| thousands(r.median));
+            let _ = write!(row, " {value} |");
+        }
+        let ours = report
+            .throughput
+            .get("switchboard")
+            .and_then(|c| c.get(cell));
+        let best = best_peer(&report.throughput, cell, |a, b| a.median > b.median);
+        let raw = report.throughput.get("raw").and_then(|c| c.get(cell));
+        let ratio = |other: Option<&EchoResult>| match (ours, other) {
+            (Some(o), Some(b)) if b.median > 0.0 => format!("{:.2}×", o.median / b.median),
+            _ => "–".into(),
+        };
+        let best_name = best.map_or(String::new(), |(name, _)| format!(" ({name})"));
+        let _ = writeln!(
+            row,
+            " {}{best_name} | {} |",
+            ratio(best.map(|b| b.1)),
+            ratio(raw)
+        );
+        out.push_str(&row);
+    }
+    if report.cpu.is_empty() {
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "\n### Server CPU per message at a fixed rate (µs: user + system)\n"
+    );
+    let _ = writeln!(
+        out,
+        "| cell | rate | {} | Switchboard user ÷ best peer's | Switchboard total ÷ raw TCP |",
+        header.join(" | ")
+    );
+    let _ = writeln!(out, "|---|---:|{}---|---|", "---:|".repeat(header.len()));
+    for cell in &report.cells {
+        let rate = report.rates.get(cell).copied().unwrap_or_default();
+        let mut row = format!("| {cell} | {} |", thousands(rate));
+        for engine in &report.engines {
+            let value = report
+                .cpu
+                .get(engine)
+                .and_then(|c| c.get(cell))
+                .map_or_else(
+                    || "–".into(),
+                    |r| {
+                        format!(
+                            "{:.2} + {:.2}",
+                            r.user_us.unwrap_or(f64::NAN),
+                            r.system_us.unwrap_or(f64::NAN)
+                        )
+                    },
+                );
+            let _ = write!(row, " {value} |");
+        }
+        let user = |r: &EchoResult| r.user_us.unwrap_or(f64::INFINITY);
+        let total = |r: &EchoResult| r.user_us.unwrap_or(0.0) + r.system_us.unwrap_or(0.0);
+        let ours = report.cpu.get("switchboard").and_then(|c| c.get(cell));
+        let best = best_peer(&report.cpu, cell, |a, b| user(a) < user(b));
+        let raw = report.cpu.get("raw").and_then(|c| c.get(cell));
+        let user_ratio = match (ours, best) {
+            (Some(o), Some((name, b))) if user(b) > 0.0 => {
+                format!("{:.2}× ({name})", user(o) / user(b))
+            }
+            _ => "–".into(),
+        };
+        let total_ratio = match (ours, raw) {
+            (Some(o), Some(r)) if total(r) > 0.0 => format!("{:.2}×", total(o) / total(r)),
+            _ => "–".into(),
+        };
+        let _ = writeln!(row, " {user_ratio} | {total_ratio} |");
+        out.push_str(&row);
+    }
+    out
+}
+
+/// Grouped bars: per cell, each engine's throughput relative to the best in that cell.
+fn chart(report: &Report) -> String {
+    const COLORS: [&str; 8] = [
+        "#3355ff", "#9aa3b5", "#e4572e", "#17bebb", "#ffc914", "#76b041", "#a05195", "#555",
+    ];
+    let (bar, gap, left, top, height) = (14.0, 26.0, 60.0, 40.0, 220.0);
+    let group = bar * report.engines.len() as f64 + gap;
+    let width = left + group * report.cells.len() as f64 + 20.0;
+    let legend_y = top + height + 50.0;
+    let total_height = legend_y + 20.0 * report.engines.len().div_ceil(3) as f64 + 10.0;
+    let mut svg = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{total_height:.0}" font-family="sans-serif" font-size="11">
+<rect width="100%" height="100%" fill="white"/>
+<text x="{left}" y="20" font-size="13" font-weight="bold">Echo throughput, relative to the best server in each cell</text>
+"#
+    );
+    for tick in [0.0, 0.25, 0.5, 0.75, 1.0] {
+        let y = top + height * (1.0 - tick);
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{left}" x2="{:.0}" y1="{y:.1}" y2="{y:.1}" stroke="#ddd"/><text x="{:.0}" y="{:.1}" text-anchor="end">{:.0}%</text>"##,
+            width - 10.0,
+            left - 6.0,
+            y + 4.0,
+            tick * 100.0
+        );
+    }
+    for (c, cell) in report.cells.iter().enumerate() {
+        let best = report
+            .throughput
+            .values()
+            .filter_map(|cells| cells.get(cell))
+            .map(|r| r.median)
+            .fold(0.0, f64::max);
+        let x0 = left + gap / 2.0 + group * c as f64;
+        for (e, engine) in report.engines.iter().enumerate() {
+            let Some(result) = report.throughput.get(engine).and_then(|r| r.get(cell)) else {
+                continue;
+            };
+            let share = if best > 0.0 {
+                result.median / best
+            } else {
+                0.0
+            };
+            let h = height * share;
+            let _ = writeln!(
+                svg,
+                r#"<rect x="{:.1}" y="{:.1}" width="{:.1}" height="{h:.1}" fill="{}"><title>{engine} {cell}: {} msg/s</title></rect>"#,
+                x0 + bar * e as f64,
+                top + height - h,
+                bar - 2.0,
+                COLORS[e % COLORS.len()],
+                thousands(result.median)
+            );
+        }
+        let _ = writeln!(
+            svg,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{cell}</text>"#,
+            x0 + bar * report.engines.len() as f64 / 2.0,
+            top + height + 18.0
+        );
+    }
+    for (e, engine) in report.engines.iter().enumerate() {
+        let x = left + 170.0 * (e % 3) as f64;
+        let y = legend_y + 20.0 * (e / 3) as f64;
+        let _ = writeln!(
+            svg,
+            r#"<rect x="{x}" y="{:.0}" width="12" height="12" fill="{}"/><text x="{:.0}" y="{:.0}">{engine}</text>"#,
+            y - 10.0,
+            COLORS[e % COLORS.len()],
+            x + 18.0,
+            y
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
