@@ -5,7 +5,10 @@ use std::pin::Pin;
 use std::task::Poll;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use std::collections::VecDeque;
+use std::io::IoSlice;
+
+use bytes::{Buf, Bytes, BytesMut};
 use switchboard_wire::deflate::DeflateParams;
 use switchboard_wire::{CloseFrame, Connection, Message, OpCode, Role};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -34,12 +37,27 @@ pub struct WebSocket<S> {
     failure: Option<switchboard_wire::Error>,
     peer_close: Option<CloseFrame>,
     finished: bool,
+    /// Outgoing bytes ahead of the protocol's own output: earlier output frozen, then a
+    /// large payload written as it is (no copy), in order.
+    ahead: VecDeque<Bytes>,
+    ahead_len: usize,
+    /// Bytes asked of the socket per read: doubles (to `MAX_READ`) while reads come
+    /// back full, so large messages take one read rather than several; back to the
+    /// configured size when the connection goes idle.
+    read_size: usize,
 }
+
+const MAX_READ: usize = 64 * 1024;
+
+/// Payloads from this size on are written from their own buffer (a vectored write)
+/// instead of being copied behind their frame header.
+const WRITE_IN_PLACE: usize = 4096;
 
 impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     /// Wraps a stream whose handshake is complete. `leftover` holds bytes read past the
     /// handshake (frames the peer sent right after its request or response).
     pub fn from_upgraded(io: S, conn: Connection, leftover: &[u8], config: Config) -> Self {
+        let config_read_size = config.read_buffer_size.max(1);
         let mut read_buf = BytesMut::with_capacity(config.read_buffer_size.max(leftover.len()));
         read_buf.extend_from_slice(leftover);
         let now = Instant::now();
@@ -56,6 +74,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
             failure: None,
             peer_close: None,
             finished: false,
+            ahead: VecDeque::new(),
+            ahead_len: 0,
+            read_size: config_read_size,
         }
     }
 
@@ -114,12 +135,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
 
     /// Reads more bytes, pinging quiet peers and dropping dead ones meanwhile.
     async fn fill(&mut self) -> Result<(), Error> {
-        let want = self
-            .conn
-            .read_hint()
-            .min(1 << 20)
-            .max(self.config.read_buffer_size);
+        let want = self.conn.read_hint().min(1 << 20).max(self.read_size);
         self.read_buf.reserve(want);
+        let spare = self.read_buf.capacity() - self.read_buf.len();
         let read = match self.timer.as_mut() {
             None => self.io.read_buf(&mut self.read_buf).await,
             Some(timer) => {
@@ -141,7 +159,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
                     Err(Error::ConnectionLost)
                 }
             }
-            Ok(_) => {
+            Ok(n) => {
+                if n == spare && self.read_size < MAX_READ {
+                    self.read_size *= 2;
+                }
                 self.last_read = Instant::now();
                 self.ping_sent = None;
                 Ok(())
@@ -187,6 +208,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
                     // The next read allocates again; an idle connection holds no buffer.
                     self.read_buf = BytesMut::new();
                 }
+                self.read_size = self.config.read_buffer_size;
                 now + idle
             } else {
                 active + idle
@@ -222,10 +244,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     /// Writes every queued frame.
     /// A peer that does not read for `write_timeout` is given up on.
     pub async fn flush(&mut self) -> Result<(), Error> {
-        if !self.conn.has_output() {
+        if !self.has_output() {
             return Ok(());
         }
-        let mut write = std::pin::pin!(write_out(&mut self.io, self.conn.output()));
+        let mut write = std::pin::pin!(write_out(
+            &mut self.io,
+            &mut self.ahead,
+            &mut self.ahead_len,
+            self.conn.output()
+        ));
         // Most flushes complete at once: the write timeout's timer is armed only for one
         // that has to wait for the peer.
         let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
@@ -252,6 +279,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     /// [`recv`]: WebSocket::recv
     pub async fn feed(&mut self, message: &Message) -> Result<(), Error> {
         match message {
+            Message::Text(text) if text.len() >= WRITE_IN_PLACE => {
+                self.feed_in_place(OpCode::Text, text.clone().into_bytes())?;
+            }
+            Message::Binary(data) if data.len() >= WRITE_IN_PLACE => {
+                self.feed_in_place(OpCode::Binary, data.clone())?;
+            }
             Message::Text(text) => self.conn.send(OpCode::Text, text.as_bytes())?,
             Message::Binary(data) => self.conn.send(OpCode::Binary, data)?,
             Message::Ping(data) => self.conn.send(OpCode::Ping, data)?,
@@ -268,8 +301,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
         self.relieve().await
     }
 
+    /// Queues a large message: its header behind what is queued, then the payload
+    /// itself, shared rather than copied (unless it must be masked or compressed).
+    fn feed_in_place(&mut self, opcode: OpCode, payload: Bytes) -> Result<(), Error> {
+        if !self.conn.send_header_only(opcode, payload.len())? {
+            return Ok(self.conn.send(opcode, &payload)?);
+        }
+        let head = self.conn.output().split().freeze();
+        self.ahead_len += head.len() + payload.len();
+        self.ahead.push_back(head);
+        self.ahead.push_back(payload);
+        Ok(())
+    }
+
+    fn has_output(&self) -> bool {
+        self.conn.has_output() || !self.ahead.is_empty()
+    }
+
     async fn relieve(&mut self) -> Result<(), Error> {
-        if self.conn.output().len() > self.config.max_write_buffer {
+        if self.conn.output().len() + self.ahead_len > self.config.max_write_buffer {
             self.flush().await?;
         }
         Ok(())
@@ -351,8 +401,54 @@ fn first_wake(config: &Config) -> Option<Duration> {
     }
 }
 
-/// Writes all of `out` (advancing it as bytes go out) and flushes the stream.
-async fn write_out<S: AsyncWrite + Unpin>(io: &mut S, out: &mut BytesMut) -> Result<(), Error> {
+/// Writes the chunks of `ahead`, then `out` (consuming them as bytes go out, in as few
+/// vectored writes as the stream takes) and flushes the stream.
+async fn write_out<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    ahead: &mut VecDeque<Bytes>,
+    ahead_len: &mut usize,
+    out: &mut BytesMut,
+) -> Result<(), Error> {
+    while ahead.is_empty() && !out.is_empty() {
+        io.write_buf(out).await?;
+    }
+    while !ahead.is_empty() {
+        let written = {
+            let mut slices = [IoSlice::new(&[]); 16];
+            let mut count = 0;
+            for chunk in ahead.iter().take(slices.len() - 1) {
+                slices[count] = IoSlice::new(chunk);
+                count += 1;
+            }
+            if count < slices.len() && !out.is_empty() {
+                slices[count] = IoSlice::new(out);
+                count += 1;
+            }
+            io.write_vectored(&slices[..count]).await?
+        };
+        if written == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
+        }
+        let mut left = written;
+        while left > 0 {
+            match ahead.front_mut() {
+                Some(chunk) if chunk.len() <= left => {
+                    left -= chunk.len();
+                    *ahead_len -= chunk.len();
+                    ahead.pop_front();
+                }
+                Some(chunk) => {
+                    chunk.advance(left);
+                    *ahead_len -= left;
+                    left = 0;
+                }
+                None => {
+                    out.advance(left);
+                    left = 0;
+                }
+            }
+        }
+    }
     while !out.is_empty() {
         io.write_buf(out).await?;
     }

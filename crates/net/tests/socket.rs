@@ -295,3 +295,53 @@ async fn a_protocol_error_survives_a_cancelled_recv() {
     );
     assert_eq!(socket.recv().await.unwrap(), None);
 }
+
+#[tokio::test]
+async fn large_messages_go_out_in_place_and_in_order_through_partial_writes() {
+    use switchboard_net::wire::Connection;
+    use switchboard_net::WebSocket;
+
+    // A 64-byte pipe: every write is partial, vectored ones included.
+    let (server_end, client_end) = tokio::io::duplex(64);
+    let config = Config::default()
+        .with_deflate(None)
+        .with_ping_interval(None);
+    let mut server = WebSocket::server(server_end, &[], config.clone(), None);
+    let client_conn = Connection::client(config.wire.clone(), [7; 32]);
+    let mut client = WebSocket::from_upgraded(client_end, client_conn, &[], config);
+    let messages = vec![
+        Message::Text("small first".into()),
+        Message::Binary(
+            (0..100_000u32)
+                .map(|i| (i % 251) as u8)
+                .collect::<Vec<_>>()
+                .into(),
+        ),
+        Message::Text("small between".into()),
+        Message::Text("é".repeat(10_000).into()),
+        Message::Binary(vec![7u8; 5000].into()),
+        Message::Text("small last".into()),
+    ];
+    let sent = messages.clone();
+    let sender = tokio::spawn(async move {
+        for message in &sent {
+            server.feed(message).await.unwrap();
+        }
+        server
+            .start_close(Some(CloseFrame::new(CloseCode::NORMAL, "")))
+            .await
+            .unwrap();
+        while server.recv().await.unwrap().is_some() {}
+    });
+    let mut received = Vec::new();
+    while let Some(message) = tokio::time::timeout(Duration::from_secs(10), client.recv())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        received.push(message);
+    }
+    assert_eq!(received, messages);
+    assert_eq!(client.peer_close().map(|f| f.code), Some(CloseCode::NORMAL));
+    sender.await.unwrap();
+}

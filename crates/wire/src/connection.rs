@@ -456,6 +456,23 @@ impl Connection {
         Ok(())
     }
 
+    /// Queues only the frame header of a whole data message whose `len`-byte payload the
+    /// caller writes itself, as it is, right after the bytes queued so far: a large
+    /// payload then goes out without being copied (a vectored write). Returns `false`,
+    /// queuing nothing, when the payload must be transformed on the way (masked by a
+    /// client, or compressed): use [`Connection::send`] then.
+    pub fn send_header_only(&mut self, opcode: OpCode, len: usize) -> Result<bool, Error> {
+        self.check_open()?;
+        if opcode.is_control() || self.masks.is_some() || self.deflate.is_some() {
+            return Ok(false);
+        }
+        let header = FrameHeader::new(opcode, len as u64);
+        let mut head = [0u8; crate::frame::MAX_HEADER_LEN];
+        let head_len = header.encode(&mut head);
+        self.out.extend_from_slice(&head[..head_len]);
+        Ok(true)
+    }
+
     /// Starts the close handshake. Does nothing if this side already sent its Close.
     pub fn close(&mut self, frame: Option<CloseFrame>) {
         if self.close_sent {
