@@ -47,16 +47,18 @@ async fn connect_pipes_lines_through_echo() {
 #[tokio::test]
 async fn connect_explains_a_refusal_in_one_line() {
     let (mut server, address) = serve().await;
-    let output = Command::new(BIN)
-        .args(["connect", &format!("ws://{address}/nowhere")])
-        .output()
-        .await
-        .unwrap();
+    let nowhere = format!("ws://{address}/nowhere");
+    refused_in_one_line(&["connect", &nowhere], "404").await;
+    server.kill().await.unwrap();
+}
+
+/// Runs the binary with `args`, which must fail with one line on stderr naming `status`.
+async fn refused_in_one_line(args: &[&str], status: &str) {
+    let output = Command::new(BIN).args(args).output().await.unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(stderr.contains("404"), "{stderr}");
-    server.kill().await.unwrap();
+    assert!(stderr.contains(status), "{stderr}");
 }
 
 #[tokio::test]
@@ -133,14 +135,6 @@ async fn send_prints_the_stored_id_or_one_line_of_refusal() {
         assert_eq!(String::from_utf8(output.stdout).unwrap().trim(), expected);
     }
     let bad_room = format!("ws://{address}/room/no%20spaces");
-    let output = Command::new(BIN)
-        .args(["send", &bad_room, "--name", "bot", "hello"])
-        .output()
-        .await
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8(output.stderr).unwrap();
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(stderr.contains("400"), "{stderr}");
+    refused_in_one_line(&["send", &bad_room, "--name", "bot", "hello"], "400").await;
     server.kill().await.unwrap();
 }
