@@ -12,13 +12,18 @@ mod support;
 use support::Server;
 
 impl Server {
-    async fn join(&self, room: &str, query: &str) -> Client {
+    /// Opens a room connection; its first event, the welcome, is still to be read.
+    async fn open(&self, room: &str, query: &str) -> Client {
         let url = format!("ws://{}/room/{room}?{query}", self.address);
         let socket = connect(&url, ClientOptions::default())
             .await
             .unwrap()
             .socket;
-        let mut client = Client { socket };
+        Client { socket }
+    }
+
+    async fn join(&self, room: &str, query: &str) -> Client {
+        let mut client = self.open(room, query).await;
         assert_eq!(client.next().await["type"], "welcome");
         client
     }
@@ -229,13 +234,7 @@ async fn history_survives_a_restart_and_nonces_are_stored_once() {
     server.stop().await;
 
     let server = Server::start(config()).await;
-    let url = format!("ws://{}/room/durable?name=Bob", server.address);
-    let mut bob = Client {
-        socket: connect(&url, ClientOptions::default())
-            .await
-            .unwrap()
-            .socket,
-    };
+    let mut bob = server.open("durable", "name=Bob").await;
     let welcome = bob.next().await;
     assert_eq!(welcome["lastId"], 4);
     let history: Vec<String> = [(); 4].iter().map(|_| String::new()).collect();
@@ -441,13 +440,7 @@ async fn the_rate_limit_answers_with_errors_then_closes_with_1008() {
     config.rate_limit_strikes = 5;
     let server = Server::start(config).await;
     // The welcome announces the limits, so well-behaved clients can keep under them.
-    let url = format!("ws://{}/room/spam?name=Watcher", server.address);
-    let mut watcher = Client {
-        socket: connect(&url, ClientOptions::default())
-            .await
-            .unwrap()
-            .socket,
-    };
+    let mut watcher = server.open("spam", "name=Watcher").await;
     let welcome = watcher.next().await;
     assert_eq!(
         welcome["limits"],
