@@ -27,8 +27,16 @@ pub struct WebSocket<S> {
     conn: Connection,
     config: Config,
     read_buf: BytesMut,
+    /// When the timer last saw reads (or writes) happen: kept to the timer's precision.
+    /// The hot path only counts (`reads`, `writes`), with no clock read per message;
+    /// the timer notices a changed count, so silence is detected at most one timer
+    /// period late.
     last_read: Instant,
     last_write: Instant,
+    reads: u64,
+    writes: u64,
+    reads_seen: u64,
+    writes_seen: u64,
     /// Wakes the connection to ping a quiet peer or free idle memory.
     timer: Option<Pin<Box<Sleep>>>,
     /// When the unanswered ping went out; cleared by any byte from the peer.
@@ -69,6 +77,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
             read_buf,
             last_read: now,
             last_write: now,
+            reads: 0,
+            writes: 0,
+            reads_seen: 0,
+            writes_seen: 0,
             timer,
             ping_sent: None,
             failure: None,
@@ -163,7 +175,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
                 if n == spare && self.read_size < MAX_READ {
                     self.read_size *= 2;
                 }
-                self.last_read = Instant::now();
+                self.reads = self.reads.wrapping_add(1);
                 self.ping_sent = None;
                 Ok(())
             }
@@ -178,6 +190,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     /// quiet past the pong timeout, and frees compression memory on an idle connection.
     async fn on_timer(&mut self) -> Result<(), Error> {
         let now = Instant::now();
+        if self.reads != self.reads_seen {
+            self.reads_seen = self.reads;
+            self.last_read = now;
+        }
+        if self.writes != self.writes_seen {
+            self.writes_seen = self.writes;
+            self.last_write = now;
+        }
         let mut next: Option<Instant> = None;
         if let Some(interval) = self.config.ping_interval {
             let due = match self.ping_sent {
@@ -267,7 +287,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
                 return Err(Error::Timeout("writing to a peer that does not read"));
             }
         }
-        self.last_write = Instant::now();
+        self.writes = self.writes.wrapping_add(1);
         Ok(())
     }
 
