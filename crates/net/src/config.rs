@@ -14,6 +14,8 @@ pub struct Config {
     /// permessage-deflate: offered (client) or accepted (server) when set.
     pub deflate: Option<DeflateConfig>,
     /// Send a ping after this long without hearing from the peer; `None` never pings.
+    /// Silence is noticed by a timer of this period, so the ping goes out between one
+    /// and two periods after the last byte arrived.
     pub ping_interval: Option<Duration>,
     /// Drop the connection when nothing arrives this long after a ping.
     pub pong_timeout: Duration,

@@ -41,7 +41,8 @@ pub struct Config {
     pub rate_limit_burst: u32,
     /// Refused events in a row after which the connection is closed with 1008.
     pub rate_limit_strikes: u32,
-    /// Seconds of silence after which the server pings a client.
+    /// Seconds of silence after which the server pings a client (noticed by a timer of
+    /// this period: the ping goes out within twice this long).
     pub ping_interval_secs: u64,
     /// Seconds after a ping without any answer before the client is dropped.
     pub pong_timeout_secs: u64,
