@@ -2,6 +2,8 @@
 //! WebSocket engine (or raw TCP), for `switchboard bench compare` to measure Switchboard
 //! against. Each answers every text or binary message with the same message, the way
 //! its own examples do; each logs `listening on ADDR` once it accepts connections.
+//! `tungstenite-broadcast` is the fan-out peer: every text message any connection sends
+//! goes to every connection, in the manner of tokio-tungstenite's chat example.
 
 use std::net::SocketAddr;
 
@@ -9,7 +11,8 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-const ENGINES: &str = "raw, tungstenite, fastwebsockets, tokio-websockets, sockudo-ws";
+const ENGINES: &str =
+    "raw, tungstenite, fastwebsockets, tokio-websockets, sockudo-ws, tungstenite-broadcast";
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -45,6 +48,7 @@ async fn serve(engine: String, listen: SocketAddr) {
         "fastwebsockets" => |s| Box::pin(fastwebsockets(s)) as Conn,
         "tokio-websockets" => |s| Box::pin(tokio_websockets(s)) as Conn,
         "sockudo-ws" => |s| Box::pin(sockudo(s)) as Conn,
+        "tungstenite-broadcast" => |s| Box::pin(broadcast::connection(s)) as Conn,
         _ => usage(),
     };
     let listener = TcpListener::bind(listen).await.expect("bind");
@@ -141,5 +145,50 @@ async fn sockudo(stream: TcpStream) {
         if echo && ws.send(message).await.is_err() {
             return;
         }
+    }
+}
+
+/// A broadcast server on tokio-tungstenite: a map of connections to their unbounded
+/// senders; a text message from any connection is cloned to all of them.
+mod broadcast {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Mutex, OnceLock};
+
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::net::TcpStream;
+    use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
+    use tokio_tungstenite::tungstenite::Message;
+
+    type Peers = Mutex<HashMap<u64, UnboundedSender<Message>>>;
+
+    fn peers() -> &'static Peers {
+        static PEERS: OnceLock<Peers> = OnceLock::new();
+        PEERS.get_or_init(Default::default)
+    }
+
+    pub(crate) async fn connection(stream: TcpStream) {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let Ok(ws) = tokio_tungstenite::accept_async(stream).await else { return };
+        let id = NEXT.fetch_add(1, Ordering::Relaxed);
+        let (tx, mut rx) = unbounded_channel();
+        peers().lock().unwrap().insert(id, tx);
+        let (mut sink, mut stream) = ws.split();
+        let forward = tokio::spawn(async move {
+            while let Some(message) = rx.recv().await {
+                if sink.send(message).await.is_err() {
+                    return;
+                }
+            }
+        });
+        while let Some(Ok(message)) = stream.next().await {
+            if message.is_text() {
+                for peer in peers().lock().unwrap().values() {
+                    let _ = peer.send(message.clone());
+                }
+            }
+        }
+        peers().lock().unwrap().remove(&id);
+        forward.abort();
     }
 }

@@ -1,5 +1,6 @@
 //! Client connections: `ws://` URL parsing, the upgrade request and the answer's checks.
 
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use rand::rngs::StdRng;
@@ -10,7 +11,7 @@ use switchboard_wire::handshake::{
 };
 use switchboard_wire::Connection;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 use crate::config::Config;
 use crate::error::Error;
@@ -28,6 +29,9 @@ pub struct ClientOptions {
     pub origin: Option<String>,
     /// Extra request headers, such as `Authorization`.
     pub headers: Vec<(String, String)>,
+    /// The local address to connect from (any port): spreading many connections over
+    /// several source addresses gets past one address's ephemeral ports.
+    pub local_address: Option<IpAddr>,
 }
 
 impl Default for ClientOptions {
@@ -45,6 +49,7 @@ impl Default for ClientOptions {
             protocols: Vec::new(),
             origin: None,
             headers: Vec::new(),
+            local_address: None,
         }
     }
 }
@@ -106,9 +111,12 @@ pub async fn connect(url: &str, options: ClientOptions) -> Result<Connected, Err
         target.host.trim_start_matches('[').trim_end_matches(']'),
         target.port,
     );
-    let mut stream = tokio::time::timeout(options.connect_timeout, TcpStream::connect(address))
-        .await
-        .map_err(|_| Error::Timeout("connecting"))??;
+    let mut stream = tokio::time::timeout(
+        options.connect_timeout,
+        open(address, options.local_address),
+    )
+    .await
+    .map_err(|_| Error::Timeout("connecting"))??;
     stream.set_nodelay(true)?;
 
     let mut rng = StdRng::from_os_rng();
@@ -153,6 +161,32 @@ pub async fn connect(url: &str, options: ClientOptions) -> Result<Connected, Err
     }
     let socket = WebSocket::from_upgraded(stream, conn, &leftover, options.config);
     Ok(Connected { socket, accepted })
+}
+
+/// A TCP connection to `address`, from `local` when given.
+async fn open(address: (&str, u16), local: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let Some(local) = local else {
+        return TcpStream::connect(address).await;
+    };
+    let remote = tokio::net::lookup_host(address)
+        .await?
+        .find(|remote| remote.is_ipv4() == local.is_ipv4())
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::AddrNotAvailable,
+                format!(
+                    "{}:{} has no address of {local}'s family",
+                    address.0, address.1
+                ),
+            )
+        })?;
+    let socket = if local.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.bind(SocketAddr::new(local, 0))?;
+    socket.connect(remote).await
 }
 
 /// The permessage-deflate parameters the server agreed to, checked against the offer.

@@ -2,9 +2,12 @@
 //! other engines (bench/), one after another on the same machine: each server pinned to
 //! one core, the load (`switchboard bench echo`, the same client for all) to another.
 //!
-//! Two passes: closed-loop throughput per cell, then the server's CPU time per message
-//! at a fixed offered rate below every server's maximum (half the slowest one's), the
-//! figure that ranks engines when the load generator is the ceiling.
+//! Echo runs two passes: closed-loop throughput per cell, then the server's CPU time per
+//! message at a fixed offered rate below every server's maximum (half the slowest
+//! one's), the figure that ranks engines when the load generator is the ceiling. Then
+//! fan-out (one room or channel, rising publish rates; Switchboard, Sockudo and a
+//! tokio-tungstenite broadcast server), server memory per idle connection, and new
+//! connections per second.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -18,7 +21,9 @@ use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use super::EchoResult;
+use super::fanout::FanoutResult;
+use super::handshake::HandshakeResult;
+use super::{EchoResult, IdleResult};
 
 #[derive(Debug, Args)]
 pub(crate) struct CompareArgs {
@@ -51,6 +56,36 @@ pub(crate) struct CompareArgs {
     /// Skip the fixed-rate CPU pass.
     #[arg(long)]
     no_cpu: bool,
+    /// Parts to run.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "echo,fanout,idle,handshake"
+    )]
+    parts: Vec<Part>,
+    /// Servers for the fan-out part.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "switchboard,sockudo,tungstenite-broadcast"
+    )]
+    fanout_engines: Vec<String>,
+    /// Subscribers per fan-out cell.
+    #[arg(long, value_delimiter = ',', default_value = "1000,5000,10000")]
+    subscribers: Vec<usize>,
+    /// The p99 latency bound of the fan-out part, in milliseconds.
+    #[arg(long, default_value_t = 100.0)]
+    p99_bound_ms: f64,
+    /// The Sockudo server (`cargo install sockudo --locked`); looked up on PATH and in
+    /// ~/.cargo/bin.
+    #[arg(long, default_value = "sockudo")]
+    sockudo: PathBuf,
+    /// Idle connections per idle cell (each server and the load hold one file each).
+    #[arg(long, value_delimiter = ',', default_value = "10000,19000")]
+    idle_connections: Vec<usize>,
+    /// Seconds idle connections wait before the server's memory is read.
+    #[arg(long, default_value_t = 12.0)]
+    idle_wait: f64,
     /// Where compare.md, compare.json and compare.svg go.
     #[arg(long, default_value = "reports/bench")]
     out: PathBuf,
@@ -65,6 +100,14 @@ const CELLS: [(usize, usize); 5] = [
     (500, 16384),
 ];
 const QUICK_CELLS: [(usize, usize); 2] = [(100, 20), (200, 16384)];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Part {
+    Echo,
+    Fanout,
+    Idle,
+    Handshake,
+}
 
 /// The engines that are neither Switchboard nor the raw TCP ceiling.
 fn is_peer(engine: &str) -> bool {
@@ -91,6 +134,13 @@ struct Report {
     rates: BTreeMap<String, f64>,
     /// engine → cell → result at the fixed rate (with CPU per message).
     cpu: BTreeMap<String, BTreeMap<String, EchoResult>>,
+    /// engine → subscribers → fan-out steps.
+    fanout: BTreeMap<String, BTreeMap<usize, FanoutResult>>,
+    fanout_engines: Vec<String>,
+    /// engine → connections → idle memory.
+    idle: BTreeMap<String, BTreeMap<usize, IdleResult>>,
+    /// engine → new connections per second.
+    handshake: BTreeMap<String, HandshakeResult>,
 }
 
 /// A server under test, pinned to its core.
@@ -103,8 +153,18 @@ impl Server {
     async fn start(args: &CompareArgs, engine: &str) -> anyhow::Result<Self> {
         let mut command = Command::new("taskset");
         command.args(["-c", &args.server_core.to_string()]);
+        if engine == "sockudo" {
+            return Self::start_sockudo(args, command).await;
+        }
         if engine == "switchboard" {
             let me = std::env::current_exe()?;
+            // Rooms limit each connection's rate; the fan-out publisher needs more.
+            let config = args.out.join("switchboard-bench.toml");
+            std::fs::create_dir_all(&args.out)?;
+            std::fs::write(
+                &config,
+                "rate_limit_per_sec = 1000000000.0\nrate_limit_burst = 1000000000\n",
+            )?;
             command.arg(me).args([
                 "serve",
                 "--listen",
@@ -113,6 +173,7 @@ impl Server {
                 "--workers",
                 "1",
             ]);
+            command.arg("--config").arg(config);
         } else {
             command
                 .arg(&args.peers)
@@ -139,6 +200,54 @@ impl Server {
         .with_context(|| format!("the {engine} server did not start"))??;
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         Ok(Self { child, address })
+    }
+
+    /// Sockudo, as configured for a benchmark: memory drivers, one app, no metrics. It
+    /// is ready once its port accepts connections.
+    async fn start_sockudo(args: &CompareArgs, mut command: Command) -> anyhow::Result<Self> {
+        let binary = sockudo_binary(&args.sockudo).with_context(|| {
+            format!(
+                "no Sockudo server at {} (install it with `cargo install sockudo --locked`, \
+                 or leave it out with --fanout-engines)",
+                args.sockudo.display()
+            )
+        })?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        command
+            .arg(binary)
+            .envs([
+                ("HOST", "127.0.0.1"),
+                ("PORT", &port.to_string()),
+                ("QUEUE_DRIVER", "memory"),
+                ("ADAPTER_DRIVER", "local"),
+                ("CACHE_DRIVER", "memory"),
+                ("APP_MANAGER_DRIVER", "memory"),
+                ("METRICS_ENABLED", "false"),
+                ("SOCKUDO_DEFAULT_APP_ID", "app-id"),
+                ("SOCKUDO_DEFAULT_APP_KEY", "app-key"),
+                ("SOCKUDO_DEFAULT_APP_SECRET", "app-secret"),
+                ("RUST_LOG", "error"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        let mut child = command.spawn().context("starting Sockudo")?;
+        let address = format!("127.0.0.1:{port}");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if tokio::net::TcpStream::connect(&address).await.is_ok() {
+                return Ok(Self { child, address });
+            }
+            if let Some(status) = child.try_wait()? {
+                bail!("Sockudo exited before listening: {status}");
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("Sockudo did not listen on {address} within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     fn pid(&self) -> anyhow::Result<u32> {
@@ -194,6 +303,171 @@ async fn load(
     Ok(serde_json::from_slice(&output.stdout)?)
 }
 
+/// The Sockudo binary: the path given, else on PATH, else in ~/.cargo/bin.
+fn sockudo_binary(given: &std::path::Path) -> Option<PathBuf> {
+    if given.components().count() > 1 {
+        return given.exists().then(|| given.to_owned());
+    }
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>());
+    let cargo_bin = std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cargo/bin"));
+    on_path
+        .chain(cargo_bin)
+        .map(|dir| dir.join(given))
+        .find(|candidate| candidate.is_file())
+}
+
+/// Runs `switchboard bench ARGS --json` pinned to the load core and parses its answer.
+async fn load_json<T: serde::de::DeserializeOwned>(
+    args: &CompareArgs,
+    what: &str,
+    bench_args: &[String],
+) -> anyhow::Result<T> {
+    let output = Command::new("taskset")
+        .args(["-c", &args.load_core.to_string()])
+        .arg(std::env::current_exe()?)
+        .arg("bench")
+        .args(bench_args)
+        .arg("--json")
+        .stderr(Stdio::piped())
+        .output()
+        .await?;
+    if !output.status.success() {
+        bail!("{what}: {}", String::from_utf8_lossy(&output.stderr).trim());
+    }
+    serde_json::from_slice(&output.stdout).with_context(|| format!("{what}: reading its figures"))
+}
+
+/// Where each fan-out engine is subscribed to, and how it is spoken to.
+fn fanout_target(engine: &str, address: &str) -> (String, &'static str) {
+    match engine {
+        "switchboard" => (format!("ws://{address}/room/bench"), "switchboard"),
+        "sockudo" => (format!("ws://{address}/app/app-key?protocol=7"), "pusher"),
+        _ => (format!("ws://{address}/"), "broadcast"),
+    }
+}
+
+fn echo_url(engine: &str, address: &str) -> String {
+    match engine {
+        "switchboard" => format!("ws://{address}/echo"),
+        _ => format!("ws://{address}/"),
+    }
+}
+
+async fn run_fanout(args: &CompareArgs, report: &mut Report) -> anyhow::Result<()> {
+    let subscribers: Vec<usize> = if args.quick {
+        vec![1000]
+    } else {
+        args.subscribers.clone()
+    };
+    let rates = if args.quick {
+        "10,100,1000"
+    } else {
+        "1,2,5,10,20,50,100,200,500,1000,2000,5000"
+    };
+    let step_secs = if args.quick { "1" } else { "3" };
+    for engine in &report.fanout_engines.clone() {
+        for &count in &subscribers {
+            let server = Server::start(args, engine).await?;
+            let (url, target) = fanout_target(engine, &server.address);
+            let bench_args: Vec<String> = [
+                "fanout",
+                &url,
+                "--target",
+                target,
+                "--subscribers",
+                &count.to_string(),
+                "--rates",
+                rates,
+                "--step-secs",
+                step_secs,
+                "--p99-bound-ms",
+                &args.p99_bound_ms.to_string(),
+            ]
+            .map(String::from)
+            .to_vec();
+            let result: FanoutResult =
+                load_json(args, &format!("{engine} fan-out to {count}"), &bench_args).await?;
+            let best = result.best_held();
+            eprintln!(
+                "fan-out {engine:>22} {count:>6} subscribers: {} delivered msg/s held (publish {} msg/s)",
+                best.map_or_else(|| "none".into(), |b| thousands(b.delivered_per_sec)),
+                best.map_or_else(|| "–".into(), |b| b.rate.to_string()),
+            );
+            report
+                .fanout
+                .entry(engine.clone())
+                .or_default()
+                .insert(count, result);
+            server.stop().await;
+        }
+    }
+    Ok(())
+}
+
+async fn run_idle(args: &CompareArgs, report: &mut Report) -> anyhow::Result<()> {
+    let counts: Vec<usize> = if args.quick {
+        vec![1000]
+    } else {
+        args.idle_connections.clone()
+    };
+    let wait = if args.quick { 1.0 } else { args.idle_wait };
+    for engine in args.engines.iter().filter(|e| *e != "raw") {
+        for &count in &counts {
+            let server = Server::start(args, engine).await?;
+            let bench_args: Vec<String> = vec![
+                "idle".into(),
+                echo_url(engine, &server.address),
+                "--server-pid".into(),
+                server.pid()?.to_string(),
+                "--connections".into(),
+                count.to_string(),
+                "--no-deflate".into(),
+                "--wait".into(),
+                wait.to_string(),
+                "--source-addrs".into(),
+                "8".into(),
+            ];
+            let result: IdleResult =
+                load_json(args, &format!("{engine} idle {count}"), &bench_args).await?;
+            eprintln!(
+                "idle {engine:>16} {count:>6} connections: {:.2} KiB each",
+                result.kib_per_connection
+            );
+            report
+                .idle
+                .entry(engine.clone())
+                .or_default()
+                .insert(count, result);
+            server.stop().await;
+        }
+    }
+    Ok(())
+}
+
+async fn run_handshake(args: &CompareArgs, report: &mut Report) -> anyhow::Result<()> {
+    let samples = if args.quick { "2" } else { "5" };
+    for engine in args.engines.iter().filter(|e| *e != "raw") {
+        let server = Server::start(args, engine).await?;
+        let bench_args: Vec<String> = vec![
+            "handshake".into(),
+            echo_url(engine, &server.address),
+            "--samples".into(),
+            samples.into(),
+        ];
+        let result: HandshakeResult =
+            load_json(args, &format!("{engine} handshakes"), &bench_args).await?;
+        eprintln!(
+            "handshakes {engine:>16}: {} new connections/s",
+            thousands(result.median)
+        );
+        report.handshake.insert(engine.clone(), result);
+        server.stop().await;
+    }
+    Ok(())
+}
+
 fn thousands(value: f64) -> String {
     let digits = format!("{:.0}", value.max(0.0));
     let mut out = String::new();
@@ -235,60 +509,22 @@ pub(crate) async fn run(args: CompareArgs) -> anyhow::Result<()> {
         throughput: BTreeMap::new(),
         rates: BTreeMap::new(),
         cpu: BTreeMap::new(),
+        fanout: BTreeMap::new(),
+        fanout_engines: fanout_engines(&args)?,
+        idle: BTreeMap::new(),
+        handshake: BTreeMap::new(),
     };
-    let steps = args.engines.len() * cells.len() * if args.no_cpu { 1 } else { 2 };
-    let mut step = 0;
-    for engine in &args.engines {
-        let server = Server::start(&args, engine).await?;
-        for &cell in &cells {
-            step += 1;
-            let result = load(&args, engine, &server, cell, None).await?;
-            eprintln!(
-                "[{step}/{steps}] {engine:>16} {:>12}: {:>9} msg/s",
-                cell_name(cell),
-                thousands(result.median)
-            );
-            report
-                .throughput
-                .entry(engine.clone())
-                .or_default()
-                .insert(cell_name(cell), result);
-        }
-        server.stop().await;
+    if args.parts.contains(&Part::Echo) {
+        run_echo(&args, &cells, &mut report).await?;
     }
-    if !args.no_cpu {
-        for &cell in &cells {
-            let slowest = report
-                .throughput
-                .values()
-                .filter_map(|cells| cells.get(&cell_name(cell)))
-                .map(|r| r.median)
-                .fold(f64::INFINITY, f64::min);
-            report
-                .rates
-                .insert(cell_name(cell), (slowest / 2.0).round().max(1.0));
-        }
-        for engine in &args.engines {
-            let server = Server::start(&args, engine).await?;
-            for &cell in &cells {
-                step += 1;
-                let rate = report.rates[&cell_name(cell)];
-                let result = load(&args, engine, &server, cell, Some(rate)).await?;
-                eprintln!(
-                    "[{step}/{steps}] {engine:>16} {:>12} at {:>7} msg/s: {:.2} µs user + {:.2} µs system",
-                    cell_name(cell),
-                    thousands(rate),
-                    result.user_us.unwrap_or(f64::NAN),
-                    result.system_us.unwrap_or(f64::NAN),
-                );
-                report
-                    .cpu
-                    .entry(engine.clone())
-                    .or_default()
-                    .insert(cell_name(cell), result);
-            }
-            server.stop().await;
-        }
+    if args.parts.contains(&Part::Fanout) {
+        run_fanout(&args, &mut report).await?;
+    }
+    if args.parts.contains(&Part::Idle) {
+        run_idle(&args, &mut report).await?;
+    }
+    if args.parts.contains(&Part::Handshake) {
+        run_handshake(&args, &mut report).await?;
     }
 
     let table = markdown(&report);
@@ -305,6 +541,86 @@ pub(crate) async fn run(args: CompareArgs) -> anyhow::Result<()> {
         "wrote compare.md, compare.json and compare.svg to {}",
         args.out.display()
     );
+    Ok(())
+}
+
+/// The fan-out servers to run: as asked, except that the quick run leaves out a Sockudo
+/// that is not installed (saying so); a full run needs it.
+fn fanout_engines(args: &CompareArgs) -> anyhow::Result<Vec<String>> {
+    let mut engines = args.fanout_engines.clone();
+    if engines.iter().any(|e| e == "sockudo") && sockudo_binary(&args.sockudo).is_none() {
+        if !args.quick {
+            bail!(
+                "no Sockudo server at {} for the fan-out part (install it with `cargo install \
+                 sockudo --locked`, or leave it out with --fanout-engines)",
+                args.sockudo.display()
+            );
+        }
+        eprintln!("Sockudo is not installed: the quick run leaves it out of fan-out");
+        engines.retain(|e| e != "sockudo");
+    }
+    Ok(engines)
+}
+
+async fn run_echo(
+    args: &CompareArgs,
+    cells: &[(usize, usize)],
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let steps = args.engines.len() * cells.len() * if args.no_cpu { 1 } else { 2 };
+    let mut step = 0;
+    for engine in &args.engines {
+        let server = Server::start(args, engine).await?;
+        for &cell in cells {
+            step += 1;
+            let result = load(args, engine, &server, cell, None).await?;
+            eprintln!(
+                "[{step}/{steps}] {engine:>16} {:>12}: {:>9} msg/s",
+                cell_name(cell),
+                thousands(result.median)
+            );
+            report
+                .throughput
+                .entry(engine.clone())
+                .or_default()
+                .insert(cell_name(cell), result);
+        }
+        server.stop().await;
+    }
+    if !args.no_cpu {
+        for &cell in cells {
+            let slowest = report
+                .throughput
+                .values()
+                .filter_map(|cells| cells.get(&cell_name(cell)))
+                .map(|r| r.median)
+                .fold(f64::INFINITY, f64::min);
+            report
+                .rates
+                .insert(cell_name(cell), (slowest / 2.0).round().max(1.0));
+        }
+        for engine in &args.engines {
+            let server = Server::start(args, engine).await?;
+            for &cell in cells {
+                step += 1;
+                let rate = report.rates[&cell_name(cell)];
+                let result = load(args, engine, &server, cell, Some(rate)).await?;
+                eprintln!(
+                    "[{step}/{steps}] {engine:>16} {:>12} at {:>7} msg/s: {:.2} µs user + {:.2} µs system",
+                    cell_name(cell),
+                    thousands(rate),
+                    result.user_us.unwrap_or(f64::NAN),
+                    result.system_us.unwrap_or(f64::NAN),
+                );
+                report
+                    .cpu
+                    .entry(engine.clone())
+                    .or_default()
+                    .insert(cell_name(cell), result);
+            }
+            server.stop().await;
+        }
+    }
     Ok(())
 }
 
@@ -341,6 +657,25 @@ fn best_peer<'a>(
 fn markdown(report: &Report) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "Machine: {}. {}.\n", report.machine, report.settings);
+    if !report.throughput.is_empty() {
+        echo_table(report, &mut out);
+    }
+    if !report.cpu.is_empty() {
+        cpu_table(report, &mut out);
+    }
+    if !report.fanout.is_empty() {
+        fanout_table(report, &mut out);
+    }
+    if !report.idle.is_empty() {
+        idle_table(report, &mut out);
+    }
+    if !report.handshake.is_empty() {
+        handshake_table(report, &mut out);
+    }
+    out
+}
+
+fn echo_table(report: &Report, out: &mut String) {
     let _ = writeln!(
         out,
         "### Echo throughput (messages/s, median of the samples; closed loop)\n"
@@ -381,9 +716,10 @@ fn markdown(report: &Report) -> String {
         );
         out.push_str(&row);
     }
-    if report.cpu.is_empty() {
-        return out;
-    }
+}
+
+fn cpu_table(report: &Report, out: &mut String) {
+    let header: Vec<&str> = report.engines.iter().map(String::as_str).collect();
     let _ = writeln!(
         out,
         "\n### Server CPU per message at a fixed rate (µs: user + system)\n"
@@ -432,7 +768,133 @@ fn markdown(report: &Report) -> String {
         let _ = writeln!(row, " {user_ratio} | {total_ratio} |");
         out.push_str(&row);
     }
-    out
+}
+
+fn fanout_table(report: &Report, out: &mut String) {
+    let _ = writeln!(
+        out,
+        "\n### Fan-out: delivered messages/s at the highest publish rate held (all delivered, p99 under the bound)\n"
+    );
+    let engines = &report.fanout_engines;
+    let counts: std::collections::BTreeSet<usize> = report
+        .fanout
+        .values()
+        .flat_map(|by_count| by_count.keys().copied())
+        .collect();
+    let others: Vec<&String> = engines.iter().filter(|e| *e != "switchboard").collect();
+    let ratios: Vec<String> = others
+        .iter()
+        .map(|e| format!("Switchboard ÷ {e}"))
+        .collect();
+    let _ = writeln!(
+        out,
+        "| subscribers | {} | {} |",
+        engines.join(" | "),
+        ratios.join(" | ")
+    );
+    let _ = writeln!(
+        out,
+        "|---:|{}{}",
+        "---:|".repeat(engines.len()),
+        "---|".repeat(others.len())
+    );
+    let held = |engine: &str, count: usize| {
+        report
+            .fanout
+            .get(engine)
+            .and_then(|c| c.get(&count))
+            .and_then(FanoutResult::best_held)
+    };
+    for count in counts {
+        let mut row = format!("| {} |", thousands(count as f64));
+        for engine in engines {
+            let cell = held(engine, count).map_or_else(
+                || "none held".into(),
+                |s| {
+                    format!(
+                        "{} ({} msg/s published, p99 {:.1} ms)",
+                        thousands(s.delivered_per_sec),
+                        s.rate,
+                        s.p99_ms
+                    )
+                },
+            );
+            let _ = write!(row, " {cell} |");
+        }
+        for other in &others {
+            let ratio = match (held("switchboard", count), held(other, count)) {
+                (Some(o), Some(p)) if p.delivered_per_sec > 0.0 => {
+                    format!("{:.2}×", o.delivered_per_sec / p.delivered_per_sec)
+                }
+                (Some(_), None) => "∞ (peer held none)".into(),
+                _ => "–".into(),
+            };
+            let _ = write!(row, " {ratio} |");
+        }
+        let _ = writeln!(out, "{row}");
+    }
+    let Some(any) = report.fanout.values().flat_map(|c| c.values()).next() else {
+        return;
+    };
+    let rates: Vec<String> = any.steps.iter().map(|s| s.rate.to_string()).collect();
+    let _ = writeln!(
+        out,
+        "\nPublish rates step up ({}, … messages/s) until one is not held; p99 bound {} ms. Every step is in compare.json.",
+        rates.join(", "),
+        any.p99_bound_ms
+    );
+}
+
+fn idle_table(report: &Report, out: &mut String) {
+    let _ = writeln!(
+        out,
+        "\n### Server memory per idle connection (KiB of RSS growth per connection)\n"
+    );
+    let engines: Vec<&String> = report
+        .engines
+        .iter()
+        .filter(|e| report.idle.contains_key(*e))
+        .collect();
+    let counts: std::collections::BTreeSet<usize> = report
+        .idle
+        .values()
+        .flat_map(|by_count| by_count.keys().copied())
+        .collect();
+    let names: Vec<&str> = engines.iter().map(|e| e.as_str()).collect();
+    let _ = writeln!(out, "| connections | {} |", names.join(" | "));
+    let _ = writeln!(out, "|---:|{}", "---:|".repeat(engines.len()));
+    for count in counts {
+        let mut row = format!("| {} |", thousands(count as f64));
+        for engine in &engines {
+            let cell = report
+                .idle
+                .get(*engine)
+                .and_then(|c| c.get(&count))
+                .map_or_else(|| "–".into(), |r| format!("{:.2}", r.kib_per_connection));
+            let _ = write!(row, " {cell} |");
+        }
+        let _ = writeln!(out, "{row}");
+    }
+}
+
+fn handshake_table(report: &Report, out: &mut String) {
+    let _ = writeln!(
+        out,
+        "\n### New connections per second (TCP connect + upgrade, then hang up; median)\n"
+    );
+    let engines: Vec<&String> = report
+        .engines
+        .iter()
+        .filter(|e| report.handshake.contains_key(*e))
+        .collect();
+    let names: Vec<&str> = engines.iter().map(|e| e.as_str()).collect();
+    let _ = writeln!(out, "| {} |", names.join(" | "));
+    let _ = writeln!(out, "|{}", "---:|".repeat(engines.len()));
+    let cells: Vec<String> = engines
+        .iter()
+        .map(|e| thousands(report.handshake[*e].median))
+        .collect();
+    let _ = writeln!(out, "| {} |", cells.join(" | "));
 }
 
 /// Grouped bars: per cell, each engine's throughput relative to the best in that cell.

@@ -7,6 +7,8 @@
 //! CPU time per message. `compare` runs these cells against peer servers side by side.
 
 mod compare;
+mod fanout;
+mod handshake;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -35,6 +37,13 @@ enum Workload {
     /// Echo cells against Switchboard and peer servers (bench/), side by side: the
     /// server pinned to one core, the load to another; a table, JSON and a chart.
     Compare(compare::CompareArgs),
+    /// One room with many subscribers and a publisher at rising rates: publish-to-receive
+    /// latency (p50/p99/max) and delivered messages/s per rate, and the highest rate
+    /// held under a p99 bound. Also drives a broadcast server or a Pusher-protocol
+    /// server (`--target`), to compare.
+    Fanout(fanout::FanoutArgs),
+    /// New connections per second: loops that connect and hang up.
+    Handshake(handshake::HandshakeArgs),
     /// One room: senders post messages (each waits for its acknowledgements, a window at
     /// a time) while receivers read; prints stored messages/s and delivered messages/s.
     /// The server's rate limit must allow the load (`rate_limit_per_sec` in its config).
@@ -67,7 +76,7 @@ struct CompressionArgs {
 }
 
 #[derive(Debug, Args)]
-struct IdleArgs {
+pub(crate) struct IdleArgs {
     /// ws:// URL of an echo endpoint.
     url: String,
     /// Process id of the server, to read its memory.
@@ -87,6 +96,23 @@ struct IdleArgs {
     /// (the server frees idle compressors after `compression_idle_release_secs`).
     #[arg(long, default_value_t = 0.5)]
     wait: f64,
+    /// Source addresses to spread the connections over (127.0.0.1 up to 127.0.0.N),
+    /// to get past one address's ephemeral ports.
+    #[arg(long, default_value_t = 1)]
+    source_addrs: u8,
+    /// Print one JSON object instead of a sentence.
+    #[arg(long)]
+    json: bool,
+}
+
+/// What one idle run measured.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct IdleResult {
+    pub(crate) connections: usize,
+    pub(crate) rss_before_kib: u64,
+    pub(crate) rss_after_kib: u64,
+    /// Server RSS growth per connection, in KiB.
+    pub(crate) kib_per_connection: f64,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -135,6 +161,8 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
         Workload::Idle(args) => idle(args).await,
         Workload::Room(args) => room(args).await,
+        Workload::Fanout(args) => fanout::fanout(args).await,
+        Workload::Handshake(args) => handshake::handshake(args).await,
         Workload::Compare(args) => compare::run(args).await,
     }
 }
@@ -540,27 +568,85 @@ fn resident_kib(pid: u32) -> anyhow::Result<u64> {
         .context("no VmRSS line")
 }
 
-// The figures are this command's output.
-#[allow(clippy::print_stdout)]
-async fn idle(args: IdleArgs) -> anyhow::Result<()> {
+/// Raises this process's open-file limit to its hard limit and returns it.
+pub(crate) fn raise_fd_limit() -> u64 {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let limit = getrlimit(Resource::Nofile);
+    if let Some(hard) = limit.maximum {
+        let raised = rustix::process::Rlimit {
+            current: Some(hard),
+            maximum: Some(hard),
+        };
+        if setrlimit(Resource::Nofile, raised).is_ok() {
+            return hard;
+        }
+    }
+    limit.current.unwrap_or(1024)
+}
+
+/// The source address for connection `i` of a load spread over `spread` addresses.
+pub(crate) fn source_address(i: usize, spread: u8) -> Option<std::net::IpAddr> {
+    (spread > 1)
+        .then(|| std::net::Ipv4Addr::new(127, 0, 0, 1 + (i % usize::from(spread)) as u8).into())
+}
+
+pub(crate) async fn idle_load(args: &IdleArgs) -> anyhow::Result<IdleResult> {
+    let limit = raise_fd_limit();
+    if args.connections as u64 + 64 > limit {
+        anyhow::bail!(
+            "{} connections need more open files than this process may have ({limit}; the \
+             hard limit is set outside, by `ulimit -Hn` or the service manager)",
+            args.connections
+        );
+    }
     let mut options = ClientOptions::default();
     if args.no_deflate {
         options.config = options.config.with_deflate(None);
     }
-    let stream = chat_stream(args.messages.max(1));
+    let stream = Arc::new(chat_stream(args.messages.max(1)));
     let before = resident_kib(args.server_pid)?;
     let mut sockets = Vec::with_capacity(args.connections);
-    for _ in 0..args.connections {
-        let mut socket = connect(&args.url, options.clone()).await?.socket;
-        for message in stream.iter().take(args.messages) {
-            socket.send_text(message).await?;
-            socket.recv().await?.context("server closed")?;
+    let mut opening = tokio::task::JoinSet::new();
+    for i in 0..args.connections {
+        if opening.len() >= 64 {
+            sockets.push(opening.join_next().await.expect("non-empty")??);
         }
-        sockets.push(socket);
+        let (url, stream, messages) = (args.url.clone(), stream.clone(), args.messages);
+        let mut options = options.clone();
+        options.local_address = source_address(i, args.source_addrs);
+        opening.spawn(async move {
+            let mut socket = connect(&url, options).await?.socket;
+            for message in stream.iter().take(messages) {
+                socket.send_text(message).await?;
+                socket.recv().await?.context("server closed")?;
+            }
+            anyhow::Ok(socket)
+        });
+    }
+    while let Some(socket) = opening.join_next().await {
+        sockets.push(socket??);
     }
     tokio::time::sleep(Duration::from_secs_f64(args.wait)).await;
     let after = resident_kib(args.server_pid)?;
-    let per = (after.saturating_sub(before)) as f64 * 1024.0 / args.connections as f64;
+    let result = IdleResult {
+        connections: args.connections,
+        rss_before_kib: before,
+        rss_after_kib: after,
+        kib_per_connection: after.saturating_sub(before) as f64 / args.connections as f64,
+    };
+    // Hang up without waiting for every close handshake: the figure is taken.
+    drop(sockets);
+    Ok(result)
+}
+
+// The figures are this command's output.
+#[allow(clippy::print_stdout)]
+async fn idle(args: IdleArgs) -> anyhow::Result<()> {
+    let result = idle_load(&args).await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&result)?);
+        return Ok(());
+    }
     let mode = if args.no_deflate {
         "without deflate"
     } else {
@@ -568,11 +654,8 @@ async fn idle(args: IdleArgs) -> anyhow::Result<()> {
     };
     println!(
         "{} connections {mode}, {} message(s) each, read after {}s idle: server RSS {} KiB -> {} KiB, {:.1} KiB per connection",
-        args.connections, args.messages, args.wait, before, after, per / 1024.0
+        args.connections, args.messages, args.wait, result.rss_before_kib, result.rss_after_kib, result.kib_per_connection
     );
-    for mut socket in sockets {
-        socket.close(None).await?;
-    }
     Ok(())
 }
 

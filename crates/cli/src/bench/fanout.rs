@@ -1,0 +1,603 @@
+//! `switchboard bench fanout`: one room (or channel) with many subscribers and a
+//! publisher at rising rates. Each published message carries its send time; every
+//! subscriber records publish-to-receive latency. Per rate step: p50/p99/max latency,
+//! messages delivered out of those expected, delivered messages/s; the result is the
+//! highest rate whose deliveries were all made with p99 under the bound.
+//!
+//! Three kinds of server are understood, so peers can be measured with the same load:
+//! a Switchboard room, a broadcast server (every text message from any connection goes
+//! to all of them), and a Pusher-protocol server such as Sockudo (subscribers join a
+//! channel; the publisher posts signed HTTP requests to its events API).
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use serde::{Deserialize, Serialize};
+use switchboard_net::{connect, ClientOptions, Message, WebSocket};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::JoinSet;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+pub(crate) enum Target {
+    /// A Switchboard room URL (`ws://HOST/room/ROOM`).
+    Switchboard,
+    /// A server that relays every text message to every connection (`ws://HOST/`).
+    Broadcast,
+    /// A Pusher-protocol server (`ws://HOST/app/KEY?protocol=7`, events API over HTTP).
+    Pusher,
+}
+
+#[derive(Debug, Clone, Args)]
+pub(crate) struct FanoutArgs {
+    /// The subscribers' URL.
+    pub(crate) url: String,
+    /// What kind of server is at the URL.
+    #[arg(long, value_enum, default_value = "switchboard")]
+    pub(crate) target: Target,
+    /// Subscriber connections.
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) subscribers: usize,
+    /// Publish rates to step through, messages per second; stops after the first rate
+    /// that is not held.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1,2,5,10,20,50,100,200,500,1000,2000,5000"
+    )]
+    pub(crate) rates: Vec<f64>,
+    /// Seconds of publishing per rate.
+    #[arg(long, default_value_t = 3.0)]
+    pub(crate) step_secs: f64,
+    /// The p99 latency bound, in milliseconds, a rate must stay under to be held.
+    #[arg(long, default_value_t = 100.0)]
+    pub(crate) p99_bound_ms: f64,
+    /// Text bytes per published message (the marker included).
+    #[arg(long, default_value_t = 64)]
+    pub(crate) size: usize,
+    /// Pusher app id, key and secret (with `--target pusher`).
+    #[arg(long, default_value = "app-id")]
+    pub(crate) app_id: String,
+    #[arg(long, default_value = "app-key")]
+    pub(crate) app_key: String,
+    #[arg(long, default_value = "app-secret")]
+    pub(crate) app_secret: String,
+    /// Print one JSON object instead of lines.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// One rate step's figures.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Step {
+    pub(crate) rate: f64,
+    pub(crate) published: u64,
+    pub(crate) expected: u64,
+    pub(crate) delivered: u64,
+    /// Delivered messages per second, from the first publish to the last delivery.
+    pub(crate) delivered_per_sec: f64,
+    pub(crate) p50_ms: f64,
+    pub(crate) p99_ms: f64,
+    pub(crate) max_ms: f64,
+    /// Subscribers the server had closed by the end of the step.
+    pub(crate) closed: usize,
+    pub(crate) held: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct FanoutResult {
+    pub(crate) subscribers: usize,
+    pub(crate) p99_bound_ms: f64,
+    pub(crate) steps: Vec<Step>,
+}
+
+impl FanoutResult {
+    /// The highest step held: all deliveries made, p99 under the bound.
+    pub(crate) fn best_held(&self) -> Option<&Step> {
+        self.steps
+            .iter()
+            .filter(|s| s.held)
+            .max_by(|a, b| a.delivered_per_sec.total_cmp(&b.delivered_per_sec))
+    }
+}
+
+/// Latency buckets: bucket `i > 0` holds latencies up to `GROWTH^i` µs (4 % apart).
+const GROWTH: f64 = 1.04;
+const BUCKETS: usize = 480;
+
+/// A lock-free latency histogram, one per rate step, shared by every subscriber.
+struct Histogram {
+    buckets: Vec<AtomicU64>,
+    count: AtomicU64,
+    max_ns: AtomicU64,
+    /// Nanoseconds after the epoch of the last delivery.
+    last_ns: AtomicU64,
+}
+
+impl Histogram {
+    fn new() -> Self {
+        Self {
+            buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicU64::new(0),
+            max_ns: AtomicU64::new(0),
+            last_ns: AtomicU64::new(0),
+        }
+    }
+
+    fn record(&self, latency_ns: u64, now_ns: u64) {
+        let us = latency_ns as f64 / 1000.0;
+        let bucket = if us <= 1.0 {
+            0
+        } else {
+            ((us.ln() / GROWTH.ln()).ceil() as usize).min(BUCKETS - 1)
+        };
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.max_ns.fetch_max(latency_ns, Ordering::Relaxed);
+        self.last_ns.fetch_max(now_ns, Ordering::Relaxed);
+    }
+
+    /// The latency at quantile `q` in milliseconds (the upper edge of its bucket).
+    fn quantile_ms(&self, q: f64) -> f64 {
+        let count = self.count.load(Ordering::Relaxed);
+        if count == 0 {
+            return f64::NAN;
+        }
+        let rank = ((count as f64 * q).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (i, bucket) in self.buckets.iter().enumerate() {
+            seen += bucket.load(Ordering::Relaxed);
+            if seen >= rank {
+                return GROWTH.powi(i as i32) / 1000.0;
+            }
+        }
+        f64::NAN
+    }
+}
+
+/// Where the load keeps its clock and its figures.
+struct Shared {
+    epoch: Instant,
+    steps: Vec<Histogram>,
+    /// Subscribers whose connection ended during the load (a server closing a
+    /// subscriber that fell behind, say): a step during which any did is not held.
+    closed: AtomicUsize,
+}
+
+impl Shared {
+    fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    /// Records a message if it carries a marker `~T{step}:{ns}~` from this run.
+    fn observe(&self, payload: &[u8]) {
+        let Some((step, sent_ns)) = parse_marker(payload) else {
+            return;
+        };
+        if let Some(histogram) = self.steps.get(step) {
+            let now = self.now_ns();
+            histogram.record(now.saturating_sub(sent_ns), now);
+        }
+    }
+}
+
+fn marker(step: usize, sent_ns: u64, size: usize) -> String {
+    let mut text = format!("~T{step}:{sent_ns}~");
+    while text.len() < size {
+        text.push('x');
+    }
+    text
+}
+
+fn parse_marker(payload: &[u8]) -> Option<(usize, u64)> {
+    let at = payload.windows(2).position(|w| w == b"~T")? + 2;
+    let rest = &payload[at..];
+    let end = rest.iter().position(|&b| b == b'~')?;
+    let field = std::str::from_utf8(&rest[..end]).ok()?;
+    let (step, ns) = field.split_once(':')?;
+    Some((step.parse().ok()?, ns.parse().ok()?))
+}
+
+fn client_options() -> ClientOptions {
+    let mut options = ClientOptions::default();
+    options.config = options.config.with_deflate(None);
+    options.connect_timeout = Duration::from_secs(30);
+    options
+}
+
+fn with_query(url: &str, pair: &str) -> String {
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}{pair}")
+}
+
+/// Opens a subscriber and waits until it is part of the room or channel.
+async fn subscribe(args: &FanoutArgs) -> anyhow::Result<WebSocket<TcpStream>> {
+    let url = match args.target {
+        // One user for every subscriber (a dashboard's viewers under one account), so
+        // setting up 10k subscribers does not add 10k² join events and welcome lists:
+        // the peers have no presence, and the figure compared is the fan-out itself.
+        Target::Switchboard => with_query(&args.url, "name=viewer"),
+        Target::Broadcast | Target::Pusher => args.url.clone(),
+    };
+    let mut socket = connect(&url, client_options())
+        .await
+        .with_context(|| format!("connecting a subscriber to {url}"))?
+        .socket;
+    let ready: &str = match args.target {
+        Target::Switchboard => r#""type":"welcome""#,
+        Target::Broadcast => return Ok(socket),
+        Target::Pusher => "pusher:connection_established",
+    };
+    wait_for(&mut socket, ready).await?;
+    if args.target == Target::Pusher {
+        socket
+            .send_text(r#"{"event":"pusher:subscribe","data":{"channel":"bench"}}"#)
+            .await?;
+        wait_for(&mut socket, "pusher_internal:subscription_succeeded").await?;
+    }
+    Ok(socket)
+}
+
+async fn wait_for(socket: &mut WebSocket<TcpStream>, needle: &str) -> anyhow::Result<()> {
+    loop {
+        match socket.recv().await? {
+            Some(Message::Text(text)) if text.as_str().contains(needle) => return Ok(()),
+            Some(_) => {}
+            None => bail!("the server closed a subscriber before it was ready"),
+        }
+    }
+}
+
+async fn subscriber(mut socket: WebSocket<TcpStream>, shared: Arc<Shared>) {
+    loop {
+        match socket.recv().await {
+            Ok(Some(Message::Text(text))) => shared.observe(text.as_bytes()),
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => break,
+        }
+    }
+    shared.closed.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Publishes to the room or channel.
+enum Publisher {
+    /// A WebSocket connection (Switchboard room, broadcast server); what it receives
+    /// is read and dropped by a task of its own.
+    Socket(tokio::sync::mpsc::Sender<String>),
+    /// Keep-alive HTTP connections to a Pusher events API, taken in turn.
+    Http(Vec<tokio::sync::mpsc::Sender<String>>, usize),
+}
+
+impl Publisher {
+    async fn open(args: &FanoutArgs) -> anyhow::Result<(Self, JoinSet<anyhow::Result<()>>)> {
+        let mut tasks = JoinSet::new();
+        match args.target {
+            Target::Switchboard | Target::Broadcast => {
+                let url = match args.target {
+                    Target::Switchboard => with_query(&args.url, "name=publisher"),
+                    _ => args.url.clone(),
+                };
+                let mut socket = connect(&url, client_options())
+                    .await
+                    .with_context(|| format!("connecting the publisher to {url}"))?
+                    .socket;
+                let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(1024);
+                tasks.spawn(async move {
+                    loop {
+                        tokio::select! {
+                            text = rx.recv() => match text {
+                                Some(text) => {
+                                    socket.feed(&Message::Text(text.into())).await?;
+                                    while let Ok(more) = rx.try_recv() {
+                                        socket.feed(&Message::Text(more.into())).await?;
+                                    }
+                                    socket.flush().await?;
+                                }
+                                None => {
+                                    socket.close(None).await?;
+                                    return Ok(());
+                                }
+                            },
+                            received = socket.recv() => match received? {
+                                Some(_) => {}
+                                None => bail!("the server closed the publisher"),
+                            },
+                        }
+                    }
+                });
+                Ok((Self::Socket(tx), tasks))
+            }
+            Target::Pusher => {
+                let address = super::host_port(&args.url).to_owned();
+                let mut senders = Vec::new();
+                for _ in 0..4 {
+                    let mut stream = TcpStream::connect(&address)
+                        .await
+                        .with_context(|| format!("connecting to the events API at {address}"))?;
+                    stream.set_nodelay(true)?;
+                    let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(1024);
+                    let (app_id, key, secret) = (
+                        args.app_id.clone(),
+                        args.app_key.clone(),
+                        args.app_secret.clone(),
+                    );
+                    let host = address.clone();
+                    tasks.spawn(async move {
+                        let mut buf = Vec::with_capacity(4096);
+                        while let Some(data) = rx.recv().await {
+                            let request = pusher_request(&host, &app_id, &key, &secret, &data);
+                            stream.write_all(request.as_bytes()).await?;
+                            read_http_response(&mut stream, &mut buf).await?;
+                        }
+                        Ok(())
+                    });
+                    senders.push(tx);
+                }
+                Ok((Self::Http(senders, 0), tasks))
+            }
+        }
+    }
+
+    async fn publish(&mut self, target: Target, text: String) -> anyhow::Result<()> {
+        let sent = match self {
+            Self::Socket(tx) => {
+                let frame = match target {
+                    Target::Switchboard => {
+                        serde_json::json!({"type": "message", "text": text}).to_string()
+                    }
+                    _ => text,
+                };
+                tx.send(frame).await
+            }
+            Self::Http(senders, next) => {
+                *next = (*next + 1) % senders.len();
+                senders[*next].send(text).await
+            }
+        };
+        sent.map_err(|_| anyhow::anyhow!("the publisher's connection ended"))
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut out, b| {
+            let _ = write!(out, "{b:02x}");
+            out
+        })
+}
+
+/// A signed `POST /apps/{id}/events` (the Pusher HTTP API's query authentication).
+fn pusher_request(host: &str, app_id: &str, key: &str, secret: &str, data: &str) -> String {
+    use hmac::{Hmac, Mac};
+    use md5::{Digest, Md5};
+
+    let body =
+        serde_json::json!({"name": "bench", "channels": ["bench"], "data": data}).to_string();
+    let timestamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let path = format!("/apps/{app_id}/events");
+    let query = format!(
+        "auth_key={key}&auth_timestamp={timestamp}&auth_version=1.0&body_md5={}",
+        hex(&Md5::digest(body.as_bytes()))
+    );
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("any key size");
+    mac.update(format!("POST\n{path}\n{query}").as_bytes());
+    let signature = hex(&mac.finalize().into_bytes());
+    format!(
+        "POST {path}?{query}&auth_signature={signature} HTTP/1.1\r\nHost: {host}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// Reads one HTTP/1.1 response with a `Content-Length` body; an error unless 2xx.
+async fn read_http_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<()> {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + length {
+                let status_ok = head.split(' ').nth(1).is_some_and(|s| s.starts_with('2'));
+                if !status_ok {
+                    let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + length]);
+                    bail!(
+                        "the events API answered {}: {body}",
+                        head.lines().next().unwrap_or("")
+                    );
+                }
+                buf.drain(..end + 4 + length);
+                return Ok(());
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            bail!("the events API closed the connection");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Opens the subscribers, steps through the rates, and returns the figures. Progress
+/// goes to stderr.
+pub(crate) async fn fanout_load(args: &FanoutArgs) -> anyhow::Result<FanoutResult> {
+    let shared = Arc::new(Shared {
+        epoch: Instant::now(),
+        steps: args.rates.iter().map(|_| Histogram::new()).collect(),
+        closed: AtomicUsize::new(0),
+    });
+    let mut subscribers: JoinSet<()> = JoinSet::new();
+    {
+        // Connections open a few dozen at a time (a listen backlog is finite).
+        let mut opening = JoinSet::new();
+        let args = Arc::new(args.clone());
+        for _ in 0..args.subscribers {
+            if opening.len() >= 64 {
+                let socket = opening.join_next().await.expect("non-empty")??;
+                subscribers.spawn(subscriber(socket, shared.clone()));
+            }
+            let args = args.clone();
+            opening.spawn(async move { subscribe(&args).await });
+        }
+        while let Some(socket) = opening.join_next().await {
+            subscribers.spawn(subscriber(socket??, shared.clone()));
+        }
+    }
+    eprintln!("fanout: {} subscribers ready", args.subscribers);
+    let (mut publisher, mut publishing) = Publisher::open(args).await?;
+
+    let mut steps = Vec::new();
+    let bound = args.p99_bound_ms;
+    for (index, &rate) in args.rates.iter().enumerate() {
+        let histogram = &shared.steps[index];
+        let every = Duration::from_secs_f64(1.0 / rate.max(0.001));
+        let count = (rate * args.step_secs).round().max(1.0) as u64;
+        let started_ns = shared.now_ns();
+        let started = tokio::time::Instant::now();
+        for i in 0..count {
+            tokio::time::sleep_until(started + every.mul_f64(i as f64)).await;
+            let text = marker(index, shared.now_ns(), args.size);
+            publisher.publish(args.target, text).await?;
+        }
+        let expected = count * args.subscribers as u64;
+        // Late deliveries still count; past a grace period the step is not held.
+        let grace = Duration::from_secs_f64((bound / 1000.0 * 4.0).max(2.0));
+        let deadline = tokio::time::Instant::now() + grace;
+        while histogram.count.load(Ordering::Relaxed) < expected
+            && tokio::time::Instant::now() < deadline
+            && shared.closed.load(Ordering::Relaxed) == 0
+        {
+            if let Some(done) = publishing.try_join_next() {
+                return Err(match done {
+                    Ok(Ok(())) => anyhow::anyhow!("the publisher stopped during the load"),
+                    Ok(Err(cause)) => cause.context("the publisher failed"),
+                    Err(panic) => anyhow::anyhow!("the publisher panicked: {panic}"),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let closed = shared.closed.load(Ordering::Relaxed);
+        let delivered = histogram.count.load(Ordering::Relaxed);
+        let span_ns = histogram
+            .last_ns
+            .load(Ordering::Relaxed)
+            .saturating_sub(started_ns);
+        let step = Step {
+            rate,
+            published: count,
+            expected,
+            delivered,
+            delivered_per_sec: delivered as f64 / (span_ns.max(1) as f64 / 1e9),
+            p50_ms: histogram.quantile_ms(0.50),
+            p99_ms: histogram.quantile_ms(0.99),
+            max_ms: histogram.max_ns.load(Ordering::Relaxed) as f64 / 1e6,
+            closed,
+            held: false,
+        };
+        let held = delivered >= expected && step.p99_ms <= bound && closed == 0;
+        let step = Step { held, ..step };
+        eprintln!(
+            "fanout {} subs @ {:>6} msg/s: delivered {}/{} ({:.0}/s), p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms{}",
+            args.subscribers,
+            rate,
+            step.delivered,
+            step.expected,
+            step.delivered_per_sec,
+            step.p50_ms,
+            step.p99_ms,
+            step.max_ms,
+            match (held, closed) {
+                (true, _) => String::new(),
+                (false, 0) => "  (not held)".into(),
+                (false, n) => format!("  (not held: {n} subscribers closed by the server)"),
+            }
+        );
+        steps.push(step);
+        if !held {
+            break;
+        }
+        // Let queues drain before the next rate.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    drop(publisher);
+    subscribers.abort_all();
+    publishing.abort_all();
+    Ok(FanoutResult {
+        subscribers: args.subscribers,
+        p99_bound_ms: bound,
+        steps,
+    })
+}
+
+// The figures are this command's output.
+#[allow(clippy::print_stdout)]
+pub(crate) async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
+    let result = fanout_load(&args).await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&result)?);
+        return Ok(());
+    }
+    println!(
+        "| rate (msg/s) | delivered | delivered msg/s | p50 ms | p99 ms | max ms | held (p99 ≤ {} ms) |",
+        args.p99_bound_ms
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---|");
+    for s in &result.steps {
+        println!(
+            "| {} | {}/{} | {:.0} | {:.2} | {:.2} | {:.2} | {} |",
+            s.rate,
+            s.delivered,
+            s.expected,
+            s.delivered_per_sec,
+            s.p50_ms,
+            s.p99_ms,
+            s.max_ms,
+            if s.held { "yes" } else { "no" }
+        );
+    }
+    match result.best_held() {
+        Some(best) => println!(
+            "highest rate held: {} msg/s to {} subscribers = {:.0} delivered msg/s",
+            best.rate, result.subscribers, best.delivered_per_sec
+        ),
+        None => println!("no rate was held"),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markers_round_trip_inside_json() {
+        let text = marker(3, 123_456_789, 40);
+        assert_eq!(text.len(), 40);
+        let json = serde_json::json!({"type": "message", "text": text}).to_string();
+        assert_eq!(parse_marker(json.as_bytes()), Some((3, 123_456_789)));
+        assert_eq!(parse_marker(b"{\"type\":\"welcome\"}"), None);
+    }
+
+    #[test]
+    fn quantiles_come_from_the_recorded_latencies() {
+        let histogram = Histogram::new();
+        for ms in 1..=100u64 {
+            histogram.record(ms * 1_000_000, 0);
+        }
+        let p50 = histogram.quantile_ms(0.5);
+        let p99 = histogram.quantile_ms(0.99);
+        assert!((50.0..=52.0 * GROWTH).contains(&p50), "p50 {p50}");
+        assert!((99.0..=99.0 * GROWTH).contains(&p99), "p99 {p99}");
+        assert_eq!(histogram.max_ns.load(Ordering::Relaxed), 100_000_000);
+    }
+}
