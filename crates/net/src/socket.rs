@@ -5,6 +5,7 @@ use std::pin::Pin;
 use std::task::Poll;
 use std::time::Duration;
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io::IoSlice;
 
@@ -13,6 +14,7 @@ use switchboard_wire::deflate::DeflateParams;
 use switchboard_wire::{CloseFrame, Connection, Message, OpCode, Role};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{sleep_until, Instant, Sleep};
+use tokio_util::io::poll_read_buf;
 
 use crate::config::Config;
 use crate::error::Error;
@@ -26,7 +28,10 @@ pub struct WebSocket<S> {
     io: S,
     conn: Connection,
     config: Config,
+    /// What was read and not yet decoded: a view into this thread's shared read chunk
+    /// right after a read (`read_view`), otherwise a buffer of its own.
     read_buf: BytesMut,
+    read_view: bool,
     /// When the timer last saw reads (or writes) happen: kept to the timer's precision.
     /// The hot path only counts (`reads`, `writes`), with no clock read per message;
     /// the timer notices a changed count, so silence is detected at most one timer
@@ -57,6 +62,39 @@ pub struct WebSocket<S> {
 
 const MAX_READ: usize = 64 * 1024;
 
+/// The size of the chunks reads go into, shared by the connections polled on a thread.
+const READ_CHUNK: usize = 64 * 1024;
+
+thread_local! {
+    /// The unfilled rest of this thread's current read chunk. Each read takes what it
+    /// filled as a view (payloads are split off it without copying); the chunk is freed
+    /// when its last view is dropped. So connections between messages hold no buffer,
+    /// as with a single receive buffer per event loop.
+    static SHARED_READ: RefCell<BytesMut> = RefCell::new(BytesMut::new());
+}
+
+/// Reads once into this thread's shared chunk, with room for at least `want` bytes:
+/// the bytes read (a view of the chunk), and the room the read had.
+fn read_shared<S: AsyncRead + Unpin>(
+    io: &mut S,
+    want: usize,
+) -> impl Future<Output = std::io::Result<(BytesMut, usize)>> + '_ {
+    std::future::poll_fn(move |cx| {
+        SHARED_READ.with(|chunk| {
+            let mut chunk = chunk.borrow_mut();
+            if chunk.capacity() - chunk.len() < want.max(1) {
+                *chunk = BytesMut::with_capacity(READ_CHUNK.max(want));
+            }
+            let spare = chunk.capacity() - chunk.len();
+            match poll_read_buf(Pin::new(&mut *io), cx, &mut *chunk) {
+                Poll::Ready(Ok(_)) => Poll::Ready(Ok((chunk.split(), spare))),
+                Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+    })
+}
+
 /// Payloads from this size on are written from their own buffer (a vectored write)
 /// instead of being copied behind their frame header.
 const WRITE_IN_PLACE: usize = 4096;
@@ -66,8 +104,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     /// handshake (frames the peer sent right after its request or response).
     pub fn from_upgraded(io: S, conn: Connection, leftover: &[u8], config: Config) -> Self {
         let config_read_size = config.read_buffer_size.max(1);
-        let mut read_buf = BytesMut::with_capacity(config.read_buffer_size.max(leftover.len()));
-        read_buf.extend_from_slice(leftover);
+        let read_buf = BytesMut::from(leftover);
         let now = Instant::now();
         let timer = first_wake(&config).map(|after| Box::pin(sleep_until(now + after)));
         Self {
@@ -75,6 +112,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
             conn,
             config,
             read_buf,
+            read_view: false,
             last_read: now,
             last_write: now,
             reads: 0,
@@ -123,7 +161,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
                 // The peer's Close arrived (and was answered), or the peer broke the
                 // protocol (and its close frame is queued): send what is left, hang up.
                 // Re-entered if a cancelled call left it half done.
-                self.finish().await;
+                // Boxed, like the timer's work below: rare paths that would otherwise
+                // make every connection's receive future (and task) larger.
+                Box::pin(self.finish()).await;
                 continue;
             }
             match self.conn.read(&mut self.read_buf) {
@@ -148,22 +188,41 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     /// Reads more bytes, pinging quiet peers and dropping dead ones meanwhile.
     async fn fill(&mut self) -> Result<(), Error> {
         let want = self.conn.read_hint().min(1 << 20).max(self.read_size);
-        self.read_buf.reserve(want);
-        let spare = self.read_buf.capacity() - self.read_buf.len();
+        // A connection that waits holds no read buffer of its own: nothing when every
+        // byte it read was decoded, else an exact copy of the partial frame (never a
+        // view that would pin a shared chunk while the peer takes its time).
+        if self.read_buf.is_empty() {
+            self.read_buf = BytesMut::new();
+        } else if self.read_view {
+            let mut owned = BytesMut::with_capacity(self.read_buf.len() + want);
+            owned.extend_from_slice(&self.read_buf);
+            self.read_buf = owned;
+        }
+        self.read_view = false;
         let read = match self.timer.as_mut() {
-            None => self.io.read_buf(&mut self.read_buf).await,
+            None => read_shared(&mut self.io, want).await,
             Some(timer) => {
                 tokio::select! {
                     biased;
-                    read = self.io.read_buf(&mut self.read_buf) => read,
+                    read = read_shared(&mut self.io, want) => read,
                     () = timer.as_mut() => {
-                        return self.on_timer().await;
+                        return Box::pin(self.on_timer()).await;
                     }
                 }
             }
         };
+        let read = read.map(|(data, spare)| {
+            let n = data.len();
+            if self.read_buf.is_empty() {
+                self.read_buf = data;
+                self.read_view = true;
+            } else {
+                self.read_buf.extend_from_slice(&data);
+            }
+            (n, spare)
+        });
         match read {
-            Ok(0) => {
+            Ok((0, _)) => {
                 self.finished = true;
                 if self.conn.is_done() {
                     Ok(())
@@ -171,7 +230,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
                     Err(Error::ConnectionLost)
                 }
             }
-            Ok(n) => {
+            Ok((n, spare)) => {
                 if n == spare && self.read_size < MAX_READ {
                     self.read_size *= 2;
                 }
@@ -433,7 +492,9 @@ async fn write_out<S: AsyncWrite + Unpin>(
         io.write_buf(out).await?;
     }
     while !ahead.is_empty() {
-        let written = {
+        // The slices are made afresh at each poll, so they are no part of the future
+        // (which every waiting connection's task holds).
+        let written = std::future::poll_fn(|cx| {
             let mut slices = [IoSlice::new(&[]); 16];
             let mut count = 0;
             for chunk in ahead.iter().take(slices.len() - 1) {
@@ -444,8 +505,9 @@ async fn write_out<S: AsyncWrite + Unpin>(
                 slices[count] = IoSlice::new(out);
                 count += 1;
             }
-            io.write_vectored(&slices[..count]).await?
-        };
+            Pin::new(&mut *io).poll_write_vectored(cx, &slices[..count])
+        })
+        .await?;
         if written == 0 {
             return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
         }

@@ -27,7 +27,7 @@ pub(crate) async fn echo_session(mut socket: WebSocket<TcpStream>, shutdown: Shu
         () = shutdown.stopping() => {}
     }
     let going_away = CloseFrame::new(CloseCode::GOING_AWAY, "server shutting down");
-    if let Err(cause) = socket.close(Some(going_away)).await {
+    if let Err(cause) = Box::pin(socket.close(Some(going_away))).await {
         debug!(%cause, "echo close handshake at shutdown");
     }
 }

@@ -242,7 +242,7 @@ async fn session(mut socket: WebSocket<TcpStream>, mut membership: Membership, s
         }
     };
     if let Some(frame) = close {
-        if let Err(cause) = socket.close(Some(frame)).await {
+        if let Err(cause) = Box::pin(socket.close(Some(frame))).await {
             debug!(%cause, "room close handshake");
         }
     }

@@ -82,9 +82,14 @@ where
             Ok(parts) => {
                 let socket =
                     WebSocket::server(parts.io.into_inner(), &parts.read_buf, config, params);
+                // The leftover bytes are copied: hyper's whole read buffer goes now, not
+                // when the session ends.
+                drop(parts.read_buf);
                 metrics::counter!("switchboard_connections_total").increment(1);
                 metrics::gauge!("switchboard_connections").increment(1.0);
-                session(socket, upgrade).await;
+                // Boxed: the session owns the socket, and a future that moved it in
+                // could keep room for it twice.
+                Box::pin(session(socket, upgrade)).await;
                 metrics::gauge!("switchboard_connections").decrement(1.0);
             }
             Err(_) => error!("upgraded connection is not a TCP stream"),

@@ -64,8 +64,10 @@ pub struct Connection {
     message: Option<PartialMessage>,
     utf8: Utf8Validator,
     out: BytesMut,
-    masks: Option<StdRng>,
-    deflate: Option<Deflate>,
+    // Boxed: a server has no masks and most connections no compression, and every
+    // connection's task carries this struct.
+    masks: Option<Box<StdRng>>,
+    deflate: Option<Box<Deflate>>,
     /// Reused buffer for compressing outgoing messages.
     scratch: BytesMut,
     close_sent: bool,
@@ -82,10 +84,14 @@ impl Connection {
     /// The client end. `seed` feeds the generator of masking keys; RFC 6455 wants it
     /// from a strong entropy source, which the caller (who may do I/O) provides.
     pub fn client(config: Config, seed: [u8; 32]) -> Self {
-        Self::new(Role::Client, config, Some(StdRng::from_seed(seed)))
+        Self::new(
+            Role::Client,
+            config,
+            Some(Box::new(StdRng::from_seed(seed))),
+        )
     }
 
-    fn new(role: Role, config: Config, masks: Option<StdRng>) -> Self {
+    fn new(role: Role, config: Config, masks: Option<Box<StdRng>>) -> Self {
         Self {
             role,
             config,
@@ -104,14 +110,14 @@ impl Connection {
 
     /// Turns on permessage-deflate with the parameters the handshake agreed on.
     pub fn with_deflate(mut self, params: DeflateParams, config: &DeflateConfig) -> Self {
-        self.deflate = Some(Deflate::new(self.role, params, config));
+        self.deflate = Some(Box::new(Deflate::new(self.role, params, config)));
         self
     }
 
     /// Whether permessage-deflate is on, and whether its compressor and decompressor are
     /// allocated right now.
     pub fn deflate_state(&self) -> Option<(bool, bool)> {
-        self.deflate.as_ref().map(Deflate::holds)
+        self.deflate.as_deref().map(Deflate::holds)
     }
 
     /// Frees memory that can be rebuilt, between messages: the compressor, the
@@ -121,7 +127,7 @@ impl Connection {
         if self.is_mid_message() {
             return false;
         }
-        let freed = self.deflate.as_mut().is_some_and(Deflate::release);
+        let freed = self.deflate.as_deref_mut().is_some_and(Deflate::release);
         let had_scratch = self.scratch.capacity() > 0;
         self.scratch = BytesMut::new();
         freed || had_scratch
