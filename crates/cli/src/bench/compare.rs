@@ -229,6 +229,12 @@ impl Server {
                 ("SOCKUDO_DEFAULT_APP_ID", "app-id"),
                 ("SOCKUDO_DEFAULT_APP_KEY", "app-key"),
                 ("SOCKUDO_DEFAULT_APP_SECRET", "app-secret"),
+                ("RATE_LIMITER_ENABLED", "false"),
+                ("SOCKUDO_DEFAULT_APP_MAX_CONNECTIONS", "1000000"),
+                (
+                    "SOCKUDO_DEFAULT_APP_MAX_BACKEND_EVENTS_PER_SECOND",
+                    "1000000",
+                ),
                 ("RUST_LOG", "error"),
             ])
             .stdout(Stdio::null())

@@ -314,10 +314,6 @@ impl Publisher {
                 let address = super::host_port(&args.url).to_owned();
                 let mut senders = Vec::new();
                 for _ in 0..4 {
-                    let mut stream = TcpStream::connect(&address)
-                        .await
-                        .with_context(|| format!("connecting to the events API at {address}"))?;
-                    stream.set_nodelay(true)?;
                     let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(1024);
                     let (app_id, key, secret) = (
                         args.app_id.clone(),
@@ -327,10 +323,27 @@ impl Publisher {
                     let host = address.clone();
                     tasks.spawn(async move {
                         let mut buf = Vec::with_capacity(4096);
+                        // Kept alive while the server allows (Sockudo answers each
+                        // request with `Connection: close`).
+                        let mut open: Option<TcpStream> = None;
                         while let Some(data) = rx.recv().await {
+                            let mut stream = match open.take() {
+                                Some(stream) => stream,
+                                None => {
+                                    let stream =
+                                        TcpStream::connect(&host).await.with_context(|| {
+                                            format!("connecting to the events API at {host}")
+                                        })?;
+                                    stream.set_nodelay(true)?;
+                                    buf.clear();
+                                    stream
+                                }
+                            };
                             let request = pusher_request(&host, &app_id, &key, &secret, &data);
                             stream.write_all(request.as_bytes()).await?;
-                            read_http_response(&mut stream, &mut buf).await?;
+                            if read_http_response(&mut stream, &mut buf).await? {
+                                open = Some(stream);
+                            }
                         }
                         Ok(())
                     });
@@ -397,7 +410,8 @@ fn pusher_request(host: &str, app_id: &str, key: &str, secret: &str, data: &str)
 }
 
 /// Reads one HTTP/1.1 response with a `Content-Length` body; an error unless 2xx.
-async fn read_http_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<()> {
+/// Whether the connection may carry another request.
+async fn read_http_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<bool> {
     loop {
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
@@ -416,7 +430,7 @@ async fn read_http_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow
                     );
                 }
                 buf.drain(..end + 4 + length);
-                return Ok(());
+                return Ok(!head.contains("connection: close"));
             }
         }
         let mut chunk = [0u8; 4096];
