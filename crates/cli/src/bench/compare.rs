@@ -74,8 +74,10 @@ pub(crate) struct CompareArgs {
     /// Subscribers per fan-out cell.
     #[arg(long, value_delimiter = ',', default_value = "1000,5000,10000")]
     subscribers: Vec<usize>,
-    /// The p99 latency bound of the fan-out part, in milliseconds.
-    #[arg(long, default_value_t = 100.0)]
+    /// The p99 latency bound of the fan-out part, in milliseconds. One message to 10k
+    /// loopback subscribers takes 75-200 ms to reach them all on a 2-core machine, for
+    /// every server, so a tighter bound holds no rate there.
+    #[arg(long, default_value_t = 250.0)]
     p99_bound_ms: f64,
     /// The Sockudo server (`cargo install sockudo --locked`); looked up on PATH and in
     /// ~/.cargo/bin.

@@ -63,9 +63,10 @@ pub(crate) async fn handshake_load(args: &HandshakeArgs) -> anyhow::Result<Hands
                     .await
                     .with_context(|| format!("connecting to {url}"))?;
                 done.fetch_add(1, Ordering::Relaxed);
-                // Hang up at once: the server sees the connection end, as it does when
-                // a client goes away; the close handshake is not what is measured.
-                drop(connected);
+                // Hang up at once with a reset: the server sees the connection end, as
+                // when a client goes away, and no TIME_WAIT is left to use up ports;
+                // the close handshake is not what is measured.
+                super::abort(connected.socket);
                 i += 1;
             }
             anyhow::Ok(())
