@@ -848,7 +848,7 @@ fn fanout_table(report: &Report, out: &mut String) {
     let rates: Vec<String> = any.steps.iter().map(|s| s.rate.to_string()).collect();
     let _ = writeln!(
         out,
-        "\nPublish rates step up ({}, … messages/s) until one is not held; p99 bound {} ms. Every step is in compare.json.",
+        "\nPublish rates step up ({}, … messages/s) until two in a row are not held; p99 bound {} ms. Every step is in compare.json.",
         rates.join(", "),
         any.p99_bound_ms
     );
