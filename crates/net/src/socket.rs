@@ -282,11 +282,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
         if let Some(idle) = self.config.idle_release {
             let active = self.last_read.max(self.last_write);
             let due = if now >= active + idle {
+                // The read buffer needs no freeing: `fill` lets go of it before waiting.
                 self.conn.release_memory();
-                if self.read_buf.is_empty() {
-                    // The next read allocates again; an idle connection holds no buffer.
-                    self.read_buf = BytesMut::new();
-                }
                 self.read_size = self.config.read_buffer_size;
                 now + idle
             } else {

@@ -327,6 +327,24 @@ fn sockudo_binary(given: &std::path::Path) -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
+/// Starts `engine` afresh, runs `switchboard bench ARGS --json` against it pinned to
+/// the load core (the arguments made from the running server), stops the server and
+/// parses the load's answer.
+async fn on_fresh_server<T: serde::de::DeserializeOwned>(
+    args: &CompareArgs,
+    engine: &str,
+    what: &str,
+    bench_args: impl FnOnce(&Server) -> anyhow::Result<Vec<String>>,
+) -> anyhow::Result<T> {
+    let server = Server::start(args, engine).await?;
+    let result = match bench_args(&server) {
+        Ok(bench_args) => load_json(args, what, &bench_args).await,
+        Err(failed) => Err(failed),
+    };
+    server.stop().await;
+    result
+}
+
 /// Runs `switchboard bench ARGS --json` pinned to the load core and parses its answer.
 async fn load_json<T: serde::de::DeserializeOwned>(
     args: &CompareArgs,
@@ -378,26 +396,27 @@ async fn run_fanout(args: &CompareArgs, report: &mut Report) -> anyhow::Result<(
     let step_secs = if args.quick { "1" } else { "3" };
     for engine in &report.fanout_engines.clone() {
         for &count in &subscribers {
-            let server = Server::start(args, engine).await?;
-            let (url, target) = fanout_target(engine, &server.address);
-            let bench_args: Vec<String> = [
-                "fanout",
-                &url,
-                "--target",
-                target,
-                "--subscribers",
-                &count.to_string(),
-                "--rates",
-                rates,
-                "--step-secs",
-                step_secs,
-                "--p99-bound-ms",
-                &args.p99_bound_ms.to_string(),
-            ]
-            .map(String::from)
-            .to_vec();
-            let result: FanoutResult =
-                load_json(args, &format!("{engine} fan-out to {count}"), &bench_args).await?;
+            let what = format!("{engine} fan-out to {count}");
+            let result: FanoutResult = on_fresh_server(args, engine, &what, |server| {
+                let (url, target) = fanout_target(engine, &server.address);
+                Ok([
+                    "fanout",
+                    &url,
+                    "--target",
+                    target,
+                    "--subscribers",
+                    &count.to_string(),
+                    "--rates",
+                    rates,
+                    "--step-secs",
+                    step_secs,
+                    "--p99-bound-ms",
+                    &args.p99_bound_ms.to_string(),
+                ]
+                .map(String::from)
+                .to_vec())
+            })
+            .await?;
             let best = result.best_held();
             eprintln!(
                 "fan-out {engine:>22} {count:>6} subscribers: {} delivered msg/s held (publish {} msg/s)",
@@ -409,7 +428,6 @@ async fn run_fanout(args: &CompareArgs, report: &mut Report) -> anyhow::Result<(
                 .entry(engine.clone())
                 .or_default()
                 .insert(count, result);
-            server.stop().await;
         }
     }
     Ok(())
@@ -424,22 +442,23 @@ async fn run_idle(args: &CompareArgs, report: &mut Report) -> anyhow::Result<()>
     let wait = if args.quick { 1.0 } else { args.idle_wait };
     for engine in args.engines.iter().filter(|e| *e != "raw") {
         for &count in &counts {
-            let server = Server::start(args, engine).await?;
-            let bench_args: Vec<String> = vec![
-                "idle".into(),
-                echo_url(engine, &server.address),
-                "--server-pid".into(),
-                server.pid()?.to_string(),
-                "--connections".into(),
-                count.to_string(),
-                "--no-deflate".into(),
-                "--wait".into(),
-                wait.to_string(),
-                "--source-addrs".into(),
-                "8".into(),
-            ];
-            let result: IdleResult =
-                load_json(args, &format!("{engine} idle {count}"), &bench_args).await?;
+            let what = format!("{engine} idle {count}");
+            let result: IdleResult = on_fresh_server(args, engine, &what, |server| {
+                Ok(vec![
+                    "idle".into(),
+                    echo_url(engine, &server.address),
+                    "--server-pid".into(),
+                    server.pid()?.to_string(),
+                    "--connections".into(),
+                    count.to_string(),
+                    "--no-deflate".into(),
+                    "--wait".into(),
+                    wait.to_string(),
+                    "--source-addrs".into(),
+                    "8".into(),
+                ])
+            })
+            .await?;
             eprintln!(
                 "idle {engine:>16} {count:>6} connections: {:.2} KiB each",
                 result.kib_per_connection
@@ -449,7 +468,6 @@ async fn run_idle(args: &CompareArgs, report: &mut Report) -> anyhow::Result<()>
                 .entry(engine.clone())
                 .or_default()
                 .insert(count, result);
-            server.stop().await;
         }
     }
     Ok(())
@@ -458,21 +476,21 @@ async fn run_idle(args: &CompareArgs, report: &mut Report) -> anyhow::Result<()>
 async fn run_handshake(args: &CompareArgs, report: &mut Report) -> anyhow::Result<()> {
     let samples = if args.quick { "2" } else { "5" };
     for engine in args.engines.iter().filter(|e| *e != "raw") {
-        let server = Server::start(args, engine).await?;
-        let bench_args: Vec<String> = vec![
-            "handshake".into(),
-            echo_url(engine, &server.address),
-            "--samples".into(),
-            samples.into(),
-        ];
-        let result: HandshakeResult =
-            load_json(args, &format!("{engine} handshakes"), &bench_args).await?;
+        let what = format!("{engine} handshakes");
+        let result: HandshakeResult = on_fresh_server(args, engine, &what, |server| {
+            Ok(vec![
+                "handshake".into(),
+                echo_url(engine, &server.address),
+                "--samples".into(),
+                samples.into(),
+            ])
+        })
+        .await?;
         eprintln!(
             "handshakes {engine:>16}: {} new connections/s",
             thousands(result.median)
         );
         report.handshake.insert(engine.clone(), result);
-        server.stop().await;
     }
     Ok(())
 }

@@ -450,22 +450,15 @@ pub(crate) async fn fanout_load(args: &FanoutArgs) -> anyhow::Result<FanoutResul
         steps: args.rates.iter().map(|_| Histogram::new()).collect(),
         closed: AtomicUsize::new(0),
     });
+    let shared_args = Arc::new(args.clone());
+    let sockets = super::open_many(args.subscribers, |_| {
+        let args = shared_args.clone();
+        async move { subscribe(&args).await }
+    })
+    .await?;
     let mut subscribers: JoinSet<()> = JoinSet::new();
-    {
-        // Connections open a few dozen at a time (a listen backlog is finite).
-        let mut opening = JoinSet::new();
-        let args = Arc::new(args.clone());
-        for _ in 0..args.subscribers {
-            if opening.len() >= 64 {
-                let socket = opening.join_next().await.expect("non-empty")??;
-                subscribers.spawn(subscriber(socket, shared.clone()));
-            }
-            let args = args.clone();
-            opening.spawn(async move { subscribe(&args).await });
-        }
-        while let Some(socket) = opening.join_next().await {
-            subscribers.spawn(subscriber(socket??, shared.clone()));
-        }
+    for socket in sockets {
+        subscribers.spawn(subscriber(socket, shared.clone()));
     }
     eprintln!("fanout: {} subscribers ready", args.subscribers);
     let (mut publisher, mut publishing) = Publisher::open(args).await?;

@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
@@ -73,23 +73,15 @@ pub(crate) async fn handshake_load(args: &HandshakeArgs) -> anyhow::Result<Hands
         }));
     }
     tokio::time::sleep(Duration::from_secs(args.warmup)).await;
-    let mut last = (Instant::now(), done.load(Ordering::Relaxed));
-    let mut rates = Vec::with_capacity(args.samples);
-    for _ in 0..args.samples.max(1) {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let now = (Instant::now(), done.load(Ordering::Relaxed));
-        rates.push((now.1 - last.1) as f64 / (now.0 - last.0).as_secs_f64());
-        last = now;
-    }
+    let rates = super::Samples::take(&done, args.samples).await;
     stop.store(true, Ordering::Relaxed);
     for task in tasks {
         task.await.context("a handshake loop panicked")??;
     }
-    rates.sort_by(f64::total_cmp);
     Ok(HandshakeResult {
-        median: rates[rates.len() / 2],
-        min: rates[0],
-        max: rates[rates.len() - 1],
+        median: rates.median(),
+        min: rates.min(),
+        max: rates.max(),
     })
 }
 

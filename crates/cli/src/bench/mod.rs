@@ -76,7 +76,7 @@ struct CompressionArgs {
 }
 
 #[derive(Debug, Args)]
-pub(crate) struct IdleArgs {
+struct IdleArgs {
     /// ws:// URL of an echo endpoint.
     url: String,
     /// Process id of the server, to read its memory.
@@ -385,17 +385,9 @@ pub(crate) async fn echo_load(args: &EchoArgs) -> anyhow::Result<EchoResult> {
 
     tokio::time::sleep(Duration::from_secs(args.warmup)).await;
     let cpu_before = args.server_pid.map(process_cpu).transpose()?;
-    let started = (Instant::now(), counter.load(Ordering::Relaxed));
-    let mut rates = Vec::with_capacity(args.samples);
-    let mut last = started;
-    for _ in 0..args.samples.max(1) {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let now = (Instant::now(), counter.load(Ordering::Relaxed));
-        rates.push((now.1 - last.1) as f64 / (now.0 - last.0).as_secs_f64());
-        last = now;
-    }
+    let rates = Samples::take(&counter, args.samples).await;
     let cpu_after = args.server_pid.map(process_cpu).transpose()?;
-    let messages = (last.1 - started.1).max(1) as f64;
+    let messages = rates.total.max(1) as f64;
     stop.store(true, Ordering::Relaxed);
     for task in tasks {
         task.await
@@ -403,7 +395,6 @@ pub(crate) async fn echo_load(args: &EchoArgs) -> anyhow::Result<EchoResult> {
             .context("load connection failed")?;
     }
 
-    rates.sort_by(f64::total_cmp);
     let (user_us, system_us) = match (cpu_before, cpu_after) {
         (Some(before), Some(after)) => {
             let (user, system) = after.since(&before);
@@ -415,12 +406,52 @@ pub(crate) async fn echo_load(args: &EchoArgs) -> anyhow::Result<EchoResult> {
     Ok(EchoResult {
         connections: args.connections,
         size: args.size,
-        median: rates[rates.len() / 2],
-        min: rates[0],
-        max: rates[rates.len() - 1],
+        median: rates.median(),
+        min: rates.min(),
+        max: rates.max(),
         user_us,
         system_us,
     })
+}
+
+/// One-second samples of how fast a counter grows.
+pub(crate) struct Samples {
+    /// Per-second rates, lowest first.
+    sorted: Vec<f64>,
+    /// How much the counter grew over all the samples.
+    total: u64,
+}
+
+impl Samples {
+    /// Samples `counter` once a second, `samples` times (at least once).
+    pub(crate) async fn take(counter: &AtomicU64, samples: usize) -> Self {
+        let first = counter.load(Ordering::Relaxed);
+        let mut last = (Instant::now(), first);
+        let mut sorted = Vec::with_capacity(samples.max(1));
+        for _ in 0..samples.max(1) {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let now = (Instant::now(), counter.load(Ordering::Relaxed));
+            sorted.push((now.1 - last.1) as f64 / (now.0 - last.0).as_secs_f64());
+            last = now;
+        }
+        sorted.sort_by(f64::total_cmp);
+        Self {
+            sorted,
+            total: last.1 - first,
+        }
+    }
+
+    pub(crate) fn median(&self) -> f64 {
+        self.sorted[self.sorted.len() / 2]
+    }
+
+    pub(crate) fn min(&self) -> f64 {
+        self.sorted[0]
+    }
+
+    pub(crate) fn max(&self) -> f64 {
+        self.sorted[self.sorted.len() - 1]
+    }
 }
 
 /// A deterministic chat stream: the room events a server sends, with varied text.
@@ -584,6 +615,30 @@ pub(crate) fn raise_fd_limit() -> u64 {
     limit.current.unwrap_or(1024)
 }
 
+/// Runs `open(i)` for each `i` in `0..count`, a few dozen at a time (a listen backlog
+/// is finite), and returns what they opened, in the order they finished.
+pub(crate) async fn open_many<T, Fut>(
+    count: usize,
+    open: impl Fn(usize) -> Fut,
+) -> anyhow::Result<Vec<T>>
+where
+    T: Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<T>> + Send + 'static,
+{
+    let mut opened = Vec::with_capacity(count);
+    let mut opening = tokio::task::JoinSet::new();
+    for i in 0..count {
+        if opening.len() >= 64 {
+            opened.push(opening.join_next().await.expect("non-empty")??);
+        }
+        opening.spawn(open(i));
+    }
+    while let Some(done) = opening.join_next().await {
+        opened.push(done??);
+    }
+    Ok(opened)
+}
+
 /// Drops a connection with a TCP reset, so it leaves no TIME_WAIT behind (a load that
 /// opens tens of thousands would otherwise use up the ephemeral ports of later runs).
 pub(crate) fn abort(socket: switchboard_net::WebSocket<tokio::net::TcpStream>) {
@@ -598,7 +653,7 @@ pub(crate) fn source_address(i: usize, spread: u8) -> Option<std::net::IpAddr> {
         .then(|| std::net::Ipv4Addr::new(127, 0, 0, 1 + (i % usize::from(spread)) as u8).into())
 }
 
-pub(crate) async fn idle_load(args: &IdleArgs) -> anyhow::Result<IdleResult> {
+async fn idle_load(args: &IdleArgs) -> anyhow::Result<IdleResult> {
     let limit = raise_fd_limit();
     if args.connections as u64 + 64 > limit {
         anyhow::bail!(
@@ -613,27 +668,20 @@ pub(crate) async fn idle_load(args: &IdleArgs) -> anyhow::Result<IdleResult> {
     }
     let stream = Arc::new(chat_stream(args.messages.max(1)));
     let before = resident_kib(args.server_pid)?;
-    let mut sockets = Vec::with_capacity(args.connections);
-    let mut opening = tokio::task::JoinSet::new();
-    for i in 0..args.connections {
-        if opening.len() >= 64 {
-            sockets.push(opening.join_next().await.expect("non-empty")??);
-        }
+    let sockets = open_many(args.connections, |i| {
         let (url, stream, messages) = (args.url.clone(), stream.clone(), args.messages);
         let mut options = options.clone();
         options.local_address = source_address(i, args.source_addrs);
-        opening.spawn(async move {
+        async move {
             let mut socket = connect(&url, options).await?.socket;
             for message in stream.iter().take(messages) {
                 socket.send_text(message).await?;
                 socket.recv().await?.context("server closed")?;
             }
             anyhow::Ok(socket)
-        });
-    }
-    while let Some(socket) = opening.join_next().await {
-        sockets.push(socket??);
-    }
+        }
+    })
+    .await?;
     tokio::time::sleep(Duration::from_secs_f64(args.wait)).await;
     let after = resident_kib(args.server_pid)?;
     let result = IdleResult {
