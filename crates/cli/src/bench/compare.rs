@@ -4,7 +4,10 @@
 //!
 //! Echo runs two passes: closed-loop throughput per cell, then the server's CPU time per
 //! message at a fixed offered rate below every server's maximum (half the slowest
-//! one's), the figure that ranks engines when the load generator is the ceiling. Then
+//! one's), the figure that ranks engines when the load generator is the ceiling. The
+//! instructions part counts, under callgrind, the server's user-space instructions per
+//! echoed message (two counted loads on one server, the difference divided by the
+//! messages between them): repeatable whatever else the machine does. Then
 //! fan-out (one room or channel, rising publish rates; Switchboard, Sockudo and a
 //! tokio-tungstenite broadcast server), server memory per idle connection, and new
 //! connections per second.
@@ -38,7 +41,8 @@ pub(crate) struct CompareArgs {
         default_value = "switchboard,raw,fastwebsockets,tokio-websockets,sockudo-ws,tungstenite"
     )]
     engines: Vec<String>,
-    /// A short run for CI: two echo cells (1 s of warm-up, 2 samples), fan-out to 1,000
+    /// A short run for CI: two echo cells (1 s of warm-up, 2 samples), instructions in
+    /// the first cell only, fan-out to 1,000
     /// subscribers at three rates, 1,000 idle connections, 2 handshake samples.
     #[arg(long)]
     quick: bool,
@@ -61,7 +65,7 @@ pub(crate) struct CompareArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "echo,fanout,idle,handshake"
+        default_value = "echo,instructions,fanout,idle,handshake"
     )]
     parts: Vec<Part>,
     /// Servers for the fan-out part.
@@ -107,6 +111,8 @@ const QUICK_CELLS: [(usize, usize); 2] = [(100, 20), (200, 16384)];
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Part {
     Echo,
+    /// The server's instructions per echoed message, counted by callgrind.
+    Instructions,
     Fanout,
     Idle,
     Handshake,
@@ -137,6 +143,8 @@ struct Report {
     rates: BTreeMap<String, f64>,
     /// engine → cell → result at the fixed rate (with CPU per message).
     cpu: BTreeMap<String, BTreeMap<String, EchoResult>>,
+    /// engine → cell → server instructions per echoed message (callgrind).
+    instructions: BTreeMap<String, BTreeMap<String, f64>>,
     /// engine → subscribers → fan-out steps.
     fanout: BTreeMap<String, BTreeMap<usize, FanoutResult>>,
     fanout_engines: Vec<String>,
@@ -154,8 +162,18 @@ struct Server {
 
 impl Server {
     async fn start(args: &CompareArgs, engine: &str) -> anyhow::Result<Self> {
+        Self::start_under(args, engine, &[]).await
+    }
+
+    /// Starts the server through `wrapper` (a program and its arguments, e.g. valgrind).
+    async fn start_under(
+        args: &CompareArgs,
+        engine: &str,
+        wrapper: &[String],
+    ) -> anyhow::Result<Self> {
         let mut command = Command::new("taskset");
         command.args(["-c", &args.server_core.to_string()]);
+        command.args(wrapper);
         if engine == "sockudo" {
             return Self::start_sockudo(args, command).await;
         }
@@ -190,7 +208,8 @@ impl Server {
             .spawn()
             .with_context(|| format!("starting the {engine} server (is taskset installed?)"))?;
         let mut lines = BufReader::new(child.stderr.take().context("stderr")?).lines();
-        let address = tokio::time::timeout(Duration::from_secs(20), async {
+        // Under valgrind a server takes some seconds to start.
+        let address = tokio::time::timeout(Duration::from_secs(60), async {
             while let Some(line) = lines.next_line().await? {
                 if let Some((_, rest)) = line.split_once("listening on ") {
                     let rest = rest.trim();
@@ -269,13 +288,24 @@ impl Server {
     }
 }
 
+/// How an echo load is driven.
+#[derive(Debug, Clone, Copy)]
+enum Pace {
+    /// Closed loop, as fast as the server answers; warm-up and samples.
+    Closed,
+    /// At a fixed offered rate in all, reading the server's CPU time.
+    Rate(f64),
+    /// Exactly this many messages per connection, then done.
+    Count(u64),
+}
+
 /// Runs one cell's load (`switchboard bench echo --json`) pinned to the load core.
 async fn load(
     args: &CompareArgs,
     engine: &str,
     server: &Server,
     cell: (usize, usize),
-    rate: Option<f64>,
+    pace: Pace,
 ) -> anyhow::Result<EchoResult> {
     let (warmup, samples) = if args.quick {
         (1, 2)
@@ -296,10 +326,16 @@ async fn load(
     if engine == "raw" {
         command.arg("--raw");
     }
-    if let Some(rate) = rate {
-        command
-            .args(["--rate", &format!("{rate:.0}")])
-            .args(["--server-pid", &server.pid()?.to_string()]);
+    match pace {
+        Pace::Closed => {}
+        Pace::Rate(rate) => {
+            command
+                .args(["--rate", &format!("{rate:.0}")])
+                .args(["--server-pid", &server.pid()?.to_string()]);
+        }
+        Pace::Count(count) => {
+            command.args(["--count", &count.to_string()]);
+        }
     }
     let output = command.output().await?;
     if !output.status.success() {
@@ -536,13 +572,21 @@ pub(crate) async fn run(args: CompareArgs) -> anyhow::Result<()> {
         throughput: BTreeMap::new(),
         rates: BTreeMap::new(),
         cpu: BTreeMap::new(),
+        instructions: BTreeMap::new(),
         fanout: BTreeMap::new(),
-        fanout_engines: fanout_engines(&args)?,
+        fanout_engines: if args.parts.contains(&Part::Fanout) {
+            fanout_engines(&args)?
+        } else {
+            Vec::new()
+        },
         idle: BTreeMap::new(),
         handshake: BTreeMap::new(),
     };
     if args.parts.contains(&Part::Echo) {
         run_echo(&args, &cells, &mut report).await?;
+    }
+    if args.parts.contains(&Part::Instructions) {
+        run_instructions(&args, &cells, &mut report).await?;
     }
     if args.parts.contains(&Part::Fanout) {
         run_fanout(&args, &mut report).await?;
@@ -600,7 +644,7 @@ async fn run_echo(
         let server = Server::start(args, engine).await?;
         for &cell in cells {
             step += 1;
-            let result = load(args, engine, &server, cell, None).await?;
+            let result = load(args, engine, &server, cell, Pace::Closed).await?;
             eprintln!(
                 "[{step}/{steps}] {engine:>16} {:>12}: {:>9} msg/s",
                 cell_name(cell),
@@ -631,7 +675,7 @@ async fn run_echo(
             for &cell in cells {
                 step += 1;
                 let rate = report.rates[&cell_name(cell)];
-                let result = load(args, engine, &server, cell, Some(rate)).await?;
+                let result = load(args, engine, &server, cell, Pace::Rate(rate)).await?;
                 eprintln!(
                     "[{step}/{steps}] {engine:>16} {:>12} at {:>7} msg/s: {:.2} µs user + {:.2} µs system",
                     cell_name(cell),
@@ -649,6 +693,134 @@ async fn run_echo(
         }
     }
     Ok(())
+}
+
+/// Messages per connection in the two counted loads of a cell: the difference between
+/// them is the work per message, with connecting and closing cancelled out. The longer
+/// load sends about 2,000 more messages in all (callgrind runs a server some 50 times
+/// slower; the counts repeat to a fraction of a percent).
+fn counted_loads(connections: usize) -> (u64, u64) {
+    let extra = 2000_u64.div_ceil(connections as u64).max(4);
+    (2, 2 + extra)
+}
+
+async fn run_instructions(
+    args: &CompareArgs,
+    cells: &[(usize, usize)],
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    // The quick run counts the smallest cell only: callgrind is slow.
+    let cells = if args.quick { &cells[..1] } else { cells };
+    let dir = std::path::absolute(args.out.join("callgrind"))?;
+    std::fs::create_dir_all(&dir)?;
+    for engine in &args.engines {
+        for &cell in cells {
+            let name = format!("{engine}-{}x{}", cell.0, cell.1);
+            let out_file = dir.join(format!("{name}.out"));
+            for old in callgrind_parts(&out_file)? {
+                std::fs::remove_file(old)?;
+            }
+            let wrapper = [
+                "valgrind".to_owned(),
+                "--tool=callgrind".to_owned(),
+                format!("--callgrind-out-file={}", out_file.display()),
+            ];
+            let server = Server::start_under(args, engine, &wrapper)
+                .await
+                .context("starting the server under valgrind (is valgrind installed?)")?;
+            let counted = async {
+                let (short, long) = counted_loads(cell.0);
+                // A first load warms the server up; its dump holds the start as well.
+                load(args, engine, &server, cell, Pace::Count(short)).await?;
+                dump_counts(&server, &out_file).await?;
+                load(args, engine, &server, cell, Pace::Count(short)).await?;
+                let base = dump_counts(&server, &out_file).await?;
+                load(args, engine, &server, cell, Pace::Count(long)).await?;
+                let more = dump_counts(&server, &out_file).await?;
+                let messages = (long - short) * cell.0 as u64;
+                // Signed: for raw TCP the count is near zero and may come out below it
+                // (how the kernel splits 16 KiB into reads varies).
+                anyhow::Ok((more as f64 - base as f64) / messages as f64)
+            }
+            .await;
+            server.stop().await;
+            let per_message = counted.with_context(|| format!("{engine} {}", cell_name(cell)))?;
+            eprintln!(
+                "instructions {engine:>16} {:>12}: {} per message",
+                cell_name(cell),
+                thousands(per_message)
+            );
+            report
+                .instructions
+                .entry(engine.clone())
+                .or_default()
+                .insert(cell_name(cell), per_message);
+        }
+    }
+    Ok(())
+}
+
+/// The dump files callgrind has written for `out_file` (`OUT.1`, `OUT.2`, …).
+fn callgrind_parts(out_file: &std::path::Path) -> anyhow::Result<Vec<PathBuf>> {
+    let dir = out_file.parent().context("no directory")?;
+    let stem = out_file
+        .file_name()
+        .context("no file name")?
+        .to_string_lossy()
+        .into_owned();
+    let mut parts = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let file = path.file_name().map(|f| f.to_string_lossy().into_owned());
+        if file.is_some_and(|f| f.starts_with(&stem)) {
+            parts.push(path);
+        }
+    }
+    Ok(parts)
+}
+
+/// Asks callgrind to dump its counters (which it then zeroes) and returns the
+/// instructions counted since the previous dump.
+async fn dump_counts(server: &Server, out_file: &std::path::Path) -> anyhow::Result<u64> {
+    let before = callgrind_parts(out_file)?;
+    let status = Command::new("callgrind_control")
+        .arg("--dump")
+        .arg(server.pid()?.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await
+        .context("running callgrind_control")?;
+    if !status.success() {
+        bail!("callgrind_control --dump failed: {status}");
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let new: Vec<PathBuf> = callgrind_parts(out_file)?
+            .into_iter()
+            .filter(|p| !before.contains(p))
+            .collect();
+        if let [part] = new.as_slice() {
+            if let Some(total) = callgrind_total(&std::fs::read_to_string(part)?) {
+                return Ok(total);
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("callgrind wrote no new dump for {}", out_file.display());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The instruction total of a finished callgrind dump (its `totals:` or `summary:` line).
+fn callgrind_total(dump: &str) -> Option<u64> {
+    dump.lines()
+        .find_map(|line| {
+            line.strip_prefix("totals:")
+                .or_else(|| line.strip_prefix("summary:"))
+        })
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
 }
 
 /// The machine, in a line: CPU model and count, kernel.
@@ -689,6 +861,9 @@ fn markdown(report: &Report) -> String {
     }
     if !report.cpu.is_empty() {
         cpu_table(report, &mut out);
+    }
+    if !report.instructions.is_empty() {
+        instructions_table(report, &mut out);
     }
     if !report.fanout.is_empty() {
         fanout_table(report, &mut out);
@@ -793,6 +968,52 @@ fn cpu_table(report: &Report, out: &mut String) {
             _ => "–".into(),
         };
         let _ = writeln!(row, " {user_ratio} | {total_ratio} |");
+        out.push_str(&row);
+    }
+}
+
+fn instructions_table(report: &Report, out: &mut String) {
+    let engines: Vec<&String> = report
+        .engines
+        .iter()
+        .filter(|e| report.instructions.contains_key(*e))
+        .collect();
+    let _ = writeln!(
+        out,
+        "\n### Server instructions per echoed message (callgrind; user space only)\n"
+    );
+    let names: Vec<&str> = engines.iter().map(|e| e.as_str()).collect();
+    let _ = writeln!(
+        out,
+        "| cell | {} | Switchboard ÷ best peer | Switchboard ÷ raw TCP |",
+        names.join(" | ")
+    );
+    let _ = writeln!(out, "|---|{}---|---|", "---:|".repeat(names.len()));
+    for cell in &report.cells {
+        let of = |engine: &str| report.instructions.get(engine).and_then(|c| c.get(cell));
+        if engines.iter().all(|e| of(e).is_none()) {
+            continue;
+        }
+        let mut row = format!("| {cell} |");
+        for engine in &engines {
+            let value = of(engine).map_or_else(|| "–".into(), |n| thousands(*n));
+            let _ = write!(row, " {value} |");
+        }
+        let ours = of("switchboard");
+        let best = engines
+            .iter()
+            .filter(|e| is_peer(e))
+            .filter_map(|e| of(e).map(|n| (e.as_str(), *n)))
+            .min_by(|a, b| a.1.total_cmp(&b.1));
+        let vs_best = match (ours, best) {
+            (Some(o), Some((name, b))) if b > 0.0 => format!("{:.2}× ({name})", o / b),
+            _ => "–".into(),
+        };
+        let vs_raw = match (ours, of("raw")) {
+            (Some(o), Some(r)) if *r > 0.0 => format!("{:.2}×", o / r),
+            _ => "–".into(),
+        };
+        let _ = writeln!(row, " {vs_best} | {vs_raw} |");
         out.push_str(&row);
     }
 }
