@@ -24,6 +24,10 @@ pub(crate) struct ServeArgs {
     /// Keep room history in memory only (lost at exit).
     #[arg(long, env = "SWITCHBOARD_MEMORY")]
     memory: bool,
+    /// Join a cluster over this Redis (redis://HOST:PORT): rooms, history and presence
+    /// are shared with every node on it.
+    #[arg(long, env = "SWITCHBOARD_REDIS")]
+    redis: Option<String>,
     /// Require a JWT signed with this HS256 secret to join rooms.
     #[arg(long, env = "SWITCHBOARD_JWT_SECRET", hide_env_values = true)]
     jwt_secret: Option<String>,
@@ -83,6 +87,9 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         config = config.with_data_dir(Some(dir));
     } else if !file_has_data_dir && !file_memory {
         config = config.with_data_dir(Some(PathBuf::from("./switchboard-data")));
+    }
+    if let Some(url) = args.redis {
+        config = config.with_redis(Some(url));
     }
     if let Some(secret) = args.jwt_secret {
         config = config.with_jwt_secret(Some(secret));

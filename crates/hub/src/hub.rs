@@ -3,13 +3,15 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
-use tracing::{error, warn};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
 
+use crate::cluster::{Cluster, ClusterConfig, Incoming, PostOutcome};
 use crate::event;
 use crate::store::{HistoryStore, StoreError, StoredMessage};
 
@@ -53,6 +55,33 @@ pub enum HubError {
     ShuttingDown,
 }
 
+/// Work for the cluster, done in order by one task: presence changes must reach Redis
+/// in the order they happened here.
+enum Op {
+    Join {
+        room: Arc<str>,
+        user: Arc<str>,
+        reply: oneshot::Sender<Result<Vec<String>, StoreError>>,
+    },
+    Leave {
+        room: Arc<str>,
+        user: Arc<str>,
+    },
+    Typing {
+        room: Arc<str>,
+        user: Arc<str>,
+        is_typing: bool,
+    },
+    Binary {
+        room: Arc<str>,
+        data: Bytes,
+    },
+    /// Tell Redis this node's presence again, all of it (after an outage).
+    Resync,
+    /// Leave the cluster: this node's users leave, its heartbeat key goes.
+    Depart(oneshot::Sender<()>),
+}
+
 /// What a connection receives from its room.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outbound {
@@ -94,6 +123,8 @@ struct Room {
     name: Arc<str>,
     shared: Mutex<Shared>,
     sequence: tokio::sync::Mutex<Sequence>,
+    /// In a cluster: where presence changes, typing and binary data go.
+    ops: Option<mpsc::UnboundedSender<Op>>,
 }
 
 impl Room {
@@ -133,6 +164,10 @@ impl Room {
     /// joining now either finds it in the store or receives it live, never both.
     fn broadcast_stored(&self, message: &StoredMessage) {
         let mut shared = self.shared.lock().expect("room lock");
+        if message.id <= shared.broadcast_id {
+            // In a cluster, already sent (read from the store to fill a gap).
+            return;
+        }
         metrics::counter!("switchboard_messages_delivered_total")
             .increment(shared.members.len() as u64);
         shared.broadcast_id = message.id;
@@ -149,10 +184,26 @@ impl Room {
         let mut dropped = self.send_to(shared, filter, &item);
         while let Some(user) = dropped.pop() {
             if leave_user(shared, &user) {
+                if self.leave_cluster(&user) {
+                    continue;
+                }
                 let leave = Outbound::Text(event::presence("leave", &user));
                 dropped.extend(self.send_to(shared, |_, m| m.user != user, &leave));
             }
         }
+    }
+}
+
+impl Room {
+    /// In a cluster, the leave of a user's last connection here goes to Redis (which
+    /// tells every node, this one included, if it was the user's last node); true then.
+    fn leave_cluster(&self, user: &Arc<str>) -> bool {
+        let Some(ops) = &self.ops else { return false };
+        let _ = ops.send(Op::Leave {
+            room: self.name.clone(),
+            user: user.clone(),
+        });
+        true
     }
 }
 
@@ -180,12 +231,23 @@ struct Write {
 struct Inner {
     store: Arc<dyn HistoryStore>,
     config: HubConfig,
+    /// Set when rooms are shared with other nodes over Redis.
+    cluster: Option<ClusterLink>,
     rooms: Mutex<HashMap<Arc<str>, Arc<Room>>>,
     writer: Mutex<Option<mpsc::Sender<Write>>>,
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Set by shutdown: a writer stuck on a failing store stops retrying.
     stopping: Arc<AtomicBool>,
     next_member: AtomicU64,
+}
+
+struct ClusterLink {
+    cluster: Arc<Cluster>,
+    ops: mpsc::UnboundedSender<Op>,
+    /// Stops the cluster's tasks.
+    cancel: CancellationToken,
+    /// Set when a presence change may not have reached Redis.
+    resync: AtomicBool,
 }
 
 /// The rooms of one server. Cheap to clone.
@@ -333,11 +395,24 @@ impl Membership {
         let item = Outbound::Text(event::typing(&self.user, is_typing));
         let user = self.user.clone();
         self.room.deliver(|_, m| m.user != user, item);
+        if let Some(ops) = &self.room.ops {
+            let _ = ops.send(Op::Typing {
+                room: self.room.name.clone(),
+                user: self.user.clone(),
+                is_typing,
+            });
+        }
     }
 
     /// Relays binary data to the room's other connections as it is.
     pub fn relay_binary(&self, data: Bytes) {
         let me = self.id;
+        if let Some(ops) = &self.room.ops {
+            let _ = ops.send(Op::Binary {
+                room: self.room.name.clone(),
+                data: data.clone(),
+            });
+        }
         self.room.deliver(|id, _| id != me, Outbound::Binary(data));
     }
 }
@@ -352,7 +427,7 @@ impl Drop for Membership {
             // Already dropped as a slow consumer, presence included.
             return;
         }
-        if leave_user(&mut shared, &self.user) {
+        if leave_user(&mut shared, &self.user) && !self.room.leave_cluster(&self.user) {
             let leave = Outbound::Text(event::presence("leave", &self.user));
             self.room.deliver_locked(&mut shared, |_, _| true, leave);
         }
@@ -366,6 +441,41 @@ fn now_rfc3339() -> String {
 impl Hub {
     /// A hub over `store`, with its writer thread running.
     pub fn new(store: Arc<dyn HistoryStore>, config: HubConfig) -> Self {
+        Self::build(store, config, None)
+    }
+
+    /// A hub whose rooms, history and presence are shared with other nodes over Redis.
+    /// Fails when Redis cannot be reached now; later outages are ridden out (see
+    /// [`Hub::cluster_up`]).
+    pub async fn clustered(cluster: ClusterConfig, config: HubConfig) -> Result<Self, HubError> {
+        let interval = (cluster.presence_expiry / 3).max(Duration::from_millis(100));
+        let (link, store) = Cluster::connect(&cluster).await?;
+        let link = Arc::new(link);
+        let (ops, ops_rx) = mpsc::unbounded_channel();
+        let cancel = CancellationToken::new();
+        let hub = Self::build(
+            Arc::new(store),
+            config,
+            Some(ClusterLink {
+                cluster: link.clone(),
+                ops,
+                cancel: cancel.clone(),
+                resync: AtomicBool::new(false),
+            }),
+        );
+        info!(node = %link.node, "joined the cluster");
+        let weak = Arc::downgrade(&hub.inner);
+        tokio::spawn(cluster_worker(weak.clone(), link.clone(), ops_rx));
+        tokio::spawn(cluster_listener(weak.clone(), link.clone(), cancel.clone()));
+        tokio::spawn(cluster_heartbeat(weak, link, cancel, interval));
+        Ok(hub)
+    }
+
+    fn build(
+        store: Arc<dyn HistoryStore>,
+        config: HubConfig,
+        cluster: Option<ClusterLink>,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(config.write_queue.max(1));
         let writer_store = store.clone();
         let max_batch = config.max_batch.max(1);
@@ -379,6 +489,7 @@ impl Hub {
             inner: Arc::new(Inner {
                 store,
                 config,
+                cluster,
                 rooms: Mutex::new(HashMap::new()),
                 writer: Mutex::new(Some(tx)),
                 writer_thread: Mutex::new(Some(thread)),
@@ -418,6 +529,7 @@ impl Hub {
                     store_may_know: last_id > 0,
                     nonces: HashMap::new(),
                 }),
+                ops: self.inner.cluster.as_ref().map(|c| c.ops.clone()),
             })
         });
         Ok(room.clone())
@@ -441,7 +553,8 @@ impl Hub {
             let count = shared.users.entry(user.clone()).or_insert(0);
             *count += 1;
             let first = *count == 1;
-            if first {
+            // In a cluster the join comes back from Redis, once for all nodes.
+            if first && room.ops.is_none() {
                 let join = Outbound::Text(event::presence("join", &user));
                 room.deliver_locked(&mut shared, |_, _| true, join);
             }
@@ -454,8 +567,32 @@ impl Hub {
                 },
             );
             let members: Vec<String> = shared.users.keys().map(|u| u.to_string()).collect();
-            (shared.broadcast_id, members)
+            (shared.broadcast_id, (members, first))
         };
+        let (mut members, first) = members;
+        if let Some(link) = &self.inner.cluster {
+            let everywhere = if first {
+                let (reply, answer) = oneshot::channel();
+                let _ = link.ops.send(Op::Join {
+                    room: room.name.clone(),
+                    user: user.clone(),
+                    reply,
+                });
+                answer
+                    .await
+                    .unwrap_or(Err(StoreError::Unsupported("the cluster stopped")))
+            } else {
+                link.cluster.members(&room.name).await
+            };
+            match everywhere {
+                Ok(everywhere) => members.extend(everywhere),
+                // Redis is away: this node's members for now; presence is told again
+                // when it is back.
+                Err(cause) => warn!(%cause, "room members from this node only"),
+            }
+            members.sort();
+            members.dedup();
+        }
         let replay = match since {
             // A client ahead of the room (say, history kept in memory and restarted) gets
             // what is new from here on, never a silent skip.
@@ -506,6 +643,34 @@ impl Hub {
         text: String,
         nonce: Option<String>,
     ) -> Result<Option<Posted>, HubError> {
+        if let Some(link) = &self.inner.cluster {
+            let mut message = StoredMessage {
+                room: room.name.to_string(),
+                id: 0,
+                from: user.to_string(),
+                text,
+                timestamp: now_rfc3339(),
+                nonce,
+            };
+            return match link.cluster.post(&message).await? {
+                PostOutcome::Stored(id) => {
+                    // Stored already; every node (this one too) broadcasts it from Redis.
+                    message.id = id;
+                    let (done, stored) = oneshot::channel();
+                    let _ = done.send(Ok(()));
+                    metrics::counter!("switchboard_messages_stored_total").increment(1);
+                    Ok(Some(Posted {
+                        id,
+                        message,
+                        stored,
+                    }))
+                }
+                PostOutcome::Known(id) => {
+                    self.resend(room, user, member, id).await?;
+                    Ok(None)
+                }
+            };
+        }
         let mut sequence = room.sequence.lock().await;
         if let Some(nonce) = &nonce {
             let known = sequence.nonces.get(&(user.clone(), nonce.clone())).copied();
@@ -640,6 +805,40 @@ impl Hub {
         active
     }
 
+    /// The users in `room`: on every node in a cluster, else here.
+    pub async fn room_members(&self, room: &str) -> Result<Vec<String>, HubError> {
+        match &self.inner.cluster {
+            Some(link) => Ok(link.cluster.members(room).await?),
+            None => Ok(self.members(room)),
+        }
+    }
+
+    /// Rooms with users in them and how many each has: on every node in a cluster.
+    pub async fn rooms(&self) -> Result<Vec<(String, usize)>, HubError> {
+        match &self.inner.cluster {
+            Some(link) => Ok(link.cluster.rooms().await?),
+            None => Ok(self.active_rooms()),
+        }
+    }
+
+    /// `None` without a cluster; else whether Redis answered the last exchange.
+    pub fn cluster_up(&self) -> Option<bool> {
+        self.inner.cluster.as_ref().map(|link| link.cluster.is_up())
+    }
+
+    /// Leaves the cluster before shutting down: this node's users leave every member
+    /// list at once instead of at the presence expiry. Waits at most 3 s.
+    pub async fn depart(&self) {
+        let Some(link) = &self.inner.cluster else {
+            return;
+        };
+        let (done, departed) = oneshot::channel();
+        if link.ops.send(Op::Depart(done)).is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(3), departed).await;
+        }
+        link.cancel.cancel();
+    }
+
     /// Messages of `room` after `since`, oldest first (for the HTTP API).
     pub async fn history(
         &self,
@@ -655,6 +854,9 @@ impl Hub {
     /// Stops taking messages and waits until everything accepted is stored.
     pub fn shutdown(&self) {
         self.inner.stopping.store(true, Ordering::Relaxed);
+        if let Some(link) = &self.inner.cluster {
+            link.cancel.cancel();
+        }
         self.inner.writer.lock().expect("writer lock").take();
         if let Some(thread) = self.inner.writer_thread.lock().expect("writer lock").take() {
             if thread.join().is_err() {
@@ -715,6 +917,295 @@ fn write_loop(
             if let Some(done) = write.done.take() {
                 // The poster may have gone; the outcome stands regardless.
                 let _ = done.send(result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+            }
+        }
+    }
+}
+
+/// Does the cluster's work in order (see [`Op`]). A presence change that fails marks
+/// the node for a resync, which the heartbeat asks for once Redis answers again.
+async fn cluster_worker(
+    inner: Weak<Inner>,
+    cluster: Arc<Cluster>,
+    mut ops: mpsc::UnboundedReceiver<Op>,
+) {
+    while let Some(op) = ops.recv().await {
+        let presence = match op {
+            Op::Join { room, user, reply } => {
+                let result = cluster.join(&room, &user).await;
+                let failed = result.as_ref().err().map(ToString::to_string);
+                let _ = reply.send(result);
+                failed.map_or(Ok(()), Err)
+            }
+            Op::Leave { room, user } => {
+                cluster.leave(&room, &user).await.map_err(|e| e.to_string())
+            }
+            Op::Typing {
+                room,
+                user,
+                is_typing,
+            } => {
+                if let Err(cause) = cluster.typing(&room, &user, is_typing).await {
+                    warn!(%cause, "typing did not reach the other nodes");
+                }
+                Ok(())
+            }
+            Op::Binary { room, data } => {
+                if let Err(cause) = cluster.binary(&room, &data).await {
+                    warn!(%cause, "binary data did not reach the other nodes");
+                }
+                Ok(())
+            }
+            Op::Resync => {
+                let Some(inner) = inner.upgrade() else { return };
+                let entries = local_presence(&inner);
+                match cluster.sync(&entries).await {
+                    Ok(()) => {
+                        if let Some(link) = &inner.cluster {
+                            link.resync.store(false, Ordering::Relaxed);
+                        }
+                        info!(
+                            entries = entries.len(),
+                            "presence told to the cluster again"
+                        );
+                        Ok(())
+                    }
+                    Err(cause) => Err(cause.to_string()),
+                }
+            }
+            Op::Depart(done) => {
+                if let Err(cause) = cluster.sync(&[]).await {
+                    warn!(%cause, "leaving the cluster: presence not removed (it expires)");
+                }
+                let _ = done.send(());
+                return;
+            }
+        };
+        if let Err(cause) = presence {
+            warn!(%cause, "a presence change did not reach Redis; it is sent again when Redis answers");
+            if let Some(link) = inner.upgrade().as_ref().and_then(|i| i.cluster.as_ref()) {
+                link.resync.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Every room and user with a connection on this node.
+fn local_presence(inner: &Inner) -> Vec<(String, String)> {
+    let rooms: Vec<Arc<Room>> = inner
+        .rooms
+        .lock()
+        .expect("rooms lock")
+        .values()
+        .cloned()
+        .collect();
+    let mut entries = Vec::new();
+    for room in rooms {
+        let shared = room.shared.lock().expect("room lock");
+        for user in shared.users.keys() {
+            entries.push((room.name.to_string(), user.to_string()));
+        }
+    }
+    entries
+}
+
+/// Renews this node's heartbeat, reaps nodes whose heartbeat expired, and asks for a
+/// resync once Redis answers after an outage.
+async fn cluster_heartbeat(
+    inner: Weak<Inner>,
+    cluster: Arc<Cluster>,
+    cancel: CancellationToken,
+    interval: Duration,
+) {
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        let Some(inner) = inner.upgrade() else { return };
+        let Some(link) = &inner.cluster else { return };
+        let was_up = cluster.is_up();
+        match cluster.heartbeat().await {
+            Ok(()) => {
+                if !was_up {
+                    info!("Redis answers again");
+                    link.resync.store(true, Ordering::Relaxed);
+                }
+                if link.resync.load(Ordering::Relaxed) {
+                    let _ = link.ops.send(Op::Resync);
+                }
+                match cluster.reap().await {
+                    Ok(0) => {}
+                    Ok(nodes) => info!(nodes, "removed the presence of nodes that stopped"),
+                    Err(cause) => warn!(%cause, "checking for stopped nodes failed"),
+                }
+            }
+            Err(cause) if was_up => {
+                warn!(%cause, "Redis does not answer; local clients stay connected")
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// Receives every room's channel and hands what arrives to this node's members. After
+/// each (re)subscription, rooms catch up from the stored history, so a message
+/// published while the subscription was down is still delivered, in order.
+async fn cluster_listener(inner: Weak<Inner>, cluster: Arc<Cluster>, cancel: CancellationToken) {
+    use futures_util::StreamExt;
+
+    let mut backoff = Duration::from_millis(100);
+    let mut first = true;
+    loop {
+        let subscribed = tokio::select! {
+            () = cancel.cancelled() => return,
+            subscribed = subscribe(&cluster) => subscribed,
+        };
+        let pubsub = match subscribed {
+            Ok(pubsub) => pubsub,
+            Err(cause) => {
+                if cluster.set_up(false) {
+                    warn!(%cause, "cannot subscribe to Redis; retrying");
+                }
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        {
+            let Some(inner) = inner.upgrade() else { return };
+            if !first {
+                info!("subscribed to Redis again");
+                if let Some(link) = &inner.cluster {
+                    link.resync.store(true, Ordering::Relaxed);
+                }
+            }
+            catch_up(&Hub { inner }).await;
+        }
+        first = false;
+        let mut messages = pubsub.into_on_message();
+        loop {
+            let message = tokio::select! {
+                () = cancel.cancelled() => return,
+                message = messages.next() => message,
+            };
+            let Some(message) = message else { break };
+            let Some(inner) = inner.upgrade() else { return };
+            let Some((room, incoming)) =
+                cluster.parse(message.get_channel_name(), message.get_payload_bytes())
+            else {
+                continue;
+            };
+            let hub = Hub { inner };
+            hub.on_cluster_event(&cluster, &room, incoming).await;
+        }
+        cluster.set_up(false);
+        warn!("lost the Redis subscription; subscribing again");
+    }
+}
+
+async fn subscribe(cluster: &Cluster) -> Result<redis::aio::PubSub, StoreError> {
+    let connect = async {
+        let mut pubsub = cluster.client().get_async_pubsub().await?;
+        pubsub.psubscribe(cluster.channels()).await?;
+        Ok::<_, redis::RedisError>(pubsub)
+    };
+    match tokio::time::timeout(Duration::from_secs(2), connect).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(StoreError::Unsupported("subscribing to Redis timed out")),
+    }
+}
+
+/// Rooms with members here receive what was stored after their last broadcast.
+async fn catch_up(hub: &Hub) {
+    let rooms: Vec<Arc<Room>> = hub
+        .inner
+        .rooms
+        .lock()
+        .expect("rooms lock")
+        .values()
+        .cloned()
+        .collect();
+    for room in rooms {
+        let name = room.name.to_string();
+        match hub.blocking(move |store| store.last_id(&name)).await {
+            Ok(last) => hub.fill_gap(&room, last).await,
+            Err(cause) => {
+                warn!(%cause, room = %room.name, "catching up after the subscription failed")
+            }
+        }
+    }
+}
+
+impl Hub {
+    async fn on_cluster_event(&self, cluster: &Cluster, room: &str, incoming: Incoming) {
+        let Some(room) = self
+            .inner
+            .rooms
+            .lock()
+            .expect("rooms lock")
+            .get(room)
+            .cloned()
+        else {
+            // No one here has joined it: nothing to deliver.
+            return;
+        };
+        match incoming {
+            Incoming::Message(message) => {
+                // Published in id order; a gap means the subscription dropped messages.
+                self.fill_gap(&room, message.id - 1).await;
+                room.broadcast_stored(&message);
+            }
+            Incoming::Presence { joined, user } => {
+                let kind = if joined { "join" } else { "leave" };
+                let item = Outbound::Text(event::presence(kind, &user));
+                room.deliver(|_, m| *m.user != *user, item);
+            }
+            Incoming::Typing {
+                node,
+                user,
+                is_typing,
+            } if node != cluster.node => {
+                let item = Outbound::Text(event::typing(&user, is_typing));
+                room.deliver(|_, m| *m.user != *user, item);
+            }
+            Incoming::Binary { node, data } if node != cluster.node => {
+                room.deliver(|_, _| true, Outbound::Binary(data));
+            }
+            Incoming::Typing { .. } | Incoming::Binary { .. } => {}
+        }
+    }
+
+    /// Broadcasts, from the store, what `room` has after its last broadcast up to `upto`.
+    async fn fill_gap(&self, room: &Arc<Room>, upto: u64) {
+        loop {
+            let after = room.shared.lock().expect("room lock").broadcast_id;
+            if after >= upto {
+                return;
+            }
+            let name = room.name.to_string();
+            let page = self.inner.config.replay_page.max(1);
+            match self
+                .blocking(move |store| store.range(&name, after, upto, page))
+                .await
+            {
+                Ok(messages) if !messages.is_empty() => {
+                    for message in &messages {
+                        room.broadcast_stored(message);
+                    }
+                }
+                Ok(_) => {
+                    warn!(room = %room.name, after, upto, "messages missing from the stored history");
+                    return;
+                }
+                Err(cause) => {
+                    warn!(%cause, room = %room.name, "reading missed messages failed");
+                    return;
+                }
             }
         }
     }

@@ -7,16 +7,21 @@
 //! - [`store`] holds the history: in memory or in SQLite. One writer thread stores
 //!   messages in batches (many messages share one commit) and broadcasts each batch in
 //!   id order after its commit, so nothing is sent that is not stored.
+//! - With a [`ClusterConfig`], several nodes share rooms over Redis: ids, history,
+//!   nonces and presence live there, and each message is one script call that stores
+//!   and publishes it (see `cluster.rs` for the keys).
 //! - [`event`] is the JSON wire contract of rooms (DESIGN.md, "The room protocol").
 //!
 //! Joining with `since` registers the member and reads "the last broadcast id" under one
 //! lock: the history up to that id comes from the store, everything after it arrives on
 //! the member's queue, so a resume has no gap and no duplicate however busy the room is.
 
+mod cluster;
 pub mod event;
 mod hub;
 pub mod store;
 
+pub use cluster::{ClusterConfig, RedisStore};
 pub use hub::{Hub, HubConfig, HubError, Membership, Outbound, Posted};
 pub use store::{HistoryStore, MemoryStore, SqliteStore, StoreError, StoredMessage};
 

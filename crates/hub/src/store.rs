@@ -26,6 +26,10 @@ pub struct StoredMessage {
 pub enum StoreError {
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("{0}")]
+    Unsupported(&'static str),
     #[error("creating the data directory {path}: {source}")]
     DataDir {
         path: String,

@@ -31,6 +31,15 @@ fn problem(status: StatusCode, message: &str) -> Response {
     (status, Json(json!({"error": message}))).into_response()
 }
 
+/// 503 for a store (in a cluster, Redis) that did not answer.
+fn unavailable(cause: &switchboard_hub::HubError) -> Response {
+    warn!(%cause, "reading rooms failed");
+    problem(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "room state is unavailable; retry shortly",
+    )
+}
+
 fn message_json(message: &StoredMessage) -> Value {
     serde_json::from_slice(&event::message(message)).expect("events are JSON")
 }
@@ -190,15 +199,21 @@ pub(crate) async fn get_members(
     if !valid_room_id(&room) {
         return problem(StatusCode::BAD_REQUEST, ROOM_ID_RULE);
     }
-    Json(json!({"members": state.hub.members(&room)})).into_response()
+    match state.hub.room_members(&room).await {
+        Ok(members) => Json(json!({"members": members})).into_response(),
+        Err(cause) => unavailable(&cause),
+    }
 }
 
 pub(crate) async fn get_rooms(State(state): State<AppState>) -> Response {
-    let rooms: Vec<Value> = state
-        .hub
-        .active_rooms()
-        .into_iter()
-        .map(|(room, members)| json!({"room": room, "members": members}))
-        .collect();
-    Json(json!({"rooms": rooms})).into_response()
+    match state.hub.rooms().await {
+        Ok(rooms) => {
+            let rooms: Vec<Value> = rooms
+                .into_iter()
+                .map(|(room, members)| json!({"room": room, "members": members}))
+                .collect();
+            Json(json!({"rooms": rooms})).into_response()
+        }
+        Err(cause) => unavailable(&cause),
+    }
 }

@@ -16,6 +16,13 @@ pub struct Config {
     pub echo_max_message: usize,
     /// Where room history is stored (SQLite, `history.sqlite3`); `None` keeps it in memory.
     pub data_dir: Option<std::path::PathBuf>,
+    /// `redis://HOST:PORT`: share rooms, history and presence with the other nodes on
+    /// this Redis (history then lives there, not in `data_dir`).
+    pub redis: Option<String>,
+    /// The start of every Redis key and channel, so clusters can share one Redis.
+    pub redis_prefix: String,
+    /// Seconds a node that stopped answering keeps its users in member lists.
+    pub presence_expiry_secs: u64,
     /// Largest WebSocket message in a room (1009 beyond it).
     pub room_max_message: usize,
     /// Longest chat text, in characters (an `error` event beyond it).
@@ -78,6 +85,9 @@ impl Default for Config {
             max_connections: 100_000,
             echo_max_message: 16 << 20,
             data_dir: None,
+            redis: None,
+            redis_prefix: "switchboard".into(),
+            presence_expiry_secs: 15,
             room_max_message: 64 * 1024,
             max_text_chars: 4096,
             recent_on_join: 50,
@@ -118,6 +128,11 @@ impl Config {
     }
 
     /// Stores room history in SQLite under `dir` (`None`: in memory).
+    pub fn with_redis(mut self, url: Option<String>) -> Self {
+        self.redis = url;
+        self
+    }
+
     pub fn with_data_dir(mut self, dir: Option<std::path::PathBuf>) -> Self {
         self.data_dir = dir;
         self

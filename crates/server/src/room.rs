@@ -140,29 +140,40 @@ async fn feed(
 
 async fn session(mut socket: WebSocket<TcpStream>, mut membership: Membership, state: AppState) {
     // The welcome, then history page by page; live events wait in the member's queue.
-    let result: Result<(), String> = async {
-        socket
-            .feed_frame(OpCode::Text, &membership.welcome)
-            .await
-            .map_err(|e| e.to_string())?;
+    // A failed history read (the store, or in a cluster Redis, away) closes with 1011:
+    // the client reconnects with `since` and misses nothing.
+    let mut history_failed = None;
+    let result: Result<(), switchboard_net::Error> = async {
+        socket.feed_frame(OpCode::Text, &membership.welcome).await?;
         loop {
-            let page = membership.next_backlog().await.map_err(|e| e.to_string())?;
+            let page = match membership.next_backlog().await {
+                Ok(page) => page,
+                Err(cause) => {
+                    history_failed = Some(cause);
+                    break;
+                }
+            };
             if page.is_empty() {
                 break;
             }
             for message in &page {
-                socket
-                    .feed_frame(OpCode::Text, message)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                socket.feed_frame(OpCode::Text, message).await?;
             }
-            socket.flush().await.map_err(|e| e.to_string())?;
+            socket.flush().await?;
         }
-        socket.flush().await.map_err(|e| e.to_string())
+        socket.flush().await
     }
     .await;
     if let Err(cause) = result {
         debug!(%cause, "room connection ended during the welcome");
+        return;
+    }
+    if let Some(cause) = history_failed {
+        warn!(%cause, "reading room history failed");
+        let frame = CloseFrame::new(CloseCode::INTERNAL_ERROR, "history unavailable; reconnect");
+        if let Err(cause) = Box::pin(socket.close(Some(frame))).await {
+            debug!(%cause, "closing after a failed history read");
+        }
         return;
     }
     let counters = Counters::new();

@@ -45,8 +45,17 @@ async fn echo(State(state): State<AppState>, request: Request) -> Response {
     })
 }
 
-async fn healthz() -> &'static str {
-    "ok\n"
+/// `ok`, or 503 when this node's link to the cluster's Redis is down (its clients stay
+/// connected; a load balancer should send new ones elsewhere).
+async fn healthz(State(state): State<AppState>) -> Response {
+    match state.hub.cluster_up() {
+        Some(false) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "redis unreachable: connected clients stay, messages are refused until it is back\n",
+        )
+            .into_response(),
+        _ => "ok\n".into_response(),
+    }
 }
 
 async fn not_found() -> Response {

@@ -13,7 +13,7 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 use tracing::{debug, info, warn};
 
-use switchboard_hub::{HistoryStore, Hub, HubConfig, MemoryStore, SqliteStore};
+use switchboard_hub::{ClusterConfig, HistoryStore, Hub, HubConfig, MemoryStore, SqliteStore};
 
 use crate::config::Config;
 use crate::routes::router;
@@ -26,6 +26,8 @@ pub enum Error {
     Listener(#[from] std::io::Error),
     #[error("history store: {0}")]
     Store(#[from] switchboard_hub::StoreError),
+    #[error("joining the cluster: {0}")]
+    Cluster(#[from] switchboard_hub::HubError),
     #[error("authentication: {0}")]
     Auth(#[from] crate::auth::AuthSetupError),
 }
@@ -75,17 +77,6 @@ pub async fn run(
     let address = listener.local_addr()?;
     crate::metrics::install();
     let auth = Arc::new(crate::auth::Auth::from_config(&config)?);
-    let store: Arc<dyn HistoryStore> = match &config.data_dir {
-        Some(dir) => {
-            let store = SqliteStore::open_dir(dir)?;
-            info!(path = %dir.display(), "room history in SQLite");
-            Arc::new(store)
-        }
-        None => {
-            info!("room history in memory (gone at exit)");
-            Arc::new(MemoryStore::new())
-        }
-    };
     let mut hub_config = HubConfig::default();
     hub_config.recent_on_join = config.recent_on_join;
     hub_config.outbound_queue = config.outbound_queue;
@@ -94,8 +85,32 @@ pub async fn run(
         burst: config.rate_limit_burst,
         max_text_chars: config.max_text_chars,
     });
+    let hub = match &config.redis {
+        Some(url) => {
+            let cluster = ClusterConfig::new(url.clone())
+                .with_prefix(config.redis_prefix.clone())
+                .with_presence_expiry(Duration::from_secs(config.presence_expiry_secs.max(1)));
+            let hub = Hub::clustered(cluster, hub_config).await?;
+            info!(redis = %url, "room history and presence in Redis, shared with the other nodes");
+            hub
+        }
+        None => {
+            let store: Arc<dyn HistoryStore> = match &config.data_dir {
+                Some(dir) => {
+                    let store = SqliteStore::open_dir(dir)?;
+                    info!(path = %dir.display(), "room history in SQLite");
+                    Arc::new(store)
+                }
+                None => {
+                    info!("room history in memory (gone at exit)");
+                    Arc::new(MemoryStore::new())
+                }
+            };
+            Hub::new(store, hub_config)
+        }
+    };
     let state = AppState {
-        hub: Hub::new(store, hub_config),
+        hub,
         auth,
         config: Arc::new(config),
         shutdown: Shutdown::default(),
@@ -186,6 +201,8 @@ pub async fn run(
             );
         }
     }
+    // This node's users leave the cluster's member lists now, not at the expiry.
+    state.hub.depart().await;
     // Everything accepted is stored before the process goes.
     let hub = state.hub.clone();
     if let Err(cause) = tokio::task::spawn_blocking(move || hub.shutdown()).await {
