@@ -151,6 +151,27 @@ async fn http_get(stream: &mut TcpStream, path: &str) -> Option<String> {
     head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
 }
 
+/// Posts a message over the HTTP API and returns the status.
+async fn post_status(node: &str, room: &str, text: &str) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(node).await.ok()?;
+    let body = serde_json::json!({"from": "api", "text": text}).to_string();
+    let request = format!(
+        "POST /api/rooms/{room}/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    timeout(
+        Duration::from_secs(10),
+        stream.read_to_string(&mut response),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    response.get(9..12)?.parse().ok()
+}
+
 async fn healthz_status(node: &str) -> Option<u16> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = TcpStream::connect(node).await.ok()?;
@@ -296,6 +317,8 @@ async fn three_nodes_share_a_room_through_a_killed_node_and_a_redis_restart() {
                 );
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
+            // A publish meanwhile is refused with a clear error, not lost or queued.
+            assert_eq!(post_status(&a3, ROOM, "during the outage").await, Some(503));
             outage_seen = true;
             redis.run().await;
         }

@@ -33,8 +33,12 @@ pub(crate) enum Target {
 
 #[derive(Debug, Clone, Args)]
 pub(crate) struct FanoutArgs {
-    /// The subscribers' URL.
+    /// The subscribers' URL (the publisher's too).
     pub(crate) url: String,
+    /// More URLs of the same room on other nodes of a cluster: subscribers are spread
+    /// over URL and these, one after another; the publisher stays on URL.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) also: Vec<String>,
     /// What kind of server is at the URL.
     #[arg(long, value_enum, default_value = "switchboard")]
     pub(crate) target: Target,
@@ -214,13 +218,17 @@ fn with_query(url: &str, pair: &str) -> String {
 }
 
 /// Opens a subscriber and waits until it is part of the room or channel.
-async fn subscribe(args: &FanoutArgs) -> anyhow::Result<WebSocket<TcpStream>> {
+async fn subscribe(args: &FanoutArgs, i: usize) -> anyhow::Result<WebSocket<TcpStream>> {
+    let base = match i % (1 + args.also.len()) {
+        0 => &args.url,
+        n => &args.also[n - 1],
+    };
     let url = match args.target {
         // One user for every subscriber (a dashboard's viewers under one account), so
         // setting up 10k subscribers does not add 10k² join events and welcome lists:
         // the peers have no presence, and the figure compared is the fan-out itself.
-        Target::Switchboard => with_query(&args.url, "name=viewer"),
-        Target::Broadcast | Target::Pusher => args.url.clone(),
+        Target::Switchboard => with_query(base, "name=viewer"),
+        Target::Broadcast | Target::Pusher => base.clone(),
     };
     let mut socket = connect(&url, client_options())
         .await
@@ -451,9 +459,9 @@ pub(crate) async fn fanout_load(args: &FanoutArgs) -> anyhow::Result<FanoutResul
         closed: AtomicUsize::new(0),
     });
     let shared_args = Arc::new(args.clone());
-    let sockets = super::open_many(args.subscribers, |_| {
+    let sockets = super::open_many(args.subscribers, |i| {
         let args = shared_args.clone();
-        async move { subscribe(&args).await }
+        async move { subscribe(&args, i).await }
     })
     .await?;
     let mut subscribers: JoinSet<()> = JoinSet::new();
