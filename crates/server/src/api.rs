@@ -119,12 +119,15 @@ pub(crate) async fn post_message(
         .post(&room, &new.from, new.text, new.nonce.clone())
         .await
     {
-        Ok(Some(posted)) => match posted.stored.await {
-            Ok(Ok(())) => (
-                StatusCode::CREATED,
-                Json(json!({"message": message_json(&posted.message)})),
-            )
-                .into_response(),
+        Ok(Some(mut posted)) => match posted.stored.await {
+            Ok(Ok(id)) => {
+                posted.message.id = id;
+                (
+                    StatusCode::CREATED,
+                    Json(json!({"message": message_json(&posted.message)})),
+                )
+                    .into_response()
+            }
             Ok(Err(cause)) => {
                 warn!(%cause, room, "storing an API message failed");
                 problem(
