@@ -182,19 +182,27 @@ async fn healthz_status(node: &str) -> Option<u16> {
     response.get(9..12)?.parse().ok()
 }
 
-/// Every message a client receives, in order, until it has `count` (or is told to stop).
-fn collect(mut events: Events, count: usize) -> JoinHandle<Vec<(u64, String, String)>> {
+type Seen = (Vec<(u64, String, String)>, Vec<String>);
+
+/// Every message a client receives, in order, until it has `count`, and who it was told
+/// started typing.
+fn collect(mut events: Events, count: usize) -> JoinHandle<Seen> {
     tokio::spawn(async move {
         let mut seen = Vec::new();
+        let mut typists = Vec::new();
         while seen.len() < count {
             match timeout(Duration::from_secs(60), events.recv()).await {
                 Ok(Some(Event::Message(m))) => seen.push((m.id, m.from, m.text)),
+                Ok(Some(Event::Typing {
+                    user,
+                    is_typing: true,
+                })) => typists.push(user),
                 Ok(Some(Event::State(State::Closed { reason, .. }))) => panic!("closed: {reason}"),
                 Ok(Some(_)) => {}
                 Ok(None) | Err(_) => break,
             }
         }
-        seen
+        (seen, typists)
     })
 }
 
@@ -274,6 +282,9 @@ async fn three_nodes_share_a_room_through_a_killed_node_and_a_redis_restart() {
         }
     }
 
+    // Typing crosses nodes: Bob types on node 2, Carol on node 3 is told.
+    bob.set_typing(true).unwrap();
+
     let mut dave_gone_after = None;
     let mut outage_seen = false;
     for i in 0..EACH {
@@ -317,6 +328,12 @@ async fn three_nodes_share_a_room_through_a_killed_node_and_a_redis_restart() {
                 );
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
+            let mut stream = TcpStream::connect(&a3).await.unwrap();
+            let metrics = http_get(&mut stream, "/metrics").await.expect("metrics");
+            assert!(
+                metrics.lines().any(|l| l == "switchboard_redis_up 0"),
+                "metrics do not show Redis down"
+            );
             // A publish meanwhile is refused with a clear error, not lost or queued.
             assert_eq!(post_status(&a3, ROOM, "during the outage").await, Some(503));
             outage_seen = true;
@@ -338,10 +355,14 @@ async fn three_nodes_share_a_room_through_a_killed_node_and_a_redis_restart() {
     let sent: BTreeSet<String> = (0..EACH)
         .flat_map(|i| [format!("alice-{i:03}"), format!("erin-{i:03}")])
         .collect();
-    let bob_seen = bob_seen.await.unwrap();
-    let carol_seen = carol_seen.await.unwrap();
-    let alice_seen = alice_seen.await.unwrap();
-    let erin_seen = erin_seen.await.unwrap();
+    let (bob_seen, _) = bob_seen.await.unwrap();
+    let (carol_seen, carol_typists) = carol_seen.await.unwrap();
+    let (alice_seen, _) = alice_seen.await.unwrap();
+    let (erin_seen, _) = erin_seen.await.unwrap();
+    assert!(
+        carol_typists.iter().any(|u| u == "bob"),
+        "carol (node 3) never saw bob (node 2) typing: {carol_typists:?}"
+    );
     // One id sequence, 1, 2, 3, … with each message once, whichever node it came in on.
     let ids: Vec<u64> = bob_seen.iter().map(|m| m.0).collect();
     assert_eq!(ids, (1..=(2 * EACH) as u64).collect::<Vec<_>>());
