@@ -216,6 +216,16 @@ pub fn error(code: &str, message: &str, nonce: Option<&str>) -> Bytes {
     })
 }
 
+/// The `error` event for a message that could not be stored: its sender should send it
+/// again (with the same `nonce`, it is stored once).
+pub fn unavailable(nonce: Option<&str>) -> Bytes {
+    error(
+        "unavailable",
+        "the message could not be stored; send it again",
+        nonce,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

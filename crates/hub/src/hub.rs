@@ -517,23 +517,29 @@ impl Hub {
         config: HubConfig,
         cluster: Option<ClusterLink>,
     ) -> Self {
-        let (tx, rx) = mpsc::channel(config.write_queue.max(1));
-        let writer_store = store.clone();
-        let max_batch = config.max_batch.max(1);
         let stopping = Arc::new(AtomicBool::new(false));
-        let writer_stopping = stopping.clone();
-        let thread = std::thread::Builder::new()
-            .name("switchboard-writer".into())
-            .spawn(move || write_loop(writer_store, rx, max_batch, writer_stopping))
-            .expect("spawning the history writer");
+        // A cluster stores through Redis (its poster): no writer thread then.
+        let (writer, thread) = if cluster.is_none() {
+            let (tx, rx) = mpsc::channel(config.write_queue.max(1));
+            let writer_store = store.clone();
+            let max_batch = config.max_batch.max(1);
+            let writer_stopping = stopping.clone();
+            let thread = std::thread::Builder::new()
+                .name("switchboard-writer".into())
+                .spawn(move || write_loop(writer_store, rx, max_batch, writer_stopping))
+                .expect("spawning the history writer");
+            (Some(tx), Some(thread))
+        } else {
+            (None, None)
+        };
         Self {
             inner: Arc::new(Inner {
                 store,
                 config,
                 cluster,
                 rooms: Mutex::new(HashMap::new()),
-                writer: Mutex::new(Some(tx)),
-                writer_thread: Mutex::new(Some(thread)),
+                writer: Mutex::new(writer),
+                writer_thread: Mutex::new(thread),
                 stopping,
                 next_member: AtomicU64::new(1),
             }),
@@ -589,7 +595,7 @@ impl Hub {
         let (tx, events) = mpsc::channel(self.inner.config.outbound_queue.max(1));
         let slow = Arc::new(AtomicBool::new(false));
         let id = self.inner.next_member.fetch_add(1, Ordering::Relaxed);
-        let (upto, members) = {
+        let (upto, mut members, first) = {
             let mut shared = room.shared.lock().expect("room lock");
             let count = shared.users.entry(user.clone()).or_insert(0);
             *count += 1;
@@ -608,9 +614,8 @@ impl Hub {
                 },
             );
             let members: Vec<String> = shared.users.keys().map(|u| u.to_string()).collect();
-            (shared.broadcast_id, (members, first))
+            (shared.broadcast_id, members, first)
         };
-        let (mut members, first) = members;
         if let Some(link) = &self.inner.cluster {
             let everywhere = if first {
                 let (reply, answer) = oneshot::channel();
@@ -921,12 +926,7 @@ fn write_loop(
     let mut batch: Vec<Write> = Vec::with_capacity(max_batch);
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
-        while batch.len() < max_batch {
-            match rx.try_recv() {
-                Ok(write) => batch.push(write),
-                Err(_) => break,
-            }
-        }
+        top_up(&mut batch, &mut rx, max_batch);
         let messages: Vec<StoredMessage> = batch.iter().map(|w| w.message.clone()).collect();
         let mut backoff = Duration::from_millis(10);
         let result = loop {
@@ -961,6 +961,16 @@ fn write_loop(
                 let id = write.message.id;
                 let _ = done.send(result.as_ref().map(|_| id).map_err(|e| e.to_string()));
             }
+        }
+    }
+}
+
+/// Adds what is already queued on `rx` to `batch`, up to `max` in all, without waiting.
+fn top_up<T>(batch: &mut Vec<T>, rx: &mut mpsc::Receiver<T>, max: usize) {
+    while batch.len() < max {
+        match rx.try_recv() {
+            Ok(item) => batch.push(item),
+            Err(_) => break,
         }
     }
 }
@@ -1033,17 +1043,18 @@ async fn cluster_worker(
     }
 }
 
+impl Inner {
+    /// The rooms now, taken out of the lock.
+    fn rooms_now(&self) -> Vec<Arc<Room>> {
+        let rooms = self.rooms.lock().expect("rooms lock");
+        rooms.values().cloned().collect()
+    }
+}
+
 /// Every room and user with a connection on this node.
 fn local_presence(inner: &Inner) -> Vec<(String, String)> {
-    let rooms: Vec<Arc<Room>> = inner
-        .rooms
-        .lock()
-        .expect("rooms lock")
-        .values()
-        .cloned()
-        .collect();
     let mut entries = Vec::new();
-    for room in rooms {
+    for room in inner.rooms_now() {
         let shared = room.shared.lock().expect("room lock");
         for user in shared.users.keys() {
             entries.push((room.name.to_string(), user.to_string()));
@@ -1165,15 +1176,7 @@ async fn subscribe(cluster: &Cluster) -> Result<redis::aio::PubSub, StoreError> 
 
 /// Rooms with members here receive what was stored after their last broadcast.
 async fn catch_up(hub: &Hub) {
-    let rooms: Vec<Arc<Room>> = hub
-        .inner
-        .rooms
-        .lock()
-        .expect("rooms lock")
-        .values()
-        .cloned()
-        .collect();
-    for room in rooms {
+    for room in hub.inner.rooms_now() {
         let name = room.name.to_string();
         match hub.blocking(move |store| store.last_id(&name)).await {
             Ok(last) => hub.fill_gap(&room, last).await,
@@ -1266,12 +1269,7 @@ async fn cluster_poster(
     let mut batch: Vec<PostJob> = Vec::with_capacity(max_batch);
     while let Some(first) = jobs.recv().await {
         batch.push(first);
-        while batch.len() < max_batch {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
+        top_up(&mut batch, &mut jobs, max_batch);
         let messages: Vec<StoredMessage> = batch.iter().map(|j| j.message.clone()).collect();
         let result = cluster.post(&messages).await;
         let Some(inner) = inner.upgrade() else { return };
@@ -1299,17 +1297,12 @@ async fn cluster_poster(
                 warn!(%cause, refused = batch.len(), "storing messages in Redis failed; their senders are told");
                 for job in batch.drain(..) {
                     if let Some(me) = job.member {
-                        let error = event::error(
-                            "unavailable",
-                            "the message could not be stored; send it again",
-                            job.message.nonce.as_deref(),
-                        );
+                        let error = event::unavailable(job.message.nonce.as_deref());
                         job.room.deliver(|id, _| id == me, Outbound::Text(error));
                     }
                     let _ = job.done.send(Err(cause.to_string()));
                 }
             }
         }
-        batch.clear();
     }
 }

@@ -271,12 +271,9 @@ async fn on_text(
             let named = nonce.clone();
             if let Err(cause) = membership.post(text, nonce).await {
                 warn!(%cause, "posting a message failed");
-                let error = event::error(
-                    "unavailable",
-                    "the message could not be stored; send it again",
-                    named.as_deref(),
-                );
-                socket.feed_frame(OpCode::Text, &error).await?;
+                socket
+                    .feed_frame(OpCode::Text, &event::unavailable(named.as_deref()))
+                    .await?;
             }
             Ok(None)
         }
