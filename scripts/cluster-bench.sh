@@ -30,7 +30,7 @@ taskset -c 0 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appe
 PIDS+=($!)
 wait_port "$REDIS_PORT"
 REDIS="redis://127.0.0.1:$REDIS_PORT"
-printf 'rate_limit_per_sec = 1000000000.0\nrate_limit_burst = 1000000000\n' > "$WORK/bench.toml"
+printf 'rate_limit_per_sec = 1000000000.0\nrate_limit_burst = 1000000000\nmax_connections_per_ip = 0\nhandshakes_per_ip_per_sec = 0.0\n' > "$WORK/bench.toml"
 
 node() { # node PORT [--redis URL]
     local port="$1"; shift

@@ -24,8 +24,10 @@ Left/Right/Home/End move in the line. Lost connections are reopened by themselve
 typed meanwhile are sent once the room is back, and missed ones are filled in."
 )]
 pub(crate) struct ChatArgs {
-    /// Room URL, such as ws://127.0.0.1:8080/room/lobby
+    /// Room URL, such as ws://127.0.0.1:8080/room/lobby (or wss:// for TLS)
     url: String,
+    #[command(flatten)]
+    ca: crate::tls::CaArg,
     /// The name to chat as (in open mode; with --token the name comes from the token).
     #[arg(long)]
     name: Option<String>,
@@ -54,6 +56,9 @@ pub(crate) async fn run(args: ChatArgs) -> anyhow::Result<()> {
     }
     if let Some(token) = &args.token {
         options = options.with_token(token);
+    }
+    if let Some(tls) = args.ca.tls()? {
+        options = options.with_tls(tls);
     }
     // Joined before the screen is taken, so a refusal prints as a plain error.
     let (room, events) = connect(&args.url, options)

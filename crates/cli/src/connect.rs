@@ -16,8 +16,10 @@ bytes in lowercase hexadecimal.\n\nExit status: 0 after a clean close; 1 with a 
 when the connection is refused, the server does not answer 101, or the connection fails."
 )]
 pub(crate) struct ConnectArgs {
-    /// ws:// URL to connect to.
+    /// ws:// or wss:// URL to connect to.
     url: String,
+    #[command(flatten)]
+    ca: crate::tls::CaArg,
     /// Send every received message back with its type unchanged instead of reading stdin.
     #[arg(long)]
     echo: bool,
@@ -51,6 +53,9 @@ pub(crate) async fn run(args: ConnectArgs) -> anyhow::Result<()> {
     let mut options = Options::default()
         .with_compression(!args.no_deflate)
         .with_reconnect(args.reconnect);
+    if let Some(tls) = args.ca.tls()? {
+        options = options.with_tls(tls);
+    }
     for (name, value) in headers(&args)? {
         options = options.with_header(name, value);
     }
@@ -107,6 +112,9 @@ pub(crate) async fn run(args: ConnectArgs) -> anyhow::Result<()> {
 /// directly: no queue between receiving and answering, no reconnection.
 async fn echo(args: &ConnectArgs) -> anyhow::Result<()> {
     let mut options = ClientOptions::default();
+    if let Some(tls) = args.ca.tls()? {
+        options = options.with_tls(tls);
+    }
     if args.no_deflate {
         options.config = options.config.with_deflate(None);
     }

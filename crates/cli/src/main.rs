@@ -5,6 +5,7 @@ mod chat;
 mod connect;
 mod send;
 mod serve;
+mod tls;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;

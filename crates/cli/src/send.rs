@@ -13,8 +13,10 @@ when the room cannot be joined or the message is refused or not acknowledged in 
 connection lost on the way is reopened and the message sent again; the room stores it once."
 )]
 pub(crate) struct SendArgs {
-    /// Room URL, such as ws://127.0.0.1:8080/room/lobby
+    /// Room URL, such as ws://127.0.0.1:8080/room/lobby (or wss:// for TLS)
     url: String,
+    #[command(flatten)]
+    ca: crate::tls::CaArg,
     /// The name to send as (in open mode; with --token the name comes from the token).
     #[arg(long)]
     name: Option<String>,
@@ -40,6 +42,9 @@ pub(crate) async fn run(args: SendArgs) -> anyhow::Result<()> {
     }
     if let Some(token) = &args.token {
         options = options.with_token(token);
+    }
+    if let Some(tls) = args.ca.tls()? {
+        options = options.with_tls(tls);
     }
     let (room, mut events) = connect(&args.url, options)
         .await

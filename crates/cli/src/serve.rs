@@ -37,6 +37,19 @@ pub(crate) struct ServeArgs {
     /// Require this key on the HTTP API (Authorization: Bearer KEY).
     #[arg(long, env = "SWITCHBOARD_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// PEM certificate chain: serve TLS only (https://, wss://); needs --tls-key.
+    #[arg(long, env = "SWITCHBOARD_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "SWITCHBOARD_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Open connections one IP address may hold; 0: no limit [default: 1000]
+    #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS_PER_IP")]
+    max_connections_per_ip: Option<usize>,
+    /// New connections one IP address may open per second (bursts of twice this);
+    /// 0: no limit [default: 100]
+    #[arg(long, env = "SWITCHBOARD_HANDSHAKE_RATE_PER_IP")]
+    handshake_rate_per_ip: Option<f64>,
     /// Runtime worker threads [default: one per core]
     #[arg(long, env = "SWITCHBOARD_WORKERS")]
     pub(crate) workers: Option<usize>,
@@ -102,6 +115,16 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(max) = args.max_connections {
         config = config.with_max_connections(max);
+    }
+    if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
+        config = config.with_tls(cert, key);
+    }
+    if let Some(max) = args.max_connections_per_ip {
+        config.max_connections_per_ip = max;
+    }
+    if let Some(rate) = args.handshake_rate_per_ip {
+        config.handshakes_per_ip_per_sec = rate;
+        config.handshake_burst_per_ip = (rate * 2.0).ceil() as u32;
     }
     if let Some(secs) = args.drain_timeout {
         config = config.with_drain_timeout(std::time::Duration::from_secs(secs));

@@ -12,8 +12,8 @@ use rand::SeedableRng;
 use switchboard_net::wire::deflate::DeflateConfig;
 use switchboard_net::wire::handshake::HandshakeError;
 use switchboard_net::wire::OpCode;
+use switchboard_net::Stream;
 use switchboard_net::{ClientOptions, CloseCode, CloseFrame, Message, WebSocket};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep_until, timeout, Instant};
 use tracing::debug;
@@ -363,6 +363,7 @@ impl Driver {
             .with_pong_timeout(self.options.pong_timeout);
         options.connect_timeout = self.options.connect_timeout;
         options.headers = self.options.headers.clone();
+        options.tls = self.options.tls.clone();
         if let Some(token) = &self.options.token {
             options
                 .headers
@@ -511,7 +512,7 @@ impl Driver {
     }
 
     /// Waits for the room's welcome (bounded) and takes its news.
-    async fn welcome(&mut self, socket: &mut WebSocket<TcpStream>) -> Result<(), Error> {
+    async fn welcome(&mut self, socket: &mut WebSocket<Stream>) -> Result<(), Error> {
         let first = match timeout(self.options.connect_timeout, socket.recv()).await {
             Err(_) => return Err(Error::Room("no welcome from the room in time".into())),
             Ok(Err(error)) => return Err(error.into()),
@@ -621,7 +622,7 @@ impl Driver {
 
     /// Sends relayed data and queued messages, as many as the window and the room's
     /// pace allow (the server counts both against its rate limit).
-    async fn pump(&mut self, socket: &mut WebSocket<TcpStream>) -> Result<(), Error> {
+    async fn pump(&mut self, socket: &mut WebSocket<Stream>) -> Result<(), Error> {
         self.blocked_until = None;
         let now = Instant::now();
         while let Some(data) = self.relay.front() {

@@ -1,5 +1,6 @@
 //! How a client connects and reconnects.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::backoff::Backoff;
@@ -35,6 +36,9 @@ pub struct Options {
     pub max_queued: usize,
     /// Messages sent but not yet acknowledged on a connection.
     pub max_in_flight: usize,
+    /// TLS settings for `wss://` URLs; `None` trusts the system's root certificates.
+    /// Build them with `switchboard_net::tls::client_config` (a CA file of your own).
+    pub tls: Option<Arc<switchboard_net::tls::ClientConfig>>,
 }
 
 impl Default for Options {
@@ -52,6 +56,7 @@ impl Default for Options {
             headers: Vec::new(),
             max_queued: 10_000,
             max_in_flight: 256,
+            tls: None,
         }
     }
 }
@@ -101,6 +106,12 @@ impl Options {
 
     pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// Trusts these TLS settings for `wss://` URLs.
+    pub fn with_tls(mut self, tls: Arc<switchboard_net::tls::ClientConfig>) -> Self {
+        self.tls = Some(tls);
         self
     }
 

@@ -10,20 +10,21 @@
 //! - With a [`ClusterConfig`], several nodes share rooms over Redis: ids, history,
 //!   nonces and presence live there, and each message is one script call that stores
 //!   and publishes it (see `cluster.rs` for the keys).
-//! - [`event`] is the JSON wire contract of rooms (DESIGN.md, "The room protocol").
+//! - [`event`] is the JSON wire contract of rooms (DESIGN.md, "The room protocol"), from
+//!   `switchboard-protocol`.
 //!
 //! Joining with `since` registers the member and reads "the last broadcast id" under one
 //! lock: the history up to that id comes from the store, everything after it arrives on
 //! the member's queue, so a resume has no gap and no duplicate however busy the room is.
 
 mod cluster;
-pub mod event;
 mod hub;
 pub mod store;
 
 pub use cluster::{ClusterConfig, RedisStore};
 pub use hub::{Hub, HubConfig, HubError, Membership, Outbound, Posted};
 pub use store::{HistoryStore, MemoryStore, SqliteStore, StoreError, StoredMessage};
+pub use switchboard_protocol::event;
 
 /// The rule [`valid_room_id`] checks, in words, for error messages.
 pub const ROOM_ID_RULE: &str = "room ids are 1-128 characters of A-Z a-z 0-9 . _ : -";

@@ -9,17 +9,7 @@ use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-/// A stored room message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredMessage {
-    pub room: String,
-    pub id: u64,
-    pub from: String,
-    pub text: String,
-    /// RFC 3339 with milliseconds, set by the server.
-    pub timestamp: String,
-    pub nonce: Option<String>,
-}
+pub use switchboard_protocol::StoredMessage;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

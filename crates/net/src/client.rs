@@ -1,6 +1,8 @@
-//! Client connections: `ws://` URL parsing, the upgrade request and the answer's checks.
+//! Client connections: `ws://` and `wss://` URL parsing, TLS, the upgrade request and the
+//! answer's checks.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rand::rngs::StdRng;
@@ -16,6 +18,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use crate::config::Config;
 use crate::error::Error;
 use crate::socket::WebSocket;
+use crate::stream::Stream;
 
 const MAX_HEAD: usize = 16 * 1024;
 
@@ -32,6 +35,9 @@ pub struct ClientOptions {
     /// The local address to connect from (any port): spreading many connections over
     /// several source addresses gets past one address's ephemeral ports.
     pub local_address: Option<IpAddr>,
+    /// TLS settings for `wss://` URLs; `None` trusts the system's root certificates
+    /// (see [`crate::tls::client_config`] for a CA file of your own).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Default for ClientOptions {
@@ -50,6 +56,7 @@ impl Default for ClientOptions {
             origin: None,
             headers: Vec::new(),
             local_address: None,
+            tls: None,
         }
     }
 }
@@ -57,6 +64,12 @@ impl Default for ClientOptions {
 impl ClientOptions {
     pub fn with_config(mut self, config: Config) -> Self {
         self.config = config;
+        self
+    }
+
+    /// Trusts these TLS settings for `wss://` URLs.
+    pub fn with_tls(mut self, tls: Arc<rustls::ClientConfig>) -> Self {
+        self.tls = Some(tls);
         self
     }
 
@@ -69,7 +82,7 @@ impl ClientOptions {
 /// An open client connection and what the server agreed to.
 #[derive(Debug)]
 pub struct Connected {
-    pub socket: WebSocket<TcpStream>,
+    pub socket: WebSocket<Stream>,
     pub accepted: Accepted,
 }
 
@@ -77,6 +90,7 @@ struct Target {
     host: String,
     port: u16,
     path: String,
+    tls: bool,
 }
 
 fn parse_url(url: &str) -> Result<Target, Error> {
@@ -85,10 +99,10 @@ fn parse_url(url: &str) -> Result<Target, Error> {
         reason,
     };
     let uri: http::Uri = url.parse().map_err(|_| invalid("not a URL"))?;
-    let default_port = match uri.scheme_str() {
-        Some("ws") => 80,
-        Some("wss") => return Err(invalid("wss:// (TLS) is not supported by this build yet")),
-        _ => return Err(invalid("the scheme must be ws://")),
+    let (default_port, tls) = match uri.scheme_str() {
+        Some("ws") => (80, false),
+        Some("wss") => (443, true),
+        _ => return Err(invalid("the scheme must be ws:// or wss://")),
     };
     let host = uri.host().ok_or_else(|| invalid("no host"))?.to_owned();
     let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
@@ -96,13 +110,15 @@ fn parse_url(url: &str) -> Result<Target, Error> {
         host,
         port: uri.port_u16().unwrap_or(default_port),
         path,
+        tls,
     })
 }
 
-/// Connects to a `ws://host[:port]/path` URL and performs the handshake.
+/// Connects to a `ws://` or `wss://host[:port]/path` URL and performs the handshake.
 pub async fn connect(url: &str, options: ClientOptions) -> Result<Connected, Error> {
     let target = parse_url(url)?;
-    let host_header = if target.port == 80 {
+    let default_port = if target.tls { 443 } else { 80 };
+    let host_header = if target.port == default_port {
         target.host.clone()
     } else {
         format!("{}:{}", target.host, target.port)
@@ -111,13 +127,32 @@ pub async fn connect(url: &str, options: ClientOptions) -> Result<Connected, Err
         target.host.trim_start_matches('[').trim_end_matches(']'),
         target.port,
     );
-    let mut stream = tokio::time::timeout(
+    let tcp = tokio::time::timeout(
         options.connect_timeout,
         open(address, options.local_address),
     )
     .await
     .map_err(|_| Error::Timeout("connecting"))??;
-    stream.set_nodelay(true)?;
+    tcp.set_nodelay(true)?;
+    let mut stream = if target.tls {
+        let tls = match &options.tls {
+            Some(tls) => tls.clone(),
+            None => crate::tls::client_config(None)?,
+        };
+        let name = rustls::pki_types::ServerName::try_from(address.0.to_owned()).map_err(|_| {
+            Error::InvalidUrl {
+                url: url.to_owned(),
+                reason: "the host is not a valid TLS server name",
+            }
+        })?;
+        let session = tokio_rustls::TlsConnector::from(tls).connect(name, tcp);
+        let session = tokio::time::timeout(options.connect_timeout, session)
+            .await
+            .map_err(|_| Error::Timeout("the TLS handshake"))??;
+        Stream::TlsClient(Box::new(session))
+    } else {
+        Stream::Plain(tcp)
+    };
 
     let mut rng = StdRng::from_os_rng();
     let mut request = ClientRequest::new(host_header, target.path, client_key(rng.random()));
@@ -225,7 +260,8 @@ mod tests {
         let t = parse_url("ws://example.com").unwrap();
         assert_eq!((t.port, t.path.as_str()), (80, "/"));
         assert!(parse_url("http://example.com/").is_err());
-        assert!(parse_url("wss://example.com/").is_err());
+        let t = parse_url("wss://example.com/chat").unwrap();
+        assert_eq!((t.port, t.tls, t.path.as_str()), (443, true, "/chat"));
         assert!(parse_url("not a url").is_err());
     }
 }

@@ -24,6 +24,8 @@ pub enum Error {
     /// A message was sent after the close handshake started.
     #[error("the connection is closing")]
     Closing,
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     #[error("invalid URL {url}: {reason}")]
     InvalidUrl { url: String, reason: &'static str },
 }

@@ -7,18 +7,22 @@
 //!   with a timeout.
 //! - [`accept`] performs the server handshake on a raw stream; servers that parse HTTP
 //!   themselves use [`WebSocket::from_upgraded`].
-//! - [`connect`] opens a client connection to a `ws://` URL.
+//! - [`connect`] opens a client connection to a `ws://` or `wss://` URL; [`Stream`] is
+//!   the TCP or TLS stream under it, and [`tls`] builds the TLS settings.
 
 mod client;
 mod config;
 mod error;
 mod server;
 mod socket;
+mod stream;
+pub mod tls;
 
 pub use client::{connect, ClientOptions, Connected};
 pub use config::Config;
 pub use error::Error;
 pub use server::accept;
 pub use socket::WebSocket;
+pub use stream::Stream;
 pub use switchboard_wire as wire;
 pub use switchboard_wire::{CloseCode, CloseFrame, Message, Text};

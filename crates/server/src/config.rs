@@ -12,6 +12,21 @@ use switchboard_wire::deflate::DeflateConfig;
 pub struct Config {
     /// Open connections (HTTP and WebSocket) beyond which new ones get 503.
     pub max_connections: usize,
+    /// Open connections from one IP address beyond which new ones get 429; 0: no limit.
+    pub max_connections_per_ip: usize,
+    /// New connections one IP address may open per second, on average (429 beyond);
+    /// 0: no limit.
+    pub handshakes_per_ip_per_sec: f64,
+    /// New connections one IP address may open in a burst.
+    pub handshake_burst_per_ip: u32,
+    /// Largest request head (request line and headers) in bytes; larger ones get 431.
+    /// At least 8 KiB.
+    pub max_header_bytes: usize,
+    /// PEM file with the certificate chain (leaf first): the server then speaks TLS
+    /// only (`https://`, `wss://`). Needs `tls_key`.
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// PEM file with the private key of `tls_cert`.
+    pub tls_key: Option<std::path::PathBuf>,
     /// Largest message `/echo` takes (16 MiB covers every Autobahn case).
     pub echo_max_message: usize,
     /// Where room history is stored (SQLite, `history.sqlite3`); `None` keeps it in memory.
@@ -83,6 +98,12 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             max_connections: 100_000,
+            max_connections_per_ip: 1000,
+            handshakes_per_ip_per_sec: 100.0,
+            handshake_burst_per_ip: 200,
+            max_header_bytes: 16 * 1024,
+            tls_cert: None,
+            tls_key: None,
             echo_max_message: 16 << 20,
             data_dir: None,
             redis: None,
@@ -119,6 +140,27 @@ impl Default for Config {
 impl Config {
     pub fn with_max_connections(mut self, max: usize) -> Self {
         self.max_connections = max;
+        self
+    }
+
+    /// Limits per IP address: open connections, and new connections per second with
+    /// their burst (0 turns a limit off).
+    pub fn with_per_ip_limits(mut self, connections: usize, per_sec: f64, burst: u32) -> Self {
+        self.max_connections_per_ip = connections;
+        self.handshakes_per_ip_per_sec = per_sec;
+        self.handshake_burst_per_ip = burst;
+        self
+    }
+
+    /// Serves TLS with the certificate chain and key in these PEM files.
+    pub fn with_tls(mut self, cert: std::path::PathBuf, key: std::path::PathBuf) -> Self {
+        self.tls_cert = Some(cert);
+        self.tls_key = Some(key);
+        self
+    }
+
+    pub fn with_handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout_secs = timeout.as_secs().max(1);
         self
     }
 

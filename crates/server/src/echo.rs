@@ -1,12 +1,12 @@
 //! `/echo`: every message comes back with its type unchanged (conformance and benchmarks).
 
+use switchboard_net::Stream;
 use switchboard_net::{CloseCode, CloseFrame, WebSocket};
-use tokio::net::TcpStream;
 use tracing::debug;
 
 use crate::shutdown::Shutdown;
 
-pub(crate) async fn echo_session(mut socket: WebSocket<TcpStream>, shutdown: Shutdown) {
+pub(crate) async fn echo_session(mut socket: WebSocket<Stream>, shutdown: Shutdown) {
     // Replies are queued and go out together when the input runs dry. One loop future
     // for the whole session (not one per message), raced against shutdown, which can
     // interrupt a send too: a peer that stopped reading must not hold up the drain.

@@ -2,13 +2,15 @@
 //!
 //! [`run`] takes a bound listener (tests bind port 0), serves HTTP/1.1 with hyper and
 //! axum's router, upgrades WebSocket requests into `switchboard-net` connections by
-//! taking the raw TCP stream back from hyper, caps connections, and on shutdown closes
+//! taking the raw stream (TCP or TLS) back from hyper, caps connections in all and per
+//! IP address, limits the handshake rate per address, and on shutdown closes
 //! every WebSocket with 1001 and drains within a bound.
 
 mod api;
 mod auth;
 mod config;
 mod echo;
+mod limits;
 mod metrics;
 mod room;
 mod routes;

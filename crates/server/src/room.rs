@@ -11,7 +11,7 @@ use switchboard_hub::{valid_room_id, Membership, Outbound, ROOM_ID_RULE};
 use switchboard_net::wire::OpCode;
 use switchboard_net::{CloseCode, CloseFrame, Message, WebSocket};
 
-use tokio::net::TcpStream;
+use switchboard_net::Stream;
 use tracing::{debug, warn};
 
 use crate::serve::AppState;
@@ -123,7 +123,7 @@ impl Counters {
 }
 
 async fn feed(
-    socket: &mut WebSocket<TcpStream>,
+    socket: &mut WebSocket<Stream>,
     counters: &Counters,
     item: &Outbound,
 ) -> Result<(), switchboard_net::Error> {
@@ -138,7 +138,7 @@ async fn feed(
     }
 }
 
-async fn session(mut socket: WebSocket<TcpStream>, mut membership: Membership, state: AppState) {
+async fn session(mut socket: WebSocket<Stream>, mut membership: Membership, state: AppState) {
     // The welcome, then history page by page; live events wait in the member's queue.
     // A failed history read (the store, or in a cluster Redis, away) closes with 1011:
     // the client reconnects with `since` and misses nothing.
@@ -260,7 +260,7 @@ async fn session(mut socket: WebSocket<TcpStream>, mut membership: Membership, s
 }
 
 async fn on_text(
-    socket: &mut WebSocket<TcpStream>,
+    socket: &mut WebSocket<Stream>,
     membership: &Membership,
     state: &AppState,
     text: &str,

@@ -1,4 +1,5 @@
-//! The accept loop, the connection cap and graceful shutdown.
+//! The accept loop: TLS, the connection caps (in all and per IP address), the handshake
+//! rate per address, the request-head limits, and graceful shutdown.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -6,7 +7,9 @@ use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::AsyncWriteExt;
+use switchboard_net::tls::TlsAcceptor;
+use switchboard_net::Stream;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::TaskTracker;
@@ -16,6 +19,7 @@ use tracing::{debug, info, warn};
 use switchboard_hub::{ClusterConfig, HistoryStore, Hub, HubConfig, MemoryStore, SqliteStore};
 
 use crate::config::Config;
+use crate::limits::{IpSlot, PerIp};
 use crate::routes::router;
 use crate::shutdown::Shutdown;
 
@@ -30,6 +34,10 @@ pub enum Error {
     Cluster(#[from] switchboard_hub::HubError),
     #[error("authentication: {0}")]
     Auth(#[from] crate::auth::AuthSetupError),
+    #[error("TLS: {0}")]
+    Tls(#[from] switchboard_net::tls::TlsError),
+    #[error("TLS needs both tls_cert and tls_key")]
+    TlsHalf,
 }
 
 /// What every request handler can reach.
@@ -63,9 +71,12 @@ impl AppState {
     }
 }
 
-/// Held for as long as a connection (HTTP, then WebSocket) is open.
+/// Held for as long as a connection (HTTP, then WebSocket) is open: its place under
+/// the server's cap and under its address's.
 #[derive(Debug, Clone)]
-pub(crate) struct ConnectionSlot(#[allow(dead_code)] pub(crate) Arc<OwnedSemaphorePermit>);
+pub(crate) struct ConnectionSlot(
+    #[allow(dead_code)] pub(crate) Arc<(OwnedSemaphorePermit, Option<IpSlot>)>,
+);
 
 /// Serves on `listener` until `shutdown` completes, then closes every WebSocket with
 /// 1001 and waits up to the drain timeout for connections to finish.
@@ -75,6 +86,13 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
     let address = listener.local_addr()?;
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsAcceptor::from(switchboard_net::tls::server_config(
+            cert, key,
+        )?)),
+        (None, None) => None,
+        _ => return Err(Error::TlsHalf),
+    };
     crate::metrics::install();
     let auth = Arc::new(crate::auth::Auth::from_config(&config)?);
     let mut hub_config = HubConfig::default();
@@ -118,8 +136,15 @@ pub async fn run(
         kill: Shutdown::default(),
     };
     let slots = Arc::new(Semaphore::new(state.config.max_connections));
+    let per_ip = PerIp::new(
+        state.config.max_connections_per_ip,
+        state.config.handshakes_per_ip_per_sec,
+        state.config.handshake_burst_per_ip,
+    );
     let app = router(state.clone());
-    info!("listening on http://{address}");
+    let handshake_timeout = Duration::from_secs(state.config.handshake_timeout_secs.max(1));
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    info!("listening on {scheme}://{address}");
 
     tokio::pin!(shutdown);
     loop {
@@ -138,14 +163,46 @@ pub async fn run(
         if let Err(error) = stream.set_nodelay(true) {
             debug!(cause = %error, %peer, "set_nodelay failed");
         }
+        let ip_slot = match per_ip.as_ref().map(|limits| limits.admit(peer.ip())) {
+            None => None,
+            Some(Ok(slot)) => Some(slot),
+            Some(Err(refusal)) => {
+                metrics::counter!("switchboard_connections_refused_total", "reason" => refusal.label())
+                    .increment(1);
+                debug!(%peer, reason = refusal.label(), "connection refused");
+                let tls = tls.clone();
+                state.spawn(async move {
+                    if let Some(stream) = secure(stream, tls.as_ref(), handshake_timeout).await {
+                        refuse(stream, "429 Too Many Requests", refusal.message()).await;
+                    }
+                });
+                continue;
+            }
+        };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
-            state.spawn(refuse_over_capacity(stream));
+            metrics::counter!("switchboard_connections_refused_total", "reason" => "capacity")
+                .increment(1);
+            let tls = tls.clone();
+            state.spawn(async move {
+                if let Some(stream) = secure(stream, tls.as_ref(), handshake_timeout).await {
+                    refuse(
+                        stream,
+                        "503 Service Unavailable",
+                        "server is at its connection limit; try again later\n",
+                    )
+                    .await;
+                }
+            });
             continue;
         };
-        let slot = ConnectionSlot(Arc::new(permit));
+        let slot = ConnectionSlot(Arc::new((permit, ip_slot)));
         let app = app.clone();
         let state2 = state.clone();
+        let tls = tls.clone();
         state.spawn(async move {
+            let Some(stream) = secure(stream, tls.as_ref(), handshake_timeout).await else {
+                return;
+            };
             let service = hyper::service::service_fn(
                 move |mut request: http::Request<hyper::body::Incoming>| {
                     request.extensions_mut().insert(slot.clone());
@@ -154,9 +211,10 @@ pub async fn run(
             );
             let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(
-                    state2.config.handshake_timeout_secs.max(1),
-                ))
+                .header_read_timeout(handshake_timeout)
+                // A head that does not fit is answered with 431 (as are more than 100
+                // header lines).
+                .max_buf_size(state2.config.max_header_bytes.max(8192))
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
             tokio::pin!(connection);
@@ -212,11 +270,35 @@ pub async fn run(
     Ok(())
 }
 
-async fn refuse_over_capacity(mut stream: TcpStream) {
-    const BODY: &str = "server is at its connection limit; try again later\n";
+/// The stream to speak HTTP on: the TCP stream itself, or a TLS session over it once
+/// the client's TLS handshake completes (within the handshake timeout).
+async fn secure(tcp: TcpStream, tls: Option<&TlsAcceptor>, timeout: Duration) -> Option<Stream> {
+    let Some(acceptor) = tls else {
+        return Some(Stream::Plain(tcp));
+    };
+    let peer = tcp.peer_addr().ok();
+    match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(session)) => Some(Stream::TlsServer(Box::new(session))),
+        Ok(Err(cause)) => {
+            metrics::counter!("switchboard_handshake_failures_total", "reason" => "tls")
+                .increment(1);
+            debug!(%cause, ?peer, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            metrics::counter!("switchboard_handshake_failures_total", "reason" => "timeout")
+                .increment(1);
+            debug!(?peer, "TLS handshake timed out");
+            None
+        }
+    }
+}
+
+/// Answers a connection that is not admitted and closes it.
+async fn refuse(mut stream: impl AsyncWrite + Unpin, status: &str, body: &str) {
     let response = format!(
-        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n{BODY}",
-        BODY.len()
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n{body}",
+        body.len()
     );
     // A refused client that already left needs no answer.
     let _ = tokio::time::timeout(Duration::from_secs(1), async {

@@ -9,10 +9,9 @@ use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use http::{header, HeaderValue, StatusCode, Version};
 use hyper_util::rt::TokioIo;
-use switchboard_net::WebSocket;
+use switchboard_net::{Stream, WebSocket};
 use switchboard_wire::deflate::negotiate;
 use switchboard_wire::handshake::{validate_request, HandshakeError, UpgradeRequest};
-use tokio::net::TcpStream;
 use tracing::{debug, error};
 
 use crate::serve::{AppState, ConnectionSlot};
@@ -27,7 +26,7 @@ pub(crate) fn upgrade<F, Fut>(
     session: F,
 ) -> Response
 where
-    F: FnOnce(WebSocket<TcpStream>, UpgradeRequest) -> Fut + Send + 'static,
+    F: FnOnce(WebSocket<Stream>, UpgradeRequest) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let checked = validate_request(
@@ -78,7 +77,7 @@ where
                 return;
             }
         };
-        match upgraded.downcast::<TokioIo<TcpStream>>() {
+        match upgraded.downcast::<TokioIo<Stream>>() {
             Ok(parts) => {
                 let socket =
                     WebSocket::server(parts.io.into_inner(), &parts.read_buf, config, params);
@@ -92,7 +91,7 @@ where
                 Box::pin(session(socket, upgrade)).await;
                 metrics::gauge!("switchboard_connections").decrement(1.0);
             }
-            Err(_) => error!("upgraded connection is not a TCP stream"),
+            Err(_) => error!("upgraded connection is not a server stream"),
         }
     });
     let mut response = Response::builder()

@@ -30,7 +30,7 @@ impl Server {
 }
 
 struct Client {
-    socket: WebSocket<TcpStream>,
+    socket: WebSocket<switchboard_net::Stream>,
 }
 
 impl Client {

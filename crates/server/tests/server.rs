@@ -148,6 +148,55 @@ async fn over_capacity_gets_503() {
 }
 
 #[tokio::test]
+async fn one_address_gets_429_past_its_open_connections_and_back_after_one_closes() {
+    let server = Server::start(Config::default().with_per_ip_limits(2, 0.0, 0)).await;
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let socket = connect(&server.url("/echo"), ClientOptions::default())
+            .await
+            .unwrap()
+            .socket;
+        open.push(socket);
+    }
+    let refused = raw(server.address, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(refused.starts_with("HTTP/1.1 429 "), "{refused}");
+    assert!(refused.contains("too many open connections"), "{refused}");
+    // The client library reports the status.
+    let error = connect(&server.url("/echo"), ClientOptions::default())
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("429"), "{error}");
+    // The two that are open still work, and closing one makes room.
+    open[0].send_text("still here").await.unwrap();
+    assert_eq!(
+        open[0].recv().await.unwrap(),
+        Some(Message::Text("still here".into()))
+    );
+    open.pop().unwrap().close(None).await.unwrap();
+    let again = raw(server.address, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(again.starts_with("HTTP/1.1 200 "), "{again}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn one_address_opening_too_fast_gets_429_then_its_rate() {
+    // A burst of 3, then 2 per second.
+    let server = Server::start(Config::default().with_per_ip_limits(0, 2.0, 3)).await;
+    let health = "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    for i in 0..3 {
+        let answer = raw(server.address, health).await;
+        assert!(answer.starts_with("HTTP/1.1 200 "), "burst {i}: {answer}");
+    }
+    let refused = raw(server.address, health).await;
+    assert!(refused.starts_with("HTTP/1.1 429 "), "{refused}");
+    assert!(refused.contains("Retry-After: 1"), "{refused}");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let refilled = raw(server.address, health).await;
+    assert!(refilled.starts_with("HTTP/1.1 200 "), "{refilled}");
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn shutdown_closes_websockets_with_1001() {
     let server = Server::start(Config::default()).await;
     let mut sockets = Vec::new();

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
-use switchboard_net::{connect, ClientOptions, Message, WebSocket};
+use switchboard_net::{connect, ClientOptions, Message, Stream, WebSocket};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
@@ -113,7 +113,7 @@ const GROWTH: f64 = 1.04;
 const BUCKETS: usize = 480;
 
 /// A lock-free latency histogram, one per rate step, shared by every subscriber.
-struct Histogram {
+pub(super) struct Histogram {
     buckets: Vec<AtomicU64>,
     count: AtomicU64,
     max_ns: AtomicU64,
@@ -122,7 +122,7 @@ struct Histogram {
 }
 
 impl Histogram {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Self {
             buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
             count: AtomicU64::new(0),
@@ -131,7 +131,7 @@ impl Histogram {
         }
     }
 
-    fn record(&self, latency_ns: u64, now_ns: u64) {
+    pub(super) fn record(&self, latency_ns: u64, now_ns: u64) {
         let us = latency_ns as f64 / 1000.0;
         let bucket = if us <= 1.0 {
             0
@@ -144,8 +144,14 @@ impl Histogram {
         self.last_ns.fetch_max(now_ns, Ordering::Relaxed);
     }
 
+    /// Latencies recorded, and the largest in milliseconds.
+    pub(super) fn count_and_max_ms(&self) -> (u64, f64) {
+        let max = self.max_ns.load(Ordering::Relaxed) as f64 / 1e6;
+        (self.count.load(Ordering::Relaxed), max)
+    }
+
     /// The latency at quantile `q` in milliseconds (the upper edge of its bucket).
-    fn quantile_ms(&self, q: f64) -> f64 {
+    pub(super) fn quantile_ms(&self, q: f64) -> f64 {
         let count = self.count.load(Ordering::Relaxed);
         if count == 0 {
             return f64::NAN;
@@ -188,7 +194,7 @@ impl Shared {
     }
 }
 
-fn marker(step: usize, sent_ns: u64, size: usize) -> String {
+pub(super) fn marker(step: usize, sent_ns: u64, size: usize) -> String {
     let mut text = format!("~T{step}:{sent_ns}~");
     while text.len() < size {
         text.push('x');
@@ -196,7 +202,7 @@ fn marker(step: usize, sent_ns: u64, size: usize) -> String {
     text
 }
 
-fn parse_marker(payload: &[u8]) -> Option<(usize, u64)> {
+pub(super) fn parse_marker(payload: &[u8]) -> Option<(usize, u64)> {
     let at = payload.windows(2).position(|w| w == b"~T")? + 2;
     let rest = &payload[at..];
     let end = rest.iter().position(|&b| b == b'~')?;
@@ -218,7 +224,7 @@ fn with_query(url: &str, pair: &str) -> String {
 }
 
 /// Opens a subscriber and waits until it is part of the room or channel.
-async fn subscribe(args: &FanoutArgs, i: usize) -> anyhow::Result<WebSocket<TcpStream>> {
+async fn subscribe(args: &FanoutArgs, i: usize) -> anyhow::Result<WebSocket<Stream>> {
     let base = match i % (1 + args.also.len()) {
         0 => &args.url,
         n => &args.also[n - 1],
@@ -249,7 +255,7 @@ async fn subscribe(args: &FanoutArgs, i: usize) -> anyhow::Result<WebSocket<TcpS
     Ok(socket)
 }
 
-async fn wait_for(socket: &mut WebSocket<TcpStream>, needle: &str) -> anyhow::Result<()> {
+async fn wait_for(socket: &mut WebSocket<Stream>, needle: &str) -> anyhow::Result<()> {
     loop {
         match socket.recv().await? {
             Some(Message::Text(text)) if text.as_str().contains(needle) => return Ok(()),
@@ -259,7 +265,7 @@ async fn wait_for(socket: &mut WebSocket<TcpStream>, needle: &str) -> anyhow::Re
     }
 }
 
-async fn subscriber(mut socket: WebSocket<TcpStream>, shared: Arc<Shared>) {
+async fn subscriber(mut socket: WebSocket<Stream>, shared: Arc<Shared>) {
     loop {
         match socket.recv().await {
             Ok(Some(Message::Text(text))) => shared.observe(text.as_bytes()),

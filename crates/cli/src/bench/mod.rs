@@ -9,6 +9,7 @@
 mod compare;
 mod fanout;
 mod handshake;
+mod soak;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -48,6 +49,10 @@ enum Workload {
     /// a time) while receivers read; prints stored messages/s and delivered messages/s.
     /// The server's rate limit must allow the load (`rate_limit_per_sec` in its config).
     Room(RoomArgs),
+    /// Many room connections with steady traffic for a set time: the server's memory,
+    /// open files and delivery latency every interval, then the drift; fails on any lost,
+    /// repeated or unacknowledged message.
+    Soak(soak::SoakArgs),
 }
 
 #[derive(Debug, Args)]
@@ -168,6 +173,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Workload::Fanout(args) => fanout::fanout(args).await,
         Workload::Handshake(args) => handshake::handshake(args).await,
         Workload::Compare(args) => compare::run(args).await,
+        Workload::Soak(args) => soak::soak(args).await,
     }
 }
 
@@ -625,7 +631,7 @@ fn compression(args: &CompressionArgs) {
     }
 }
 
-fn resident_kib(pid: u32) -> anyhow::Result<u64> {
+pub(crate) fn resident_kib(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading /proc/{pid}/status"))?;
     status
@@ -677,9 +683,9 @@ where
 
 /// Drops a connection with a TCP reset, so it leaves no TIME_WAIT behind (a load that
 /// opens tens of thousands would otherwise use up the ephemeral ports of later runs).
-pub(crate) fn abort(socket: switchboard_net::WebSocket<tokio::net::TcpStream>) {
+pub(crate) fn abort(socket: switchboard_net::WebSocket<switchboard_net::Stream>) {
     // Without the option the drop still closes, only more slowly for the ports.
-    let _ = socket.get_ref().set_zero_linger();
+    let _ = socket.get_ref().tcp().set_zero_linger();
     drop(socket);
 }
 
@@ -760,7 +766,7 @@ fn room_url(base: &str, name: &str) -> String {
 
 /// Counts the chat messages a connection receives until it has seen `until` of them.
 async fn count_messages(
-    socket: &mut switchboard_net::WebSocket<tokio::net::TcpStream>,
+    socket: &mut switchboard_net::WebSocket<switchboard_net::Stream>,
     until: usize,
 ) -> anyhow::Result<usize> {
     let mut seen = 0;

@@ -9,7 +9,7 @@ use tokio::process::{Child, Command};
 pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
 
 /// Starts `switchboard serve --listen LISTEN EXTRA…` and returns it with its address, read
-/// from its `listening on http://ADDR` log line.
+/// from its `listening on http://ADDR` (or `https://`) log line.
 pub(crate) async fn serve_with(listen: &str, extra: &[&str]) -> (Child, String) {
     let mut child = Command::new(BIN)
         .args(["serve", "--listen", listen, "--drain-timeout", "5"])
@@ -22,7 +22,8 @@ pub(crate) async fn serve_with(listen: &str, extra: &[&str]) -> (Child, String) 
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let address = tokio::time::timeout(Duration::from_secs(10), async {
         while let Some(line) = lines.next_line().await.unwrap() {
-            if let Some((_, rest)) = line.split_once("listening on http://") {
+            let url = line.split_once("listening on ").map(|(_, url)| url);
+            if let Some((_, rest)) = url.and_then(|url| url.split_once("://")) {
                 return rest.trim().to_owned();
             }
         }

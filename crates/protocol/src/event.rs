@@ -3,7 +3,7 @@
 use bytes::Bytes;
 use serde::Serialize;
 
-use crate::store::StoredMessage;
+use crate::StoredMessage;
 
 /// What a client sent, once parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]

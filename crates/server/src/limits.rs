@@ -1,0 +1,165 @@
+//! Limits per client IP address: how many connections it holds open, and how fast it
+//! opens new ones (a token bucket). Checked at accept, before any byte is read.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Why a new connection was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// The address already holds its share of open connections.
+    TooManyOpen,
+    /// The address opened connections faster than its rate allows.
+    TooFast,
+}
+
+impl Refusal {
+    pub(crate) fn message(self) -> &'static str {
+        match self {
+            Self::TooManyOpen => "too many open connections from your address\n",
+            Self::TooFast => "too many new connections from your address; slow down\n",
+        }
+    }
+
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Self::TooManyOpen => "per_ip_connections",
+            Self::TooFast => "per_ip_rate",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    open: usize,
+    tokens: f64,
+    refilled: Instant,
+}
+
+/// Every address seen lately and what it holds.
+#[derive(Debug)]
+pub(crate) struct PerIp {
+    max_open: usize,
+    per_sec: f64,
+    burst: f64,
+    entries: Mutex<(HashMap<IpAddr, Entry>, Instant)>,
+}
+
+/// Held for as long as a connection is open; gives its place back on drop.
+#[derive(Debug)]
+pub(crate) struct IpSlot {
+    limits: Arc<PerIp>,
+    ip: IpAddr,
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut guard = self.limits.entries.lock().expect("not poisoned");
+        if let Some(entry) = guard.0.get_mut(&self.ip) {
+            entry.open = entry.open.saturating_sub(1);
+        }
+    }
+}
+
+/// How often addresses with nothing open and a full bucket are forgotten.
+const FORGET_AFTER: Duration = Duration::from_secs(60);
+
+impl PerIp {
+    /// `None` when both limits are off.
+    pub(crate) fn new(max_open: usize, per_sec: f64, burst: u32) -> Option<Arc<Self>> {
+        let rate_on = per_sec > 0.0;
+        (max_open > 0 || rate_on).then(|| {
+            Arc::new(Self {
+                max_open,
+                per_sec: if rate_on { per_sec } else { 0.0 },
+                burst: f64::from(burst.max(1)),
+                entries: Mutex::new((HashMap::new(), Instant::now())),
+            })
+        })
+    }
+
+    /// Admits a new connection from `ip`, or says why not.
+    pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<IpSlot, Refusal> {
+        let now = Instant::now();
+        let mut guard = self.entries.lock().expect("not poisoned");
+        let (entries, swept) = &mut *guard;
+        if now.duration_since(*swept) > FORGET_AFTER {
+            *swept = now;
+            // An address is kept while it holds connections or its bucket is refilling.
+            let (per_sec, burst) = (self.per_sec, self.burst);
+            entries.retain(|_, entry| {
+                let idle = now.duration_since(entry.refilled).as_secs_f64();
+                entry.open > 0 || (per_sec > 0.0 && entry.tokens + idle * per_sec < burst)
+            });
+        }
+        let entry = entries.entry(ip).or_insert(Entry {
+            open: 0,
+            tokens: self.burst,
+            refilled: now,
+        });
+        if self.max_open > 0 && entry.open >= self.max_open {
+            return Err(Refusal::TooManyOpen);
+        }
+        if self.per_sec > 0.0 {
+            let elapsed = now.duration_since(entry.refilled).as_secs_f64();
+            entry.tokens = (entry.tokens + elapsed * self.per_sec).min(self.burst);
+            entry.refilled = now;
+            if entry.tokens < 1.0 {
+                return Err(Refusal::TooFast);
+            }
+            entry.tokens -= 1.0;
+        }
+        entry.open += 1;
+        Ok(IpSlot {
+            limits: self.clone(),
+            ip,
+        })
+    }
+
+    #[cfg(test)]
+    fn open(&self, ip: IpAddr) -> usize {
+        let guard = self.entries.lock().expect("not poisoned");
+        guard.0.get(&ip).map_or(0, |entry| entry.open)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1));
+    const B: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 2));
+
+    #[test]
+    fn open_connections_are_capped_per_address_and_given_back() {
+        let limits = PerIp::new(2, 0.0, 0).unwrap();
+        let first = limits.admit(A).unwrap();
+        let _second = limits.admit(A).unwrap();
+        assert_eq!(limits.admit(A).unwrap_err(), Refusal::TooManyOpen);
+        // Another address has its own share.
+        let _other = limits.admit(B).unwrap();
+        drop(first);
+        assert_eq!(limits.open(A), 1);
+        assert!(limits.admit(A).is_ok());
+    }
+
+    #[test]
+    fn a_burst_is_allowed_then_the_rate_holds() {
+        let limits = PerIp::new(0, 1.0, 3).unwrap();
+        for _ in 0..3 {
+            drop(limits.admit(A).unwrap());
+        }
+        assert_eq!(limits.admit(A).unwrap_err(), Refusal::TooFast);
+        assert!(limits.admit(B).is_ok());
+        std::thread::sleep(Duration::from_millis(1100));
+        assert!(limits.admit(A).is_ok());
+        assert_eq!(limits.admit(A).unwrap_err(), Refusal::TooFast);
+    }
+
+    #[test]
+    fn no_limits_means_no_tracking() {
+        assert!(PerIp::new(0, 0.0, 10).is_none());
+    }
+}

@@ -1,0 +1,1833 @@
+//! A hostile-input matrix over raw TCP: hand-built HTTP requests and hand-built
+//! WebSocket frames (masked, unless the case is about masking). Every case names the
+//! exact answer it must get: an HTTP status, the close code of the server's Close frame
+//! (and the hang-up after it), an `error` event whose connection stays up, a silent
+//! hang-up, or a broadcast carrying the connection's real identity. After every case two
+//! long-lived "canary" members of the same room still chat: one says something, both
+//! receive it.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
+use serde_json::{json, Value};
+use switchboard_net::{connect, ClientOptions, Message, Stream, WebSocket};
+use switchboard_server::Config;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+
+mod support;
+use support::Server;
+
+/// The room every case and both canaries use.
+const ROOM: &str = "hostile";
+/// How long any single answer may take (generous: the machine may be busy building).
+const WAIT: Duration = Duration::from_secs(10);
+/// How soon a client that stalls in its request head must be dropped
+/// (`handshake_timeout_secs` is 1).
+const STALL_LIMIT: Duration = Duration::from_secs(3);
+
+// ---------------------------------------------------------------------------------------
+// Hand-built WebSocket frames.
+
+const FIN: u8 = 0x80;
+const RSV1: u8 = 0x40;
+const RSV2: u8 = 0x20;
+const RSV3: u8 = 0x10;
+const CONTINUATION: u8 = 0x0;
+const TEXT: u8 = 0x1;
+const BINARY: u8 = 0x2;
+const CLOSE: u8 = 0x8;
+const PING: u8 = 0x9;
+
+const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+
+/// How a frame's payload length is written.
+#[derive(Debug, Clone, Copy)]
+enum Length {
+    /// The shortest form, as RFC 6455 asks.
+    Shortest,
+    /// Always the 16-bit form (non-minimal for short payloads).
+    Sixteen,
+    /// Always the 64-bit form.
+    SixtyFour,
+}
+
+/// A frame: `first` is the FIN/RSV bits and the opcode; masked with [`MASK`] or not.
+fn encode_frame(first: u8, masked: bool, length: Length, payload: &[u8]) -> Vec<u8> {
+    let mask_bit = if masked { 0x80 } else { 0 };
+    let n = payload.len();
+    let mut out = vec![first];
+    match length {
+        Length::Shortest if n < 126 => out.push(mask_bit | n as u8),
+        Length::Shortest | Length::Sixteen if n <= 0xFFFF => {
+            out.push(mask_bit | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        _ => {
+            out.push(mask_bit | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    if masked {
+        out.extend_from_slice(&MASK);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]));
+    } else {
+        out.extend_from_slice(payload);
+    }
+    out
+}
+
+/// A masked frame with the shortest length.
+fn frame(first: u8, payload: &[u8]) -> Vec<u8> {
+    encode_frame(first, true, Length::Shortest, payload)
+}
+
+/// A masked, final text frame.
+fn text(json: &str) -> Vec<u8> {
+    frame(FIN | TEXT, json.as_bytes())
+}
+
+/// A masked Close frame with a code and a reason.
+fn close_frame(code: u16, reason: &[u8]) -> Vec<u8> {
+    frame(FIN | CLOSE, &[&code.to_be_bytes()[..], reason].concat())
+}
+
+/// Only the masked header of a frame announcing `len` bytes in the 64-bit form: the
+/// payload never follows.
+fn announce(first: u8, len: u64) -> Vec<u8> {
+    let mut out = vec![first, 0x80 | 127];
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&MASK);
+    out
+}
+
+/// A chat message event.
+fn say(words: &str) -> String {
+    json!({"type": "message", "text": words}).to_string()
+}
+
+/// `data` as one permessage-deflate message body: raw DEFLATE, sync-flushed, with the
+/// final `00 00 ff ff` taken off (RFC 7692 section 7.2.1).
+fn deflate(data: &[u8]) -> Vec<u8> {
+    let mut compressor = Compress::new(Compression::best(), false);
+    let mut out = Vec::with_capacity(4096);
+    loop {
+        if out.capacity() - out.len() < 64 {
+            out.reserve(4096);
+        }
+        let consumed = compressor.total_in() as usize;
+        compressor
+            .compress_vec(&data[consumed..], &mut out, FlushCompress::Sync)
+            .unwrap();
+        if compressor.total_in() as usize == data.len() && out.len() < out.capacity() {
+            break;
+        }
+    }
+    assert!(
+        out.ends_with(&[0, 0, 0xff, 0xff]),
+        "a sync flush ends the body"
+    );
+    out.truncate(out.len() - 4);
+    out
+}
+
+/// Inflates one compressed message from the server (its tail put back), keeping the
+/// window across messages as context takeover wants.
+fn inflate(inflater: &mut Decompress, body: &[u8]) -> Result<Vec<u8>, String> {
+    let input = [body, &[0, 0, 0xff, 0xff]].concat();
+    let mut out = Vec::with_capacity(input.len() * 4 + 1024);
+    let mut at = 0;
+    loop {
+        let before = inflater.total_in();
+        inflater
+            .decompress_vec(&input[at..], &mut out, FlushDecompress::Sync)
+            .map_err(|e| format!("the server's compressed frame does not inflate: {e}"))?;
+        at += (inflater.total_in() - before) as usize;
+        if at == input.len() && out.len() < out.capacity() {
+            return Ok(out);
+        }
+        out.reserve(out.capacity().max(1024));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Hand-built HTTP requests.
+
+/// RFC 6455's sample key and its accept value.
+const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+const ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+
+const UPGRADE: &str = "Upgrade: websocket";
+const CONNECTION: &str = "Connection: Upgrade";
+const VERSION: &str = "Sec-WebSocket-Version: 13";
+
+fn key_header() -> String {
+    format!("Sec-WebSocket-Key: {KEY}")
+}
+
+/// A request head: the request line, `Host`, then `headers`.
+fn request(line: &str, headers: &[&str]) -> Vec<u8> {
+    let mut out = format!("{line}\r\nHost: 127.0.0.1\r\n");
+    for header in headers {
+        out.push_str(header);
+        out.push_str("\r\n");
+    }
+    out.push_str("\r\n");
+    out.into_bytes()
+}
+
+/// A complete upgrade request for `target`, without the headers in `omit` (matched by
+/// their start), with `extra` added.
+fn handshake(target: &str, omit: &[&str], extra: &[&str]) -> Vec<u8> {
+    let key = key_header();
+    let mut headers: Vec<&str> = [UPGRADE, CONNECTION, key.as_str(), VERSION]
+        .into_iter()
+        .filter(|h| !omit.iter().any(|o| h.starts_with(o)))
+        .collect();
+    headers.extend_from_slice(extra);
+    request(&format!("GET {target} HTTP/1.1"), &headers)
+}
+
+/// The room with a valid `?name=`: the target of upgrades refused for other reasons.
+fn room_target() -> String {
+    format!("/room/{ROOM}?name=Refused")
+}
+
+/// The start of a TLS 1.3 ClientHello, as a client that meant `wss://` sends it.
+fn tls_client_hello() -> Vec<u8> {
+    let mut hello = vec![
+        0x16, 0x03, 0x01, 0x00, 0x2f, 0x01, 0x00, 0x00, 0x2b, 0x03, 0x03,
+    ];
+    hello.extend((0u8..32).map(|i| i.wrapping_mul(37)));
+    hello.extend_from_slice(&[0x00, 0x00, 0x02, 0x13, 0x01, 0x01, 0x00]);
+    hello
+}
+
+/// Bytes from a fixed xorshift sequence.
+fn noise(len: usize) -> Vec<u8> {
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// The matrix: what each case does and what it must get.
+
+#[derive(Debug)]
+enum Action {
+    /// Sends these bytes as a request and reads the answer's head.
+    Http(Vec<u8>),
+    /// Sends these bytes, then goes quiet with the socket open.
+    Stall(Vec<u8>),
+    /// Sends these bytes one at a time, one every so often.
+    Drip(Vec<u8>, Duration),
+    /// Upgrades, sends these bytes, then resets the connection (no Close, no FIN).
+    Vanish(Vec<u8>),
+    /// Upgrades (to the room as a fresh user when `target` is `None`), then sends `send`:
+    /// after the 101, or `pipelined` in the same write as the request.
+    Ws {
+        target: Option<String>,
+        headers: Vec<String>,
+        deflate: bool,
+        pipelined: bool,
+        send: Vec<u8>,
+    },
+}
+
+/// A WebSocket action on the room as a fresh user.
+fn ws(send: Vec<u8>) -> Action {
+    Action::Ws {
+        target: None,
+        headers: Vec::new(),
+        deflate: false,
+        pipelined: false,
+        send,
+    }
+}
+
+/// The same, with `send` in the same write as the upgrade request.
+fn ws_pipelined(send: Vec<u8>) -> Action {
+    Action::Ws {
+        target: None,
+        headers: Vec::new(),
+        deflate: false,
+        pipelined: true,
+        send,
+    }
+}
+
+/// The same, with permessage-deflate offered (and required to be accepted).
+fn ws_deflate(send: Vec<u8>) -> Action {
+    Action::Ws {
+        target: None,
+        headers: Vec::new(),
+        deflate: true,
+        pipelined: false,
+        send,
+    }
+}
+
+/// An upgrade to the room as a fresh user with these headers in place of the standard
+/// ones of the same names.
+fn ws_with(headers: &[&str], send: Vec<u8>) -> Action {
+    Action::Ws {
+        target: None,
+        headers: headers.iter().map(|h| (*h).to_owned()).collect(),
+        deflate: false,
+        pipelined: false,
+        send,
+    }
+}
+
+/// An upgrade to `target` with extra headers.
+fn ws_at(target: String, headers: &[&str], send: Vec<u8>) -> Action {
+    Action::Ws {
+        target: Some(target),
+        headers: headers.iter().map(|h| (*h).to_owned()).collect(),
+        deflate: false,
+        pipelined: false,
+        send,
+    }
+}
+
+/// Who a broadcast must come from.
+#[derive(Debug)]
+enum Who {
+    /// The connection's own `?name=` (open mode).
+    Itself,
+    /// This user (the name a token gives).
+    Named(&'static str),
+}
+
+#[derive(Debug)]
+enum Expect {
+    /// An HTTP answer with this status.
+    Status(u16),
+    /// An HTTP answer with this status and this header (name, exact value).
+    StatusWith(u16, &'static str, &'static str),
+    /// A Close frame with this code, then the server hangs up.
+    Close(u16),
+    /// An `error` event with this code; the connection then still chats.
+    Error(&'static str),
+    /// The server hangs up without a byte of answer, within this long.
+    SilentHangUp(Duration),
+    /// Nothing to read: the client reset the connection itself (the canaries, and the
+    /// member list at the end, tell whether the server coped).
+    Vanished,
+    /// Accepted: the message comes back (to the sender and to the second canary) from
+    /// this user, and the welcome named the same user.
+    Broadcast(Who),
+}
+
+#[derive(Debug)]
+struct Case {
+    name: &'static str,
+    action: Action,
+    expect: Expect,
+}
+
+fn case(name: &'static str, action: Action, expect: Expect) -> Case {
+    Case {
+        name,
+        action,
+        expect,
+    }
+}
+
+/// What a case observed.
+#[derive(Debug, Clone)]
+enum Outcome {
+    /// An HTTP answer: status and headers (names in lower case).
+    Http {
+        status: u16,
+        headers: Vec<(String, String)>,
+    },
+    /// The server hung up after this long, having sent `answer` bytes.
+    HungUp { after: Duration, answer: usize },
+    /// A Close frame (`code` is `None` for an empty one); whether TCP closed after it.
+    Close { code: Option<u16>, hung_up: bool },
+    /// An `error` event; whether the connection then still chatted.
+    Error { code: String, stayed_up: bool },
+    /// The connection's own message came back.
+    Broadcast {
+        welcomed_as: String,
+        from: String,
+        text: String,
+    },
+    /// The client reset the connection after the upgrade.
+    Vanished,
+    /// Anything else, described.
+    Other(String),
+}
+
+fn check(expect: &Expect, outcome: &Outcome, own_name: &str, seen: &[Value]) -> Result<(), String> {
+    let matched = match (expect, outcome) {
+        (Expect::Status(want), Outcome::Http { status, .. }) => status == want,
+        (Expect::StatusWith(want, name, value), Outcome::Http { status, headers }) => {
+            status == want
+                && headers
+                    .iter()
+                    .any(|(n, v)| n.eq_ignore_ascii_case(name) && v == value)
+        }
+        (Expect::Close(want), Outcome::Close { code, hung_up }) => *code == Some(*want) && *hung_up,
+        (Expect::Error(want), Outcome::Error { code, stayed_up }) => code == want && *stayed_up,
+        (Expect::Vanished, Outcome::Vanished) => true,
+        (Expect::SilentHangUp(within), Outcome::HungUp { after, answer }) => {
+            *answer == 0 && after <= within
+        }
+        (
+            Expect::Broadcast(who),
+            Outcome::Broadcast {
+                welcomed_as,
+                from,
+                text,
+            },
+        ) => {
+            let want = match who {
+                Who::Itself => own_name,
+                Who::Named(name) => *name,
+            };
+            let relayed = seen
+                .iter()
+                .any(|m| m["text"] == text.as_str() && m["from"] == want);
+            if !relayed {
+                return Err(format!(
+                    "the second canary did not get {text:?} from {want}: it saw {seen:?}"
+                ));
+            }
+            welcomed_as == want && from == want
+        }
+        (_, Outcome::Other(why)) => return Err(format!("expected {expect:?}, got: {why}")),
+        _ => false,
+    };
+    if matched {
+        Ok(())
+    } else {
+        Err(format!("expected {expect:?}, got {outcome:?}"))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// A raw connection.
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+struct Head {
+    status: u16,
+    headers: Vec<(String, String)>,
+}
+
+impl Head {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn outcome(&self) -> Outcome {
+        Outcome::Http {
+            status: self.status,
+            headers: self.headers.clone(),
+        }
+    }
+}
+
+/// What came in on a WebSocket, control frames and binary messages aside.
+enum Incoming {
+    Event(Value),
+    Close(Option<u16>),
+    Gone(String),
+}
+
+struct Raw {
+    started: Instant,
+    read: OwnedReadHalf,
+    /// The write half, unless a writer task holds it.
+    write: Option<OwnedWriteHalf>,
+    writer: Option<JoinHandle<OwnedWriteHalf>>,
+    buf: Vec<u8>,
+    /// Inflates the server's compressed messages once permessage-deflate is agreed.
+    inflater: Option<Decompress>,
+}
+
+impl Raw {
+    async fn connect(address: SocketAddr) -> Self {
+        let stream = TcpStream::connect(address).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        let (read, write) = stream.into_split();
+        Self {
+            started: Instant::now(),
+            read,
+            write: Some(write),
+            writer: None,
+            buf: Vec::new(),
+            inflater: None,
+        }
+    }
+
+    /// Writes `bytes` from a task of its own (after what was sent before), so a server
+    /// that stops reading cannot block the test. Write errors mean the server hung up,
+    /// which the reads report.
+    async fn send(&mut self, bytes: Vec<u8>) {
+        let mut write = match self.write.take() {
+            Some(write) => write,
+            None => {
+                let writer = self.writer.take().expect("a writer holds the write half");
+                tokio::time::timeout(WAIT, writer)
+                    .await
+                    .expect("the server takes what is written")
+                    .expect("the writer task")
+            }
+        };
+        self.writer = Some(tokio::spawn(async move {
+            let _ = write.write_all(&bytes).await;
+            write
+        }));
+    }
+
+    /// Reads more: `Ok(false)` once the server hung up (a reset counts).
+    async fn fill(&mut self) -> Result<bool, String> {
+        let mut chunk = [0u8; 16 * 1024];
+        match tokio::time::timeout(WAIT, self.read.read(&mut chunk)).await {
+            Err(_) => Err(format!("nothing from the server for {WAIT:?}")),
+            Ok(Ok(0)) => Ok(false),
+            Ok(Ok(n)) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                Ok(true)
+            }
+            Ok(Err(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::ConnectionAborted
+                        | std::io::ErrorKind::BrokenPipe
+                ) =>
+            {
+                Ok(false)
+            }
+            Ok(Err(e)) => Err(format!("reading: {e}")),
+        }
+    }
+
+    /// The head of the server's HTTP answer; what follows it stays buffered.
+    async fn head(&mut self) -> Result<Head, Outcome> {
+        loop {
+            if let Some(end) = find(&self.buf, b"\r\n\r\n") {
+                let text = String::from_utf8_lossy(&self.buf[..end]).into_owned();
+                self.buf.drain(..end + 4);
+                let mut lines = text.split("\r\n");
+                let status_line = lines.next().unwrap_or_default();
+                let status = status_line
+                    .split(' ')
+                    .nth(1)
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(|| Outcome::Other(format!("bad status line {status_line:?}")))?;
+                let headers = lines
+                    .filter_map(|line| line.split_once(':'))
+                    .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+                    .collect();
+                return Ok(Head { status, headers });
+            }
+            match self.fill().await {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(Outcome::HungUp {
+                        after: self.started.elapsed(),
+                        answer: self.buf.len(),
+                    })
+                }
+                Err(e) => return Err(Outcome::Other(e)),
+            }
+        }
+    }
+
+    /// The next frame from the server: its first byte and payload; `None` at hang-up.
+    async fn frame(&mut self) -> Result<Option<(u8, Vec<u8>)>, String> {
+        loop {
+            if let [first, second, ..] = self.buf[..] {
+                if second & 0x80 != 0 {
+                    return Err("the server masked a frame".into());
+                }
+                let (len, start) = match second & 0x7f {
+                    126 if self.buf.len() >= 4 => (
+                        usize::from(u16::from_be_bytes([self.buf[2], self.buf[3]])),
+                        4,
+                    ),
+                    127 if self.buf.len() >= 10 => {
+                        let mut be = [0u8; 8];
+                        be.copy_from_slice(&self.buf[2..10]);
+                        (u64::from_be_bytes(be) as usize, 10)
+                    }
+                    126 | 127 => (usize::MAX, 0),
+                    n => (usize::from(n), 2),
+                };
+                if len != usize::MAX && self.buf.len() >= start + len {
+                    let payload = self.buf[start..start + len].to_vec();
+                    self.buf.drain(..start + len);
+                    return Ok(Some((first, payload)));
+                }
+            }
+            if !self.fill().await? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// The next event, Close or hang-up; pings, pongs and binary relays are skipped.
+    async fn next(&mut self) -> Incoming {
+        loop {
+            let (first, payload) = match self.frame().await {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return Incoming::Gone("hung up without a Close frame".into()),
+                Err(e) => return Incoming::Gone(e),
+            };
+            match first & 0x0f {
+                TEXT => {
+                    let payload = match (&mut self.inflater, first & RSV1 != 0) {
+                        (Some(inflater), true) => match inflate(inflater, &payload) {
+                            Ok(payload) => payload,
+                            Err(e) => return Incoming::Gone(e),
+                        },
+                        (None, true) => return Incoming::Gone("RSV1 without deflate".into()),
+                        (_, false) => payload,
+                    };
+                    return match serde_json::from_slice(&payload) {
+                        Ok(event) => Incoming::Event(event),
+                        Err(e) => Incoming::Gone(format!("a text frame that is not JSON: {e}")),
+                    };
+                }
+                CLOSE => {
+                    let code =
+                        (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
+                    return Incoming::Close(code);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Whether the server hangs up (soon) now that nothing more is expected.
+    async fn hangs_up(&mut self) -> bool {
+        loop {
+            self.buf.clear();
+            match self.fill().await {
+                Ok(true) => {}
+                Ok(false) => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// Whether the connection still chats: a message sent now comes back.
+    async fn still_chats(&mut self) -> bool {
+        self.send(text(&say("still up"))).await;
+        loop {
+            match self.next().await {
+                Incoming::Event(event)
+                    if event["type"] == "message" && event["text"] == "still up" =>
+                {
+                    return true
+                }
+                Incoming::Event(_) => {}
+                Incoming::Close(_) | Incoming::Gone(_) => return false,
+            }
+        }
+    }
+}
+
+async fn http(address: SocketAddr, bytes: Vec<u8>) -> Outcome {
+    let mut raw = Raw::connect(address).await;
+    raw.send(bytes).await;
+    match raw.head().await {
+        Ok(head) => head.outcome(),
+        Err(outcome) => outcome,
+    }
+}
+
+/// Sends `bytes` (all at once, or one every `drip`) and waits for the server to hang up.
+async fn stall(address: SocketAddr, bytes: Vec<u8>, drip: Option<Duration>) -> Outcome {
+    let started = Instant::now();
+    let stream = TcpStream::connect(address).await.unwrap();
+    let (mut read, mut write) = stream.into_split();
+    // The handle keeps the write half (so no FIN goes out) until the case is over: the
+    // client goes quiet, it does not leave.
+    let writer = tokio::spawn(async move {
+        match drip {
+            None => {
+                let _ = write.write_all(&bytes).await;
+            }
+            Some(every) => {
+                for byte in bytes {
+                    if write.write_all(&[byte]).await.is_err() {
+                        break;
+                    }
+                    tokio::time::sleep(every).await;
+                }
+            }
+        }
+        write
+    });
+    let mut answer = 0;
+    let mut chunk = [0u8; 4096];
+    let outcome = loop {
+        match tokio::time::timeout(WAIT, read.read(&mut chunk)).await {
+            Err(_) => break Outcome::Other(format!("still open after {WAIT:?}")),
+            Ok(Ok(0) | Err(_)) => {
+                break Outcome::HungUp {
+                    after: started.elapsed(),
+                    answer,
+                }
+            }
+            Ok(Ok(n)) => answer += n,
+        }
+    };
+    writer.abort();
+    outcome
+}
+
+/// Upgrades to `target`, sends `bytes`, and resets the connection.
+async fn vanish(address: SocketAddr, target: &str, bytes: Vec<u8>) -> Outcome {
+    let mut stream = TcpStream::connect(address).await.unwrap();
+    stream
+        .write_all(&handshake(target, &[], &[]))
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while find(&head, b"\r\n\r\n").is_none() {
+        let mut chunk = [0u8; 1024];
+        match tokio::time::timeout(WAIT, stream.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => head.extend_from_slice(&chunk[..n]),
+            other => return Outcome::Other(format!("no answer to the upgrade: {other:?}")),
+        }
+    }
+    if !head.starts_with(b"HTTP/1.1 101 ") {
+        return Outcome::Other(format!("not upgraded: {}", String::from_utf8_lossy(&head)));
+    }
+    if stream.write_all(&bytes).await.is_err() {
+        return Outcome::Other("the server hung up first".into());
+    }
+    // Closing with a zero linger time sends a reset (and does not block: there is
+    // nothing to linger for).
+    #[allow(deprecated)]
+    stream.set_linger(Some(Duration::ZERO)).unwrap();
+    drop(stream);
+    Outcome::Vanished
+}
+
+/// Upgrades, sends `send`, and reports the first thing that tells the outcome.
+async fn chat(
+    address: SocketAddr,
+    target: &str,
+    headers: &[String],
+    deflate: bool,
+    pipelined: bool,
+    mut send: Vec<u8>,
+) -> Outcome {
+    let mut raw = Raw::connect(address).await;
+    let mut extra: Vec<&str> = headers.iter().map(String::as_str).collect();
+    if deflate {
+        extra.push("Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits");
+    }
+    // An extra header replaces the standard one of its name.
+    let replaced: Vec<&str> = extra
+        .iter()
+        .filter_map(|h| h.split_once(':').map(|(name, _)| name))
+        .collect();
+    let mut request = handshake(target, &replaced, &extra);
+    if pipelined {
+        request.append(&mut send);
+    }
+    raw.send(request).await;
+    let head = match raw.head().await {
+        Ok(head) => head,
+        Err(outcome) => return outcome,
+    };
+    if head.status != 101 {
+        return head.outcome();
+    }
+    if head.header("sec-websocket-accept") != Some(ACCEPT) {
+        return Outcome::Other(format!("101 with the wrong accept: {:?}", head.headers));
+    }
+    if deflate {
+        match head.header("sec-websocket-extensions") {
+            Some(agreed) if agreed.starts_with("permessage-deflate") => {
+                raw.inflater = Some(Decompress::new(false));
+            }
+            other => return Outcome::Other(format!("permessage-deflate refused: {other:?}")),
+        }
+    }
+    if !send.is_empty() {
+        raw.send(send).await;
+    }
+    let mut welcomed_as = String::new();
+    // The room's history up to here comes first; only later messages are live.
+    let mut last_id = u64::MAX;
+    loop {
+        match raw.next().await {
+            Incoming::Event(event) => match event["type"].as_str() {
+                Some("welcome") => {
+                    welcomed_as = event["user"].as_str().unwrap_or("").into();
+                    last_id = event["lastId"].as_u64().unwrap_or(0);
+                }
+                Some("message") if event["id"].as_u64().is_some_and(|id| id <= last_id) => {}
+                Some("error") => {
+                    let code = event["code"].as_str().unwrap_or("").to_owned();
+                    let stayed_up = raw.still_chats().await;
+                    return Outcome::Error { code, stayed_up };
+                }
+                Some("message") => {
+                    return Outcome::Broadcast {
+                        welcomed_as,
+                        from: event["from"].as_str().unwrap_or("").into(),
+                        text: event["text"].as_str().unwrap_or("").into(),
+                    }
+                }
+                // Presence and typing of others.
+                _ => {}
+            },
+            Incoming::Close(code) => {
+                let hung_up = raw.hangs_up().await;
+                return Outcome::Close { code, hung_up };
+            }
+            Incoming::Gone(why) => return Outcome::Other(why),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The canaries: two members of the room, connected before the first case.
+
+struct Canary {
+    a: WebSocket<Stream>,
+    b: WebSocket<Stream>,
+    a_name: &'static str,
+    said: usize,
+}
+
+async fn next_event(socket: &mut WebSocket<Stream>) -> Result<Value, String> {
+    loop {
+        let message = tokio::time::timeout(WAIT, socket.recv())
+            .await
+            .map_err(|_| format!("no event for {WAIT:?}"))?
+            .map_err(|e| format!("connection failed: {e}"))?
+            .ok_or("connection closed")?;
+        match message {
+            Message::Text(text) => {
+                return serde_json::from_str(text.as_str()).map_err(|e| e.to_string())
+            }
+            // Binary relays from hostile members.
+            _ => continue,
+        }
+    }
+}
+
+/// Reads until the message with `words` from `from`; returns the other messages seen.
+async fn until_said(
+    socket: &mut WebSocket<Stream>,
+    words: &str,
+    from: &str,
+) -> Result<Vec<Value>, String> {
+    let mut others = Vec::new();
+    loop {
+        let event = next_event(socket).await?;
+        if event["type"] != "message" {
+            continue;
+        }
+        if event["text"] == words {
+            if event["from"] != from {
+                return Err(format!("{words:?} came from {}", event["from"]));
+            }
+            return Ok(others);
+        }
+        others.push(event);
+    }
+}
+
+impl Canary {
+    async fn join(address: SocketAddr, a: (&'static str, String), b: &str) -> Self {
+        let mut sockets = Vec::new();
+        for query in [a.1.as_str(), b] {
+            let url = format!("ws://{address}/room/{ROOM}?{query}");
+            let mut socket = connect(&url, ClientOptions::default())
+                .await
+                .unwrap()
+                .socket;
+            assert_eq!(next_event(&mut socket).await.unwrap()["type"], "welcome");
+            sockets.push(socket);
+        }
+        let b = sockets.pop().unwrap();
+        let a_socket = sockets.pop().unwrap();
+        Self {
+            a: a_socket,
+            b,
+            a_name: a.0,
+            said: 0,
+        }
+    }
+
+    /// Both canaries leave with a close handshake (a shutdown would otherwise wait for
+    /// the Close replies of members that are not reading).
+    async fn leave(mut self) {
+        for socket in [&mut self.a, &mut self.b] {
+            let closed = tokio::time::timeout(WAIT, socket.close(None)).await;
+            assert!(matches!(closed, Ok(Ok(_))), "a canary's close: {closed:?}");
+        }
+    }
+
+    /// One canary speaks and both hear it. Returns the other messages the second one saw
+    /// meanwhile (what the case broadcast).
+    async fn check(&mut self, after: &str) -> Result<Vec<Value>, String> {
+        self.said += 1;
+        let words = format!("canary {} after {after}", self.said);
+        tokio::time::timeout(WAIT, self.a.send_text(&say(&words)))
+            .await
+            .map_err(|_| "sending timed out".to_owned())?
+            .map_err(|e| format!("sending failed: {e}"))?;
+        until_said(&mut self.a, &words, self.a_name)
+            .await
+            .map_err(|e| format!("the speaker: {e}"))?;
+        until_said(&mut self.b, &words, self.a_name)
+            .await
+            .map_err(|e| format!("the listener: {e}"))
+    }
+}
+
+/// Runs every case, checking the canaries after each; fails naming every case whose
+/// outcome was not the expected one.
+async fn run_matrix(server: &Server, canary: &mut Canary, cases: Vec<Case>) {
+    let address = server.address;
+    let total = cases.len();
+    let mut failures = Vec::new();
+    for (index, case) in cases.into_iter().enumerate() {
+        let own_name = format!("h{index}");
+        let started = Instant::now();
+        let outcome = match case.action {
+            Action::Http(bytes) => http(address, bytes).await,
+            Action::Stall(bytes) => stall(address, bytes, None).await,
+            Action::Drip(bytes, every) => stall(address, bytes, Some(every)).await,
+            Action::Vanish(bytes) => {
+                vanish(address, &format!("/room/{ROOM}?name={own_name}"), bytes).await
+            }
+            Action::Ws {
+                target,
+                headers,
+                deflate,
+                pipelined,
+                send,
+            } => {
+                let target = target.unwrap_or_else(|| format!("/room/{ROOM}?name={own_name}"));
+                chat(address, &target, &headers, deflate, pipelined, send).await
+            }
+        };
+        eprintln!(
+            "{:>3} {:<58} {outcome:?} ({:?})",
+            index,
+            case.name,
+            started.elapsed()
+        );
+        let seen = canary.check(case.name).await.unwrap_or_else(|e| {
+            panic!(
+                "case `{}`: the canaries stopped chatting ({e}); the case got {outcome:?}",
+                case.name
+            )
+        });
+        if let Err(why) = check(&case.expect, &outcome, &own_name, &seen) {
+            failures.push(format!("case `{}`: {why}", case.name));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {total} cases failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// Waits until the room's members are exactly `want` (hostile connections all gone).
+async fn members_settle(address: SocketAddr, api_key: Option<&str>, want: &[&str]) {
+    let auth = api_key.map(|key| format!("Authorization: Bearer {key}"));
+    let headers: Vec<&str> = auth
+        .iter()
+        .map(String::as_str)
+        .chain(["Connection: close"])
+        .collect();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut raw = Raw::connect(address).await;
+        raw.send(request(
+            &format!("GET /api/rooms/{ROOM}/members HTTP/1.1"),
+            &headers,
+        ))
+        .await;
+        let head = raw.head().await.expect("an answer");
+        assert_eq!(head.status, 200);
+        while raw.fill().await.unwrap() {}
+        let body: Value = serde_json::from_slice(&raw.buf).unwrap();
+        let mut members: Vec<&str> = body["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        members.sort_unstable();
+        if members == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "members still {members:?}, not {want:?}, {WAIT:?} after the last case"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A server whose handshake timeout is 1 s, with a rate limit the canaries never reach.
+fn config() -> Config {
+    let mut config = Config::default().with_rate_limit(1000.0, 1000);
+    config.handshake_timeout_secs = 1;
+    config
+}
+
+// ---------------------------------------------------------------------------------------
+// The cases.
+
+fn handshake_cases() -> Vec<Case> {
+    use Expect::*;
+    let target = room_target();
+    let t = target.as_str();
+    let key = key_header();
+    let mut many_headers: Vec<String> = (0..200).map(|i| format!("X-Filler-{i}: {i}")).collect();
+    many_headers.push(key.clone());
+    let many: Vec<&str> = many_headers.iter().map(String::as_str).collect();
+    let big_header = format!("X-Filler: {}", "a".repeat(20 * 1024));
+    let huge_header = format!("X-Filler: {}", "a".repeat(500 * 1024));
+    let long_path = format!("/room/{}", "a".repeat(70_000));
+    let long_room = format!("/room/{}?name=Refused", "r".repeat(129));
+    vec![
+        case(
+            "missing Sec-WebSocket-Key",
+            Action::Http(handshake(t, &["Sec-WebSocket-Key"], &[])),
+            Status(400),
+        ),
+        case(
+            "Sec-WebSocket-Key not base64",
+            Action::Http(handshake(
+                t,
+                &["Sec-WebSocket-Key"],
+                &["Sec-WebSocket-Key: not base64 at all!"],
+            )),
+            Status(400),
+        ),
+        case(
+            "Sec-WebSocket-Key of 15 bytes",
+            Action::Http(handshake(
+                t,
+                &["Sec-WebSocket-Key"],
+                &["Sec-WebSocket-Key: AAAAAAAAAAAAAAAAAAAA"],
+            )),
+            Status(400),
+        ),
+        case(
+            "Sec-WebSocket-Key twice",
+            Action::Http(handshake(t, &[], &[&key])),
+            Status(400),
+        ),
+        case(
+            "Sec-WebSocket-Version 8",
+            Action::Http(handshake(
+                t,
+                &["Sec-WebSocket-Version"],
+                &["Sec-WebSocket-Version: 8"],
+            )),
+            StatusWith(426, "sec-websocket-version", "13"),
+        ),
+        case(
+            "no Sec-WebSocket-Version",
+            Action::Http(handshake(t, &["Sec-WebSocket-Version"], &[])),
+            StatusWith(426, "sec-websocket-version", "13"),
+        ),
+        case(
+            "POST",
+            Action::Http(request(
+                &format!("POST {t} HTTP/1.1"),
+                &[UPGRADE, CONNECTION, &key, VERSION, "Content-Length: 0"],
+            )),
+            Status(405),
+        ),
+        case(
+            "HEAD",
+            Action::Http(request(
+                &format!("HEAD {t} HTTP/1.1"),
+                &[UPGRADE, CONNECTION, &key, VERSION],
+            )),
+            StatusWith(405, "allow", "GET"),
+        ),
+        case(
+            "no Upgrade header",
+            Action::Http(handshake(t, &["Upgrade"], &[])),
+            StatusWith(426, "upgrade", "websocket"),
+        ),
+        case(
+            "Upgrade: h2c",
+            Action::Http(handshake(t, &["Upgrade"], &["Upgrade: h2c"])),
+            Status(426),
+        ),
+        case(
+            "no Connection header",
+            Action::Http(handshake(t, &["Connection"], &[])),
+            Status(400),
+        ),
+        case(
+            "Connection: keep-alive",
+            Action::Http(handshake(t, &["Connection"], &["Connection: keep-alive"])),
+            Status(400),
+        ),
+        case(
+            "HTTP/1.0",
+            Action::Http(request(
+                &format!("GET {t} HTTP/1.0"),
+                &[UPGRADE, CONNECTION, &key, VERSION],
+            )),
+            Status(400),
+        ),
+        case(
+            "200 headers",
+            Action::Http(request(&format!("GET {t} HTTP/1.1"), &many)),
+            Status(431),
+        ),
+        case(
+            "a single 20 KiB header",
+            Action::Http(handshake(t, &[], &[&big_header])),
+            Status(431),
+        ),
+        case(
+            "a 500 KiB header",
+            Action::Http(handshake(t, &[], &[&huge_header])),
+            Status(431),
+        ),
+        case(
+            "a 70 000-byte path",
+            Action::Http(handshake(&long_path, &[], &[])),
+            Status(431),
+        ),
+        case(
+            "a TLS ClientHello",
+            Action::Http(tls_client_hello()),
+            Status(400),
+        ),
+        case("random bytes", Action::Http(noise(512)), Status(400)),
+        case("NUL bytes", Action::Http(vec![0; 64]), Status(400)),
+        case(
+            "a method that is not a token",
+            Action::Http(request(
+                &format!("G(T {t} HTTP/1.1"),
+                &[UPGRADE, CONNECTION, &key, VERSION],
+            )),
+            Status(400),
+        ),
+        case(
+            "the HTTP/2 preface",
+            Action::Http(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec()),
+            SilentHangUp(STALL_LIMIT),
+        ),
+        case(
+            "unknown path",
+            Action::Http(handshake("/nowhere", &[], &[])),
+            Status(404),
+        ),
+        case(
+            "room with no id",
+            Action::Http(handshake("/room/?name=Refused", &[], &[])),
+            Status(404),
+        ),
+        case(
+            "room id with a space",
+            Action::Http(handshake("/room/bad%20room?name=Refused", &[], &[])),
+            Status(400),
+        ),
+        case(
+            "room id of 129 characters",
+            Action::Http(handshake(&long_room, &[], &[])),
+            Status(400),
+        ),
+        case(
+            "no ?name=",
+            Action::Http(handshake(&format!("/room/{ROOM}"), &[], &[])),
+            Status(400),
+        ),
+        case(
+            "a name with a control character",
+            Action::Http(handshake(&format!("/room/{ROOM}?name=a%07b"), &[], &[])),
+            Status(400),
+        ),
+        case(
+            "since that is not a number",
+            Action::Http(handshake(&format!("{t}&since=soon"), &[], &[])),
+            Status(400),
+        ),
+        case(
+            "since past the largest id",
+            Action::Http(handshake(
+                &format!("{t}&since=18446744073709551615"),
+                &[],
+                &[],
+            )),
+            Status(400),
+        ),
+        case(
+            "malformed Sec-WebSocket-Extensions",
+            Action::Http(handshake(
+                t,
+                &[],
+                &["Sec-WebSocket-Extensions: permessage-deflate; =x"],
+            )),
+            Status(400),
+        ),
+        case(
+            "half a request, then silence",
+            Action::Stall(b"GET /room/hostile?name=Slow HTTP/1.1\r\nHost: 127.0".to_vec()),
+            SilentHangUp(STALL_LIMIT),
+        ),
+        case(
+            "a connection that sends nothing",
+            Action::Stall(Vec::new()),
+            SilentHangUp(STALL_LIMIT),
+        ),
+        case(
+            "a request dripped a byte every 100 ms",
+            Action::Drip(handshake(t, &[], &[]), Duration::from_millis(100)),
+            SilentHangUp(STALL_LIMIT),
+        ),
+    ]
+}
+
+fn frame_cases() -> Vec<Case> {
+    use Expect::*;
+    let limit = Config::default().room_max_message;
+    let hello = say("hello");
+    let bomb = deflate(&vec![b'a'; 1 << 20]);
+    assert!(bomb.len() < 4096, "the bomb is small: {} bytes", bomb.len());
+    let (bomb_a, bomb_b) = bomb.split_at(bomb.len() / 2);
+    vec![
+        case(
+            "unmasked text frame",
+            ws(encode_frame(
+                FIN | TEXT,
+                false,
+                Length::Shortest,
+                hello.as_bytes(),
+            )),
+            Close(1002),
+        ),
+        case(
+            "RSV1 without permessage-deflate",
+            ws(frame(FIN | RSV1 | TEXT, &deflate(hello.as_bytes()))),
+            Close(1002),
+        ),
+        case(
+            "RSV2",
+            ws(frame(FIN | RSV2 | TEXT, hello.as_bytes())),
+            Close(1002),
+        ),
+        case(
+            "RSV3",
+            ws(frame(FIN | RSV3 | TEXT, hello.as_bytes())),
+            Close(1002),
+        ),
+        case(
+            "reserved data opcode 0x3",
+            ws(frame(FIN | 0x3, b"x")),
+            Close(1002),
+        ),
+        case(
+            "reserved control opcode 0xB",
+            ws(frame(FIN | 0xB, b"")),
+            Close(1002),
+        ),
+        case(
+            "ping with a 126-byte payload",
+            ws(frame(FIN | PING, &[b'p'; 126])),
+            Close(1002),
+        ),
+        case(
+            "fragmented ping",
+            ws([frame(PING, b"a"), frame(FIN | CONTINUATION, b"b")].concat()),
+            Close(1002),
+        ),
+        case(
+            "text that is not UTF-8",
+            ws(frame(
+                FIN | TEXT,
+                b"{\"type\":\"message\",\"text\":\"\xff\xfe\"}",
+            )),
+            Close(1007),
+        ),
+        case(
+            "text with a UTF-16 surrogate",
+            ws(frame(FIN | TEXT, b"\xed\xa0\x80")),
+            Close(1007),
+        ),
+        case(
+            "text whose last fragment cuts a character",
+            ws([
+                frame(TEXT, "{\"text\":\"κόσ".as_bytes()),
+                frame(FIN | CONTINUATION, b"\xce"),
+            ]
+            .concat()),
+            Close(1007),
+        ),
+        case(
+            "close reason that is not UTF-8",
+            ws(close_frame(1000, b"bye \xc3\x28")),
+            Close(1007),
+        ),
+        case("close code 999", ws(close_frame(999, b"")), Close(1002)),
+        case("close code 1004", ws(close_frame(1004, b"")), Close(1002)),
+        case("close code 1005", ws(close_frame(1005, b"")), Close(1002)),
+        case("close code 1006", ws(close_frame(1006, b"")), Close(1002)),
+        case("close code 1015", ws(close_frame(1015, b"")), Close(1002)),
+        case("close code 5000", ws(close_frame(5000, b"")), Close(1002)),
+        case(
+            "close with a 126-byte payload",
+            ws(close_frame(1000, &[b'r'; 124])),
+            Close(1002),
+        ),
+        case(
+            "close in the middle of a fragmented message is answered",
+            ws([frame(TEXT, b"{\"type\":"), close_frame(1000, b"")].concat()),
+            Close(1000),
+        ),
+        case(
+            "close payload of one byte",
+            ws(frame(FIN | CLOSE, &[0x03])),
+            Close(1002),
+        ),
+        case(
+            "continuation with no message started",
+            ws(frame(FIN | CONTINUATION, hello.as_bytes())),
+            Close(1002),
+        ),
+        case(
+            "new text frame inside a fragmented message",
+            ws([
+                frame(TEXT, b"{\"type\":"),
+                frame(FIN | TEXT, hello.as_bytes()),
+            ]
+            .concat()),
+            Close(1002),
+        ),
+        case(
+            "new binary frame inside a fragmented message",
+            ws([frame(BINARY, b"a"), frame(FIN | BINARY, b"b")].concat()),
+            Close(1002),
+        ),
+        case(
+            "64-bit length with the top bit set (2^63)",
+            ws(announce(FIN | BINARY, 1 << 63)),
+            Close(1002),
+        ),
+        case(
+            "64-bit length of 2^63-1",
+            ws(announce(FIN | BINARY, (1 << 63) - 1)),
+            Close(1009),
+        ),
+        case(
+            "64-bit length one past the room limit",
+            ws(announce(FIN | TEXT, limit as u64 + 1)),
+            Close(1009),
+        ),
+        case(
+            "text message over room_max_message in one frame",
+            ws(text(&say(&"y".repeat(limit + 1024)))),
+            Close(1009),
+        ),
+        case(
+            "fragments that add up past room_max_message",
+            ws([
+                frame(TEXT, &vec![b'y'; limit / 2]),
+                frame(CONTINUATION, &vec![b'y'; limit / 2]),
+                frame(FIN | CONTINUATION, &vec![b'y'; 1024]),
+            ]
+            .concat()),
+            Close(1009),
+        ),
+        case(
+            "a message of exactly room_max_message bytes (not too big)",
+            ws({
+                let head = r#"{"type":"message","text":""#;
+                let json = format!("{head}{}\"}}", "z".repeat(limit - head.len() - 2));
+                assert_eq!(json.len(), limit);
+                text(&json)
+            }),
+            Error("too_long"),
+        ),
+        case(
+            "reset in the middle of a frame",
+            Action::Vanish(frame(FIN | TEXT, say("never finished").as_bytes())[..12].to_vec()),
+            Vanished,
+        ),
+        case(
+            "reset in the middle of a fragmented message",
+            Action::Vanish(frame(TEXT, b"{\"type\":\"message\",")),
+            Vanished,
+        ),
+        case(
+            "non-minimal 16-bit length (accepted)",
+            ws(encode_frame(
+                FIN | TEXT,
+                true,
+                Length::Sixteen,
+                say("sixteen").as_bytes(),
+            )),
+            Broadcast(Who::Itself),
+        ),
+        case(
+            "non-minimal 64-bit length (accepted)",
+            ws(encode_frame(
+                FIN | TEXT,
+                true,
+                Length::SixtyFour,
+                say("sixty-four").as_bytes(),
+            )),
+            Broadcast(Who::Itself),
+        ),
+        case(
+            "fragmented message with a ping between (accepted)",
+            ws({
+                let whole = say("in three parts");
+                let (a, rest) = whole.as_bytes().split_at(5);
+                let (b, c) = rest.split_at(7);
+                [
+                    frame(TEXT, a),
+                    frame(FIN | PING, b"between"),
+                    frame(CONTINUATION, b),
+                    frame(FIN | CONTINUATION, c),
+                ]
+                .concat()
+            }),
+            Broadcast(Who::Itself),
+        ),
+        case(
+            "Connection: keep-alive, Upgrade (accepted)",
+            ws_with(&["Connection: keep-alive, Upgrade"], text(&say("listed"))),
+            Broadcast(Who::Itself),
+        ),
+        case(
+            "Upgrade: WebSocket in mixed case (accepted)",
+            ws_with(&["Upgrade: WebSocket"], text(&say("mixed case"))),
+            Broadcast(Who::Itself),
+        ),
+        case(
+            "a message in the same write as the request (accepted)",
+            ws_pipelined(text(&say("pipelined"))),
+            Broadcast(Who::Itself),
+        ),
+        case(
+            "an unmasked frame in the same write as the request",
+            ws_pipelined(encode_frame(
+                FIN | TEXT,
+                false,
+                Length::Shortest,
+                hello.as_bytes(),
+            )),
+            Close(1002),
+        ),
+        case(
+            "a second HTTP request after the upgrade",
+            ws(request("GET /healthz HTTP/1.1", &[])),
+            Close(1002),
+        ),
+        case(
+            "close 1000 is answered",
+            ws(close_frame(1000, b"bye")),
+            Close(1000),
+        ),
+        case(
+            "close 4999 is answered",
+            ws(close_frame(4999, "au revoir ✓".as_bytes())),
+            Close(4999),
+        ),
+        case(
+            "empty close is answered with 1000",
+            ws(frame(FIN | CLOSE, b"")),
+            Close(1000),
+        ),
+        case(
+            "compressed message (accepted)",
+            ws_deflate(frame(
+                FIN | RSV1 | TEXT,
+                &deflate(say("squeezed").as_bytes()),
+            )),
+            Broadcast(Who::Itself),
+        ),
+        case(
+            "deflate bomb: 1 MiB from a few hundred bytes",
+            ws_deflate(frame(FIN | RSV1 | TEXT, &bomb)),
+            Close(1009),
+        ),
+        case(
+            "deflate bomb in two fragments",
+            ws_deflate(
+                [
+                    frame(RSV1 | TEXT, bomb_a),
+                    frame(FIN | CONTINUATION, bomb_b),
+                ]
+                .concat(),
+            ),
+            Close(1009),
+        ),
+        case(
+            "corrupt compressed data",
+            ws_deflate(frame(FIN | RSV1 | TEXT, &[0xff, 0xfe, 0xfd, 0xfc, 0xfb])),
+            Close(1007),
+        ),
+        case(
+            "compressed text that is not UTF-8",
+            ws_deflate(frame(
+                FIN | RSV1 | TEXT,
+                &deflate(b"{\"type\":\"message\",\"text\":\"\xed\xa0\x80\"}"),
+            )),
+            Close(1007),
+        ),
+        case(
+            "RSV1 on a continuation frame",
+            ws_deflate(
+                [
+                    frame(TEXT, b"{\"type\":"),
+                    frame(FIN | RSV1 | CONTINUATION, b"\"message\"}"),
+                ]
+                .concat(),
+            ),
+            Close(1002),
+        ),
+        case(
+            "RSV1 on a ping",
+            ws_deflate(frame(FIN | RSV1 | PING, b"")),
+            Close(1002),
+        ),
+    ]
+}
+
+fn room_cases() -> Vec<Case> {
+    use Expect::*;
+    let event = |value: Value| ws(text(&value.to_string()));
+    vec![
+        case("not JSON", ws(text("{not json")), Error("bad_json")),
+        case("a JSON array", ws(text("[1,2,3]")), Error("bad_json")),
+        case("a JSON string", ws(text("\"message\"")), Error("bad_json")),
+        case(
+            "an object with no type",
+            event(json!({})),
+            Error("bad_event"),
+        ),
+        case(
+            "a type that is not a string",
+            event(json!({"type": 42})),
+            Error("bad_event"),
+        ),
+        case(
+            "a message with no text",
+            event(json!({"type": "message"})),
+            Error("bad_event"),
+        ),
+        case(
+            "a message whose text is a number",
+            event(json!({"type": "message", "text": 17})),
+            Error("bad_event"),
+        ),
+        case(
+            "a nonce that is not a string",
+            event(json!({"type": "message", "text": "x", "nonce": 5})),
+            Error("bad_event"),
+        ),
+        case(
+            "typing with a string isTyping",
+            event(json!({"type": "typing", "isTyping": "yes"})),
+            Error("bad_event"),
+        ),
+        case(
+            "unknown event type",
+            event(json!({"type": "dance"})),
+            Error("unknown_type"),
+        ),
+        case(
+            "a server-only event type",
+            event(json!({"type": "welcome", "room": ROOM, "user": "CanaryA"})),
+            Error("unknown_type"),
+        ),
+        case(
+            "a nonce of 129 bytes",
+            event(json!({"type": "message", "text": "x", "nonce": "n".repeat(129)})),
+            Error("bad_event"),
+        ),
+        case(
+            "JSON nested 10 000 deep",
+            ws(text(&format!(
+                "{}{}",
+                "[".repeat(10_000),
+                "]".repeat(10_000)
+            ))),
+            Error("bad_json"),
+        ),
+        case(
+            "text over max_text_chars",
+            event(json!({"type": "message", "text": "z".repeat(5000)})),
+            Error("too_long"),
+        ),
+        case(
+            "a message claiming another sender",
+            event(json!({
+                "type": "message", "text": "I am the canary",
+                "from": "CanaryA", "user": "CanaryA", "id": 1, "room": "elsewhere"
+            })),
+            Broadcast(Who::Itself),
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn hostile_input_gets_exact_answers_and_the_room_keeps_chatting() {
+    let server = Server::start(config()).await;
+    let mut canary = Canary::join(
+        server.address,
+        ("CanaryA", "name=CanaryA".into()),
+        "name=CanaryB",
+    )
+    .await;
+    let cases: Vec<Case> = [handshake_cases(), frame_cases(), room_cases()]
+        .into_iter()
+        .flatten()
+        .collect();
+    assert!(cases.len() >= 28);
+    run_matrix(&server, &mut canary, cases).await;
+    members_settle(server.address, None, &["CanaryA", "CanaryB"]).await;
+    canary.leave().await;
+    server.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Identity with tokens.
+
+const SECRET: &[u8] = b"hostile-secret";
+const API_KEY: &str = "hostile-api-key";
+/// `{"alg":"none","typ":"JWT"}` in base64url.
+const ALG_NONE: &str = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0";
+
+fn in_an_hour() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600
+}
+
+fn token(secret: &[u8], claims: &Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret),
+    )
+    .unwrap()
+}
+
+/// A token for `name` in the hostile room.
+fn ticket(name: &str) -> String {
+    token(
+        SECRET,
+        &json!({"name": name, "rooms": [ROOM], "exp": in_an_hour()}),
+    )
+}
+
+fn token_cases() -> Vec<Case> {
+    use Expect::*;
+    let room = format!("/room/{ROOM}");
+    let with = |token: &str| format!("{room}?token={token}");
+    let trent = ticket("Trent");
+    let mallory_elsewhere = token(
+        b"guessed-secret",
+        &json!({"name": "Mallory", "rooms": [ROOM], "exp": in_an_hour()}),
+    );
+    let payload_of = |t: &str| t.split('.').nth(1).unwrap().to_owned();
+    let [trent_header, _, trent_signature] =
+        <[&str; 3]>::try_from(trent.split('.').collect::<Vec<_>>()).unwrap();
+    let swapped = format!(
+        "{trent_header}.{}.{trent_signature}",
+        payload_of(&ticket("Mallory"))
+    );
+    let unsigned = format!("{ALG_NONE}.{}.", payload_of(&ticket("Mallory")));
+    let bearer_bea = format!("Authorization: Bearer {}", ticket("Bea"));
+    vec![
+        case("no token", ws_at(room.clone(), &[], Vec::new()), Status(401)),
+        case(
+            "Basic credentials instead of a token",
+            ws_at(room.clone(), &["Authorization: Basic dXNlcjpwYXNz"], Vec::new()),
+            Status(401),
+        ),
+        case(
+            "token signed with another secret",
+            ws_at(with(&mallory_elsewhere), &[], Vec::new()),
+            Status(403),
+        ),
+        case(
+            "token whose payload was swapped under a valid signature",
+            ws_at(with(&swapped), &[], Vec::new()),
+            Status(403),
+        ),
+        case(
+            "unsigned token (alg none)",
+            ws_at(with(&unsigned), &[], Vec::new()),
+            Status(403),
+        ),
+        case(
+            "not a token at all",
+            ws_at(with("not.a.token"), &[], Vec::new()),
+            Status(403),
+        ),
+        case(
+            "token for another room",
+            ws_at(
+                with(&token(
+                    SECRET,
+                    &json!({"name": "Mallory", "rooms": ["elsewhere"], "exp": in_an_hour()}),
+                )),
+                &[],
+                Vec::new(),
+            ),
+            Status(403),
+        ),
+        case(
+            "token allowing no room",
+            ws_at(
+                with(&token(
+                    SECRET,
+                    &json!({"name": "Mallory", "rooms": [], "exp": in_an_hour()}),
+                )),
+                &[],
+                Vec::new(),
+            ),
+            Status(403),
+        ),
+        case(
+            "expired token",
+            ws_at(
+                with(&token(
+                    SECRET,
+                    &json!({"name": "Mallory", "rooms": [ROOM], "exp": in_an_hour() - 7200}),
+                )),
+                &[],
+                Vec::new(),
+            ),
+            Status(403),
+        ),
+        case(
+            "token with no expiry",
+            ws_at(
+                with(&token(SECRET, &json!({"name": "Mallory", "rooms": [ROOM]}))),
+                &[],
+                Vec::new(),
+            ),
+            Status(403),
+        ),
+        case(
+            "token naming no user",
+            ws_at(
+                with(&token(
+                    SECRET,
+                    &json!({"rooms": [ROOM], "exp": in_an_hour()}),
+                )),
+                &[],
+                Vec::new(),
+            ),
+            Status(403),
+        ),
+        case(
+            "token naming an invalid user",
+            ws_at(
+                with(&token(
+                    SECRET,
+                    &json!({"name": " padded ", "rooms": [ROOM], "exp": in_an_hour()}),
+                )),
+                &[],
+                Vec::new(),
+            ),
+            Status(403),
+        ),
+        case(
+            "Bearer header with a forged token",
+            ws_at(
+                room.clone(),
+                &[&format!("Authorization: Bearer {mallory_elsewhere}")],
+                Vec::new(),
+            ),
+            Status(403),
+        ),
+        case(
+            "?name= and ?user= that differ from the token's user",
+            ws_at(
+                format!("{room}?name=Mallory&user=Mallory&token={trent}"),
+                &[],
+                text(&say("who am I")),
+            ),
+            Broadcast(Who::Named("Trent")),
+        ),
+        case(
+            "token with only a subject",
+            ws_at(
+                with(&token(
+                    SECRET,
+                    &json!({"sub": "Sid", "rooms": ["*"], "exp": in_an_hour()}),
+                )),
+                &[],
+                text(&say("by subject")),
+            ),
+            Broadcast(Who::Named("Sid")),
+        ),
+        case(
+            "token in a Bearer header",
+            ws_at(room.clone(), &[&bearer_bea], text(&say("by header"))),
+            Broadcast(Who::Named("Bea")),
+        ),
+        case(
+            "a message claiming another sender, with a token",
+            ws_at(
+                with(&trent),
+                &[],
+                text(
+                    &json!({"type": "message", "text": "I am the canary", "from": "CanaryA", "user": "CanaryA"})
+                        .to_string(),
+                ),
+            ),
+            Broadcast(Who::Named("Trent")),
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn tokens_decide_identity_and_rooms() {
+    let config = config()
+        .with_jwt_secret(Some(String::from_utf8(SECRET.to_vec()).unwrap()))
+        .with_api_key(Some(API_KEY.into()));
+    let server = Server::start(config).await;
+    let mut canary = Canary::join(
+        server.address,
+        ("CanaryA", format!("token={}", ticket("CanaryA"))),
+        &format!("token={}", ticket("CanaryB")),
+    )
+    .await;
+    run_matrix(&server, &mut canary, token_cases()).await;
+    members_settle(server.address, Some(API_KEY), &["CanaryA", "CanaryB"]).await;
+    canary.leave().await;
+    server.stop().await;
+}
