@@ -270,7 +270,11 @@ pub fn accept_response(
 }
 
 /// One connection's compression state.
-pub(crate) struct Deflate {
+///
+/// Public, and hidden from the docs, only for the fuzz targets (`fuzz/fuzz_targets/inflate.rs`);
+/// connections own theirs through [`crate::Connection::with_deflate`].
+#[doc(hidden)]
+pub struct Deflate {
     level: u32,
     min_size: usize,
     /// Our window; 8 means "do not compress" (see the module docs).
@@ -302,7 +306,7 @@ impl std::fmt::Debug for Deflate {
 }
 
 impl Deflate {
-    pub(crate) fn new(role: Role, params: DeflateParams, config: &DeflateConfig) -> Self {
+    pub fn new(role: Role, params: DeflateParams, config: &DeflateConfig) -> Self {
         let (own_bits, own_reset, peer_bits, peer_reset) = match role {
             Role::Server => (
                 params.server_max_window_bits,
@@ -333,7 +337,7 @@ impl Deflate {
 
     /// Compresses a whole message into `out` (cleared first). Returns false when the
     /// message should go uncompressed instead.
-    pub(crate) fn compress(&mut self, payload: &[u8], out: &mut BytesMut) -> bool {
+    pub fn compress(&mut self, payload: &[u8], out: &mut BytesMut) -> bool {
         if payload.len() < self.min_size || self.compress_bits < 9 {
             return false;
         }
@@ -387,7 +391,7 @@ impl Deflate {
     /// Inflates one frame's payload onto `out`; `fin` ends the message. Fails with 1009
     /// as soon as `out` would pass `limit` (never allocating much past it) and with 1007
     /// on a corrupt stream.
-    pub(crate) fn decompress(
+    pub fn decompress(
         &mut self,
         input: &[u8],
         fin: bool,
@@ -471,7 +475,7 @@ impl Deflate {
     /// starts without history, which every decompressor accepts) and, when the peer
     /// compresses each message on its own, the decompressor. Returns whether anything
     /// was freed.
-    pub(crate) fn release(&mut self) -> bool {
+    pub fn release(&mut self) -> bool {
         let mut freed = self.compressor.take().is_some();
         if self.decompress_reset {
             freed |= self.decompressor.take().is_some();
