@@ -28,8 +28,9 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked </dev/null
 fi
 
-mapfile -t TARGETS < <(cargo fuzz list </dev/null)
-if ((${#TARGETS[@]} == 0)); then
+LIST="$(cargo fuzz list </dev/null)"
+mapfile -t TARGETS <<<"$LIST"
+if [[ -z "$LIST" ]]; then
     echo "no fuzz targets found in fuzz/" >&2
     exit 1
 fi
@@ -42,6 +43,9 @@ echo "built in $(($(date +%s) - start)) s"
 mkdir -p target/fuzz-logs
 # Targets run side by side, one per core: each gets SECONDS of wall time.
 JOBS="${FUZZ_JOBS:-$(nproc)}"
+((JOBS >= 1)) || JOBS=1
+# An interrupted run takes its fuzzers with it.
+trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
 run_target() { # run_target TARGET: libFuzzer's exit status
     local target="$1"
     local seeds="fuzz/corpus/$target" corpus="target/fuzz-corpus/$target"

@@ -27,7 +27,16 @@ BIN="$ROOT/target/release/switchboard"
 
 WORK="$(mktemp -d)"
 SERVER=""
-cleanup() { [[ -n "$SERVER" ]] && kill "$SERVER" 2>/dev/null; rm -rf "$WORK"; }
+# The server is stopped (SIGTERM, then SIGKILL after 15 s) and waited for before its
+# directory goes.
+cleanup() {
+    if [[ -n "$SERVER" ]] && kill "$SERVER" 2>/dev/null; then
+        for _ in $(seq 1 150); do kill -0 "$SERVER" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$SERVER" 2>/dev/null || true
+        wait "$SERVER" 2>/dev/null || true
+    fi
+    rm -rf "$WORK"
+}
 trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -43,7 +52,7 @@ TOML
 PORT="$(free_port)"
 # The server gets the process's hard open-file limit (10k connections need more than
 # the usual soft 1024).
-ulimit -n "$(ulimit -Hn)"
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 NO_COLOR=1 "${PIN0[@]}" "$BIN" serve --listen "127.0.0.1:$PORT" --data-dir "$WORK/data" \
     --config "$WORK/soak.toml" 2>"$WORK/server.log" &
 SERVER=$!
@@ -56,8 +65,8 @@ if ! kill -0 "$SERVER" 2>/dev/null; then
     tail -20 "$WORK/server.log" >&2
     status=1
 fi
-if grep -E ' (ERROR|WARN) ' "$WORK/server.log" | head -5 | grep -q .; then
-    echo "soak: the server logged warnings or errors:"
-    grep -E ' (ERROR|WARN) ' "$WORK/server.log" | head -5
+if grep -qE ' (ERROR|WARN) ' "$WORK/server.log"; then
+    echo "soak: the server logged warnings or errors (the first five):"
+    grep -m5 -E ' (ERROR|WARN) ' "$WORK/server.log" || true
 fi
 exit "$status"

@@ -57,9 +57,7 @@ pub(crate) async fn run(args: ChatArgs) -> anyhow::Result<()> {
     if let Some(token) = &args.token {
         options = options.with_token(token);
     }
-    if let Some(tls) = args.ca.tls()? {
-        options = options.with_tls(tls);
-    }
+    let options = args.ca.apply(options)?;
     // Joined before the screen is taken, so a refusal prints as a plain error.
     let (room, events) = connect(&args.url, options)
         .await

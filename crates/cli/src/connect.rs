@@ -53,9 +53,7 @@ pub(crate) async fn run(args: ConnectArgs) -> anyhow::Result<()> {
     let mut options = Options::default()
         .with_compression(!args.no_deflate)
         .with_reconnect(args.reconnect);
-    if let Some(tls) = args.ca.tls()? {
-        options = options.with_tls(tls);
-    }
+    options = args.ca.apply(options)?;
     for (name, value) in headers(&args)? {
         options = options.with_header(name, value);
     }

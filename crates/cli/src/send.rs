@@ -43,9 +43,7 @@ pub(crate) async fn run(args: SendArgs) -> anyhow::Result<()> {
     if let Some(token) = &args.token {
         options = options.with_token(token);
     }
-    if let Some(tls) = args.ca.tls()? {
-        options = options.with_tls(tls);
-    }
+    let options = args.ca.apply(options)?;
     let (room, mut events) = connect(&args.url, options)
         .await
         .with_context(|| format!("joining {}", args.url))?;

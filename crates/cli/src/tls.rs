@@ -16,6 +16,17 @@ pub(crate) struct CaArg {
 }
 
 impl CaArg {
+    /// `options` trusting `--ca` when given (the system's roots otherwise).
+    pub(crate) fn apply(
+        &self,
+        options: switchboard_client::Options,
+    ) -> anyhow::Result<switchboard_client::Options> {
+        Ok(match self.tls()? {
+            Some(tls) => options.with_tls(tls),
+            None => options,
+        })
+    }
+
     /// The TLS settings to use, or `None` for the system's roots.
     pub(crate) fn tls(&self) -> anyhow::Result<Option<Arc<ClientConfig>>> {
         self.ca

@@ -140,9 +140,11 @@ async fn rooms_and_echo_over_wss() {
     .await;
     assert!(!plain.status.success());
 
-    // A client that opens TCP and never starts TLS does not keep the server from
-    // serving others, and another client still gets through.
+    // A client that sends half a ClientHello and stalls does not keep the server from
+    // serving others, and is dropped at the handshake timeout (2 s here).
     let mut stalled = tokio::net::TcpStream::connect(&address).await.unwrap();
+    stalled.write_all(b"\x16\x03\x01").await.unwrap();
+    let started = std::time::Instant::now();
     let again = run(
         &["send", &room, "--ca", &cert, "--name", "bob", "still here"],
         "",
@@ -153,10 +155,7 @@ async fn rooms_and_echo_over_wss() {
         "{}",
         String::from_utf8_lossy(&again.stderr)
     );
-    stalled.write_all(b"\x16\x03\x01").await.unwrap();
-    // Half a ClientHello, then silence: dropped at the handshake timeout (2 s here).
     let mut rest = Vec::new();
-    let started = std::time::Instant::now();
     let _ = tokio::time::timeout(Duration::from_secs(8), stalled.read_to_end(&mut rest))
         .await
         .expect("the server drops a stalled TLS handshake");

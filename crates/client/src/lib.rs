@@ -71,6 +71,8 @@ use tokio::sync::{mpsc, oneshot};
 pub use backoff::Backoff;
 pub use event::{ChatMessage, Event, Limits, ServerError, State, Welcome};
 pub use options::Options;
+/// TLS settings for `wss://` ([`Options::with_tls`]): `tls::client_config(Some(ca_file))`.
+pub use switchboard_net::tls;
 
 use driver::{Command, Driver, Mode, Shared};
 

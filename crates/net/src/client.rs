@@ -163,6 +163,8 @@ pub async fn connect(url: &str, options: ClientOptions) -> Result<Connected, Err
 
     let handshake = async {
         stream.write_all(&request.to_bytes()).await?;
+        // TLS may hold the bytes back until flushed.
+        stream.flush().await?;
         let mut buf = Vec::with_capacity(1024);
         loop {
             if let Some((head, len)) = parse_response(&buf, MAX_HEAD)? {

@@ -51,15 +51,15 @@ pub struct Limits {
 
 /// The `nonce` of a client's message event, read on its own (for refusals of events
 /// that were not parsed, such as those over the rate limit).
+/// Read the way [`parse_client_event`] reads it (an object's last `nonce` key wins).
 pub fn nonce_of(text: &str) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct Nonce {
-        nonce: Option<String>,
+    match serde_json::from_str::<serde_json::Value>(text).ok()? {
+        serde_json::Value::Object(mut object) => match object.remove("nonce")? {
+            serde_json::Value::String(nonce) if nonce.len() <= MAX_NONCE => Some(nonce),
+            _ => None,
+        },
+        _ => None,
     }
-    serde_json::from_str::<Nonce>(text)
-        .ok()
-        .and_then(|n| n.nonce)
-        .filter(|n| n.len() <= MAX_NONCE)
 }
 
 /// Longest accepted `nonce`, in bytes.
@@ -229,6 +229,27 @@ pub fn unavailable(nonce: Option<&str>) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nonce_of_reads_the_nonce_as_the_parser_does() {
+        for text in [
+            r#"{"type":"message","text":"x","nonce":"a","nonce":"b"}"#,
+            r#"{"type":"message","text":"x","nonce":"c-1"}"#,
+            r#"{"type":"message","text":"x"}"#,
+        ] {
+            let parsed = match parse_client_event(text, 100) {
+                Ok(ClientEvent::Message { nonce, .. }) => nonce,
+                other => panic!("{text}: {other:?}"),
+            };
+            assert_eq!(nonce_of(text), parsed, "{text}");
+        }
+        assert_eq!(nonce_of(r#"["n-1"]"#), None);
+        assert_eq!(nonce_of(r#"{"nonce":7}"#), None);
+        assert_eq!(
+            nonce_of(&format!(r#"{{"nonce":"{}"}}"#, "n".repeat(129))),
+            None
+        );
+    }
 
     #[test]
     fn client_events() {

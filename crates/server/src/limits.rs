@@ -65,6 +65,20 @@ impl Drop for IpSlot {
 
 /// How often addresses with nothing open and a full bucket are forgotten.
 const FORGET_AFTER: Duration = Duration::from_secs(60);
+/// Addresses tracked beyond which they are swept at once.
+const SWEEP_AT: usize = 100_000;
+
+/// Whom a limit applies to: an IPv4 address (IPv4-mapped IPv6 included), or an IPv6
+/// client's /64 (a host is given a whole /64, so single addresses are free to it).
+fn client_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(prefix.into())
+        }
+        v4 => v4,
+    }
+}
 
 impl PerIp {
     /// `None` when both limits are off.
@@ -82,10 +96,11 @@ impl PerIp {
 
     /// Admits a new connection from `ip`, or says why not.
     pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<IpSlot, Refusal> {
+        let ip = client_key(ip);
         let now = Instant::now();
         let mut guard = self.entries.lock().expect("not poisoned");
         let (entries, swept) = &mut *guard;
-        if now.duration_since(*swept) > FORGET_AFTER {
+        if now.duration_since(*swept) > FORGET_AFTER || entries.len() >= SWEEP_AT {
             *swept = now;
             // An address is kept while it holds connections or its bucket is refilling.
             let (per_sec, burst) = (self.per_sec, self.burst);
@@ -121,7 +136,7 @@ impl PerIp {
     #[cfg(test)]
     fn open(&self, ip: IpAddr) -> usize {
         let guard = self.entries.lock().expect("not poisoned");
-        guard.0.get(&ip).map_or(0, |entry| entry.open)
+        guard.0.get(&client_key(ip)).map_or(0, |entry| entry.open)
     }
 }
 
@@ -156,6 +171,20 @@ mod tests {
         std::thread::sleep(Duration::from_millis(1100));
         assert!(limits.admit(A).is_ok());
         assert_eq!(limits.admit(A).unwrap_err(), Refusal::TooFast);
+    }
+
+    #[test]
+    fn an_ipv6_client_is_its_64_and_a_mapped_ipv4_its_address() {
+        let limits = PerIp::new(1, 0.0, 0).unwrap();
+        let one: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let same_64: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let other_64: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        let _held = limits.admit(one).unwrap();
+        assert_eq!(limits.admit(same_64).unwrap_err(), Refusal::TooManyOpen);
+        assert!(limits.admit(other_64).is_ok());
+        let _v4 = limits.admit(A).unwrap();
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        assert_eq!(limits.admit(mapped).unwrap_err(), Refusal::TooManyOpen);
     }
 
     #[test]

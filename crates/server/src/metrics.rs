@@ -16,6 +16,9 @@ use crate::serve::AppState;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
+/// How often histogram samples are folded into their summaries.
+const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Installs the recorder (once) and returns the handle that renders it.
 pub(crate) fn install() -> &'static PrometheusHandle {
     HANDLE.get_or_init(|| {
@@ -23,6 +26,18 @@ pub(crate) fn install() -> &'static PrometheusHandle {
         let handle = recorder.handle();
         if metrics::set_global_recorder(recorder).is_err() {
             warn!("another metrics recorder is installed; /metrics will be empty");
+        }
+        // Histogram samples pile up in the recorder until upkeep folds them into its
+        // summaries: without it, memory grows with every sample when nobody scrapes.
+        let upkeep = handle.clone();
+        let spawned = std::thread::Builder::new()
+            .name("metrics-upkeep".into())
+            .spawn(move || loop {
+                std::thread::sleep(UPKEEP_EVERY);
+                upkeep.run_upkeep();
+            });
+        if let Err(cause) = spawned {
+            warn!(%cause, "no metrics upkeep thread; histogram samples wait for a scrape");
         }
         handle
     })

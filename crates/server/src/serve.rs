@@ -2,6 +2,7 @@
 //! rate per address, the request-head limits, and graceful shutdown.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use switchboard_net::tls::TlsAcceptor;
 use switchboard_net::Stream;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::TaskTracker;
@@ -19,7 +20,7 @@ use tracing::{debug, info, warn};
 use switchboard_hub::{ClusterConfig, HistoryStore, Hub, HubConfig, MemoryStore, SqliteStore};
 
 use crate::config::Config;
-use crate::limits::{IpSlot, PerIp};
+use crate::limits::{IpSlot, PerIp, Refusal};
 use crate::routes::router;
 use crate::shutdown::Shutdown;
 
@@ -143,6 +144,7 @@ pub async fn run(
     );
     let app = router(state.clone());
     let handshake_timeout = Duration::from_secs(state.config.handshake_timeout_secs.max(1));
+    let refusals = Refusals::new(tls.clone());
     let scheme = if tls.is_some() { "https" } else { "http" };
     info!("listening on {scheme}://{address}");
 
@@ -167,32 +169,12 @@ pub async fn run(
             None => None,
             Some(Ok(slot)) => Some(slot),
             Some(Err(refusal)) => {
-                metrics::counter!("switchboard_connections_refused_total", "reason" => refusal.label())
-                    .increment(1);
-                debug!(%peer, reason = refusal.label(), "connection refused");
-                let tls = tls.clone();
-                state.spawn(async move {
-                    if let Some(stream) = secure(stream, tls.as_ref(), handshake_timeout).await {
-                        refuse(stream, "429 Too Many Requests", refusal.message()).await;
-                    }
-                });
+                refusals.answer(&state, stream, peer, Refused::PerIp(refusal));
                 continue;
             }
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
-            metrics::counter!("switchboard_connections_refused_total", "reason" => "capacity")
-                .increment(1);
-            let tls = tls.clone();
-            state.spawn(async move {
-                if let Some(stream) = secure(stream, tls.as_ref(), handshake_timeout).await {
-                    refuse(
-                        stream,
-                        "503 Service Unavailable",
-                        "server is at its connection limit; try again later\n",
-                    )
-                    .await;
-                }
-            });
+            refusals.answer(&state, stream, peer, Refused::Capacity);
             continue;
         };
         let slot = ConnectionSlot(Arc::new((permit, ip_slot)));
@@ -200,9 +182,14 @@ pub async fn run(
         let state2 = state.clone();
         let tls = tls.clone();
         state.spawn(async move {
-            let Some(stream) = secure(stream, tls.as_ref(), handshake_timeout).await else {
+            // One budget for the TLS handshake and the request head together.
+            let accepted = tokio::time::Instant::now();
+            let Some(stream) = secure(stream, peer, tls.as_ref(), handshake_timeout).await else {
                 return;
             };
+            let head_timeout = handshake_timeout
+                .saturating_sub(accepted.elapsed())
+                .max(Duration::from_millis(100));
             let service = hyper::service::service_fn(
                 move |mut request: http::Request<hyper::body::Incoming>| {
                     request.extensions_mut().insert(slot.clone());
@@ -211,7 +198,7 @@ pub async fn run(
             );
             let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(handshake_timeout)
+                .header_read_timeout(head_timeout)
                 // A head that does not fit is answered with 431 (as are more than 100
                 // header lines).
                 .max_buf_size(state2.config.max_header_bytes.max(8192))
@@ -272,38 +259,114 @@ pub async fn run(
 
 /// The stream to speak HTTP on: the TCP stream itself, or a TLS session over it once
 /// the client's TLS handshake completes (within the handshake timeout).
-async fn secure(tcp: TcpStream, tls: Option<&TlsAcceptor>, timeout: Duration) -> Option<Stream> {
+async fn secure(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    tls: Option<&TlsAcceptor>,
+    timeout: Duration,
+) -> Option<Stream> {
     let Some(acceptor) = tls else {
         return Some(Stream::Plain(tcp));
     };
-    let peer = tcp.peer_addr().ok();
     match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
         Ok(Ok(session)) => Some(Stream::TlsServer(Box::new(session))),
         Ok(Err(cause)) => {
             metrics::counter!("switchboard_handshake_failures_total", "reason" => "tls")
                 .increment(1);
-            debug!(%cause, ?peer, "TLS handshake failed");
+            debug!(%cause, %peer, "TLS handshake failed");
             None
         }
         Err(_) => {
             metrics::counter!("switchboard_handshake_failures_total", "reason" => "timeout")
                 .increment(1);
-            debug!(?peer, "TLS handshake timed out");
+            debug!(%peer, "TLS handshake timed out");
             None
         }
     }
 }
 
-/// Answers a connection that is not admitted and closes it.
-async fn refuse(mut stream: impl AsyncWrite + Unpin, status: &str, body: &str) {
+/// Why a connection was not admitted.
+#[derive(Debug, Clone, Copy)]
+enum Refused {
+    PerIp(Refusal),
+    Capacity,
+}
+
+/// Answers connections that are not admitted, a bounded number at a time: beyond that,
+/// or for a client over its handshake rate on a TLS port (whose answer would cost a TLS
+/// handshake), the connection is closed unanswered.
+struct Refusals {
+    answering: Arc<Semaphore>,
+    tls: Option<TlsAcceptor>,
+}
+
+/// Refusals being answered at once, at most.
+const MAX_ANSWERING: usize = 256;
+/// Bound on answering one refusal (its TLS handshake, the answer, the client's close).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl std::fmt::Debug for Refusals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Refusals")
+            .field("answering", &self.answering)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+impl Refusals {
+    fn new(tls: Option<TlsAcceptor>) -> Self {
+        Self {
+            answering: Arc::new(Semaphore::new(MAX_ANSWERING)),
+            tls,
+        }
+    }
+
+    fn answer(&self, state: &AppState, stream: TcpStream, peer: SocketAddr, why: Refused) {
+        let (label, status, body) = match why {
+            Refused::PerIp(refusal) => {
+                (refusal.label(), "429 Too Many Requests", refusal.message())
+            }
+            Refused::Capacity => (
+                "capacity",
+                "503 Service Unavailable",
+                "server is at its connection limit; try again later\n",
+            ),
+        };
+        metrics::counter!("switchboard_connections_refused_total", "reason" => label).increment(1);
+        debug!(%peer, reason = label, "connection refused");
+        let too_fast = matches!(why, Refused::PerIp(Refusal::TooFast));
+        let Ok(permit) = self.answering.clone().try_acquire_owned() else {
+            return;
+        };
+        if too_fast && self.tls.is_some() {
+            return;
+        }
+        let tls = self.tls.clone();
+        state.spawn(async move {
+            let _permit = permit;
+            let _ = tokio::time::timeout(ANSWER_TIMEOUT, async {
+                if let Some(stream) = secure(stream, peer, tls.as_ref(), ANSWER_TIMEOUT).await {
+                    refuse(stream, status, body).await;
+                }
+            })
+            .await;
+        });
+    }
+}
+
+/// Answers a connection that is not admitted and closes it. What the client sent is
+/// read and dropped until it closes too: closing with its request unread would reset
+/// the connection, and the client could miss the answer.
+async fn refuse(mut stream: impl AsyncRead + AsyncWrite + Unpin, status: &str, body: &str) {
     let response = format!(
         "HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     // A refused client that already left needs no answer.
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        let _ = stream.write_all(response.as_bytes()).await;
-        let _ = stream.shutdown().await;
-    })
-    .await;
+    if stream.write_all(response.as_bytes()).await.is_err() || stream.shutdown().await.is_err() {
+        return;
+    }
+    let mut sink = [0u8; 1024];
+    while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
 }

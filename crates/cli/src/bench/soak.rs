@@ -23,6 +23,8 @@ use super::fanout::{marker, parse_marker, Histogram};
 use super::{raise_fd_limit, resident_kib, source_address};
 
 #[derive(Debug, Clone, Args)]
+// A flag given twice takes its last value (scripts add to their defaults).
+#[command(args_override_self = true)]
 pub(crate) struct SoakArgs {
     /// The server's base URL, such as ws://127.0.0.1:8080 (rooms are /room/soak-N).
     url: String,
@@ -88,6 +90,11 @@ struct Summary {
     gaps: u64,
     repeats: u64,
     dropped: u64,
+    connect_failures: u64,
+    errors: u64,
+    /// Ids connections still lacked of their room's last message at the end.
+    behind: u64,
+    unchecked: u64,
     rss_first_kib: Option<u64>,
     rss_mid_kib: Option<u64>,
     rss_last_kib: Option<u64>,
@@ -115,7 +122,9 @@ struct Shared {
     /// for the whole run.
     intervals: Vec<Histogram>,
     all: Histogram,
+    /// Connections open now, and connections that opened at least once.
     open: AtomicU64,
+    opened: AtomicU64,
     sent: AtomicU64,
     acknowledged: AtomicU64,
     delivered: AtomicU64,
@@ -124,6 +133,16 @@ struct Shared {
     repeats: AtomicU64,
     /// Connections the server closed or broke while the run was on.
     dropped: AtomicU64,
+    /// Connection attempts that failed (refused, timed out).
+    connect_failures: AtomicU64,
+    /// `error` events received.
+    errors: AtomicU64,
+    /// The highest id seen in each room, and the ids connections still lacked of it
+    /// when the run ended (after a catch-up).
+    room_last: Vec<AtomicU64>,
+    behind: AtomicU64,
+    /// Connections that were between two lives when the run ended (not checked).
+    unchecked: AtomicU64,
     /// Set when posting stops: connections then stay until told to go.
     posting_over: AtomicBool,
 }
@@ -140,10 +159,14 @@ impl Shared {
         (u128::from(since_origin) / self.interval.as_nanos().max(1)) as usize
     }
 
-    fn observe(&self, payload: &[u8]) {
+    /// Times a message posted at or after `not_before_ns`.
+    fn observe(&self, payload: &[u8], not_before_ns: u64) {
         let Some((interval, sent_ns)) = parse_marker(payload) else {
             return;
         };
+        if sent_ns < not_before_ns {
+            return;
+        }
         let now = self.now_ns();
         let latency = now.saturating_sub(sent_ns);
         if let Some(histogram) = self.intervals.get(interval) {
@@ -179,8 +202,71 @@ struct Member {
     lifetime: Option<f64>,
 }
 
+/// What one connection has seen, across its reconnections.
+struct Seen {
+    name: String,
+    room: usize,
+    /// `"from":"NAME"`: this connection's own messages, its acknowledgements.
+    mine: String,
+    /// Marks this run's messages.
+    tag: String,
+    last: Option<u64>,
+    /// A sender's messages not acknowledged yet: sequence number to the time it was
+    /// posted (nanoseconds after the epoch).
+    pending: std::collections::BTreeMap<u64, u64>,
+    posted: u64,
+}
+
+/// The sequence number a sender puts in each message (`#N `).
+fn sequence_of(text: &str) -> Option<u64> {
+    let at = text.find(" #")? + 2;
+    let digits = text[at..].bytes().take_while(u8::is_ascii_digit).count();
+    text[at..at + digits].parse().ok()
+}
+
+impl Seen {
+    /// Checks and counts one received text; `since_ns` is when this connection opened
+    /// (messages posted before it, replayed on joining, are not timed).
+    fn take(&mut self, text: &str, shared: &Shared, since_ns: u64) {
+        if text.starts_with(r#"{"type":"error""#) {
+            if shared.errors.fetch_add(1, Ordering::Relaxed) < 5 {
+                eprintln!("soak: {} got an error event: {text}", self.name);
+            }
+            return;
+        }
+        if !text.starts_with(r#"{"type":"message""#) {
+            return;
+        }
+        let Some(id) = message_id(text) else { return };
+        match self.last {
+            Some(before) if id <= before => {
+                shared.repeats.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(before) if id > before + 1 => {
+                shared.gaps.fetch_add(id - before - 1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+        self.last = Some(self.last.map_or(id, |before| before.max(id)));
+        shared.room_last[self.room].fetch_max(id, Ordering::Relaxed);
+        shared.delivered.fetch_add(1, Ordering::Relaxed);
+        // Messages of earlier runs in the same rooms are neither timed nor counted.
+        if !text.contains(&self.tag) {
+            return;
+        }
+        shared.observe(text.as_bytes(), since_ns);
+        if text.contains(&self.mine) {
+            shared.acknowledged.fetch_add(1, Ordering::Relaxed);
+            if let Some(sequence) = sequence_of(text) {
+                self.pending.remove(&sequence);
+            }
+        }
+    }
+}
+
 /// One connection's life: connect (again with `since` after a hang-up), read, check ids,
-/// post if it is a sender, until `stop` says so.
+/// post if it is a sender, until `stop` says so; then read on until it has the room's
+/// last message (or counts what it is missing).
 async fn member(
     args: Arc<SoakArgs>,
     me: Member,
@@ -190,36 +276,55 @@ async fn member(
     mut stop: watch::Receiver<bool>,
 ) {
     let name = format!("u{}", me.index);
-    let mine = format!(r#""from":"{name}""#);
-    let tag = format!("soak {} ", shared.run);
-    let mut last: Option<u64> = None;
+    let mut seen = Seen {
+        mine: format!(r#""from":"{name}""#),
+        tag: format!("soak {} ", shared.run),
+        name,
+        room: me.room,
+        last: None,
+        pending: std::collections::BTreeMap::new(),
+        posted: 0,
+    };
     let mut options = ClientOptions::default();
     options.config = options.config.with_deflate(None);
     options.local_address = source_address(me.index, args.source_addrs);
     let mut lives = 0u64;
-    let mut first = true;
+    let mut failures = 0u32;
     'lives: loop {
-        let since = last.map_or_else(String::new, |id| format!("&since={id}"));
-        let url = format!("{}/room/soak-{}?name={name}{since}", args.url, me.room);
+        let since = seen
+            .last
+            .map_or_else(String::new, |id| format!("&since={id}"));
+        let url = format!(
+            "{}/room/soak-{}?name={}{since}",
+            args.url, me.room, seen.name
+        );
         let connected = {
             let _permit = opening.acquire().await;
             tokio::select! {
                 connected = connect(&url, options.clone()) => connected,
-                _ = stop.changed() => return,
+                _ = stop.changed() => {
+                    shared.unchecked.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
             }
         };
         let mut socket = match connected {
             Ok(connected) => connected.socket,
             Err(cause) => {
-                shared.dropped.fetch_add(1, Ordering::Relaxed);
-                eprintln!("soak: {name} could not connect: {cause}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                if shared.connect_failures.fetch_add(1, Ordering::Relaxed) < 5 {
+                    eprintln!("soak: {} could not connect: {cause}", seen.name);
+                }
+                failures += 1;
+                let backoff = 200u64 << failures.min(5);
+                tokio::time::sleep(Duration::from_millis(backoff)).await;
                 continue;
             }
         };
-        if first {
-            shared.open.fetch_add(1, Ordering::Relaxed);
-            first = false;
+        failures = 0;
+        let since_ns = shared.now_ns();
+        shared.open.fetch_add(1, Ordering::Relaxed);
+        if lives == 0 {
+            shared.opened.fetch_add(1, Ordering::Relaxed);
         } else {
             shared.reconnects.fetch_add(1, Ordering::Relaxed);
         }
@@ -238,71 +343,91 @@ async fn member(
             me.period,
         );
         posting.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
+        let ended = loop {
             tokio::select! {
                 received = socket.recv() => match received {
-                    Ok(Some(Message::Text(text))) => {
-                        let text = text.as_str();
-                        if !text.starts_with(r#"{"type":"message""#) {
-                            continue;
-                        }
-                        let Some(id) = message_id(text) else { continue };
-                        match last {
-                            Some(before) if id <= before => {
-                                shared.repeats.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Some(before) if id > before + 1 => {
-                                shared.gaps.fetch_add(id - before - 1, Ordering::Relaxed);
-                            }
-                            _ => {}
-                        }
-                        last = Some(last.map_or(id, |before| before.max(id)));
-                        shared.delivered.fetch_add(1, Ordering::Relaxed);
-                        // Messages of earlier runs (replayed from history) are not timed.
-                        if !text.contains(&tag) {
-                            continue;
-                        }
-                        shared.observe(text.as_bytes());
-                        if text.contains(&mine) {
-                            shared.acknowledged.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
+                    Ok(Some(Message::Text(text))) => seen.take(text.as_str(), &shared, since_ns),
                     Ok(Some(_)) => {}
-                    Ok(None) | Err(_) => {
-                        if *stop.borrow() {
-                            return;
-                        }
-                        shared.dropped.fetch_add(1, Ordering::Relaxed);
-                        let why = socket.peer_close().map_or_else(
-                            || "connection lost".to_owned(),
-                            |frame| format!("closed {} {}", frame.code.0, frame.reason),
-                        );
-                        eprintln!("soak: {name} was dropped: {why}");
-                        continue 'lives;
-                    }
+                    Ok(None) | Err(_) => break None,
                 },
-                _ = posting.tick(), if me.sender && !shared.posting_over.load(Ordering::Relaxed) => {
-                    let text = marker(shared.interval_now(), shared.now_ns(), 0);
-                    let event = format!(r#"{{"type":"message","text":"{tag}{text}"}}"#);
-                    if socket.send_text(&event).await.is_ok() {
-                        shared.sent.fetch_add(1, Ordering::Relaxed);
+                _ = posting.tick(), if me.sender => {
+                    // Counted before it goes, with no wait between the check and the
+                    // count: once posting is over, the count only waits for its acks.
+                    if shared.posting_over.load(Ordering::Relaxed) {
+                        continue;
                     }
+                    shared.sent.fetch_add(1, Ordering::Relaxed);
+                    let now = shared.now_ns();
+                    let text = marker(shared.interval_now(), now, 0);
+                    let sequence = seen.posted;
+                    let event = format!(
+                        r#"{{"type":"message","text":"{}#{sequence} {text}"}}"#,
+                        seen.tag
+                    );
+                    seen.posted += 1;
+                    seen.pending.insert(sequence, now);
+                    // A failed send is a broken connection: the next receive says so.
+                    let _ = socket.send_text(&event).await;
                 }
                 () = async {
                     match life {
                         Some(at) => tokio::time::sleep_until(at).await,
                         None => std::future::pending().await,
                     }
-                } => {
-                    let _ = socket.close(None).await;
-                    continue 'lives;
-                }
-                _ = stop.changed() => {
-                    let _ = socket.close(None).await;
+                } => break Some(false),
+                _ = stop.changed() => break Some(true),
+            }
+        };
+        match ended {
+            // The server closed the connection or it broke while the run was on.
+            None => {
+                shared.open.fetch_sub(1, Ordering::Relaxed);
+                if *stop.borrow() {
+                    shared.unchecked.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
+                shared.dropped.fetch_add(1, Ordering::Relaxed);
+                let why = socket.peer_close().map_or_else(
+                    || "connection lost".to_owned(),
+                    |frame| format!("closed {} {}", frame.code.0, frame.reason),
+                );
+                eprintln!("soak: {} was dropped: {why}", seen.name);
+            }
+            // Its time to reconnect.
+            Some(false) => {
+                let _ = socket.close(None).await;
+                shared.open.fetch_sub(1, Ordering::Relaxed);
+            }
+            // The run is over: catch up with the room's last message, then leave.
+            Some(true) => {
+                let target = shared.room_last[me.room].load(Ordering::Relaxed);
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                while seen.last.unwrap_or(0) < target {
+                    match tokio::time::timeout_at(deadline, socket.recv()).await {
+                        Ok(Ok(Some(Message::Text(text)))) => {
+                            seen.take(text.as_str(), &shared, since_ns);
+                        }
+                        Ok(Ok(Some(_))) => {}
+                        _ => break,
+                    }
+                }
+                let missing = target.saturating_sub(seen.last.unwrap_or(0));
+                shared.behind.fetch_add(missing, Ordering::Relaxed);
+                for (sequence, posted_ns) in seen.pending.iter().take(3) {
+                    eprintln!(
+                        "soak: {} never got back its message #{sequence}, posted {:.1} s into the run (of {} it posted; its last id {:?}, the room's {target})",
+                        seen.name,
+                        posted_ns.saturating_sub(shared.origin_ns.load(Ordering::Relaxed)) as f64 / 1e9,
+                        seen.posted,
+                        seen.last,
+                    );
+                }
+                let _ = socket.close(None).await;
+                shared.open.fetch_sub(1, Ordering::Relaxed);
+                return;
             }
         }
+        continue 'lives;
     }
 }
 
@@ -363,6 +488,7 @@ pub(crate) async fn soak(args: SoakArgs) -> anyhow::Result<()> {
         intervals: (0..intervals).map(|_| Histogram::new()).collect(),
         all: Histogram::new(),
         open: AtomicU64::new(0),
+        opened: AtomicU64::new(0),
         sent: AtomicU64::new(0),
         acknowledged: AtomicU64::new(0),
         delivered: AtomicU64::new(0),
@@ -370,6 +496,11 @@ pub(crate) async fn soak(args: SoakArgs) -> anyhow::Result<()> {
         gaps: AtomicU64::new(0),
         repeats: AtomicU64::new(0),
         dropped: AtomicU64::new(0),
+        connect_failures: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        room_last: (0..args.rooms).map(|_| AtomicU64::new(0)).collect(),
+        behind: AtomicU64::new(0),
+        unchecked: AtomicU64::new(0),
         posting_over: AtomicBool::new(false),
     });
     let lifetime = (args.churn > 0.0).then(|| interval.as_secs_f64() / args.churn);
@@ -402,11 +533,11 @@ pub(crate) async fn soak(args: SoakArgs) -> anyhow::Result<()> {
             stop.clone(),
         ));
     }
-    while shared.open.load(Ordering::Relaxed) < args.connections as u64 {
+    while shared.opened.load(Ordering::Relaxed) < args.connections as u64 {
         if opened_at.elapsed() > Duration::from_secs(300) {
             bail!(
                 "only {} of {} connections opened in 5 minutes",
-                shared.open.load(Ordering::Relaxed),
+                shared.opened.load(Ordering::Relaxed),
                 args.connections
             );
         }
@@ -483,6 +614,7 @@ pub(crate) async fn soak(args: SoakArgs) -> anyhow::Result<()> {
     }
     // Stop posting, then wait for every posted message to come back to its sender.
     shared.posting_over.store(true, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let waiting = Instant::now();
     while shared.acknowledged.load(Ordering::Relaxed) < shared.sent.load(Ordering::Relaxed)
         && waiting.elapsed() < Duration::from_secs(30)
@@ -514,6 +646,10 @@ pub(crate) async fn soak(args: SoakArgs) -> anyhow::Result<()> {
         gaps: shared.gaps.load(Ordering::Relaxed),
         repeats: shared.repeats.load(Ordering::Relaxed),
         dropped: shared.dropped.load(Ordering::Relaxed),
+        connect_failures: shared.connect_failures.load(Ordering::Relaxed),
+        errors: shared.errors.load(Ordering::Relaxed),
+        behind: shared.behind.load(Ordering::Relaxed),
+        unchecked: shared.unchecked.load(Ordering::Relaxed),
         rss_first_kib: rss.first().copied(),
         rss_mid_kib: rss.get(rss.len() / 2).copied(),
         rss_last_kib: rss.last().copied(),
@@ -533,7 +669,7 @@ pub(crate) async fn soak(args: SoakArgs) -> anyhow::Result<()> {
         _ => "-".to_owned(),
     };
     println!(
-        "summary: {:.0} s; sent {}, acknowledged {}, delivered {}; reconnects {}; gaps {}, repeats {}, dropped {}",
+        "summary: {:.0} s; sent {}, acknowledged {}, delivered {}; reconnects {}; gaps {}, repeats {}, short at the end {} ({} not checked); dropped {}, failed connects {}, error events {}",
         summary.secs,
         summary.sent,
         summary.acknowledged,
@@ -541,7 +677,11 @@ pub(crate) async fn soak(args: SoakArgs) -> anyhow::Result<()> {
         summary.reconnects,
         summary.gaps,
         summary.repeats,
-        summary.dropped
+        summary.behind,
+        summary.unchecked,
+        summary.dropped,
+        summary.connect_failures,
+        summary.errors
     );
     println!(
         "server RSS: first interval {} MiB, middle {} MiB, last {} MiB, highest {} MiB; drift {} from the first interval, {} over the second half",
@@ -582,6 +722,21 @@ pub(crate) async fn soak(args: SoakArgs) -> anyhow::Result<()> {
             summary.gaps, summary.repeats
         ));
     }
+    if summary.behind > 0 {
+        failures.push(format!(
+            "connections ended {} ids short of their rooms' last messages",
+            summary.behind
+        ));
+    }
+    if summary.errors > 0 {
+        failures.push(format!("{} error events", summary.errors));
+    }
+    if summary.connect_failures > 0 {
+        failures.push(format!(
+            "{} connection attempts failed",
+            summary.connect_failures
+        ));
+    }
     if summary.dropped > 0 {
         failures.push(format!("{} connections dropped", summary.dropped));
     }
@@ -603,6 +758,12 @@ mod tests {
         let event = r#"{"type":"message","id":4021,"room":"soak-3","from":"u3","text":"x"}"#;
         assert_eq!(message_id(event), Some(4021));
         assert_eq!(message_id(r#"{"type":"message"}"#), None);
+    }
+
+    #[test]
+    fn sequence_numbers_come_out_of_the_text() {
+        assert_eq!(sequence_of("soak 17 #42 ~T3:100~"), Some(42));
+        assert_eq!(sequence_of("soak 17 ~T3:100~"), None);
     }
 
     #[test]
