@@ -3,6 +3,7 @@
 # as many at once as there are cores (FUZZ_JOBS to change it).
 #
 #   scripts/fuzz.sh [SECONDS]
+#   scripts/fuzz.sh --build-only     # build the targets (CI does it early, in the background)
 #
 # Works on a stable toolchain: `-s none` turns off AddressSanitizer (which needs nightly's
 # -Z flags) and keeps the sancov coverage passes, which are stable codegen options; `-a`
@@ -16,9 +17,14 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 export CARGO_TERM_COLOR=never
 
+BUILD_ONLY=false
+if [[ "${1:-}" == "--build-only" ]]; then
+    BUILD_ONLY=true
+    shift
+fi
 SECONDS_PER_TARGET="${1:-60}"
 if ! [[ "$SECONDS_PER_TARGET" =~ ^[0-9]+$ ]] || ((SECONDS_PER_TARGET < 1)); then
-    echo "usage: scripts/fuzz.sh [SECONDS]  (seconds per target, default 60)" >&2
+    echo "usage: scripts/fuzz.sh [--build-only] [SECONDS]  (seconds per target, default 60)" >&2
     exit 2
 fi
 FLAGS=(-s none -a)
@@ -39,6 +45,9 @@ echo "==> building ${TARGETS[*]} (cargo fuzz build ${FLAGS[*]})"
 start=$(date +%s)
 cargo fuzz build "${FLAGS[@]}" </dev/null
 echo "built in $(($(date +%s) - start)) s"
+if $BUILD_ONLY; then
+    exit 0
+fi
 
 mkdir -p target/fuzz-logs
 # Targets run side by side, one per core: each gets SECONDS of wall time.

@@ -5,7 +5,7 @@
 # unacknowledged message, a dropped connection or a server that dies.
 #
 #   scripts/soak.sh                 # 10k connections, 30 minutes, a line every 30 s
-#   scripts/soak.sh --short         # CI: 2k connections for 40 s, a line every 5 s
+#   scripts/soak.sh --short         # CI: 2k connections for 30 s, a line every 5 s
 #   scripts/soak.sh -- ARGS...      # extra arguments for `bench soak` (later ones win)
 #
 # Loopback only; the server runs on core 0, the load on core 1. Every connection comes
@@ -16,7 +16,7 @@ cd "$ROOT"
 
 ARGS=(--connections 10000 --rooms 100 --rate 200 --duration 30m --interval 30s)
 if [[ "${1:-}" == "--short" ]]; then
-    ARGS=(--connections 2000 --rooms 20 --rate 200 --duration 40s --interval 5s --churn 0.05)
+    ARGS=(--connections 2000 --rooms 20 --rate 200 --duration 30s --interval 5s --churn 0.05)
     shift
 fi
 [[ "${1:-}" == "--" ]] && shift
