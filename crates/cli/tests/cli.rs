@@ -5,42 +5,23 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use switchboard_net::{connect, ClientOptions, CloseCode, Message};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
 mod support;
 
-use support::{serve, BIN};
+use support::{run, serve, succeeded, BIN};
 
 #[tokio::test]
 async fn connect_pipes_lines_through_echo() {
     let (mut server, address) = serve().await;
-    let mut client = Command::new(BIN)
-        .args(["connect", &format!("ws://{address}/echo")])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = client.stdin.take().unwrap();
-    stdin
-        .write_all("first line\nsecond, ünïcødé\n".as_bytes())
-        .await
-        .unwrap();
-    drop(stdin);
-    let output = tokio::time::timeout(Duration::from_secs(10), client.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert_eq!(
-        String::from_utf8(output.stdout).unwrap(),
-        "first line\nsecond, ünïcødé\n"
-    );
+    let output = run(
+        &["connect", &format!("ws://{address}/echo")],
+        "first line\nsecond, ünïcødé\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(succeeded(output), "first line\nsecond, ünïcødé\n");
     server.kill().await.unwrap();
 }
 

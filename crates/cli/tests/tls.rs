@@ -4,7 +4,6 @@
 //! that never finishes its TLS handshake.
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use switchboard_client::{Event, Options};
@@ -13,7 +12,7 @@ use tokio::process::Command;
 
 mod support;
 
-use support::{serve_with, BIN};
+use support::{serve_with, succeeded, BIN};
 
 /// A self-signed certificate for localhost and 127.0.0.1, written as PEM into `dir`.
 fn certificate(dir: &Path) -> (String, String) {
@@ -29,21 +28,11 @@ fn certificate(dir: &Path) -> (String, String) {
     )
 }
 
+/// Long enough for a debug build under load.
+const LIMIT: Duration = Duration::from_secs(20);
+
 async fn run(args: &[&str], stdin: &str) -> std::process::Output {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut input = child.stdin.take().unwrap();
-    input.write_all(stdin.as_bytes()).await.unwrap();
-    drop(input);
-    tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
-        .await
-        .expect("the command finishes")
-        .unwrap()
+    support::run(args, stdin, LIMIT).await
 }
 
 #[tokio::test]
@@ -80,16 +69,7 @@ async fn rooms_and_echo_over_wss() {
         "",
     )
     .await;
-    assert!(
-        sent.status.success(),
-        "send failed: {}",
-        String::from_utf8_lossy(&sent.stderr)
-    );
-    let id: u64 = String::from_utf8(sent.stdout)
-        .unwrap()
-        .trim()
-        .parse()
-        .expect("send prints the id");
+    let id: u64 = succeeded(sent).trim().parse().expect("send prints the id");
     let received = tokio::time::timeout(Duration::from_secs(10), async {
         while let Some(event) = events.recv().await {
             if let Event::Message(message) = event {
@@ -116,12 +96,7 @@ async fn rooms_and_echo_over_wss() {
         "secret line\n",
     )
     .await;
-    assert!(
-        echoed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&echoed.stderr)
-    );
-    assert_eq!(String::from_utf8(echoed.stdout).unwrap(), "secret line\n");
+    assert_eq!(succeeded(echoed), "secret line\n");
 
     // Without --ca the system's roots do not know the certificate: a one-line refusal.
     let untrusted = run(&["send", &room, "--name", "mallory", "nope"], "").await;
@@ -150,11 +125,7 @@ async fn rooms_and_echo_over_wss() {
         "",
     )
     .await;
-    assert!(
-        again.status.success(),
-        "{}",
-        String::from_utf8_lossy(&again.stderr)
-    );
+    succeeded(again);
     let mut rest = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(8), stalled.read_to_end(&mut rest))
         .await

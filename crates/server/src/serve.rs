@@ -335,13 +335,12 @@ impl Refusals {
         };
         metrics::counter!("switchboard_connections_refused_total", "reason" => label).increment(1);
         debug!(%peer, reason = label, "connection refused");
-        let too_fast = matches!(why, Refused::PerIp(Refusal::TooFast));
+        if matches!(why, Refused::PerIp(Refusal::TooFast)) && self.tls.is_some() {
+            return;
+        }
         let Ok(permit) = self.answering.clone().try_acquire_owned() else {
             return;
         };
-        if too_fast && self.tls.is_some() {
-            return;
-        }
         let tls = self.tls.clone();
         state.spawn(async move {
             let _permit = permit;

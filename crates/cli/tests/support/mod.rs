@@ -1,9 +1,10 @@
-//! Running the binary: `switchboard serve` on a free (or given) port.
+//! Running the binary: `switchboard serve` on a free (or given) port, and a command
+//! fed its standard input.
 
 use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 
 pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
@@ -40,4 +41,34 @@ pub(crate) async fn serve_with(listen: &str, extra: &[&str]) -> (Child, String) 
 #[allow(dead_code)] // Not every test file needs it.
 pub(crate) async fn serve() -> (Child, String) {
     serve_with("127.0.0.1:0", &["--memory"]).await
+}
+
+/// Runs `switchboard ARGS…` with `stdin` as its standard input, waiting up to `limit`.
+#[allow(dead_code)] // Not every test file needs it.
+pub(crate) async fn run(args: &[&str], stdin: &str, limit: Duration) -> std::process::Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.as_bytes()).await.unwrap();
+    drop(input);
+    tokio::time::timeout(limit, child.wait_with_output())
+        .await
+        .expect("the command finishes")
+        .unwrap()
+}
+
+/// The standard output of a command that must have succeeded (its stderr otherwise).
+#[allow(dead_code)] // Not every test file needs it.
+pub(crate) fn succeeded(output: std::process::Output) -> String {
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
 }
