@@ -46,6 +46,7 @@
     welcomed: false,
     leaving: false,
     lastId: null, // the last message id shown: the resume point
+    epoch: null, // the room's stream that id belongs to
     joinedAt: null, // the room's last id when first joined, until a message arrives
     attempt: 0,
     connectedAt: 0,
@@ -134,6 +135,7 @@
     const params = new URLSearchParams({ name: state.name });
     const since = state.lastId ?? state.joinedAt;
     if (since !== null) params.set('since', String(since));
+    if (since !== null && state.epoch) params.set('epoch', state.epoch);
     const scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
     const url = `${scheme}//${location.host}/room/${encodeURIComponent(state.room)}?${params}`;
     setStatus(state.attempt ? 'reconnecting' : 'connecting',
@@ -163,10 +165,15 @@
 
   function onWelcome(welcome) {
     const resumedAfter = state.lastId ?? state.joinedAt;
-    if (state.lastId !== null && welcome.lastId < state.lastId) {
-      // The room's history restarted (a server keeping it in memory): new ids are new.
-      state.lastId = welcome.lastId;
+    const otherEpoch = Boolean(state.epoch && welcome.epoch && welcome.epoch !== state.epoch);
+    const wentBack = state.lastId !== null && welcome.lastId < state.lastId;
+    if (otherEpoch || wentBack) {
+      // The room's history was reset (a server keeping it in memory restarted): its ids
+      // start again, and the newest that follow are new here.
+      state.lastId = null;
+      state.joinedAt = welcome.lastId;
     }
+    if (welcome.epoch) state.epoch = welcome.epoch;
     if (state.joinedAt === null) state.joinedAt = welcome.lastId;
     state.me = welcome.user;
     state.welcomed = true;
@@ -181,6 +188,8 @@
     setStatus('connected', 'connected');
     if (resumedAfter === null) {
       notice(`You joined #${welcome.room} as ${welcome.user}.`);
+    } else if (welcome.recovered === false || otherEpoch || wentBack) {
+      notice('Reconnected: some messages from while away are no longer kept; the newest follow.');
     } else {
       const missed = Math.max(0, welcome.lastId - resumedAfter);
       notice(missed ? `Reconnected: ${missed} new message${missed === 1 ? '' : 's'} while away.` : 'Reconnected.');
@@ -266,8 +275,9 @@
     // Replayed after a reconnection, or acknowledged again: shown already.
     if (state.lastId !== null && message.id <= state.lastId) return;
     state.lastId = message.id;
-    setTyping(message.from, false);
-    append(messageElement(message.from, message.text, message.timestamp, message.id));
+    const from = message.from ?? 'server';
+    setTyping(from, false);
+    append(messageElement(from, shownText(message), message.timestamp, message.id));
   }
 
   function onError(error) {
@@ -305,6 +315,14 @@
     const date = new Date(timestamp);
     if (Number.isNaN(date.getTime())) return '';
     return date.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
+  }
+
+  // A message's text, its data as JSON, or both.
+  function shownText(message) {
+    const parts = [];
+    if (typeof message.text === 'string') parts.push(message.text);
+    if (message.data !== undefined) parts.push(JSON.stringify(message.data));
+    return parts.join(' ');
   }
 
   function messageElement(from, text, timestamp, id) {

@@ -1,4 +1,4 @@
-//! The room protocol's JSON events (crates/protocol/src/event.rs).
+//! The room protocol's JSON events (crates/protocol/src/room.rs).
 //!
 //! Input: one byte for the text limit, then a client's text frame (lossily UTF-8).
 //!
@@ -7,31 +7,22 @@
 //!    limit is the only difference between refusing as `too_long` and accepting; a
 //!    refusal has a known code and becomes an `error` event carrying its nonce.
 //! 2. The same bytes, cut into strings and numbers, build every server event: each is
-//!    valid JSON holding exactly what it was built from.
+//!    valid JSON holding exactly what it was built from, and reads back as it was.
 #![no_main]
 
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use serde_json::{json, Value};
-use switchboard_protocol::event::{self, ClientEvent, Limits, MAX_NONCE};
-use switchboard_protocol::StoredMessage;
+use std::borrow::Cow;
+
+use switchboard_protocol::room::{self as event, ClientEvent, Limits, ServerEvent, Welcome};
+use switchboard_protocol::{Publication, MAX_NONCE};
 
 const CODES: [&str; 4] = ["bad_json", "bad_event", "too_long", "unknown_type"];
 
-/// The JSON a client sends for `event`, as DESIGN.md shows it.
+/// The JSON a client sends for `event`, written with the protocol's own types.
 fn client_json(event: &ClientEvent) -> String {
-    match event {
-        ClientEvent::Message {
-            text,
-            nonce: Some(nonce),
-        } => json!({"type": "message", "text": text, "nonce": nonce}).to_string(),
-        ClientEvent::Message { text, nonce: None } => {
-            json!({"type": "message", "text": text}).to_string()
-        }
-        ClientEvent::Typing { is_typing } => {
-            json!({"type": "typing", "isTyping": is_typing}).to_string()
-        }
-    }
+    serde_json::to_string(event).expect("client events serialize")
 }
 
 fn parse_json(bytes: &[u8]) -> Value {
@@ -45,8 +36,9 @@ fn check_client_event(text: &str, max_text: usize) {
     }
     match event::parse_client_event(text, max_text) {
         Ok(parsed) => {
-            if let ClientEvent::Message { text: body, nonce } = &parsed {
-                assert!(body.chars().count() <= max_text);
+            if let ClientEvent::Message { text, data, nonce } = &parsed {
+                assert!(text.is_some() || data.is_some());
+                assert!(text.as_ref().is_none_or(|t| t.chars().count() <= max_text));
                 assert!(nonce.as_ref().is_none_or(|n| n.len() <= MAX_NONCE));
             }
             // Written back and parsed again: the same event (whatever else the input
@@ -69,7 +61,11 @@ fn check_client_event(text: &str, max_text: usize) {
             assert!(refused.nonce.as_ref().is_none_or(|n| n.len() <= MAX_NONCE));
             if refused.code == "too_long" {
                 match event::parse_client_event(text, usize::MAX) {
-                    Ok(ClientEvent::Message { text: body, nonce }) => {
+                    Ok(ClientEvent::Message {
+                        text: Some(body),
+                        nonce,
+                        ..
+                    }) => {
                         assert!(body.chars().count() > max_text);
                         assert_eq!(nonce, refused.nonce);
                     }
@@ -96,36 +92,53 @@ fn check_client_event(text: &str, max_text: usize) {
 }
 
 fn check_server_events(u: &mut Unstructured<'_>) -> Result<()> {
-    let stored = StoredMessage {
-        room: u.arbitrary()?,
+    let data: Option<i64> = u.arbitrary()?;
+    let stored = Publication {
+        channel: u.arbitrary()?,
         id: u.arbitrary()?,
         from: u.arbitrary()?,
         text: u.arbitrary()?,
+        data: data.map(|n| serde_json::value::to_raw_value(&json!({"n": n})).expect("raw")),
+        event: u.arbitrary()?,
         timestamp: u.arbitrary()?,
         nonce: u.arbitrary()?,
     };
-    let value = parse_json(&event::message(&stored));
-    assert_eq!(
-        value,
-        match &stored.nonce {
-            Some(nonce) => json!({
-                "type": "message", "id": stored.id, "room": stored.room, "from": stored.from,
-                "text": stored.text, "timestamp": stored.timestamp, "nonce": nonce,
-            }),
-            None => json!({
-                "type": "message", "id": stored.id, "room": stored.room, "from": stored.from,
-                "text": stored.text, "timestamp": stored.timestamp,
-            }),
+    let sent = event::message(&stored);
+    let value = parse_json(&sent);
+    let mut expected = json!({
+        "type": "message", "id": stored.id, "room": stored.channel, "timestamp": stored.timestamp,
+    });
+    for (key, field) in [
+        ("from", &stored.from),
+        ("text", &stored.text),
+        ("event", &stored.event),
+        ("nonce", &stored.nonce),
+    ] {
+        if let Some(field) = field {
+            expected[key] = json!(field);
         }
+    }
+    if let Some(n) = data {
+        expected["data"] = json!({"n": n});
+    }
+    assert_eq!(value, expected);
+    // A client reads back exactly what was sent.
+    let text = std::str::from_utf8(&sent).expect("JSON is UTF-8");
+    assert_eq!(
+        ServerEvent::parse(text).expect("a server event"),
+        Some(ServerEvent::Message(Cow::Owned(stored.clone())))
     );
     // What a client would send with that text and nonce comes back as it was (when the
-    // nonce is short enough to be accepted).
+    // nonce is short enough to be accepted and there is something to publish).
     let sent = ClientEvent::Message {
         text: stored.text.clone(),
+        data: data.map(|n| json!({"n": n})),
         nonce: stored.nonce.clone(),
     };
     let parsed = event::parse_client_event(&client_json(&sent), usize::MAX);
-    if stored.nonce.as_ref().is_none_or(|n| n.len() <= MAX_NONCE) {
+    if stored.text.is_none() && data.is_none() {
+        assert_eq!(parsed.map_err(|e| e.code), Err("bad_event"));
+    } else if stored.nonce.as_ref().is_none_or(|n| n.len() <= MAX_NONCE) {
         assert_eq!(parsed, Ok(sent));
     } else {
         assert_eq!(parsed.map_err(|e| e.code), Err("bad_event"));
@@ -134,6 +147,8 @@ fn check_server_events(u: &mut Unstructured<'_>) -> Result<()> {
     let user: String = u.arbitrary()?;
     let members: Vec<String> = u.arbitrary()?;
     let last_id: u64 = u.arbitrary()?;
+    let epoch: String = u.arbitrary()?;
+    let recovered: Option<bool> = u.arbitrary()?;
     let limits = if u.arbitrary()? {
         Some(Limits {
             events_per_sec: u.arbitrary()?,
@@ -143,13 +158,23 @@ fn check_server_events(u: &mut Unstructured<'_>) -> Result<()> {
     } else {
         None
     };
-    let welcome = event::welcome(&stored.room, &user, &members, last_id, limits.as_ref());
+    let welcome = event::welcome(&Welcome {
+        room: stored.channel.clone(),
+        user: user.clone(),
+        members: members.clone(),
+        last_id,
+        epoch: epoch.clone(),
+        recovered,
+        limits,
+    });
     let value = parse_json(&welcome);
     assert_eq!(value["type"], "welcome");
-    assert_eq!(value["room"], stored.room.as_str());
+    assert_eq!(value["room"], stored.channel.as_str());
     assert_eq!(value["user"], user.as_str());
     assert_eq!(value["members"], json!(members));
     assert_eq!(value["lastId"], last_id);
+    assert_eq!(value["epoch"], epoch.as_str());
+    assert_eq!(value.get("recovered").and_then(Value::as_bool), recovered);
     match limits {
         None => assert!(value.get("limits").is_none()),
         Some(limits) => {
@@ -181,9 +206,9 @@ fn check_server_events(u: &mut Unstructured<'_>) -> Result<()> {
         parse_json(&event::typing(&user, is_typing)),
         json!({"type": "typing", "user": user, "isTyping": is_typing})
     );
-    for kind in ["join", "leave"] {
+    for (joined, kind) in [(true, "join"), (false, "leave")] {
         assert_eq!(
-            parse_json(&event::presence(kind, &user)),
+            parse_json(&event::presence(joined, &user)),
             json!({"type": kind, "user": user})
         );
     }

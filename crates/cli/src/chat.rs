@@ -199,13 +199,16 @@ impl App {
 
     fn on_event(&mut self, event: Event) {
         match event {
-            Event::Welcome(welcome) => {
+            Event::Welcome { welcome, resumed } => {
                 self.me.clone_from(&welcome.user);
                 self.room_name.clone_from(&welcome.room);
                 self.members = welcome.members.iter().cloned().collect();
                 self.typing.clear();
-                match welcome.resumed_after {
-                    Some(after) => match welcome.last_id.saturating_sub(after) {
+                match resumed {
+                    Some(resumed) if !resumed.complete => self.notice(
+                        "reconnected; some messages from while away are no longer kept: the room's newest follow",
+                    ),
+                    Some(resumed) => match welcome.last_id.saturating_sub(resumed.after) {
                         0 => self.notice("reconnected"),
                         1 => self.notice("reconnected; 1 message from while away follows"),
                         n => {
@@ -219,11 +222,13 @@ impl App {
                 if let Some(nonce) = &message.nonce {
                     self.unsent.retain(|(n, _)| n != nonce);
                 }
-                self.typing.remove(&message.from);
+                if let Some(from) = &message.from {
+                    self.typing.remove(from);
+                }
                 self.push(Entry::Chat {
                     time: local_time(&message.timestamp),
-                    from: message.from,
-                    text: message.text,
+                    text: shown(&message),
+                    from: message.from.unwrap_or_else(|| "(server)".into()),
                 });
             }
             Event::Typing { user, is_typing } => {
@@ -576,6 +581,19 @@ fn name_style(name: &str, mine: bool) -> Style {
 }
 
 /// `HH:MM` in local time from the server's RFC 3339 timestamp.
+/// A message as one line: its event name, text and data (as JSON).
+fn shown(message: &switchboard_client::ChatMessage) -> String {
+    let parts: Vec<String> = [
+        message.event.as_ref().map(|event| format!("[{event}]")),
+        message.text.clone(),
+        message.data_json().map(str::to_owned),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    parts.join(" ")
+}
+
 fn local_time(timestamp: &str) -> String {
     chrono::DateTime::parse_from_rfc3339(timestamp).map_or_else(
         |_| timestamp.to_owned(),

@@ -122,7 +122,7 @@ async fn bob_until(events: &mut Events, stop: impl Fn(&Event) -> bool) -> Vec<Ev
 }
 
 fn is_from(event: &Event, from: &str, text: &str) -> bool {
-    matches!(event, Event::Message(m) if m.from == from && m.text == text)
+    matches!(event, Event::Message(m) if m.from.as_deref() == Some(from) && m.text.as_deref() == Some(text))
 }
 
 fn alice_typing(event: &Event) -> Option<bool> {

@@ -192,7 +192,9 @@ fn collect(mut events: Events, count: usize) -> JoinHandle<Seen> {
         let mut typists = Vec::new();
         while seen.len() < count {
             match timeout(Duration::from_secs(60), events.recv()).await {
-                Ok(Some(Event::Message(m))) => seen.push((m.id, m.from, m.text)),
+                Ok(Some(Event::Message(m))) => {
+                    seen.push((m.id, m.from.unwrap_or_default(), m.text.unwrap_or_default()))
+                }
                 Ok(Some(Event::Typing {
                     user,
                     is_typing: true,

@@ -99,12 +99,12 @@ fn read_events(mut events: Events, log: Arc<Mutex<Log>>) -> JoinHandle<()> {
             match event {
                 Event::Message(m) => log.received.push(Received {
                     id: m.id,
-                    from: m.from,
-                    text: m.text,
+                    from: m.from.unwrap_or_default(),
+                    text: m.text.unwrap_or_default(),
                     nonce: m.nonce,
                     at,
                 }),
-                Event::Welcome(w) => log.welcomes.push((at, w.last_id)),
+                Event::Welcome { welcome: w, .. } => log.welcomes.push((at, w.last_id)),
                 Event::State(State::Connected) => log.connected.push(at),
                 Event::State(State::Reconnecting { .. }) => log.reconnections += 1,
                 Event::Error(e) => log.errors.push(format!("{e:?}")),

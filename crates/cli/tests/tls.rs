@@ -81,8 +81,12 @@ async fn rooms_and_echo_over_wss() {
     .await
     .expect("the message arrives");
     assert_eq!(
-        (received.id, received.from.as_str(), received.text.as_str()),
-        (id, "alice", "over TLS")
+        (
+            received.id,
+            received.from.as_deref(),
+            received.text.as_deref()
+        ),
+        (id, Some("alice"), Some("over TLS"))
     );
 
     // `connect` pipes lines through /echo, over TLS, to an IP address in the certificate.

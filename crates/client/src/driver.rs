@@ -9,16 +9,18 @@ use std::time::Duration;
 use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
+use switchboard_net::bucket::TokenBucket;
 use switchboard_net::wire::deflate::DeflateConfig;
 use switchboard_net::wire::handshake::HandshakeError;
 use switchboard_net::wire::OpCode;
 use switchboard_net::Stream;
 use switchboard_net::{ClientOptions, CloseCode, CloseFrame, Message, WebSocket};
+use switchboard_protocol::room::{ClientEvent, ServerEvent};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep_until, timeout, Instant};
 use tracing::debug;
 
-use crate::event::{Event, Incoming, Limits, State, Welcome};
+use crate::event::{Event, Limits, Resumed, State, Welcome};
 use crate::options::{room_url, Options};
 use crate::Error;
 
@@ -109,45 +111,21 @@ fn is_permanent(error: &Error) -> bool {
 
 /// Client-side pacing under the rate limit a room announces, with a margin so bursts
 /// bunched up by the network still fit the server's bucket.
-#[derive(Debug)]
-struct Bucket {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    at: Instant,
+fn pacing(limits: &Limits) -> Option<TokenBucket> {
+    if !(limits.events_per_sec.is_finite() && limits.events_per_sec > 0.0) {
+        return None;
+    }
+    let burst = (f64::from(limits.burst) / 2.0).floor().max(1.0);
+    Some(TokenBucket::new(
+        limits.events_per_sec * 0.9,
+        burst,
+        Instant::now().into_std(),
+    ))
 }
 
-impl Bucket {
-    fn for_limits(limits: &Limits) -> Option<Self> {
-        if !(limits.events_per_sec.is_finite() && limits.events_per_sec > 0.0) {
-            return None;
-        }
-        let burst = (f64::from(limits.burst) / 2.0).floor().max(1.0);
-        Some(Self {
-            rate: limits.events_per_sec * 0.9,
-            burst,
-            tokens: burst,
-            at: Instant::now(),
-        })
-    }
-
-    fn take(&mut self, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        self.at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-
-    fn ready_at(&self) -> Instant {
-        // Bounded, whatever rate a server announces.
-        let wait = ((1.0 - self.tokens) / self.rate).clamp(0.001, 60.0);
-        self.at + Duration::from_secs_f64(wait)
-    }
+/// Takes a token from `bucket` (unpaced without one).
+fn paced(bucket: &mut Option<TokenBucket>, now: Instant) -> bool {
+    bucket.as_mut().map_or(true, |b| b.take(now.into_std()))
 }
 
 /// Binary messages a room client holds while pacing before it drops the oldest.
@@ -176,13 +154,15 @@ pub(crate) struct Driver {
     last_id: Option<u64>,
     /// The room's last id when first joined, the resume point until a message arrives.
     joined_at: Option<u64>,
+    /// The epoch of the room's stream the resume point belongs to.
+    epoch: Option<String>,
     /// The name the server knows us by; our own messages acknowledge pending ones.
     user: Option<String>,
     /// Messages not yet acknowledged, in the order they were sent.
     pending: VecDeque<Pending>,
     /// How many of `pending` (from the front) went out on this connection.
     in_flight: usize,
-    bucket: Option<Bucket>,
+    bucket: Option<TokenBucket>,
     /// A refused-for-now message holds the queue until then.
     paused_until: Option<Instant>,
     /// When the queue waits for the bucket or the pause.
@@ -215,6 +195,7 @@ impl Driver {
             rng: StdRng::from_os_rng(),
             last_id: None,
             joined_at: None,
+            epoch: None,
             user: None,
             pending: VecDeque::new(),
             in_flight: 0,
@@ -377,28 +358,21 @@ impl Driver {
             Mode::Raw => self.url.clone(),
             Mode::Room => {
                 let since = self.last_id.or(self.joined_at).or(self.options.since);
-                room_url(&self.url, self.options.name.as_deref(), since)
+                room_url(
+                    &self.url,
+                    self.options.name.as_deref(),
+                    since,
+                    self.epoch.as_deref(),
+                )
             }
         }
     }
 
     /// One connection, from opening it to losing it.
     async fn session(&mut self, first: &mut Option<oneshot::Sender<Result<(), Error>>>) -> End {
-        let url = self.connect_url();
-        let connecting = switchboard_net::connect(&url, self.client_options());
-        tokio::pin!(connecting);
-        let mut socket = loop {
-            tokio::select! {
-                connected = &mut connecting => match connected {
-                    Ok(connected) => break connected.socket,
-                    Err(error) => return End::failed(Error::Net(error)),
-                },
-                command = self.commands.recv(), if !self.handles_gone => {
-                    if let Some(end) = self.offline(command) {
-                        return end;
-                    }
-                }
-            }
+        let mut socket = match self.open().await {
+            Ok(socket) => socket,
+            Err(end) => return end,
         };
         if self.mode == Mode::Room {
             if let Err(error) = self.welcome(&mut socket).await {
@@ -410,35 +384,60 @@ impl Driver {
         if let Some(first) = first.take() {
             let _ = first.send(Ok(()));
         }
-        // Everything unacknowledged goes again, in order: the server stores a nonce it
-        // already has only once, and acknowledges it again. Relayed data of the moment
-        // that did not go out before the loss is stale now.
+        if let Err(error) = self.send_again(&mut socket).await {
+            return End::lost(error, up);
+        }
+        self.live(&mut socket, up).await
+    }
+
+    /// Connects, queuing what is sent meanwhile.
+    async fn open(&mut self) -> Result<WebSocket<Stream>, End> {
+        let url = self.connect_url();
+        let connecting = switchboard_net::connect(&url, self.client_options());
+        tokio::pin!(connecting);
+        loop {
+            tokio::select! {
+                connected = &mut connecting => return match connected {
+                    Ok(connected) => Ok(connected.socket),
+                    Err(error) => Err(End::failed(Error::Net(error))),
+                },
+                command = self.commands.recv(), if !self.handles_gone => {
+                    if let Some(end) = self.offline(command) {
+                        return Err(end);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Everything unacknowledged goes again, in order: the server stores a nonce it
+    /// already has only once, and acknowledges it again. Relayed data of the moment
+    /// that did not go out before the loss is stale now.
+    async fn send_again(
+        &mut self,
+        socket: &mut WebSocket<Stream>,
+    ) -> Result<(), switchboard_net::Error> {
         self.in_flight = 0;
         self.relay.clear();
         while let Some(message) = self.outbox.pop_front() {
-            if let Err(error) = socket.feed(&message).await {
-                return End::lost(error, up);
-            }
+            socket.feed(&message).await?;
         }
+        Ok(())
+    }
+
+    /// Relays both ways until the connection ends.
+    async fn live(&mut self, socket: &mut WebSocket<Stream>, up: Instant) -> End {
         // Once our Close went out: when to stop waiting for the server's.
         let mut close_sent: Option<Instant> = None;
         loop {
             let now = Instant::now();
             if close_sent.is_none() {
-                if let Err(error) = self.pump(&mut socket).await {
+                if let Err(error) = self.pump(socket).await {
                     return End::lost(error, up);
                 }
-                if self
-                    .closing
-                    .is_some_and(|deadline| self.pending.is_empty() || now >= deadline)
-                {
-                    // Messages still in flight from the server keep arriving until its Close.
-                    let frame = CloseFrame::new(CloseCode::NORMAL, "");
-                    if let Err(cause) = socket.start_close(Some(frame)).await {
-                        debug!(%cause, "starting the close handshake");
-                        return End::Closed;
-                    }
-                    close_sent = Some(now + CLOSE_TIMEOUT);
+                match self.close_if_done(socket, now).await {
+                    Ok(sent) => close_sent = sent,
+                    Err(end) => return end,
                 }
             } else if close_sent.is_some_and(|deadline| now >= deadline) {
                 return End::Closed;
@@ -453,62 +452,112 @@ impl Driver {
             };
             tokio::select! {
                 biased;
-                command = self.commands.recv(), if !self.handles_gone && close_sent.is_none() => match command {
-                    None => {
-                        self.handles_gone = true;
-                        self.start_closing();
+                command = self.commands.recv(), if !self.handles_gone && close_sent.is_none() => {
+                    if let Err(error) = self.on_command(socket, command).await {
+                        return End::lost(error, up);
                     }
-                    Some(Command::Close(reply)) => {
-                        self.closers.push(reply);
-                        self.start_closing();
+                }
+                received = socket.recv() => {
+                    if let Some(end) = self.on_received(socket, received, close_sent.is_some(), up).await {
+                        return end;
                     }
-                    Some(Command::Message { nonce, json }) => self.pending.push_back(Pending { nonce, json }),
-                    Some(Command::Typing(is_typing)) => {
-                        if self.bucket.as_mut().map_or(true, |b| b.take(Instant::now())) {
-                            let json = format!(r#"{{"type":"typing","isTyping":{is_typing}}}"#);
-                            if let Err(error) = socket.feed_frame(OpCode::Text, json.as_bytes()).await {
-                                return End::lost(error, up);
-                            }
-                        }
-                    }
-                    Some(Command::Binary(data)) if self.mode == Mode::Room => {
-                        if self.relay.len() >= RELAY_QUEUE {
-                            debug!("relay queue full: dropping the oldest binary message");
-                            self.relay.pop_front();
-                        }
-                        self.relay.push_back(data);
-                    }
-                    Some(Command::Binary(data)) => {
-                        if let Err(error) = socket.feed_frame(OpCode::Binary, &data).await {
-                            return End::lost(error, up);
-                        }
-                    }
-                    Some(Command::Text(text)) => {
-                        if let Err(error) = socket.feed_frame(OpCode::Text, text.as_bytes()).await {
-                            return End::lost(error, up);
-                        }
-                    }
-                },
-                received = socket.recv() => match received {
-                    Ok(Some(Message::Text(text))) => match self.mode {
-                        Mode::Room => self.on_room_event(text.as_str()).await,
-                        Mode::Raw => self.emit(Event::Text(text.as_str().to_owned())).await,
-                    },
-                    Ok(Some(Message::Binary(data))) => self.emit(Event::Binary(data)).await,
-                    Ok(Some(_)) => {}
-                    Ok(None) | Err(_) if close_sent.is_some() => return End::Closed,
-                    Ok(None) => {
-                        let reason = socket.peer_close().map_or_else(
-                            || "the server closed the connection".to_owned(),
-                            |f| format!("the server closed the connection: {} {}", f.code, f.reason),
-                        );
-                        return End::Lost { error: Error::Room(reason), permanent: false, clean: true, since: Some(up) };
-                    }
-                    Err(error) => return End::lost(error, up),
-                },
+                }
                 () = async { sleep_until(wake.expect("guarded")).await }, if wake.is_some() => {}
             }
         }
+    }
+
+    /// Starts the close handshake once closing was asked for and the messages sent are
+    /// acknowledged (or their time is up); the deadline for the server's Close then.
+    async fn close_if_done(
+        &mut self,
+        socket: &mut WebSocket<Stream>,
+        now: Instant,
+    ) -> Result<Option<Instant>, End> {
+        let done = self
+            .closing
+            .is_some_and(|deadline| self.pending.is_empty() || now >= deadline);
+        if !done {
+            return Ok(None);
+        }
+        // Messages still in flight from the server keep arriving until its Close.
+        let frame = CloseFrame::new(CloseCode::NORMAL, "");
+        if let Err(cause) = socket.start_close(Some(frame)).await {
+            debug!(%cause, "starting the close handshake");
+            return Err(End::Closed);
+        }
+        Ok(Some(now + CLOSE_TIMEOUT))
+    }
+
+    /// A command while connected.
+    async fn on_command(
+        &mut self,
+        socket: &mut WebSocket<Stream>,
+        command: Option<Command>,
+    ) -> Result<(), switchboard_net::Error> {
+        match command {
+            None => {
+                self.handles_gone = true;
+                self.start_closing();
+            }
+            Some(Command::Close(reply)) => {
+                self.closers.push(reply);
+                self.start_closing();
+            }
+            Some(Command::Message { nonce, json }) => {
+                self.pending.push_back(Pending { nonce, json })
+            }
+            Some(Command::Typing(is_typing)) => {
+                if paced(&mut self.bucket, Instant::now()) {
+                    let json = serde_json::to_string(&ClientEvent::Typing { is_typing })
+                        .expect("events serialize");
+                    socket.feed_frame(OpCode::Text, json.as_bytes()).await?;
+                }
+            }
+            Some(Command::Binary(data)) if self.mode == Mode::Room => {
+                if self.relay.len() >= RELAY_QUEUE {
+                    debug!("relay queue full: dropping the oldest binary message");
+                    self.relay.pop_front();
+                }
+                self.relay.push_back(data);
+            }
+            Some(Command::Binary(data)) => socket.feed_frame(OpCode::Binary, &data).await?,
+            Some(Command::Text(text)) => socket.feed_frame(OpCode::Text, text.as_bytes()).await?,
+        }
+        Ok(())
+    }
+
+    /// What the server sent; `Some` when the connection ended.
+    async fn on_received(
+        &mut self,
+        socket: &WebSocket<Stream>,
+        received: Result<Option<Message>, switchboard_net::Error>,
+        closing: bool,
+        up: Instant,
+    ) -> Option<End> {
+        match received {
+            Ok(Some(Message::Text(text))) => match self.mode {
+                Mode::Room => self.on_room_event(text.as_str()).await,
+                Mode::Raw => self.emit(Event::Text(text.as_str().to_owned())).await,
+            },
+            Ok(Some(Message::Binary(data))) => self.emit(Event::Binary(data)).await,
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) if closing => return Some(End::Closed),
+            Ok(None) => {
+                let reason = socket.peer_close().map_or_else(
+                    || "the server closed the connection".to_owned(),
+                    |f| format!("the server closed the connection: {} {}", f.code, f.reason),
+                );
+                return Some(End::Lost {
+                    error: Error::Room(reason),
+                    permanent: false,
+                    clean: true,
+                    since: Some(up),
+                });
+            }
+            Err(error) => return Some(End::lost(error, up)),
+        }
+        None
     }
 
     /// Waits for the room's welcome (bounded) and takes its news.
@@ -527,43 +576,59 @@ impl Driver {
             Ok(Ok(Some(message))) => message,
         };
         let welcome = match &first {
-            Message::Text(text) => serde_json::from_str::<Incoming>(text.as_str()).ok(),
+            Message::Text(text) => ServerEvent::parse(text.as_str()).ok().flatten(),
             _ => None,
         };
-        let Some(Incoming::Welcome(mut welcome)) = welcome else {
+        let Some(ServerEvent::Welcome(welcome)) = welcome else {
             return Err(Error::Room(
                 "the server did not start with a welcome: is this a room URL?".into(),
             ));
         };
-        self.on_welcome(&mut welcome);
-        self.emit(Event::Welcome(welcome)).await;
+        let welcome = welcome.into_owned();
+        let resumed = self.on_welcome(&welcome);
+        self.emit(Event::Welcome { welcome, resumed }).await;
         Ok(())
     }
 
-    fn on_welcome(&mut self, welcome: &mut Welcome) {
-        welcome.resumed_after = self.last_id.or(self.joined_at);
-        if let Some(seen) = self.last_id {
-            if welcome.last_id < seen {
-                // The room's history was reset (a server keeping it in memory restarted):
-                // its ids start again, and must not be taken for ones already seen.
-                debug!(seen, now = welcome.last_id, "room history restarted");
-                self.last_id = Some(welcome.last_id);
-                welcome.resumed_after = Some(welcome.last_id);
-            }
+    /// Takes the welcome's news; where the connection resumed, if it did.
+    fn on_welcome(&mut self, welcome: &Welcome) -> Option<Resumed> {
+        let resumed_after = self.last_id.or(self.joined_at).or(self.options.since);
+        let other_epoch = !welcome.epoch.is_empty()
+            && self
+                .epoch
+                .as_ref()
+                .is_some_and(|epoch| *epoch != welcome.epoch);
+        // A server from before epochs whose history was reset (kept in memory and
+        // restarted) shows it by ids that went back.
+        let went_back = self.last_id.is_some_and(|seen| welcome.last_id < seen);
+        if other_epoch || went_back {
+            // The room's history was reset: its ids start again, and the newest of the
+            // new history follow; none of them must be taken for ones already seen.
+            debug!(seen = ?self.last_id, now = welcome.last_id, "room history restarted");
+            self.last_id = None;
+            self.joined_at = Some(welcome.last_id);
+        }
+        if !welcome.epoch.is_empty() {
+            self.epoch = Some(welcome.epoch.clone());
         }
         if self.joined_at.is_none() && self.options.since.is_none() {
             self.joined_at = Some(welcome.last_id);
         }
         self.user = Some(welcome.user.clone());
-        self.bucket = welcome.limits.as_ref().and_then(Bucket::for_limits);
+        self.bucket = welcome.limits.as_ref().and_then(pacing);
         self.paused_until = None;
+        resumed_after.map(|after| Resumed {
+            after,
+            complete: welcome.recovered != Some(false) && !other_epoch && !went_back,
+        })
     }
 
     async fn on_room_event(&mut self, text: &str) {
-        let event = match serde_json::from_str::<Incoming>(text) {
-            Ok(Incoming::Message(message)) => {
-                if let Some(nonce) = &message.nonce {
-                    if self.user.as_deref() == Some(message.from.as_str()) {
+        let event = match ServerEvent::parse(text) {
+            Ok(Some(ServerEvent::Message(message))) => {
+                let message = message.into_owned();
+                if let (Some(nonce), Some(from)) = (&message.nonce, &message.from) {
+                    if self.user.as_deref() == Some(from.as_str()) {
                         self.acknowledge(nonce);
                     }
                 }
@@ -574,7 +639,8 @@ impl Driver {
                 self.last_id = Some(message.id);
                 Event::Message(message)
             }
-            Ok(Incoming::Error(error)) => {
+            Ok(Some(ServerEvent::Error(error))) => {
+                let error = error.into_owned();
                 let queued = error
                     .nonce
                     .as_ref()
@@ -591,11 +657,18 @@ impl Driver {
                 }
                 Event::Error(error)
             }
-            Ok(Incoming::Typing { user, is_typing }) => Event::Typing { user, is_typing },
-            Ok(Incoming::Join { user }) => Event::Join { user },
-            Ok(Incoming::Leave { user }) => Event::Leave { user },
-            Ok(Incoming::Welcome(_)) => return,
-            Err(_) => Event::Unknown(text.to_owned()),
+            Ok(Some(ServerEvent::Typing(typing))) => Event::Typing {
+                user: typing.user.clone(),
+                is_typing: typing.is_typing,
+            },
+            Ok(Some(ServerEvent::Join(presence))) => Event::Join {
+                user: presence.user.clone(),
+            },
+            Ok(Some(ServerEvent::Leave(presence))) => Event::Leave {
+                user: presence.user.clone(),
+            },
+            Ok(Some(ServerEvent::Welcome(_))) => return,
+            Ok(None) | Err(_) => Event::Unknown(text.to_owned()),
         };
         self.emit(event).await;
     }
@@ -626,12 +699,13 @@ impl Driver {
         self.blocked_until = None;
         let now = Instant::now();
         while let Some(data) = self.relay.front() {
-            if let Some(bucket) = self.bucket.as_mut() {
-                if !bucket.take(now) {
-                    self.blocked_until = Some(bucket.ready_at());
-                    socket.flush().await?;
-                    return Ok(());
-                }
+            if !paced(&mut self.bucket, now) {
+                self.blocked_until = self
+                    .bucket
+                    .as_ref()
+                    .map(|b| Instant::from_std(b.ready_at()));
+                socket.flush().await?;
+                return Ok(());
             }
             socket.feed_frame(OpCode::Binary, data).await?;
             self.relay.pop_front();
@@ -643,11 +717,12 @@ impl Driver {
                 while self.in_flight < self.pending.len()
                     && self.in_flight < self.options.max_in_flight.max(1)
                 {
-                    if let Some(bucket) = self.bucket.as_mut() {
-                        if !bucket.take(now) {
-                            self.blocked_until = Some(bucket.ready_at());
-                            break;
-                        }
+                    if !paced(&mut self.bucket, now) {
+                        self.blocked_until = self
+                            .bucket
+                            .as_ref()
+                            .map(|b| Instant::from_std(b.ready_at()));
+                        break;
                     }
                     let json = &self.pending[self.in_flight].json;
                     socket.feed_frame(OpCode::Text, json.as_bytes()).await?;

@@ -7,7 +7,9 @@
 //! - **Reconnection** with exponential backoff and full jitter ([`Backoff`]), bounded
 //!   and configurable; refusals that retrying cannot fix (a 4xx answer) end it.
 //! - **Resume**: each reconnection asks for the messages after the last id seen
-//!   (`?since=`), so [`Event::Message`] delivers every message exactly once, in order.
+//!   (`?since=` and `&epoch=`), so [`Event::Message`] delivers every message exactly
+//!   once, in order. When the room no longer keeps all of them, or its history was
+//!   reset, the welcome's [`Resumed`] says so (`complete: false`).
 //! - **Messages sent while disconnected** are queued, and every message is sent again
 //!   with its original nonce until the server acknowledges it, so each is stored once.
 //! - **Heartbeats**: a silent server is pinged and given up on when it does not answer,
@@ -23,7 +25,13 @@
 //! room.send_message("Hello!")?;
 //! while let Some(event) = events.recv().await {
 //!     match event {
-//!         Event::Message(m) => println!("{}: {}", m.from, m.text),
+//!         Event::Message(m) => {
+//!             let from = m.from.as_deref().unwrap_or("(server)");
+//!             println!("{from}: {}", m.text.as_deref().unwrap_or_default());
+//!         }
+//!         Event::Welcome { resumed: Some(r), .. } if !r.complete => {
+//!             println!("some messages since {} are no longer kept", r.after);
+//!         }
 //!         Event::Typing { user, is_typing: true } => println!("{user} is typing…"),
 //!         Event::State(state) => println!("[{state:?}]"),
 //!         _ => {}
@@ -69,12 +77,13 @@ use rand::{Rng, SeedableRng};
 use tokio::sync::{mpsc, oneshot};
 
 pub use backoff::Backoff;
-pub use event::{ChatMessage, Event, Limits, ServerError, State, Welcome};
+pub use event::{ChatMessage, Event, Limits, Resumed, ServerError, State, Welcome};
 pub use options::Options;
 /// TLS settings for `wss://` ([`Options::with_tls`]): `tls::client_config(Some(ca_file))`.
 pub use switchboard_net::tls;
 
 use driver::{Command, Driver, Mode, Shared};
+use switchboard_protocol::room::ClientEvent;
 
 /// Events a client keeps for the application before it stops reading the socket.
 const EVENT_QUEUE: usize = 1024;
@@ -210,6 +219,20 @@ impl RoomClient {
     /// acknowledges it: it then arrives as an [`Event::Message`] with this nonce. A
     /// refusal that retrying cannot fix arrives as an [`Event::Error`] with this nonce.
     pub fn send_message(&self, text: impl Into<String>) -> Result<String, Error> {
+        self.publish(Some(text.into()), None)
+    }
+
+    /// Queues a message carrying `data` (any JSON), like [`RoomClient::send_message`].
+    pub fn send_data(&self, data: serde_json::Value) -> Result<String, Error> {
+        self.publish(None, Some(data))
+    }
+
+    /// Queues a message with `text`, `data` or both, like [`RoomClient::send_message`].
+    pub fn publish(
+        &self,
+        text: Option<String>,
+        data: Option<serde_json::Value>,
+    ) -> Result<String, Error> {
         let queued = self.handle.shared.queued.fetch_add(1, Ordering::Relaxed);
         if queued >= self.max_queued {
             self.handle.shared.queued.fetch_sub(1, Ordering::Relaxed);
@@ -217,10 +240,14 @@ impl RoomClient {
         }
         let n = self.nonces.next.fetch_add(1, Ordering::Relaxed);
         let nonce = format!("{}-{n}", self.nonces.prefix);
-        let json = serde_json::json!({"type": "message", "text": text.into(), "nonce": nonce});
+        let event = ClientEvent::Message {
+            text,
+            data,
+            nonce: Some(nonce.clone()),
+        };
         let sent = self.handle.command(Command::Message {
             nonce: nonce.clone(),
-            json: json.to_string(),
+            json: serde_json::to_string(&event).expect("events serialize"),
         });
         if sent.is_err() {
             self.handle.shared.queued.fetch_sub(1, Ordering::Relaxed);

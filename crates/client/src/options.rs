@@ -121,15 +121,23 @@ impl Options {
     }
 }
 
-/// `url` with `name` and `since` set in its query (replacing values already there).
-pub(crate) fn room_url(url: &str, name: Option<&str>, since: Option<u64>) -> String {
+/// `url` with `name`, `since` and `epoch` set in its query (replacing values already
+/// there).
+pub(crate) fn room_url(
+    url: &str,
+    name: Option<&str>,
+    since: Option<u64>,
+    epoch: Option<&str>,
+) -> String {
     let (base, query) = url.split_once('?').unwrap_or((url, ""));
     let mut pairs: Vec<String> = query
         .split('&')
         .filter(|pair| !pair.is_empty())
         .filter(|pair| {
             let key = pair.split('=').next().unwrap_or_default();
-            !(key == "since" && since.is_some() || key == "name" && name.is_some())
+            !(key == "since" && since.is_some()
+                || key == "name" && name.is_some()
+                || key == "epoch" && epoch.is_some())
         })
         .map(str::to_owned)
         .collect();
@@ -138,6 +146,9 @@ pub(crate) fn room_url(url: &str, name: Option<&str>, since: Option<u64>) -> Str
     }
     if let Some(since) = since {
         pairs.push(format!("since={since}"));
+    }
+    if let Some(epoch) = epoch {
+        pairs.push(format!("epoch={}", encode(epoch)));
     }
     if pairs.is_empty() {
         base.to_owned()
@@ -167,16 +178,25 @@ mod tests {
     #[test]
     fn names_and_resume_points_go_into_the_query() {
         assert_eq!(
-            room_url("ws://h/room/lobby", Some("bot"), None),
+            room_url("ws://h/room/lobby", Some("bot"), None, None),
             "ws://h/room/lobby?name=bot"
         );
         assert_eq!(
-            room_url("ws://h/room/lobby?since=3&x=1", Some("Zoë B"), Some(9)),
+            room_url(
+                "ws://h/room/lobby?since=3&x=1",
+                Some("Zoë B"),
+                Some(9),
+                None
+            ),
             "ws://h/room/lobby?x=1&name=Zo%C3%AB%20B&since=9"
         );
         assert_eq!(
-            room_url("ws://h/room/lobby?since=3", None, None),
+            room_url("ws://h/room/lobby?since=3", None, None, None),
             "ws://h/room/lobby?since=3"
+        );
+        assert_eq!(
+            room_url("ws://h/room/lobby?epoch=old", None, Some(4), Some("e1")),
+            "ws://h/room/lobby?since=4&epoch=e1"
         );
     }
 }

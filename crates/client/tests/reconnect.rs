@@ -148,10 +148,10 @@ async fn history(url: &str) -> Vec<(u64, String, String)> {
     let mut messages = Vec::new();
     loop {
         match next_event(&mut events).await {
-            Event::Welcome(welcome) => last_id = Some(welcome.last_id),
+            Event::Welcome { welcome, .. } => last_id = Some(welcome.last_id),
             Event::Message(m) => {
                 let done = Some(m.id) == last_id;
-                messages.push((m.id, m.from, m.text));
+                messages.push((m.id, m.from.unwrap_or_default(), m.text.unwrap_or_default()));
                 if done {
                     break;
                 }
@@ -189,7 +189,9 @@ async fn a_thousand_messages_through_two_restarts_and_two_cuts_land_once_in_orde
         let mut reconnections = 0;
         while seen.len() < 1000 {
             match next_event(&mut bob_events).await {
-                Event::Message(m) => seen.push((m.id, m.from, m.text)),
+                Event::Message(m) => {
+                    seen.push((m.id, m.from.unwrap_or_default(), m.text.unwrap_or_default()))
+                }
                 Event::State(State::Reconnecting { .. }) => reconnections += 1,
                 Event::State(State::Connected) => {
                     up.fetch_add(1, Ordering::SeqCst);
@@ -208,7 +210,7 @@ async fn a_thousand_messages_through_two_restarts_and_two_cuts_land_once_in_orde
         let mut acknowledged = Vec::new();
         while let Some(event) = alice_events.recv().await {
             match event {
-                Event::Message(m) => acknowledged.push(m.text),
+                Event::Message(m) => acknowledged.push(m.text.unwrap_or_default()),
                 Event::State(State::Reconnecting { .. }) => reconnections += 1,
                 Event::State(State::Connected) => {
                     up.fetch_add(1, Ordering::SeqCst);
@@ -344,7 +346,7 @@ async fn reconnection_delays_grow_with_jitter_up_to_the_cap() {
     let listener = TcpListener::bind(server.address).await.unwrap();
     server.serve(listener);
     loop {
-        if let Event::Welcome(welcome) = next_event(&mut events).await {
+        if let Event::Welcome { welcome, .. } = next_event(&mut events).await {
             assert_eq!(welcome.user, "carol");
             break;
         }

@@ -9,7 +9,9 @@
 //!   themselves use [`WebSocket::from_upgraded`].
 //! - [`connect`] opens a client connection to a `ws://` or `wss://` URL; [`Stream`] is
 //!   the TCP or TLS stream under it, and [`tls`] builds the TLS settings.
+//! - [`bucket`] paces: the token bucket of every rate limit, server and client.
 
+pub mod bucket;
 mod client;
 mod config;
 mod error;

@@ -1,19 +1,65 @@
-//! `switchboard-protocol`: the room protocol's JSON (DESIGN.md, "The room protocol"),
-//! with no I/O and no storage in it, so every parser of it can be fuzzed on its own.
+//! `switchboard-protocol`: the wire formats Switchboard's doors speak, with no I/O and no
+//! storage in it, so every parser of them can be fuzzed on its own (docs/PROTOCOL.md).
 //!
-//! - [`event`] parses what clients send and writes what servers send.
-//! - [`StoredMessage`] is a room message as it is kept and sent.
+//! - [`Publication`] is one message of a channel as it is stored and sent: its id, who
+//!   sent it (absent for a server publication), its `text` and/or `data` (any JSON), an
+//!   optional `event` name, the server's timestamp and the sender's `nonce`.
+//! - [`room`] is the room protocol, both directions: the events a client sends
+//!   ([`room::ClientEvent`], parsed by [`room::parse_client_event`] with an error code for
+//!   every refusal) and the events a server sends ([`room::ServerEvent`]). The server and
+//!   the Rust client both use these types; neither writes the JSON by hand.
 
-pub mod event;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
-/// A stored room message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredMessage {
-    pub room: String,
+pub mod room;
+
+/// A channel's publication, as stored and as the room protocol's `message` event carries
+/// it (the channel is its `room` there).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Publication {
+    /// One more than the channel's previous publication's.
     pub id: u64,
-    pub from: String,
-    pub text: String,
-    /// RFC 3339 with milliseconds, set by the server.
+    #[serde(rename = "room")]
+    pub channel: String,
+    /// The user who sent it; absent for a publication of the server (its HTTP API).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    /// Any JSON value, kept and sent as it was serialized.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Box<RawValue>>,
+    /// An event name (the Pusher door's event; absent for a plain message).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<String>,
+    /// RFC 3339 in UTC with milliseconds, set by the server.
     pub timestamp: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nonce: Option<String>,
 }
+
+impl Publication {
+    /// The serialized `data`, if any.
+    pub fn data_json(&self) -> Option<&str> {
+        self.data.as_deref().map(RawValue::get)
+    }
+}
+
+impl PartialEq for Publication {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id
+            && self.channel == other.channel
+            && self.from == other.from
+            && self.text == other.text
+            && self.data_json() == other.data_json()
+            && self.event == other.event
+            && self.timestamp == other.timestamp
+            && self.nonce == other.nonce
+    }
+}
+
+impl Eq for Publication {}
+
+/// Longest accepted `nonce`, in bytes.
+pub const MAX_NONCE: usize = 128;

@@ -117,12 +117,15 @@ pub(crate) fn identify(
         Auth::Open => {
             return query
                 .get("name")
-                .filter(|n| switchboard_hub::valid_user_name(n))
+                .filter(|n| switchboard_engine::valid_user_name(n))
                 .cloned()
                 .ok_or_else(|| {
                     refused(
                         StatusCode::BAD_REQUEST,
-                        format!("join with ?name=NAME ({})", switchboard_hub::USER_NAME_RULE),
+                        format!(
+                            "join with ?name=NAME ({})",
+                            switchboard_engine::USER_NAME_RULE
+                        ),
                     )
                 })
         }
@@ -157,7 +160,7 @@ pub(crate) fn identify(
     claims
         .name
         .or(claims.sub)
-        .filter(|n| switchboard_hub::valid_user_name(n))
+        .filter(|n| switchboard_engine::valid_user_name(n))
         .ok_or_else(|| {
             refused(
                 StatusCode::FORBIDDEN,

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use serde::Deserialize;
+use switchboard_engine::{ChannelOptions, NamespaceTable};
 use switchboard_wire::deflate::DeflateConfig;
 
 /// Settings of [`crate::run`]; build from [`Config::default`] or deserialize from TOML.
@@ -42,6 +43,13 @@ pub struct Config {
     pub room_max_message: usize,
     /// Longest chat text, in characters (an `error` event beyond it).
     pub max_text_chars: usize,
+    /// The options of every channel no namespace claims (`[channels]`).
+    pub channels: ChannelOptions,
+    /// `[namespaces.NS]`: options for the channels whose names start with a prefix.
+    pub namespaces: NamespaceTable,
+    /// Seconds a message's nonce is remembered (a retry within it is stored once),
+    /// whether or not the message itself is still kept.
+    pub nonce_ttl_secs: u64,
     /// Messages sent on joining a room without `since`.
     pub recent_on_join: usize,
     /// Events queued per room connection before it is closed as a slow consumer (4008).
@@ -111,6 +119,9 @@ impl Default for Config {
             presence_expiry_secs: 15,
             room_max_message: 64 * 1024,
             max_text_chars: 4096,
+            channels: ChannelOptions::default(),
+            namespaces: NamespaceTable::default(),
+            nonce_ttl_secs: 86_400,
             recent_on_join: 50,
             outbound_queue: 4096,
             jwt_secret: None,
@@ -205,6 +216,13 @@ impl Config {
         self
     }
 
+    /// The options of channels outside every namespace, and the namespaces.
+    pub fn with_channels(mut self, channels: ChannelOptions, namespaces: NamespaceTable) -> Self {
+        self.channels = channels;
+        self.namespaces = namespaces;
+        self
+    }
+
     pub fn with_rate_limit(mut self, per_sec: f64, burst: u32) -> Self {
         self.rate_limit_per_sec = per_sec;
         self.rate_limit_burst = burst;
@@ -214,6 +232,15 @@ impl Config {
     pub fn with_compression(mut self, on: bool) -> Self {
         self.compression = on;
         self
+    }
+
+    /// The limits rooms announce in their welcome.
+    pub(crate) fn limits(&self) -> switchboard_protocol::room::Limits {
+        switchboard_protocol::room::Limits {
+            events_per_sec: self.rate_limit_per_sec,
+            burst: self.rate_limit_burst,
+            max_text_chars: self.max_text_chars,
+        }
     }
 
     fn deflate(&self) -> Option<DeflateConfig> {

@@ -21,5 +21,5 @@ mod web;
 
 pub use auth::AuthSetupError;
 pub use config::Config;
-pub use room::SLOW_CONSUMER;
+pub use room::{HISTORY_RESET, SLOW_CONSUMER};
 pub use serve::{run, Error};

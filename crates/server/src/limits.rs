@@ -1,10 +1,12 @@
 //! Limits per client IP address: how many connections it holds open, and how fast it
-//! opens new ones (a token bucket). Checked at accept, before any byte is read.
+//! opens new ones (a [`TokenBucket`]). Checked at accept, before any byte is read.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use switchboard_net::bucket::TokenBucket;
 
 /// Why a new connection was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,8 +36,7 @@ impl Refusal {
 #[derive(Debug)]
 struct Entry {
     open: usize,
-    tokens: f64,
-    refilled: Instant,
+    handshakes: TokenBucket,
 }
 
 /// Every address seen lately and what it holds.
@@ -94,37 +95,27 @@ impl PerIp {
         })
     }
 
-    /// Admits a new connection from `ip`, or says why not.
-    pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<IpSlot, Refusal> {
+    /// Admits a new connection from `ip` at `now`, or says why not.
+    pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr, now: Instant) -> Result<IpSlot, Refusal> {
         let ip = client_key(ip);
-        let now = Instant::now();
         let mut guard = self.entries.lock().expect("not poisoned");
         let (entries, swept) = &mut *guard;
         if now.duration_since(*swept) > FORGET_AFTER || entries.len() >= SWEEP_AT {
             *swept = now;
             // An address is kept while it holds connections or its bucket is refilling.
-            let (per_sec, burst) = (self.per_sec, self.burst);
-            entries.retain(|_, entry| {
-                let idle = now.duration_since(entry.refilled).as_secs_f64();
-                entry.open > 0 || (per_sec > 0.0 && entry.tokens + idle * per_sec < burst)
-            });
+            let rate_on = self.per_sec > 0.0;
+            entries
+                .retain(|_, entry| entry.open > 0 || (rate_on && !entry.handshakes.is_full(now)));
         }
-        let entry = entries.entry(ip).or_insert(Entry {
+        let entry = entries.entry(ip).or_insert_with(|| Entry {
             open: 0,
-            tokens: self.burst,
-            refilled: now,
+            handshakes: TokenBucket::new(self.per_sec, self.burst, now),
         });
         if self.max_open > 0 && entry.open >= self.max_open {
             return Err(Refusal::TooManyOpen);
         }
-        if self.per_sec > 0.0 {
-            let elapsed = now.duration_since(entry.refilled).as_secs_f64();
-            entry.tokens = (entry.tokens + elapsed * self.per_sec).min(self.burst);
-            entry.refilled = now;
-            if entry.tokens < 1.0 {
-                return Err(Refusal::TooFast);
-            }
-            entry.tokens -= 1.0;
+        if self.per_sec > 0.0 && !entry.handshakes.take(now) {
+            return Err(Refusal::TooFast);
         }
         entry.open += 1;
         Ok(IpSlot {
@@ -147,30 +138,35 @@ mod tests {
     const A: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1));
     const B: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 2));
 
+    fn now() -> Instant {
+        Instant::now()
+    }
+
     #[test]
     fn open_connections_are_capped_per_address_and_given_back() {
         let limits = PerIp::new(2, 0.0, 0).unwrap();
-        let first = limits.admit(A).unwrap();
-        let _second = limits.admit(A).unwrap();
-        assert_eq!(limits.admit(A).unwrap_err(), Refusal::TooManyOpen);
+        let first = limits.admit(A, now()).unwrap();
+        let _second = limits.admit(A, now()).unwrap();
+        assert_eq!(limits.admit(A, now()).unwrap_err(), Refusal::TooManyOpen);
         // Another address has its own share.
-        let _other = limits.admit(B).unwrap();
+        let _other = limits.admit(B, now()).unwrap();
         drop(first);
         assert_eq!(limits.open(A), 1);
-        assert!(limits.admit(A).is_ok());
+        assert!(limits.admit(A, now()).is_ok());
     }
 
     #[test]
     fn a_burst_is_allowed_then_the_rate_holds() {
         let limits = PerIp::new(0, 1.0, 3).unwrap();
+        let start = now();
         for _ in 0..3 {
-            drop(limits.admit(A).unwrap());
+            drop(limits.admit(A, start).unwrap());
         }
-        assert_eq!(limits.admit(A).unwrap_err(), Refusal::TooFast);
-        assert!(limits.admit(B).is_ok());
-        std::thread::sleep(Duration::from_millis(1100));
-        assert!(limits.admit(A).is_ok());
-        assert_eq!(limits.admit(A).unwrap_err(), Refusal::TooFast);
+        assert_eq!(limits.admit(A, start).unwrap_err(), Refusal::TooFast);
+        assert!(limits.admit(B, start).is_ok());
+        let later = start + Duration::from_millis(1100);
+        assert!(limits.admit(A, later).is_ok());
+        assert_eq!(limits.admit(A, later).unwrap_err(), Refusal::TooFast);
     }
 
     #[test]
@@ -179,12 +175,18 @@ mod tests {
         let one: IpAddr = "2001:db8:1:2::1".parse().unwrap();
         let same_64: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
         let other_64: IpAddr = "2001:db8:1:3::1".parse().unwrap();
-        let _held = limits.admit(one).unwrap();
-        assert_eq!(limits.admit(same_64).unwrap_err(), Refusal::TooManyOpen);
-        assert!(limits.admit(other_64).is_ok());
-        let _v4 = limits.admit(A).unwrap();
+        let _held = limits.admit(one, now()).unwrap();
+        assert_eq!(
+            limits.admit(same_64, now()).unwrap_err(),
+            Refusal::TooManyOpen
+        );
+        assert!(limits.admit(other_64, now()).is_ok());
+        let _v4 = limits.admit(A, now()).unwrap();
         let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
-        assert_eq!(limits.admit(mapped).unwrap_err(), Refusal::TooManyOpen);
+        assert_eq!(
+            limits.admit(mapped, now()).unwrap_err(),
+            Refusal::TooManyOpen
+        );
     }
 
     #[test]

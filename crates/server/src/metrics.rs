@@ -1,6 +1,6 @@
 //! `/metrics` in Prometheus text format.
 //!
-//! Counters are recorded through the `metrics` facade by the hub and the server; the
+//! Counters are recorded through the `metrics` facade by the engine and the server; the
 //! Prometheus recorder is installed once per process (the first server to start), and
 //! every server renders it.
 
@@ -44,7 +44,7 @@ pub(crate) fn install() -> &'static PrometheusHandle {
 }
 
 pub(crate) async fn render(State(state): State<AppState>) -> Response {
-    metrics::gauge!("switchboard_rooms").set(state.hub.active_rooms().len() as f64);
+    metrics::gauge!("switchboard_rooms").set(state.engine.local_channels() as f64);
     let body = install().render();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }

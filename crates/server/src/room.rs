@@ -1,17 +1,27 @@
-//! `/room/{room}`: a chat room over WebSocket (DESIGN.md, "The room protocol").
+//! `/room/{channel}`: the room protocol over WebSocket (docs/PROTOCOL.md).
+//!
+//! The handshake checks the channel name, who the user is (`auth.rs`), whether the
+//! channel admits that user, and the resume point (`since`, `epoch`); then a session
+//! sends the welcome and the backlog, and relays in both directions until one side
+//! closes. Publications reach the socket encoded once per channel (see
+//! [`switchboard_engine::Delivery`]), several per write when they queue up.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use axum::extract::{Path, Query, Request, State};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use http::StatusCode;
-use std::time::Instant;
-use switchboard_hub::event::{self, parse_client_event, ClientEvent};
-use switchboard_hub::{valid_room_id, Membership, Outbound, ROOM_ID_RULE};
+use serde_json::value::to_raw_value;
+use switchboard_engine::{
+    names, Draft, Ended, EngineError, Format, Outbound, Resume, Subscription, CHANNEL_RULE,
+};
+use switchboard_net::bucket::TokenBucket;
 use switchboard_net::wire::OpCode;
-use switchboard_net::{CloseCode, CloseFrame, Message, WebSocket};
-
-use switchboard_net::Stream;
+use switchboard_net::{CloseCode, CloseFrame, Message, Stream, WebSocket};
+use switchboard_protocol::room::{self, parse_client_event, ClientEvent};
+use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::serve::AppState;
@@ -20,58 +30,47 @@ use crate::upgrade::upgrade;
 /// Close code for a connection that fell too far behind its room.
 pub const SLOW_CONSUMER: CloseCode = CloseCode(4008);
 
-/// A token bucket: `rate` tokens a second, at most `burst` saved up.
-struct RateLimit {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    at: Instant,
-    /// Refusals in a row.
-    strikes: u32,
-}
+/// Close code for a connection whose room's history was lost under it (a new epoch):
+/// it reconnects with `since` and `epoch`, and the welcome says `recovered: false`.
+pub const HISTORY_RESET: CloseCode = CloseCode(4009);
 
-impl RateLimit {
-    fn new(rate: f64, burst: u32) -> Self {
-        let burst = f64::from(burst.max(1));
-        Self {
-            rate: rate.max(0.0),
-            burst,
-            tokens: burst,
-            at: Instant::now(),
-            strikes: 0,
-        }
-    }
+/// The room protocol's slot in each publication's encoding cache.
+const ROOM_JSON: Format = Format(0);
 
-    fn allow(&mut self) -> bool {
-        let now = Instant::now();
-        self.tokens =
-            (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.burst);
-        self.at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            self.strikes = 0;
-            true
-        } else {
-            self.strikes += 1;
-            false
-        }
-    }
-}
+/// Longest `epoch` a resume may name.
+const MAX_EPOCH: usize = 64;
 
 fn bad_request(message: String) -> Response {
     (StatusCode::BAD_REQUEST, format!("{message}\n")).into_response()
 }
 
+/// The resume point a room URL asks for.
+fn resume_of(query: &HashMap<String, String>) -> Result<Resume, &'static str> {
+    let since = match query.get("since").map(|s| s.parse::<u64>()) {
+        None => None,
+        // Ids are stored as SQLite integers.
+        Some(Ok(id)) if id <= i64::MAX as u64 => Some(id),
+        Some(_) => return Err("since must be a message id (a whole number)"),
+    };
+    let epoch = match query.get("epoch") {
+        Some(epoch) if epoch.is_empty() || epoch.len() > MAX_EPOCH => {
+            return Err("epoch must be the one a welcome gave (1-64 characters)")
+        }
+        epoch => epoch.cloned(),
+    };
+    Ok(Resume { since, epoch })
+}
+
 pub(crate) async fn room(
     State(state): State<AppState>,
-    Path(room): Path<String>,
+    Path(channel): Path<String>,
     Query(query): Query<HashMap<String, String>>,
     request: Request,
 ) -> Response {
-    if !valid_room_id(&room) {
-        return bad_request(ROOM_ID_RULE.into());
+    if !names::valid_channel(&channel) {
+        return bad_request(CHANNEL_RULE.into());
     }
-    let name = match crate::auth::identify(&state.auth, &room, &query, request.headers()) {
+    let name = match crate::auth::identify(&state.auth, &channel, &query, request.headers()) {
         Ok(name) => name,
         Err(refused) => {
             metrics::counter!("switchboard_handshake_failures_total", "reason" => "auth")
@@ -79,20 +78,33 @@ pub(crate) async fn room(
             return (refused.status, format!("{}\n", refused.message)).into_response();
         }
     };
-    let since = match query.get("since").map(|s| s.parse::<u64>()) {
-        None => None,
-        // Ids are stored as SQLite integers.
-        Some(Ok(id)) if id <= i64::MAX as u64 => Some(id),
-        Some(_) => return bad_request("since must be a message id (a whole number)".into()),
+    if !names::may_subscribe(&channel, &name) {
+        metrics::counter!("switchboard_handshake_failures_total", "reason" => "auth").increment(1);
+        return (
+            StatusCode::FORBIDDEN,
+            format!("room {channel} is for other users\n"),
+        )
+            .into_response();
+    }
+    let resume = match resume_of(&query) {
+        Ok(resume) => resume,
+        Err(message) => return bad_request(message.into()),
     };
     let config = state.config.socket_config(state.config.room_max_message);
     let session_state = state.clone();
-    upgrade(&state, request, config, move |socket, _| async move {
-        match session_state.hub.join(&room, &name, since).await {
-            Ok(membership) => session(socket, membership, session_state).await,
+    upgrade(&state, request, config, move |mut socket, _| async move {
+        match session_state
+            .engine
+            .subscribe(&channel, &name, resume)
+            .await
+        {
+            Ok(subscription) => {
+                Session::new(socket, subscription, session_state)
+                    .run()
+                    .await
+            }
             Err(cause) => {
-                warn!(%cause, room, "joining a room failed");
-                let mut socket = socket;
+                warn!(%cause, channel, "joining a room failed");
                 let frame = CloseFrame::new(CloseCode::INTERNAL_ERROR, "room unavailable");
                 if let Err(cause) = socket.close(Some(frame)).await {
                     debug!(%cause, "closing after a failed join");
@@ -122,168 +134,318 @@ impl Counters {
     }
 }
 
-async fn feed(
-    socket: &mut WebSocket<Stream>,
-    counters: &Counters,
-    item: &Outbound,
-) -> Result<(), switchboard_net::Error> {
-    let (Outbound::Message(_, bytes) | Outbound::Text(bytes) | Outbound::Binary(bytes)) = item;
-    counters.events_sent.increment(1);
-    counters.bytes_sent.increment(bytes.len() as u64);
-    match item {
-        Outbound::Message(_, json) | Outbound::Text(json) => {
-            socket.feed_frame(OpCode::Text, json).await
+/// A connection's events per second, and how often in a row it went over.
+struct RateLimit {
+    bucket: TokenBucket,
+    /// Refusals in a row.
+    strikes: u32,
+}
+
+impl RateLimit {
+    fn allow(&mut self, now: Instant) -> bool {
+        if self.bucket.take(now.into_std()) {
+            self.strikes = 0;
+            true
+        } else {
+            self.strikes += 1;
+            false
         }
-        Outbound::Binary(data) => socket.feed_frame(OpCode::Binary, data).await,
     }
 }
 
-async fn session(mut socket: WebSocket<Stream>, mut membership: Membership, state: AppState) {
-    // The welcome, then history page by page; live events wait in the member's queue.
-    // A failed history read (the store, or in a cluster Redis, away) closes with 1011:
-    // the client reconnects with `since` and misses nothing.
-    let mut history_failed = None;
-    let result: Result<(), switchboard_net::Error> = async {
-        socket.feed_frame(OpCode::Text, &membership.welcome).await?;
-        loop {
-            let page = match membership.next_backlog().await {
-                Ok(page) => page,
-                Err(cause) => {
-                    history_failed = Some(cause);
+/// An event in the room protocol.
+fn frame_of(item: &Outbound) -> (OpCode, Bytes) {
+    let text = match item {
+        Outbound::Publication(delivery) | Outbound::Ack(delivery) => {
+            delivery.encoded(ROOM_JSON, room::message)
+        }
+        Outbound::Join(user) => room::presence(true, user),
+        Outbound::Leave(user) => room::presence(false, user),
+        Outbound::Typing { user, is_typing } => room::typing(user, *is_typing),
+        Outbound::Refused { nonce } => room::unavailable(nonce.as_deref()),
+        Outbound::Binary(data) => return (OpCode::Binary, data.clone()),
+    };
+    (OpCode::Text, text)
+}
+
+/// What the live loop does after an event.
+enum Step {
+    Continue,
+    /// Close with this frame.
+    Close(CloseFrame),
+    /// The connection is gone.
+    End,
+}
+
+struct Session {
+    socket: WebSocket<Stream>,
+    subscription: Subscription,
+    state: AppState,
+    counters: Counters,
+    limit: RateLimit,
+    /// When an unrefreshed typing indicator expires.
+    typing_until: Option<Instant>,
+}
+
+impl Session {
+    fn new(socket: WebSocket<Stream>, subscription: Subscription, state: AppState) -> Self {
+        let limit = RateLimit {
+            bucket: TokenBucket::new(
+                state.config.rate_limit_per_sec,
+                f64::from(state.config.rate_limit_burst),
+                std::time::Instant::now(),
+            ),
+            strikes: 0,
+        };
+        Self {
+            socket,
+            subscription,
+            state,
+            counters: Counters::new(),
+            limit,
+            typing_until: None,
+        }
+    }
+
+    async fn run(mut self) {
+        if !self.greet().await {
+            return;
+        }
+        match self.live().await {
+            Step::Close(frame) => {
+                if let Err(cause) = Box::pin(self.socket.close(Some(frame))).await {
+                    debug!(%cause, "room close handshake");
+                }
+            }
+            Step::Continue | Step::End => {}
+        }
+    }
+
+    /// The welcome, then history page by page; live events wait in the member's queue.
+    /// A failed history read (the store, or in a cluster Redis, away) closes with 1011:
+    /// the client reconnects with `since` and misses nothing. False when the session
+    /// is over.
+    async fn greet(&mut self) -> bool {
+        let subscription = &mut self.subscription;
+        let welcome = room::welcome(&room::Welcome {
+            room: subscription.channel().to_owned(),
+            user: subscription.user().to_owned(),
+            members: subscription.members().to_vec(),
+            last_id: subscription.last_id(),
+            epoch: subscription.epoch().to_owned(),
+            recovered: subscription.recovered(),
+            limits: Some(self.state.config.limits()),
+        });
+        let mut history_failed = None;
+        let result: Result<(), switchboard_net::Error> = async {
+            self.socket.feed_frame(OpCode::Text, &welcome).await?;
+            loop {
+                let page = match subscription.next_backlog().await {
+                    Ok(page) => page,
+                    Err(cause) => {
+                        history_failed = Some(cause);
+                        break;
+                    }
+                };
+                if page.is_empty() {
                     break;
                 }
-            };
-            if page.is_empty() {
-                break;
+                for publication in &page {
+                    self.socket
+                        .feed_frame(OpCode::Text, &room::message(publication))
+                        .await?;
+                }
+                self.socket.flush().await?;
             }
-            for message in &page {
-                socket.feed_frame(OpCode::Text, message).await?;
+            self.socket.flush().await
+        }
+        .await;
+        if let Err(cause) = result {
+            debug!(%cause, "room connection ended during the welcome");
+            return false;
+        }
+        if let Some(cause) = history_failed {
+            warn!(%cause, "reading room history failed");
+            let frame =
+                CloseFrame::new(CloseCode::INTERNAL_ERROR, "history unavailable; reconnect");
+            if let Err(cause) = Box::pin(self.socket.close(Some(frame))).await {
+                debug!(%cause, "closing after a failed history read");
             }
-            socket.flush().await?;
+            return false;
         }
-        socket.flush().await
+        true
     }
-    .await;
-    if let Err(cause) = result {
-        debug!(%cause, "room connection ended during the welcome");
-        return;
-    }
-    if let Some(cause) = history_failed {
-        warn!(%cause, "reading room history failed");
-        let frame = CloseFrame::new(CloseCode::INTERNAL_ERROR, "history unavailable; reconnect");
-        if let Err(cause) = Box::pin(socket.close(Some(frame))).await {
-            debug!(%cause, "closing after a failed history read");
-        }
-        return;
-    }
-    let counters = Counters::new();
-    let cancelled = state.shutdown.stopping();
-    tokio::pin!(cancelled);
-    let mut limit = RateLimit::new(
-        state.config.rate_limit_per_sec,
-        state.config.rate_limit_burst,
-    );
-    // When an unrefreshed typing indicator expires.
-    let mut typing_until: Option<tokio::time::Instant> = None;
-    let typing_expiry = std::time::Duration::from_millis(state.config.typing_expiry_ms.max(1));
-    let close = loop {
-        tokio::select! {
-            biased;
-            () = async { tokio::time::sleep_until(typing_until.expect("guarded")).await }, if typing_until.is_some() => {
-                membership.typing(false);
-                typing_until = None;
-            }
-            () = &mut cancelled => break Some(CloseFrame::new(CloseCode::GOING_AWAY, "server shutting down")),
-            item = membership.recv() => {
-                let Some(item) = item else {
-                    metrics::counter!("switchboard_slow_consumer_closes_total").increment(1);
-                    break Some(CloseFrame::new(SLOW_CONSUMER, "too slow: reconnect with ?since="));
-                };
-                let mut sent = feed(&mut socket, &counters, &item).await;
-                while let (Ok(()), Some(more)) = (&sent, membership.try_recv()) {
-                    sent = feed(&mut socket, &counters, &more).await;
-                }
-                if let Err(cause) = sent.and(socket.flush().await) {
-                    debug!(%cause, "room connection ended while sending");
-                    return;
-                }
-            }
-            received = socket.recv() => match received {
-                Ok(Some(message @ (Message::Text(_) | Message::Binary(_)))) if !limit.allow() => {
-                    metrics::counter!("switchboard_rate_limited_total").increment(1);
-                    if limit.strikes > state.config.rate_limit_strikes {
-                        break Some(CloseFrame::new(CloseCode::POLICY, "rate limit exceeded again and again"));
-                    }
-                    // A refused message is named, so its sender can send it again later.
-                    let nonce = match &message {
-                        Message::Text(text) => event::nonce_of(text.as_str()),
-                        _ => None,
-                    };
-                    let error = event::error("rate_limited", "too many events; slow down", nonce.as_deref());
-                    if let Err(cause) = socket.feed_frame(OpCode::Text, &error).await {
-                        debug!(%cause, "room connection ended while refusing");
-                        return;
-                    }
-                }
-                Ok(Some(Message::Text(text))) => {
-                    counters.events_received.increment(1);
-                    counters.bytes_received.increment(text.len() as u64);
-                    match on_text(&mut socket, &membership, &state, text.as_str()).await {
-                        // Each "typing" restarts the expiry; "stopped" ends it.
-                        Ok(Some(true)) => typing_until = Some(tokio::time::Instant::now() + typing_expiry),
-                        Ok(Some(false)) => typing_until = None,
-                        Ok(None) => {}
-                        Err(cause) => {
-                            debug!(%cause, "room connection ended while answering");
-                            return;
-                        }
-                    }
-                }
-                Ok(Some(Message::Binary(data))) => {
-                    counters.bytes_received.increment(data.len() as u64);
-                    membership.relay_binary(data);
-                }
-                Ok(Some(_)) => {}
-                Ok(None) => return,
-                Err(cause) => {
-                    debug!(%cause, "room connection ended");
-                    return;
-                }
-            },
-        }
-    };
-    if let Some(frame) = close {
-        if let Err(cause) = Box::pin(socket.close(Some(frame))).await {
-            debug!(%cause, "room close handshake");
-        }
-    }
-}
 
-async fn on_text(
-    socket: &mut WebSocket<Stream>,
-    membership: &Membership,
-    state: &AppState,
-    text: &str,
-) -> Result<Option<bool>, switchboard_net::Error> {
-    match parse_client_event(text, state.config.max_text_chars) {
-        Ok(ClientEvent::Message { text, nonce }) => {
-            // The sender's acknowledgement is the broadcast of its own message.
-            let named = nonce.clone();
-            if let Err(cause) = membership.post(text, nonce).await {
-                warn!(%cause, "posting a message failed");
-                socket
-                    .feed_frame(OpCode::Text, &event::unavailable(named.as_deref()))
-                    .await?;
+    /// Relays both ways until one side closes.
+    async fn live(&mut self) -> Step {
+        let shutdown = self.state.shutdown.clone();
+        let cancelled = shutdown.stopping();
+        tokio::pin!(cancelled);
+        loop {
+            let step = tokio::select! {
+                biased;
+                () = async { tokio::time::sleep_until(self.typing_until.expect("guarded")).await }, if self.typing_until.is_some() => {
+                    self.typing_until = None;
+                    // Allowed when it started.
+                    let _ = self.subscription.typing(false);
+                    Step::Continue
+                }
+                () = &mut cancelled => Step::Close(CloseFrame::new(CloseCode::GOING_AWAY, "server shutting down")),
+                item = self.subscription.recv() => match item {
+                    Some(item) => self.send(item).await,
+                    None => self.cut_off(),
+                },
+                received = self.socket.recv() => match received {
+                    Ok(Some(message)) => self.on_message(message).await,
+                    Ok(None) => Step::End,
+                    Err(cause) => {
+                        debug!(%cause, "room connection ended");
+                        Step::End
+                    }
+                },
+            };
+            match step {
+                Step::Continue => {}
+                other => return other,
             }
-            Ok(None)
         }
-        Ok(ClientEvent::Typing { is_typing }) => {
-            membership.typing(is_typing);
-            Ok(Some(is_typing))
+    }
+
+    /// Sends `item` and whatever else is already queued, in one write.
+    async fn send(&mut self, item: Outbound) -> Step {
+        let mut sent = self.feed(&item).await;
+        while let (Ok(()), Some(more)) = (&sent, self.subscription.try_recv()) {
+            sent = self.feed(&more).await;
         }
-        Err(refused) => {
-            let error = event::error(refused.code, &refused.message, refused.nonce.as_deref());
-            socket.feed_frame(OpCode::Text, &error).await.map(|()| None)
+        match sent.and(self.socket.flush().await) {
+            Ok(()) => Step::Continue,
+            Err(cause) => {
+                debug!(%cause, "room connection ended while sending");
+                Step::End
+            }
+        }
+    }
+
+    async fn feed(&mut self, item: &Outbound) -> Result<(), switchboard_net::Error> {
+        let (opcode, bytes) = frame_of(item);
+        self.counters.events_sent.increment(1);
+        self.counters.bytes_sent.increment(bytes.len() as u64);
+        self.socket.feed_frame(opcode, &bytes).await
+    }
+
+    /// The engine cut this member off: it reconnects and resumes.
+    fn cut_off(&self) -> Step {
+        Step::Close(match self.subscription.ended() {
+            Some(Ended::Slow) => {
+                metrics::counter!("switchboard_slow_consumer_closes_total").increment(1);
+                CloseFrame::new(SLOW_CONSUMER, "too slow: reconnect with ?since=")
+            }
+            Some(Ended::Reset) => CloseFrame::new(
+                HISTORY_RESET,
+                "the room's history was reset: reconnect with ?since=&epoch=",
+            ),
+            None => CloseFrame::new(CloseCode::GOING_AWAY, "server shutting down"),
+        })
+    }
+
+    async fn on_message(&mut self, message: Message) -> Step {
+        let (text, binary) = match message {
+            Message::Text(text) => (Some(text), None),
+            Message::Binary(data) => (None, Some(data)),
+            _ => return Step::Continue,
+        };
+        if !self.limit.allow(Instant::now()) {
+            metrics::counter!("switchboard_rate_limited_total").increment(1);
+            if self.limit.strikes > self.state.config.rate_limit_strikes {
+                return Step::Close(CloseFrame::new(
+                    CloseCode::POLICY,
+                    "rate limit exceeded again and again",
+                ));
+            }
+            // A refused message is named, so its sender can send it again later.
+            let nonce = text.as_ref().and_then(|text| room::nonce_of(text.as_str()));
+            let error = room::error(
+                "rate_limited",
+                "too many events; slow down",
+                nonce.as_deref(),
+            );
+            return self.answer(&error).await;
+        }
+        if let Some(data) = binary {
+            self.counters.bytes_received.increment(data.len() as u64);
+            return match self.subscription.relay_binary(data) {
+                Ok(()) => Step::Continue,
+                Err(refused) => self.refuse(&refused, None).await,
+            };
+        }
+        let text = text.expect("text or binary");
+        self.counters.events_received.increment(1);
+        self.counters.bytes_received.increment(text.len() as u64);
+        match parse_client_event(text.as_str(), self.state.config.max_text_chars) {
+            Ok(ClientEvent::Message { text, data, nonce }) => self.publish(text, data, nonce).await,
+            Ok(ClientEvent::Typing { is_typing }) => match self.subscription.typing(is_typing) {
+                Ok(()) => {
+                    // Each "typing" restarts the expiry; "stopped" ends it.
+                    let expiry = Duration::from_millis(self.state.config.typing_expiry_ms.max(1));
+                    self.typing_until = is_typing.then(|| Instant::now() + expiry);
+                    Step::Continue
+                }
+                Err(refused) => self.refuse(&refused, None).await,
+            },
+            Err(refused) => {
+                let error = room::error(refused.code, &refused.message, refused.nonce.as_deref());
+                self.answer(&error).await
+            }
+        }
+    }
+
+    async fn publish(
+        &mut self,
+        text: Option<String>,
+        data: Option<serde_json::Value>,
+        nonce: Option<String>,
+    ) -> Step {
+        let data = match data.as_ref().map(to_raw_value).transpose() {
+            Ok(data) => data,
+            Err(cause) => {
+                let error = room::error("bad_event", &cause.to_string(), nonce.as_deref());
+                return self.answer(&error).await;
+            }
+        };
+        let named = nonce.clone();
+        let draft = Draft {
+            text,
+            data,
+            event: None,
+            nonce,
+        };
+        // The sender's acknowledgement is the delivery of its own message.
+        match self.subscription.publish(draft).await {
+            Ok(_receipt) => Step::Continue,
+            Err(refused) => self.refuse(&refused, named.as_deref()).await,
+        }
+    }
+
+    /// The `error` event for what the engine refused: `forbidden` by the channel's
+    /// options, else `unavailable` (to be sent again).
+    async fn refuse(&mut self, refused: &EngineError, nonce: Option<&str>) -> Step {
+        let error = match refused {
+            EngineError::Forbidden(why) => room::error("forbidden", why, nonce),
+            other => {
+                warn!(cause = %other, "posting a message failed");
+                room::unavailable(nonce)
+            }
+        };
+        self.answer(&error).await
+    }
+
+    async fn answer(&mut self, event: &Bytes) -> Step {
+        match self.socket.feed_frame(OpCode::Text, event).await {
+            Ok(()) => Step::Continue,
+            Err(cause) => {
+                debug!(%cause, "room connection ended while answering");
+                Step::End
+            }
         }
     }
 }

@@ -48,7 +48,7 @@ async fn echo(State(state): State<AppState>, request: Request) -> Response {
 /// `ok`, or 503 when this node's link to the cluster's Redis is down (its clients stay
 /// connected; a load balancer should send new ones elsewhere).
 async fn healthz(State(state): State<AppState>) -> Response {
-    match state.hub.cluster_up() {
+    match state.engine.health() {
         Some(false) => (
             StatusCode::SERVICE_UNAVAILABLE,
             "redis unreachable: connected clients stay, messages are refused until it is back\n",

@@ -17,7 +17,9 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 use tracing::{debug, info, warn};
 
-use switchboard_hub::{ClusterConfig, HistoryStore, Hub, HubConfig, MemoryStore, SqliteStore};
+use switchboard_engine::{
+    Engine, EngineConfig, MemoryStore, Namespaces, RedisConfig, SqliteStore, Store,
+};
 
 use crate::config::Config;
 use crate::limits::{IpSlot, PerIp, Refusal};
@@ -30,9 +32,11 @@ pub enum Error {
     #[error("listener: {0}")]
     Listener(#[from] std::io::Error),
     #[error("history store: {0}")]
-    Store(#[from] switchboard_hub::StoreError),
+    Store(#[from] switchboard_engine::StoreError),
     #[error("joining the cluster: {0}")]
-    Cluster(#[from] switchboard_hub::HubError),
+    Cluster(#[from] switchboard_engine::EngineError),
+    #[error("namespaces: {0}")]
+    Namespaces(String),
     #[error("authentication: {0}")]
     Auth(#[from] crate::auth::AuthSetupError),
     #[error("TLS: {0}")]
@@ -45,8 +49,8 @@ pub enum Error {
 #[derive(Debug, Clone)]
 pub(crate) struct AppState {
     pub(crate) config: Arc<Config>,
-    /// Rooms and their history.
-    pub(crate) hub: Hub,
+    /// Channels and their history.
+    pub(crate) engine: Engine,
     /// How room connections prove who they are.
     pub(crate) auth: Arc<crate::auth::Auth>,
     /// Cancelled when the server shuts down.
@@ -87,101 +91,147 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
     let address = listener.local_addr()?;
-    let tls = match (&config.tls_cert, &config.tls_key) {
-        (Some(cert), Some(key)) => Some(TlsAcceptor::from(switchboard_net::tls::server_config(
-            cert, key,
-        )?)),
-        (None, None) => None,
-        _ => return Err(Error::TlsHalf),
-    };
+    let tls = tls_acceptor(&config)?;
     crate::metrics::install();
     let auth = Arc::new(crate::auth::Auth::from_config(&config)?);
-    let mut hub_config = HubConfig::default();
-    hub_config.recent_on_join = config.recent_on_join;
-    hub_config.outbound_queue = config.outbound_queue;
-    hub_config.limits = Some(switchboard_hub::event::Limits {
-        events_per_sec: config.rate_limit_per_sec,
-        burst: config.rate_limit_burst,
-        max_text_chars: config.max_text_chars,
-    });
-    let hub = match &config.redis {
-        Some(url) => {
-            let cluster = ClusterConfig::new(url.clone())
-                .with_prefix(config.redis_prefix.clone())
-                .with_presence_expiry(Duration::from_secs(config.presence_expiry_secs.max(1)));
-            let hub = Hub::clustered(cluster, hub_config).await?;
-            info!(redis = %url, "room history and presence in Redis, shared with the other nodes");
-            hub
-        }
-        None => {
-            let store: Arc<dyn HistoryStore> = match &config.data_dir {
-                Some(dir) => {
-                    let store = SqliteStore::open_dir(dir)?;
-                    info!(path = %dir.display(), "room history in SQLite");
-                    Arc::new(store)
-                }
-                None => {
-                    info!("room history in memory (gone at exit)");
-                    Arc::new(MemoryStore::new())
-                }
-            };
-            Hub::new(store, hub_config)
-        }
-    };
+    let engine = engine(&config).await?;
     let state = AppState {
-        hub,
+        engine,
         auth,
         config: Arc::new(config),
         shutdown: Shutdown::default(),
         tasks: TaskTracker::new(),
         kill: Shutdown::default(),
     };
-    let slots = Arc::new(Semaphore::new(state.config.max_connections));
-    let per_ip = PerIp::new(
-        state.config.max_connections_per_ip,
-        state.config.handshakes_per_ip_per_sec,
-        state.config.handshake_burst_per_ip,
-    );
-    let app = router(state.clone());
-    let handshake_timeout = Duration::from_secs(state.config.handshake_timeout_secs.max(1));
-    let refusals = Refusals::new(tls.clone());
     let scheme = if tls.is_some() { "https" } else { "http" };
+    let acceptor = Acceptor::new(&state, tls);
     info!("listening on {scheme}://{address}");
+    acceptor.run(listener, shutdown).await;
+    drain(&state).await;
+    info!("stopped");
+    Ok(())
+}
 
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, peer) = tokio::select! {
-            () = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // Out of file descriptors or a reset before accept: keep serving.
-                    warn!(cause = %error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-        };
-        if let Err(error) = stream.set_nodelay(true) {
-            debug!(cause = %error, %peer, "set_nodelay failed");
+fn tls_acceptor(config: &Config) -> Result<Option<TlsAcceptor>, Error> {
+    match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Ok(Some(TlsAcceptor::from(
+            switchboard_net::tls::server_config(cert, key)?,
+        ))),
+        (None, None) => Ok(None),
+        _ => Err(Error::TlsHalf),
+    }
+}
+
+/// The channel engine the configuration asks for: over Redis, or on this node with
+/// history in SQLite or in memory.
+async fn engine(config: &Config) -> Result<Engine, Error> {
+    let namespaces =
+        Namespaces::new(config.channels.clone(), &config.namespaces).map_err(Error::Namespaces)?;
+    let mut engine_config = EngineConfig::default().with_namespaces(namespaces);
+    engine_config.recent_on_join = config.recent_on_join;
+    engine_config.outbound_queue = config.outbound_queue;
+    engine_config.nonce_ttl = Duration::from_secs(config.nonce_ttl_secs.max(1));
+    if let Some(url) = &config.redis {
+        let redis = RedisConfig::new(url.clone())
+            .with_prefix(config.redis_prefix.clone())
+            .with_presence_expiry(Duration::from_secs(config.presence_expiry_secs.max(1)));
+        let engine = Engine::redis(redis, engine_config).await?;
+        info!(redis = %url, "channel history and presence in Redis, shared with the other nodes");
+        return Ok(engine);
+    }
+    let store: Arc<dyn Store> = match &config.data_dir {
+        Some(dir) => {
+            let store = SqliteStore::open_dir(dir)?;
+            info!(path = %dir.display(), "channel history in SQLite");
+            Arc::new(store)
         }
-        let ip_slot = match per_ip.as_ref().map(|limits| limits.admit(peer.ip())) {
-            None => None,
-            Some(Ok(slot)) => Some(slot),
-            Some(Err(refusal)) => {
-                refusals.answer(&state, stream, peer, Refused::PerIp(refusal));
-                continue;
+        None => {
+            info!("channel history in memory (gone at exit)");
+            Arc::new(MemoryStore::new())
+        }
+    };
+    Ok(Engine::local(store, engine_config))
+}
+
+/// Takes connections in: the caps, TLS, and HTTP with its upgrades.
+struct Acceptor {
+    state: AppState,
+    app: axum::Router,
+    slots: Arc<Semaphore>,
+    per_ip: Option<Arc<PerIp>>,
+    tls: Option<TlsAcceptor>,
+    refusals: Refusals,
+    handshake_timeout: Duration,
+}
+
+impl Acceptor {
+    fn new(state: &AppState, tls: Option<TlsAcceptor>) -> Self {
+        let config = &state.config;
+        Self {
+            state: state.clone(),
+            app: router(state.clone()),
+            slots: Arc::new(Semaphore::new(config.max_connections)),
+            per_ip: PerIp::new(
+                config.max_connections_per_ip,
+                config.handshakes_per_ip_per_sec,
+                config.handshake_burst_per_ip,
+            ),
+            refusals: Refusals::new(tls.clone()),
+            tls,
+            handshake_timeout: Duration::from_secs(config.handshake_timeout_secs.max(1)),
+        }
+    }
+
+    /// Accepts until `shutdown` completes.
+    async fn run(&self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            let (stream, peer) = tokio::select! {
+                () = &mut shutdown => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        // Out of file descriptors or a reset before accept: keep serving.
+                        warn!(cause = %error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                },
+            };
+            if let Err(error) = stream.set_nodelay(true) {
+                debug!(cause = %error, %peer, "set_nodelay failed");
             }
-        };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            refusals.answer(&state, stream, peer, Refused::Capacity);
-            continue;
-        };
-        let slot = ConnectionSlot(Arc::new((permit, ip_slot)));
-        let app = app.clone();
-        let state2 = state.clone();
-        let tls = tls.clone();
-        state.spawn(async move {
+            match self.admit(peer) {
+                Ok(slot) => self.serve(stream, peer, slot),
+                Err(why) => self.refusals.answer(&self.state, stream, peer, why),
+            }
+        }
+    }
+
+    /// A place under the server's cap and under the address's limits, or why not.
+    fn admit(&self, peer: SocketAddr) -> Result<ConnectionSlot, Refused> {
+        let ip_slot = self
+            .per_ip
+            .as_ref()
+            .map(|limits| limits.admit(peer.ip(), std::time::Instant::now()))
+            .transpose()
+            .map_err(Refused::PerIp)?;
+        let permit = self
+            .slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Refused::Capacity)?;
+        Ok(ConnectionSlot(Arc::new((permit, ip_slot))))
+    }
+
+    /// Serves one admitted connection: TLS, then HTTP/1.1 with upgrades, until it ends
+    /// or shutdown closes it gracefully.
+    fn serve(&self, stream: TcpStream, peer: SocketAddr, slot: ConnectionSlot) {
+        let app = self.app.clone();
+        let state = self.state.clone();
+        let tls = self.tls.clone();
+        let handshake_timeout = self.handshake_timeout;
+        self.state.spawn(async move {
             // One budget for the TLS handshake and the request head together.
             let accepted = tokio::time::Instant::now();
             let Some(stream) = secure(stream, peer, tls.as_ref(), handshake_timeout).await else {
@@ -201,7 +251,7 @@ pub async fn run(
                 .header_read_timeout(head_timeout)
                 // A head that does not fit is answered with 431 (as are more than 100
                 // header lines).
-                .max_buf_size(state2.config.max_header_bytes.max(8192))
+                .max_buf_size(state.config.max_header_bytes.max(8192))
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
             tokio::pin!(connection);
@@ -211,7 +261,7 @@ pub async fn run(
                         debug!(cause = %error, %peer, "http connection ended with an error");
                     }
                 }
-                () = state2.shutdown.stopping() => {
+                () = state.shutdown.stopping() => {
                     connection.as_mut().graceful_shutdown();
                     if let Err(error) = connection.await {
                         debug!(cause = %error, %peer, "http connection ended during shutdown");
@@ -220,9 +270,12 @@ pub async fn run(
             }
         });
     }
+}
 
+/// Closes every connection (WebSockets with 1001), waits up to the drain timeout, then
+/// leaves the cluster and stores everything taken before returning.
+async fn drain(state: &AppState) {
     info!("shutting down: closing connections");
-    drop(listener);
     state.shutdown.start();
     state.tasks.close();
     let drain = Duration::from_secs(state.config.drain_timeout_secs.max(1));
@@ -247,14 +300,12 @@ pub async fn run(
         }
     }
     // This node's users leave the cluster's member lists now, not at the expiry.
-    state.hub.depart().await;
+    state.engine.depart().await;
     // Everything accepted is stored before the process goes.
-    let hub = state.hub.clone();
-    if let Err(cause) = tokio::task::spawn_blocking(move || hub.shutdown()).await {
-        warn!(%cause, "flushing room history failed");
+    let engine = state.engine.clone();
+    if let Err(cause) = tokio::task::spawn_blocking(move || engine.shutdown()).await {
+        warn!(%cause, "flushing channel history failed");
     }
-    info!("stopped");
-    Ok(())
 }
 
 /// The stream to speak HTTP on: the TCP stream itself, or a TLS session over it once

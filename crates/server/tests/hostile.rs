@@ -1014,7 +1014,8 @@ fn handshake_cases() -> Vec<Case> {
     let big_header = format!("X-Filler: {}", "a".repeat(20 * 1024));
     let huge_header = format!("X-Filler: {}", "a".repeat(500 * 1024));
     let long_path = format!("/room/{}", "a".repeat(70_000));
-    let long_room = format!("/room/{}?name=Refused", "r".repeat(129));
+    let long_room = format!("/room/{}?name=Refused", "r".repeat(201));
+    let long_epoch = format!("/room/{ROOM}?name=Refused&since=1&epoch={}", "e".repeat(65));
     vec![
         case(
             "missing Sec-WebSocket-Key",
@@ -1158,8 +1159,37 @@ fn handshake_cases() -> Vec<Case> {
             Status(400),
         ),
         case(
-            "room id of 129 characters",
+            "room id of 201 characters",
             Action::Http(handshake(&long_room, &[], &[])),
+            Status(400),
+        ),
+        case(
+            "a room id with an escaped slash",
+            Action::Http(handshake("/room/a%2Fb?name=Refused", &[], &[])),
+            Status(400),
+        ),
+        case(
+            "a user not named in a limited room",
+            Action::Http(handshake("/room/dm:%23alice,bob?name=Refused", &[], &[])),
+            Status(403),
+        ),
+        case(
+            "a room limited to nobody",
+            Action::Http(handshake("/room/notify:%23?name=Refused", &[], &[])),
+            Status(403),
+        ),
+        case(
+            "an epoch of 65 characters",
+            Action::Http(handshake(&long_epoch, &[], &[])),
+            Status(400),
+        ),
+        case(
+            "an empty epoch",
+            Action::Http(handshake(
+                &format!("/room/{ROOM}?name=Refused&since=1&epoch="),
+                &[],
+                &[],
+            )),
             Status(400),
         ),
         case(
@@ -1540,6 +1570,16 @@ fn room_cases() -> Vec<Case> {
         case(
             "a message with no text",
             event(json!({"type": "message"})),
+            Error("bad_event"),
+        ),
+        case(
+            "a message whose data is null and has no text",
+            event(json!({"type": "message", "data": null})),
+            Error("bad_event"),
+        ),
+        case(
+            "a message whose text is null and has no data",
+            event(json!({"type": "message", "text": null, "nonce": "n-1"})),
             Error("bad_event"),
         ),
         case(

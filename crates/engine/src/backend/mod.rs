@@ -1,0 +1,140 @@
+//! What the engine needs from a backend, as one trait, and the two backends.
+//!
+//! The engine owns channels, their members on this node and every delivery to them; a
+//! backend numbers and stores publications, answers history and presence, and carries
+//! what other nodes must hear. [`local`] is the single node (a [`crate::store::Store`]
+//! written by one thread, which hands each stored batch back for delivery); [`redis`]
+//! shares channels with other nodes over Redis (each publication one script call,
+//! delivered to every node through Pub/Sub). Neither knows a door; the engine has no
+//! branch for either.
+
+use std::sync::{Arc, Weak};
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use tokio::sync::oneshot;
+
+use crate::engine::{Channel, Delivery, Inner};
+use crate::store::{Position, Publication, StoreError, Window};
+use crate::EngineError;
+
+pub(crate) mod local;
+pub(crate) mod redis;
+
+/// How a publication ended: stored under its id (and delivered), or a retry of a nonce
+/// already stored under the id given.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Stored(Arc<Delivery>),
+    Duplicate(u64),
+}
+
+/// A publication on its way to the backend.
+pub(crate) struct Job {
+    pub(crate) channel: Arc<Channel>,
+    /// Its id is 0: the backend numbers it.
+    pub(crate) publication: Publication,
+    /// The member that published it (`None`: the server).
+    pub(crate) member: Option<u64>,
+    pub(crate) done: oneshot::Sender<Result<Outcome, String>>,
+}
+
+/// What a backend says when a user's connection joins a channel.
+pub(crate) struct Joined {
+    /// Users present on other nodes (the engine knows this node's).
+    pub(crate) others: Vec<String>,
+    /// Whether the engine announces the join to this node's members itself (a cluster
+    /// announces it through every node, once).
+    pub(crate) announce: bool,
+}
+
+/// The engine as a backend sees it: channels to deliver into.
+#[derive(Clone, Debug)]
+pub(crate) struct Sink(pub(crate) Weak<Inner>);
+
+impl Sink {
+    /// The channel named `name`, if anyone here has used it.
+    pub(crate) fn channel(&self, name: &str) -> Option<Arc<Channel>> {
+        self.0.upgrade()?.channel_now(name)
+    }
+
+    /// Every channel in use here.
+    pub(crate) fn channels(&self) -> Vec<Arc<Channel>> {
+        self.0
+            .upgrade()
+            .map_or_else(Vec::new, |inner| inner.channels_now())
+    }
+
+    /// Whether the engine still runs.
+    pub(crate) fn alive(&self) -> bool {
+        self.0.strong_count() > 0
+    }
+}
+
+pub(crate) trait Backend: Send + Sync + std::fmt::Debug + 'static {
+    /// Called once, before any other call, with what to deliver into.
+    fn start(&self, sink: Sink);
+    /// Where `channel`'s stream stands (and its epoch, made if it has none).
+    fn open<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<Position, StoreError>>;
+    /// Takes a publication: waits while the backend's queue is full, never for the
+    /// storing itself, whose outcome goes to `job.done`. Stored publications reach the
+    /// channel through [`Channel::broadcast`] in id order; a retried nonce goes back to
+    /// its sender as [`crate::Outbound::Ack`].
+    fn publish(&self, job: Job) -> BoxFuture<'_, Result<(), EngineError>>;
+    /// Stored publications of `channel` in `window`.
+    fn read<'a>(
+        &'a self,
+        channel: &'a str,
+        window: Window,
+    ) -> BoxFuture<'a, Result<Vec<Publication>, StoreError>>;
+    /// The publication `from` sent with `nonce`, while the nonce is remembered.
+    fn find_nonce<'a>(
+        &'a self,
+        channel: &'a str,
+        from: Option<&'a str>,
+        nonce: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Publication>, StoreError>>;
+    /// A connection of `user` joined `channel` (`first`: its first on this node).
+    fn joined<'a>(
+        &'a self,
+        channel: &'a Arc<Channel>,
+        user: &'a Arc<str>,
+        first: bool,
+    ) -> BoxFuture<'a, Result<Joined, StoreError>>;
+    /// The last connection of `user` on this node left; true when the engine announces
+    /// the leave to this node's members itself.
+    fn left(&self, channel: &Arc<str>, user: &Arc<str>) -> bool;
+    /// Carries a typing indicator to the other nodes.
+    fn typing(&self, channel: &Arc<str>, user: &Arc<str>, is_typing: bool);
+    /// Carries binary data to the other nodes.
+    fn binary(&self, channel: &Arc<str>, data: &Bytes);
+    /// The users in `channel`, everywhere, sorted.
+    fn members<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<Vec<String>, StoreError>>;
+    /// Channels with users in them, everywhere, with how many each has, sorted.
+    fn channels(&self) -> BoxFuture<'_, Result<Vec<(String, usize)>, StoreError>>;
+    /// `None` when there is nothing to be cut off from; else whether it answers.
+    fn health(&self) -> Option<bool>;
+    /// Leaves the other nodes before shutting down (bounded).
+    fn depart(&self) -> BoxFuture<'_, ()>;
+    /// Stops taking publications and waits until those taken are settled.
+    fn shutdown(&self);
+}
+
+/// Adds what is already queued on `rx` to `batch`, up to `max` in all, without waiting.
+pub(crate) fn top_up<T>(batch: &mut Vec<T>, rx: &mut tokio::sync::mpsc::Receiver<T>, max: usize) {
+    while batch.len() < max {
+        match rx.try_recv() {
+            Ok(item) => batch.push(item),
+            Err(_) => break,
+        }
+    }
+}
+
+/// Whom a retried publication's acknowledgement goes to: the connection that sent it
+/// again, or for the HTTP API every connection of its user.
+pub(crate) fn sender_of(member: Option<u64>, from: Option<&str>) -> Option<crate::engine::Target> {
+    use crate::engine::Target;
+    member
+        .map(Target::Member)
+        .or_else(|| from.map(|user| Target::User(Arc::from(user))))
+}

@@ -1,0 +1,1305 @@
+//! Several nodes sharing channels over Redis.
+//!
+//! Every key and Pub/Sub channel starts with a prefix `P` (`switchboard` by default):
+//!
+//! - `P:seq:{ch}`: the channel's last publication id (`INCR`).
+//! - `P:epoch:{ch}`: the channel's epoch, made by whichever call first finds none (a
+//!   Redis that lost its data therefore gives the channel a new one).
+//! - `P:history:{ch}`: a stream, one entry per publication kept, with id `{id}-0` and
+//!   fields `m` (the record: JSON of from, text, data, event, timestamp, nonce) and `t`
+//!   (when it was stored, in milliseconds, for trimming by age). Trimmed by the post
+//!   script to `history_size` (`MAXLEN`) and `history_ttl_secs` (`MINID`, and the
+//!   stream expires when nothing is posted for that long).
+//! - `P:nonces:{ch}`: a hash from `from \n nonce` (`from` empty for the server) to the id;
+//!   `P:nonce-times:{ch}`: a sorted set of the same fields by when they were taken, so
+//!   the post script forgets nonces older than `nonce_ttl` a few at a time.
+//! - `P:room:{ch}`: the channel's Pub/Sub channel. Payloads start with a kind byte:
+//!   `M{id}\n{epoch}\n{record}` a stored publication, `P{join|leave}\n{user}` presence,
+//!   `T{node}\n{user}\n{0|1}` typing, `B{node}\n{bytes}` binary data.
+//! - `P:presence:{ch}`: a hash from user to the number of nodes it is on.
+//! - `P:rooms`: the set of channels with someone in them.
+//! - `P:nodes`: the set of nodes; `P:alive:{node}` expires unless the node's heartbeat
+//!   renews it; `P:members:{node}`: the set of `channel \n user` present on the node.
+//!
+//! A publication is one script call: its nonce checked, its id taken, its record added
+//! to the stream and published, all atomically, so every node sees a channel's
+//! publications in id order, each with its epoch, and nothing is published that is not
+//! stored. Presence changes are scripts too; a node that stops renewing its `alive` key
+//! is reaped by the others, which publish the leaves of its users.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, Script};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use super::{sender_of, top_up, Backend, Job, Joined, Outcome, Sink};
+use crate::engine::{timestamp, Channel, Clock, Delivery, EngineConfig, Outbound, Target};
+use crate::store::{new_epoch, Position, Publication, StoreError, Window};
+use crate::EngineError;
+
+/// How a node joins a cluster.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct RedisConfig {
+    /// `redis://HOST:PORT[/DB]`.
+    pub url: String,
+    /// The start of every key and channel, so clusters can share one Redis.
+    pub prefix: String,
+    /// How long a node that stopped answering keeps its users in the member lists.
+    pub presence_expiry: Duration,
+}
+
+impl RedisConfig {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            prefix: "switchboard".into(),
+            presence_expiry: Duration::from_secs(15),
+        }
+    }
+
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    pub fn with_presence_expiry(mut self, expiry: Duration) -> Self {
+        self.presence_expiry = expiry;
+        self
+    }
+}
+
+/// A publication as it is kept in the history stream and published (its id is the
+/// stream entry's, its channel the key's).
+#[derive(Debug, Serialize, Deserialize)]
+struct Record {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    from: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    text: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    data: Option<Box<RawValue>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    event: Option<String>,
+    timestamp: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    nonce: Option<String>,
+}
+
+fn record_of(publication: &Publication) -> String {
+    serde_json::to_string(&Record {
+        from: publication.from.clone(),
+        text: publication.text.clone(),
+        data: publication.data.clone(),
+        event: publication.event.clone(),
+        timestamp: publication.timestamp.clone(),
+        nonce: publication.nonce.clone(),
+    })
+    .expect("records serialize")
+}
+
+fn publication_of(channel: &str, id: u64, record: &[u8]) -> Option<Publication> {
+    let record: Record = serde_json::from_slice(record).ok()?;
+    Some(Publication {
+        id,
+        channel: channel.to_owned(),
+        from: record.from,
+        text: record.text,
+        data: record.data,
+        event: record.event,
+        timestamp: record.timestamp,
+        nonce: record.nonce,
+    })
+}
+
+/// What the post script did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Posted {
+    /// Stored and published under this id.
+    Stored(u64),
+    /// The sender already sent this nonce: stored before under this id.
+    Known(u64),
+}
+
+/// What arrived on a channel's Pub/Sub channel.
+#[derive(Debug)]
+enum Incoming {
+    Publication {
+        publication: Publication,
+        epoch: String,
+    },
+    Presence {
+        joined: bool,
+        user: String,
+    },
+    Typing {
+        node: String,
+        user: String,
+        is_typing: bool,
+    },
+    Binary {
+        node: String,
+        data: Bytes,
+    },
+}
+
+/// KEYS: seq, epoch. ARGV: an epoch to give the channel if it has none.
+const OPEN: &str = r"
+local epoch = redis.call('GET', KEYS[2])
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('SET', KEYS[2], epoch)
+end
+return {tostring(redis.call('GET', KEYS[1]) or 0), epoch}
+";
+
+/// KEYS: seq, epoch, history, nonces, nonce-times. ARGV: record, Pub/Sub channel, an
+/// epoch to give the channel if it has none, history size (-1: all), history TTL in ms
+/// (0: forever), now in ms, nonce TTL in ms, the nonce's field ('' without one).
+const POST: &str = r"
+local record, channel, fresh = ARGV[1], ARGV[2], ARGV[3]
+local size, ttl, now, nonce_ttl = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local field = ARGV[8]
+local forgotten = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', '(' .. (now - nonce_ttl), 'LIMIT', 0, 64)
+if #forgotten > 0 then
+  redis.call('HDEL', KEYS[4], unpack(forgotten))
+  redis.call('ZREM', KEYS[5], unpack(forgotten))
+end
+if field ~= '' then
+  local known = redis.call('HGET', KEYS[4], field)
+  if known then return {'0', known} end
+end
+local epoch = redis.call('GET', KEYS[2])
+if not epoch then
+  epoch = fresh
+  redis.call('SET', KEYS[2], epoch)
+end
+local id = redis.call('INCR', KEYS[1])
+if size == 0 then
+  redis.call('DEL', KEYS[3])
+else
+  redis.call('XADD', KEYS[3], id .. '-0', 'm', record, 't', now)
+  if size > 0 then redis.call('XTRIM', KEYS[3], 'MAXLEN', size) end
+  if ttl > 0 then
+    local oldest = redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', 64)
+    local expired = nil
+    for _, entry in ipairs(oldest) do
+      local fields, at = entry[2], nil
+      for i = 1, #fields, 2 do
+        if fields[i] == 't' then at = tonumber(fields[i + 1]) end
+      end
+      if at == nil or at >= now - ttl then break end
+      expired = entry[1]
+    end
+    if expired then
+      local n = string.match(expired, '^(%d+)')
+      redis.call('XTRIM', KEYS[3], 'MINID', n .. '-1')
+    end
+    redis.call('PEXPIRE', KEYS[3], ttl)
+  end
+end
+if field ~= '' then
+  redis.call('HSET', KEYS[4], field, id)
+  redis.call('ZADD', KEYS[5], now, field)
+end
+redis.call('PUBLISH', channel, 'M' .. id .. '\n' .. epoch .. '\n' .. record)
+return {'1', tostring(id)}
+";
+
+/// Presence, atomically. ARGV: mode (join, leave, sync, reap), prefix, node, then
+/// `channel \n user` entries. A join or leave publishes only when the user's first node
+/// joins or last node leaves. `sync` makes the node's entries exactly the ones given
+/// (after an outage); `reap` removes a node whose `alive` key is gone. A join returns
+/// the channel's users.
+const PRESENCE: &str = r"
+local mode, prefix, node = ARGV[1], ARGV[2], ARGV[3]
+local mine = prefix .. ':members:' .. node
+local function split(entry)
+  local at = string.find(entry, '\n', 1, true)
+  return string.sub(entry, 1, at - 1), string.sub(entry, at + 1)
+end
+local function join(entry)
+  if redis.call('SADD', mine, entry) == 0 then return end
+  local room, user = split(entry)
+  if redis.call('HINCRBY', prefix .. ':presence:' .. room, user, 1) == 1 then
+    redis.call('SADD', prefix .. ':rooms', room)
+    redis.call('PUBLISH', prefix .. ':room:' .. room, 'Pjoin\n' .. user)
+  end
+end
+local function leave(entry)
+  if redis.call('SREM', mine, entry) == 0 then return end
+  local room, user = split(entry)
+  local hash = prefix .. ':presence:' .. room
+  if redis.call('HINCRBY', hash, user, -1) <= 0 then
+    redis.call('HDEL', hash, user)
+    if redis.call('HLEN', hash) == 0 then redis.call('SREM', prefix .. ':rooms', room) end
+    redis.call('PUBLISH', prefix .. ':room:' .. room, 'Pleave\n' .. user)
+  end
+end
+if mode == 'join' then
+  join(ARGV[4])
+  local room = split(ARGV[4])
+  return redis.call('HKEYS', prefix .. ':presence:' .. room)
+elseif mode == 'leave' then
+  leave(ARGV[4])
+elseif mode == 'sync' then
+  local want = {}
+  for i = 4, #ARGV do want[ARGV[i]] = true end
+  for _, entry in ipairs(redis.call('SMEMBERS', mine)) do
+    if not want[entry] then leave(entry) end
+  end
+  for i = 4, #ARGV do join(ARGV[i]) end
+elseif mode == 'reap' then
+  if redis.call('EXISTS', prefix .. ':alive:' .. node) == 1 then return {} end
+  for _, entry in ipairs(redis.call('SMEMBERS', mine)) do leave(entry) end
+  redis.call('DEL', mine)
+  redis.call('SREM', prefix .. ':nodes', node)
+end
+return {}
+";
+
+/// Redis commands wait at most this long for an answer.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Presence work, done in order by one task: presence changes must reach Redis in the
+/// order they happened here.
+enum Op {
+    Join {
+        channel: Arc<str>,
+        user: Arc<str>,
+        reply: oneshot::Sender<Result<Vec<String>, StoreError>>,
+    },
+    Leave {
+        channel: Arc<str>,
+        user: Arc<str>,
+    },
+    Typing {
+        channel: Arc<str>,
+        user: Arc<str>,
+        is_typing: bool,
+    },
+    Binary {
+        channel: Arc<str>,
+        data: Bytes,
+    },
+    /// Tell Redis this node's presence again, all of it (after an outage).
+    Resync,
+    /// Leave the cluster: this node's users leave, its heartbeat key goes.
+    Depart(oneshot::Sender<()>),
+}
+
+/// This node's link to the cluster, shared by its tasks.
+struct Node {
+    id: String,
+    prefix: String,
+    expiry: Duration,
+    client: redis::Client,
+    conn: ConnectionManager,
+    up: AtomicBool,
+    presence: Script,
+    open: Script,
+    /// Set when a presence change may not have reached Redis.
+    resync: AtomicBool,
+    sink: OnceLock<Sink>,
+    ops: mpsc::UnboundedSender<Op>,
+    clock: Clock,
+    nonce_ttl: Duration,
+    replay_page: usize,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("id", &self.id)
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+pub(crate) struct RedisBackend {
+    node: Arc<Node>,
+    posts: mpsc::Sender<Job>,
+    /// Stops the node's tasks.
+    cancel: CancellationToken,
+    /// The queues, until `start` hands them to the tasks.
+    queues: Mutex<Option<(mpsc::UnboundedReceiver<Op>, mpsc::Receiver<Job>)>>,
+    max_batch: usize,
+}
+
+impl std::fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBackend")
+            .field("node", &self.node)
+            .finish()
+    }
+}
+
+fn key(prefix: &str, kind: &str, channel: &str) -> String {
+    format!("{prefix}:{kind}:{channel}")
+}
+
+fn entry(channel: &str, user: &str) -> String {
+    format!("{channel}\n{user}")
+}
+
+type Entries = Vec<(String, Vec<Vec<u8>>)>;
+
+impl RedisBackend {
+    /// Connects (failing at once when Redis cannot be reached).
+    pub(crate) async fn connect(
+        redis: &RedisConfig,
+        config: &EngineConfig,
+    ) -> Result<Self, StoreError> {
+        let client = redis::Client::open(redis.url.as_str())?;
+        let manager = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(RESPONSE_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = client.get_connection_manager_with_config(manager).await?;
+        let id = {
+            use rand::{RngCore, SeedableRng};
+            format!("{:016x}", rand::rngs::StdRng::from_os_rng().next_u64())
+        };
+        let (ops, ops_rx) = mpsc::unbounded_channel();
+        let (posts, posts_rx) = mpsc::channel(config.write_queue.max(1));
+        let node = Arc::new(Node {
+            id,
+            prefix: redis.prefix.clone(),
+            expiry: redis.presence_expiry,
+            client,
+            conn,
+            up: AtomicBool::new(true),
+            presence: Script::new(PRESENCE),
+            open: Script::new(OPEN),
+            resync: AtomicBool::new(false),
+            sink: OnceLock::new(),
+            ops,
+            clock: config.clock.clone(),
+            nonce_ttl: config.nonce_ttl,
+            replay_page: config.replay_page.max(1),
+        });
+        node.heartbeat().await?;
+        info!(node = %node.id, "joined the cluster");
+        Ok(Self {
+            node,
+            posts,
+            cancel: CancellationToken::new(),
+            queues: Mutex::new(Some((ops_rx, posts_rx))),
+            max_batch: config.max_batch.max(1),
+        })
+    }
+}
+
+impl Backend for RedisBackend {
+    fn start(&self, sink: Sink) {
+        let Some((ops, posts)) = self.queues.lock().expect("queues lock").take() else {
+            return;
+        };
+        if self.node.sink.set(sink).is_err() {
+            return;
+        }
+        let interval = (self.node.expiry / 3).max(Duration::from_millis(100));
+        tokio::spawn(presence_worker(self.node.clone(), ops));
+        tokio::spawn(heartbeat(self.node.clone(), self.cancel.clone(), interval));
+        // Its own thread, like the writer's on a single node: delivering a publication
+        // to a channel's members then never waits in the run queue behind those
+        // members' writes, so while they are busy, publications pile up in their queues
+        // and go out several to a write (measured: on one shared worker, every message
+        // went out alone and 2,000 subscribers held 10 messages/s instead of hundreds).
+        let (node, cancel, max_batch) = (self.node.clone(), self.cancel.clone(), self.max_batch);
+        std::thread::Builder::new()
+            .name("switchboard-cluster".into())
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => {
+                        runtime.spawn(poster(node.clone(), posts, max_batch));
+                        runtime.block_on(listener(node, cancel));
+                    }
+                    Err(cause) => error!(%cause, "starting the cluster listener failed"),
+                }
+            })
+            .expect("spawning the cluster listener");
+    }
+
+    fn open<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<Position, StoreError>> {
+        self.node.open(channel).boxed()
+    }
+
+    fn publish(&self, job: Job) -> BoxFuture<'_, Result<(), EngineError>> {
+        // Handed to the poster, which sends what is queued to Redis in one pipeline; a
+        // connection's publications keep their order. The sender's acknowledgement is
+        // the delivery; a failure comes back to it as `Outbound::Refused`.
+        async move {
+            self.posts
+                .send(job)
+                .await
+                .map_err(|_| EngineError::ShuttingDown)
+        }
+        .boxed()
+    }
+
+    fn read<'a>(
+        &'a self,
+        channel: &'a str,
+        window: Window,
+    ) -> BoxFuture<'a, Result<Vec<Publication>, StoreError>> {
+        self.node.read(channel, window).boxed()
+    }
+
+    fn find_nonce<'a>(
+        &'a self,
+        channel: &'a str,
+        from: Option<&'a str>,
+        nonce: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Publication>, StoreError>> {
+        self.node.find_nonce(channel, from, nonce).boxed()
+    }
+
+    fn joined<'a>(
+        &'a self,
+        channel: &'a Arc<Channel>,
+        user: &'a Arc<str>,
+        first: bool,
+    ) -> BoxFuture<'a, Result<Joined, StoreError>> {
+        async move {
+            // The join itself comes back from Redis, once, through every node.
+            let others = if first {
+                let (reply, answer) = oneshot::channel();
+                self.node.op(Op::Join {
+                    channel: channel.name.clone(),
+                    user: user.clone(),
+                    reply,
+                });
+                answer
+                    .await
+                    .unwrap_or(Err(StoreError::Unavailable("the cluster stopped")))?
+            } else {
+                self.node.members(&channel.name).await?
+            };
+            Ok(Joined {
+                others,
+                announce: false,
+            })
+        }
+        .boxed()
+    }
+
+    fn left(&self, channel: &Arc<str>, user: &Arc<str>) -> bool {
+        // Redis tells every node, this one included, if it was the user's last node.
+        self.node.op(Op::Leave {
+            channel: channel.clone(),
+            user: user.clone(),
+        });
+        false
+    }
+
+    fn typing(&self, channel: &Arc<str>, user: &Arc<str>, is_typing: bool) {
+        self.node.op(Op::Typing {
+            channel: channel.clone(),
+            user: user.clone(),
+            is_typing,
+        });
+    }
+
+    fn binary(&self, channel: &Arc<str>, data: &Bytes) {
+        self.node.op(Op::Binary {
+            channel: channel.clone(),
+            data: data.clone(),
+        });
+    }
+
+    fn members<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<Vec<String>, StoreError>> {
+        self.node.members(channel).boxed()
+    }
+
+    fn channels(&self) -> BoxFuture<'_, Result<Vec<(String, usize)>, StoreError>> {
+        self.node.channels().boxed()
+    }
+
+    fn health(&self) -> Option<bool> {
+        Some(self.node.is_up())
+    }
+
+    fn depart(&self) -> BoxFuture<'_, ()> {
+        async move {
+            let (done, departed) = oneshot::channel();
+            if self.node.ops.send(Op::Depart(done)).is_ok() {
+                // Bounded: presence that is not removed now expires.
+                let _ = tokio::time::timeout(Duration::from_secs(3), departed).await;
+            }
+            self.cancel.cancel();
+        }
+        .boxed()
+    }
+
+    fn shutdown(&self) {
+        self.cancel.cancel();
+    }
+}
+
+impl Node {
+    fn sink(&self) -> Option<&Sink> {
+        self.sink.get()
+    }
+
+    /// Whether the engine this node serves is gone.
+    fn stopped(&self) -> bool {
+        self.sink().map_or(true, |sink| !sink.alive())
+    }
+
+    fn op(&self, op: Op) {
+        // The worker ends only when the engine does: nothing is left to tell then.
+        let _ = self.ops.send(op);
+    }
+
+    /// Whether the last exchange with Redis worked.
+    fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Records how the last exchange went; true when this changed the state.
+    fn set_up(&self, up: bool) -> bool {
+        let was = self.up.swap(up, Ordering::Relaxed);
+        metrics::gauge!("switchboard_redis_up").set(if up { 1.0 } else { 0.0 });
+        if !up {
+            metrics::counter!("switchboard_redis_errors_total").increment(1);
+        }
+        was != up
+    }
+
+    fn noted<T>(&self, result: redis::RedisResult<T>) -> Result<T, StoreError> {
+        match result {
+            Ok(value) => {
+                self.set_up(true);
+                Ok(value)
+            }
+            Err(cause) => {
+                self.set_up(false);
+                Err(cause.into())
+            }
+        }
+    }
+
+    fn key(&self, kind: &str, channel: &str) -> String {
+        key(&self.prefix, kind, channel)
+    }
+
+    /// The pattern every channel's Pub/Sub channel matches.
+    fn pattern(&self) -> String {
+        format!("{}:room:*", self.prefix)
+    }
+
+    async fn open(&self, channel: &str) -> Result<Position, StoreError> {
+        let mut call = self.open.prepare_invoke();
+        call.key(self.key("seq", channel))
+            .key(self.key("epoch", channel))
+            .arg(new_epoch());
+        let (last_id, epoch): (String, String) =
+            self.noted(call.invoke_async(&mut self.conn.clone()).await)?;
+        Ok(Position {
+            last_id: last_id.parse().unwrap_or(0),
+            epoch,
+        })
+    }
+
+    /// Stores and publishes `jobs` in order (Redis numbers them), in one round trip: a
+    /// pipeline of one script call each.
+    async fn post(&self, jobs: &[Job]) -> Result<Vec<Posted>, StoreError> {
+        let now = millis(self.clock.now());
+        let nonce_ttl = u64::try_from(self.nonce_ttl.as_millis()).unwrap_or(u64::MAX);
+        let mut pipe = redis::pipe();
+        for job in jobs {
+            let (channel, publication) = (&*job.channel.name, &job.publication);
+            let options = &job.channel.options;
+            let field = publication
+                .nonce
+                .as_deref()
+                .map_or_else(String::new, |nonce| {
+                    entry(publication.from.as_deref().unwrap_or(""), nonce)
+                });
+            // EVAL with the script's text rather than EVALSHA: Redis caches it by hash
+            // either way, and a restarted Redis (its script cache empty) needs no reload
+            // in the middle of a pipeline.
+            pipe.cmd("EVAL")
+                .arg(POST)
+                .arg(5)
+                .arg(self.key("seq", channel))
+                .arg(self.key("epoch", channel))
+                .arg(self.key("history", channel))
+                .arg(self.key("nonces", channel))
+                .arg(self.key("nonce-times", channel))
+                .arg(record_of(publication))
+                .arg(self.key("room", channel))
+                .arg(new_epoch())
+                .arg(
+                    options
+                        .history_size
+                        .map_or(-1, |size| size.min(i64::MAX as usize) as i64),
+                )
+                .arg(options.history_ttl_secs.saturating_mul(1000))
+                .arg(now)
+                .arg(nonce_ttl)
+                .arg(field);
+        }
+        let replies: Vec<Vec<String>> =
+            self.noted(pipe.query_async(&mut self.conn.clone()).await)?;
+        replies
+            .into_iter()
+            .map(|reply| {
+                let id = reply.get(1).and_then(|id| id.parse().ok());
+                match (reply.first().map(String::as_str), id) {
+                    (Some("1"), Some(id)) => Ok(Posted::Stored(id)),
+                    (Some("0"), Some(id)) => Ok(Posted::Known(id)),
+                    _ => Err(StoreError::Unavailable(
+                        "an unexpected answer from the post script",
+                    )),
+                }
+            })
+            .collect()
+    }
+
+    async fn range(
+        &self,
+        key: &str,
+        from: &str,
+        to: &str,
+        count: usize,
+        reverse: bool,
+    ) -> Result<Entries, StoreError> {
+        let command = if reverse { "XREVRANGE" } else { "XRANGE" };
+        self.noted(
+            redis::cmd(command)
+                .arg(key)
+                .arg(from)
+                .arg(to)
+                .arg("COUNT")
+                .arg(count)
+                .query_async(&mut self.conn.clone())
+                .await,
+        )
+    }
+
+    async fn read(&self, channel: &str, window: Window) -> Result<Vec<Publication>, StoreError> {
+        if window.after >= window.upto || window.limit == 0 {
+            return Ok(Vec::new());
+        }
+        let key = self.key("history", channel);
+        let not_before = window.not_before.as_deref();
+        let kept = |p: &Publication| not_before.map_or(true, |t| p.timestamp.as_str() >= t);
+        let parse = |entries: Entries| -> Vec<Publication> {
+            entries
+                .into_iter()
+                .filter_map(|(id, fields)| {
+                    let id: u64 = id.split_once('-')?.0.parse().ok()?;
+                    publication_of(channel, id, fields.get(1)?)
+                })
+                .collect()
+        };
+        let (after, upto) = (window.after + 1, window.upto);
+        if window.newest {
+            let entries = self
+                .range(
+                    &key,
+                    &upto.to_string(),
+                    &after.to_string(),
+                    window.limit,
+                    true,
+                )
+                .await?;
+            let mut newest: Vec<Publication> = parse(entries).into_iter().filter(kept).collect();
+            newest.reverse();
+            return Ok(newest);
+        }
+        // Entries too old to replay may not be trimmed yet: read on past them.
+        let mut from = after;
+        loop {
+            let entries = self
+                .range(
+                    &key,
+                    &from.to_string(),
+                    &upto.to_string(),
+                    window.limit,
+                    false,
+                )
+                .await?;
+            let full = entries.len() == window.limit;
+            let page = parse(entries);
+            let Some(last) = page.last().map(|p| p.id) else {
+                return Ok(page);
+            };
+            let fresh: Vec<Publication> = page.into_iter().filter(kept).collect();
+            if !fresh.is_empty() || !full || last >= upto {
+                return Ok(fresh);
+            }
+            from = last + 1;
+        }
+    }
+
+    /// The publication a nonce names while it is remembered: from the stream, or when
+    /// the stream no longer keeps it, a receipt (its id, sender, nonce and time).
+    async fn find_nonce(
+        &self,
+        channel: &str,
+        from: Option<&str>,
+        nonce: &str,
+    ) -> Result<Option<Publication>, StoreError> {
+        let field = entry(from.unwrap_or(""), nonce);
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        pipe.hget(self.key("nonces", channel), &field)
+            .zscore(self.key("nonce-times", channel), &field);
+        let (id, at): (Option<u64>, Option<f64>) = self.noted(pipe.query_async(&mut conn).await)?;
+        let Some(id) = id else { return Ok(None) };
+        let taken = at.map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms as u64));
+        if taken.is_some_and(|t| {
+            self.clock.now().duration_since(t).unwrap_or_default() >= self.nonce_ttl
+        }) {
+            return Ok(None);
+        }
+        self.publication(channel, id, from, nonce, taken)
+            .await
+            .map(Some)
+    }
+
+    /// Publication `id` of `channel`, or a receipt for it when no longer kept.
+    async fn publication(
+        &self,
+        channel: &str,
+        id: u64,
+        from: Option<&str>,
+        nonce: &str,
+        taken: Option<SystemTime>,
+    ) -> Result<Publication, StoreError> {
+        let window = Window {
+            after: id - 1,
+            upto: id,
+            limit: 1,
+            newest: false,
+            not_before: None,
+        };
+        Ok(self
+            .read(channel, window)
+            .await?
+            .pop()
+            .unwrap_or_else(|| Publication {
+                id,
+                channel: channel.to_owned(),
+                from: from.map(str::to_owned),
+                text: None,
+                data: None,
+                event: None,
+                timestamp: timestamp(taken.unwrap_or_else(|| self.clock.now())),
+                nonce: Some(nonce.to_owned()),
+            }))
+    }
+
+    async fn presence_call(
+        &self,
+        mode: &str,
+        entries: &[String],
+    ) -> Result<Vec<String>, StoreError> {
+        let mut call = self.presence.prepare_invoke();
+        call.arg(mode).arg(&self.prefix).arg(&self.id);
+        for entry in entries {
+            call.arg(entry);
+        }
+        self.noted(call.invoke_async(&mut self.conn.clone()).await)
+    }
+
+    /// Makes this node's presence exactly `entries` (`(channel, user)` pairs).
+    async fn sync(&self, entries: &[(String, String)]) -> Result<(), StoreError> {
+        let entries: Vec<String> = entries.iter().map(|(c, u)| entry(c, u)).collect();
+        self.presence_call("sync", &entries).await.map(drop)
+    }
+
+    /// The users in `channel`, on any node, sorted.
+    async fn members(&self, channel: &str) -> Result<Vec<String>, StoreError> {
+        let mut users: Vec<String> =
+            self.noted(self.conn.clone().hkeys(self.key("presence", channel)).await)?;
+        users.sort();
+        Ok(users)
+    }
+
+    /// Channels with users in them, on any node, with how many users each has.
+    async fn channels(&self) -> Result<Vec<(String, usize)>, StoreError> {
+        let mut conn = self.conn.clone();
+        let names: Vec<String> =
+            self.noted(conn.smembers(format!("{}:rooms", self.prefix)).await)?;
+        let mut channels = Vec::with_capacity(names.len());
+        for name in names {
+            let users: usize = self.noted(conn.hlen(self.key("presence", &name)).await)?;
+            if users > 0 {
+                channels.push((name, users));
+            }
+        }
+        channels.sort();
+        Ok(channels)
+    }
+
+    async fn publish(&self, channel: &str, payload: Vec<u8>) -> Result<(), StoreError> {
+        let _receivers: u64 = self.noted(
+            self.conn
+                .clone()
+                .publish(self.key("room", channel), payload)
+                .await,
+        )?;
+        Ok(())
+    }
+
+    /// Renews this node's `alive` key.
+    async fn heartbeat(&self) -> Result<(), StoreError> {
+        let expiry = u64::try_from(self.expiry.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("SET")
+            .arg(format!("{}:alive:{}", self.prefix, self.id))
+            .arg(1)
+            .arg("PX")
+            .arg(expiry)
+            .ignore()
+            .sadd(format!("{}:nodes", self.prefix), &self.id)
+            .ignore();
+        self.noted(pipe.query_async::<()>(&mut self.conn.clone()).await)
+    }
+
+    /// Removes the presence of nodes whose `alive` key expired; returns how many.
+    async fn reap(&self) -> Result<usize, StoreError> {
+        let nodes: Vec<String> = self.noted(
+            self.conn
+                .clone()
+                .smembers(format!("{}:nodes", self.prefix))
+                .await,
+        )?;
+        let mut reaped = 0;
+        for node in nodes.iter().filter(|n| **n != self.id) {
+            let alive: bool = self.noted(
+                self.conn
+                    .clone()
+                    .exists(format!("{}:alive:{node}", self.prefix))
+                    .await,
+            )?;
+            if !alive {
+                let mut call = self.presence.prepare_invoke();
+                call.arg("reap").arg(&self.prefix).arg(node);
+                let _: Vec<String> = self.noted(call.invoke_async(&mut self.conn.clone()).await)?;
+                reaped += 1;
+            }
+        }
+        Ok(reaped)
+    }
+
+    /// Every channel and user with a connection on this node.
+    fn local_presence(&self) -> Vec<(String, String)> {
+        let channels = self.sink().map_or_else(Vec::new, Sink::channels);
+        channels
+            .iter()
+            .flat_map(|channel| {
+                channel
+                    .users()
+                    .into_iter()
+                    .map(|user| (channel.name.to_string(), user))
+            })
+            .collect()
+    }
+
+    /// A retried publication that is already stored goes again to its sender (its
+    /// acknowledgement).
+    async fn acknowledge_again(&self, job: &Job, id: u64) {
+        let publication = &job.publication;
+        let Some(target) = sender_of(job.member, publication.from.as_deref()) else {
+            return;
+        };
+        let nonce = publication.nonce.as_deref().unwrap_or("");
+        match self
+            .publication(
+                &job.channel.name,
+                id,
+                publication.from.as_deref(),
+                nonce,
+                None,
+            )
+            .await
+        {
+            Ok(original) => job
+                .channel
+                .send_to(&target, Outbound::Ack(Arc::new(Delivery::new(original)))),
+            Err(cause) => warn!(%cause, "sending a repeated message again failed"),
+        }
+    }
+
+    /// Delivers, from the stored history, what `channel` has after its last delivery up
+    /// to `upto`.
+    async fn fill_gap(&self, channel: &Arc<Channel>, upto: u64) {
+        loop {
+            let after = channel.broadcast_id();
+            if after >= upto {
+                return;
+            }
+            let window = Window {
+                after,
+                upto,
+                limit: self.replay_page,
+                newest: false,
+                not_before: None,
+            };
+            match self.read(&channel.name, window).await {
+                Ok(page) if !page.is_empty() => {
+                    for publication in page {
+                        channel.broadcast(&Arc::new(Delivery::new(publication)));
+                    }
+                }
+                // Trimmed away meanwhile: delivery goes on from the next publication.
+                Ok(_) => return,
+                Err(cause) => {
+                    warn!(%cause, channel = %channel.name, "reading missed messages failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Channels with members here take where their stream stands now: a new epoch
+    /// resets them, else they receive what was stored after their last delivery.
+    async fn catch_up(&self) {
+        let channels = self.sink().map_or_else(Vec::new, Sink::channels);
+        for channel in channels {
+            match self.open(&channel.name).await {
+                Ok(position) => {
+                    if !channel.reposition(&position) {
+                        self.fill_gap(&channel, position.last_id).await;
+                    }
+                }
+                Err(cause) => {
+                    warn!(%cause, channel = %channel.name, "catching up after the subscription failed")
+                }
+            }
+        }
+    }
+
+    /// Reads a payload from `channel`; `None` for channels or payloads of none.
+    fn parse(&self, pubsub: &str, payload: &[u8]) -> Option<(String, Incoming)> {
+        let channel = pubsub.strip_prefix(&self.prefix)?.strip_prefix(":room:")?;
+        let (&kind, rest) = payload.split_first()?;
+        let split = |bytes: &[u8]| {
+            let at = bytes.iter().position(|b| *b == b'\n')?;
+            Some((bytes[..at].to_vec(), bytes[at + 1..].to_vec()))
+        };
+        let text = |bytes: Vec<u8>| String::from_utf8(bytes).ok();
+        let incoming = match kind {
+            b'M' => {
+                let (id, rest) = split(rest)?;
+                let (epoch, record) = split(&rest)?;
+                let id: u64 = text(id)?.parse().ok()?;
+                Incoming::Publication {
+                    publication: publication_of(channel, id, &record)?,
+                    epoch: text(epoch)?,
+                }
+            }
+            b'P' => {
+                let (action, user) = split(rest)?;
+                Incoming::Presence {
+                    joined: action == b"join",
+                    user: text(user)?,
+                }
+            }
+            b'T' => {
+                let (node, rest) = split(rest)?;
+                let (user, flag) = split(&rest)?;
+                Incoming::Typing {
+                    node: text(node)?,
+                    user: text(user)?,
+                    is_typing: flag == b"1",
+                }
+            }
+            b'B' => {
+                let (node, data) = split(rest)?;
+                Incoming::Binary {
+                    node: text(node)?,
+                    data: Bytes::from(data),
+                }
+            }
+            _ => return None,
+        };
+        Some((channel.to_owned(), incoming))
+    }
+
+    async fn on_incoming(&self, channel: &str, incoming: Incoming) {
+        // No one here uses the channel: nothing to deliver.
+        let Some(channel) = self.sink().and_then(|sink| sink.channel(channel)) else {
+            return;
+        };
+        match incoming {
+            Incoming::Publication { publication, epoch } => {
+                let id = publication.id;
+                if *channel.epoch() != *epoch {
+                    channel.reposition(&Position {
+                        last_id: id - 1,
+                        epoch,
+                    });
+                }
+                // Published in id order; a gap means the subscription dropped some.
+                self.fill_gap(&channel, id - 1).await;
+                channel.broadcast(&Arc::new(Delivery::new(publication)));
+            }
+            Incoming::Presence { joined, user } => channel.remote_presence(joined, &user),
+            Incoming::Typing {
+                node,
+                user,
+                is_typing,
+            } if node != self.id => channel.remote_typing(&user, is_typing),
+            Incoming::Binary { node, data } if node != self.id => channel.remote_binary(data),
+            Incoming::Typing { .. } | Incoming::Binary { .. } => {}
+        }
+    }
+}
+
+fn millis(at: SystemTime) -> u64 {
+    at.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Does the presence work in order (see [`Op`]). A presence change that fails marks the
+/// node for a resync, which the heartbeat asks for once Redis answers again.
+async fn presence_worker(node: Arc<Node>, mut ops: mpsc::UnboundedReceiver<Op>) {
+    while let Some(op) = ops.recv().await {
+        let presence = match op {
+            Op::Join {
+                channel,
+                user,
+                reply,
+            } => {
+                let result = node
+                    .presence_call("join", &[entry(&channel, &user)])
+                    .await
+                    .map(|mut users| {
+                        users.sort();
+                        users
+                    });
+                let failed = result.as_ref().err().map(ToString::to_string);
+                // The subscriber may have gone; presence was told regardless.
+                let _ = reply.send(result);
+                failed.map_or(Ok(()), Err)
+            }
+            Op::Leave { channel, user } => node
+                .presence_call("leave", &[entry(&channel, &user)])
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            Op::Typing {
+                channel,
+                user,
+                is_typing,
+            } => {
+                let payload = format!("T{}\n{user}\n{}", node.id, u8::from(is_typing));
+                if let Err(cause) = node.publish(&channel, payload.into_bytes()).await {
+                    warn!(%cause, "typing did not reach the other nodes");
+                }
+                Ok(())
+            }
+            Op::Binary { channel, data } => {
+                let mut payload = format!("B{}\n", node.id).into_bytes();
+                payload.extend_from_slice(&data);
+                if let Err(cause) = node.publish(&channel, payload).await {
+                    warn!(%cause, "binary data did not reach the other nodes");
+                }
+                Ok(())
+            }
+            Op::Resync => {
+                if node.stopped() {
+                    return;
+                }
+                let entries = node.local_presence();
+                match node.sync(&entries).await {
+                    Ok(()) => {
+                        node.resync.store(false, Ordering::Relaxed);
+                        info!(
+                            entries = entries.len(),
+                            "presence told to the cluster again"
+                        );
+                        Ok(())
+                    }
+                    Err(cause) => Err(cause.to_string()),
+                }
+            }
+            Op::Depart(done) => {
+                if let Err(cause) = node.sync(&[]).await {
+                    warn!(%cause, "leaving the cluster: presence not removed (it expires)");
+                }
+                // Whoever asked may have stopped waiting.
+                let _ = done.send(());
+                return;
+            }
+        };
+        if let Err(cause) = presence {
+            warn!(%cause, "a presence change did not reach Redis; it is sent again when Redis answers");
+            node.resync.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Renews this node's heartbeat, reaps nodes whose heartbeat expired, and asks for a
+/// resync once Redis answers after an outage.
+async fn heartbeat(node: Arc<Node>, cancel: CancellationToken, interval: Duration) {
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        if node.stopped() {
+            return;
+        }
+        let was_up = node.is_up();
+        match node.heartbeat().await {
+            Ok(()) => {
+                if !was_up {
+                    info!("Redis answers again");
+                    node.resync.store(true, Ordering::Relaxed);
+                }
+                if node.resync.load(Ordering::Relaxed) {
+                    node.op(Op::Resync);
+                }
+                match node.reap().await {
+                    Ok(0) => {}
+                    Ok(nodes) => info!(nodes, "removed the presence of nodes that stopped"),
+                    Err(cause) => warn!(%cause, "checking for stopped nodes failed"),
+                }
+            }
+            Err(cause) if was_up => {
+                warn!(%cause, "Redis does not answer; local clients stay connected")
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// Receives every channel's Pub/Sub channel and hands what arrives to this node's
+/// members. After each (re)subscription, channels catch up from the stored history, so
+/// a publication made while the subscription was down is still delivered, in order.
+async fn listener(node: Arc<Node>, cancel: CancellationToken) {
+    use futures_util::StreamExt;
+
+    let mut backoff = Duration::from_millis(100);
+    let mut first = true;
+    loop {
+        let subscribed = tokio::select! {
+            () = cancel.cancelled() => return,
+            subscribed = subscribe(&node) => subscribed,
+        };
+        let pubsub = match subscribed {
+            Ok(pubsub) => pubsub,
+            Err(cause) => {
+                if node.set_up(false) {
+                    warn!(%cause, "cannot subscribe to Redis; retrying");
+                }
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        if node.stopped() {
+            return;
+        }
+        if !first {
+            info!("subscribed to Redis again");
+            node.resync.store(true, Ordering::Relaxed);
+        }
+        node.catch_up().await;
+        first = false;
+        let mut messages = pubsub.into_on_message();
+        loop {
+            let message = tokio::select! {
+                () = cancel.cancelled() => return,
+                message = messages.next() => message,
+            };
+            let Some(message) = message else { break };
+            if node.stopped() {
+                return;
+            }
+            if let Some((channel, incoming)) =
+                node.parse(message.get_channel_name(), message.get_payload_bytes())
+            {
+                node.on_incoming(&channel, incoming).await;
+            }
+        }
+        node.set_up(false);
+        warn!("lost the Redis subscription; subscribing again");
+    }
+}
+
+async fn subscribe(node: &Node) -> Result<redis::aio::PubSub, StoreError> {
+    let connect = async {
+        let mut pubsub = node.client.get_async_pubsub().await?;
+        pubsub.psubscribe(node.pattern()).await?;
+        Ok::<_, redis::RedisError>(pubsub)
+    };
+    match tokio::time::timeout(RESPONSE_TIMEOUT, connect).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(StoreError::Unavailable("subscribing to Redis timed out")),
+    }
+}
+
+/// Sends queued publications to Redis, up to `max_batch` in one pipeline, and settles
+/// each: stored (its delivery comes from Redis), a repeated nonce (the original goes to
+/// its sender again), or refused (its sender is told, and sends it again).
+async fn poster(node: Arc<Node>, mut jobs: mpsc::Receiver<Job>, max_batch: usize) {
+    let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
+    while let Some(first) = jobs.recv().await {
+        batch.push(first);
+        top_up(&mut batch, &mut jobs, max_batch);
+        match node.post(&batch).await {
+            Ok(outcomes) => {
+                let stored = outcomes
+                    .iter()
+                    .filter(|o| matches!(o, Posted::Stored(_)))
+                    .count();
+                metrics::counter!("switchboard_messages_stored_total").increment(stored as u64);
+                for (job, outcome) in batch.drain(..).zip(outcomes) {
+                    let outcome = match outcome {
+                        Posted::Stored(id) => {
+                            let mut publication = job.publication;
+                            publication.id = id;
+                            Outcome::Stored(Arc::new(Delivery::new(publication)))
+                        }
+                        Posted::Known(id) => {
+                            node.acknowledge_again(&job, id).await;
+                            Outcome::Duplicate(id)
+                        }
+                    };
+                    // The publisher may have gone; the outcome stands regardless.
+                    let _ = job.done.send(Ok(outcome));
+                }
+            }
+            Err(cause) => {
+                warn!(%cause, refused = batch.len(), "storing messages in Redis failed; their senders are told");
+                for job in batch.drain(..) {
+                    if let Some(me) = job.member {
+                        let nonce = job.publication.nonce.clone();
+                        job.channel
+                            .send_to(&Target::Member(me), Outbound::Refused { nonce });
+                    }
+                    let _ = job.done.send(Err(cause.to_string()));
+                }
+            }
+        }
+    }
+}

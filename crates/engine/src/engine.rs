@@ -1,0 +1,988 @@
+//! Channels, their members on this node, presence, typing, and every delivery.
+//!
+//! A [`Channel`] holds its members and, under the same lock, the id of the last
+//! publication it delivered (`broadcast_id`) and its epoch. Joining reads that id under
+//! the lock that registers the member: history up to it comes from the backend,
+//! everything after it arrives on the member's queue, so a resume has no gap and no
+//! duplicate however busy the channel is. A publication is delivered only once its
+//! backend stored it, and only if its id is above `broadcast_id`, so a publication read
+//! again to fill a gap is never sent twice.
+//!
+//! A member whose queue is full is cut off (a slow consumer: its door closes it, and it
+//! resumes with `since`); so is every member when the channel's epoch changes under it
+//! (a Redis that lost its data), since the ids they hold belong to the old stream.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use serde_json::value::RawValue;
+use tokio::sync::{mpsc, oneshot};
+use tracing::warn;
+
+use crate::backend::{local::LocalBackend, Backend, Job, Outcome, Sink};
+use crate::options::{ChannelOptions, Namespaces};
+use crate::recovery::{self, Replay};
+use crate::store::{Position, Publication, Store, StoreError, Window};
+use crate::{names, RedisConfig};
+
+/// Where the time comes from (tests set it).
+#[derive(Clone)]
+pub struct Clock(Arc<dyn Fn() -> SystemTime + Send + Sync>);
+
+impl Clock {
+    pub fn new(now: impl Fn() -> SystemTime + Send + Sync + 'static) -> Self {
+        Self(Arc::new(now))
+    }
+
+    pub fn now(&self) -> SystemTime {
+        (self.0)()
+    }
+
+    /// `now - age` as stored timestamps are written (RFC 3339, UTC, milliseconds).
+    pub(crate) fn timestamp_before(&self, age: Duration) -> String {
+        timestamp(
+            self.now()
+                .checked_sub(age)
+                .unwrap_or(SystemTime::UNIX_EPOCH),
+        )
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new(SystemTime::now)
+    }
+}
+
+impl std::fmt::Debug for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Clock")
+    }
+}
+
+/// A time as publications carry it.
+pub(crate) fn timestamp(at: SystemTime) -> String {
+    humantime::format_rfc3339_millis(at).to_string()
+}
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct EngineConfig {
+    /// Publications sent on joining without `since` (`recover = "stream"`).
+    pub recent_on_join: usize,
+    /// Publications read at a time when replaying history.
+    pub replay_page: usize,
+    /// Events queued per member before it counts as a slow consumer.
+    pub outbound_queue: usize,
+    /// Publications waiting for the backend before publishers wait.
+    pub write_queue: usize,
+    /// Most publications stored in one commit (or one Redis pipeline).
+    pub max_batch: usize,
+    /// How long a nonce is remembered, whether or not its publication still is.
+    pub nonce_ttl: Duration,
+    /// What each channel keeps and allows.
+    pub namespaces: Namespaces,
+    pub clock: Clock,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            recent_on_join: 50,
+            replay_page: 500,
+            outbound_queue: 4096,
+            write_queue: 16 * 1024,
+            max_batch: 512,
+            nonce_ttl: Duration::from_secs(86_400),
+            namespaces: Namespaces::default(),
+            clock: Clock::default(),
+        }
+    }
+}
+
+impl EngineConfig {
+    pub fn with_namespaces(mut self, namespaces: Namespaces) -> Self {
+        self.namespaces = namespaces;
+        self
+    }
+
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The channel's options or name do not allow it.
+    #[error("{0}")]
+    Forbidden(&'static str),
+    /// Taken, then not stored (the backend failed); safe to send again with its nonce.
+    #[error("not stored: {0}")]
+    NotStored(String),
+    #[error("the engine is shutting down")]
+    ShuttingDown,
+}
+
+/// A stored publication on its way to members, encoded at most once per wire format
+/// however many members receive it.
+#[derive(Debug)]
+pub struct Delivery {
+    pub publication: Publication,
+    encoded: [OnceLock<Bytes>; FORMATS],
+}
+
+/// How many wire formats a [`Delivery`] caches.
+pub const FORMATS: usize = 4;
+
+/// A door's wire format, as a slot in [`Delivery`]'s cache (`0..FORMATS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Format(pub usize);
+
+impl Delivery {
+    pub fn new(publication: Publication) -> Self {
+        Self {
+            publication,
+            encoded: Default::default(),
+        }
+    }
+
+    /// The publication in `format`, encoded by the first member that asks.
+    pub fn encoded(&self, format: Format, encode: impl FnOnce(&Publication) -> Bytes) -> Bytes {
+        self.encoded[format.0]
+            .get_or_init(|| encode(&self.publication))
+            .clone()
+    }
+}
+
+/// What a member receives from its channel.
+#[derive(Debug, Clone)]
+pub enum Outbound {
+    /// A stored publication, in id order.
+    Publication(Arc<Delivery>),
+    /// A publication sent again to its sender: the acknowledgement of a retried nonce.
+    Ack(Arc<Delivery>),
+    Join(Arc<str>),
+    Leave(Arc<str>),
+    Typing {
+        user: Arc<str>,
+        is_typing: bool,
+    },
+    /// Binary data another member sent.
+    Binary(Bytes),
+    /// A publication of this member's could not be stored (the backend failed).
+    Refused {
+        nonce: Option<String>,
+    },
+}
+
+/// Why a member was cut off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Its queue filled up: it did not keep up.
+    Slow,
+    /// The channel's epoch changed: its position belongs to the old stream.
+    Reset,
+}
+
+const LIVE: u8 = 0;
+const SLOW: u8 = 1;
+const RESET: u8 = 2;
+
+struct Member {
+    user: Arc<str>,
+    tx: mpsc::Sender<Outbound>,
+    ended: Arc<AtomicU8>,
+}
+
+struct State {
+    members: HashMap<u64, Member>,
+    /// Connections per user (when the channel keeps presence): a user counts once.
+    users: BTreeMap<Arc<str>, usize>,
+    /// The id of the last publication delivered (everything up to it is stored).
+    broadcast_id: u64,
+    epoch: Arc<str>,
+}
+
+/// Whom a delivery is for.
+#[derive(Debug, Clone)]
+pub(crate) enum Target {
+    Member(u64),
+    User(Arc<str>),
+}
+
+/// One channel as this node knows it.
+pub(crate) struct Channel {
+    pub(crate) name: Arc<str>,
+    pub(crate) options: Arc<ChannelOptions>,
+    backend: Arc<dyn Backend>,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Channel").field("name", &self.name).finish()
+    }
+}
+
+impl Channel {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("channel lock")
+    }
+
+    pub(crate) fn broadcast_id(&self) -> u64 {
+        self.state().broadcast_id
+    }
+
+    pub(crate) fn epoch(&self) -> Arc<str> {
+        self.state().epoch.clone()
+    }
+
+    /// The users with a connection here.
+    pub(crate) fn users(&self) -> Vec<String> {
+        self.state().users.keys().map(|u| u.to_string()).collect()
+    }
+
+    /// Delivers a stored publication and records it as delivered, under one lock: a
+    /// member joining now either reads it from the store or receives it, never both.
+    pub(crate) fn broadcast(&self, delivery: &Arc<Delivery>) {
+        let mut state = self.state();
+        if delivery.publication.id <= state.broadcast_id {
+            // Delivered already (read again to fill a gap).
+            return;
+        }
+        metrics::counter!("switchboard_messages_delivered_total")
+            .increment(state.members.len() as u64);
+        state.broadcast_id = delivery.publication.id;
+        self.deliver_locked(
+            &mut state,
+            |_, _| true,
+            Outbound::Publication(delivery.clone()),
+        );
+    }
+
+    /// Takes the stream position the backend reports. When its epoch is not the one
+    /// this channel had, the history its members hold is gone: every member is cut off
+    /// (to resume, told it was not recovered) and delivery continues from `position`.
+    /// True when that happened.
+    pub(crate) fn reposition(&self, position: &Position) -> bool {
+        let mut state = self.state();
+        if *state.epoch == *position.epoch {
+            return false;
+        }
+        warn!(channel = %self.name, old = %state.epoch, new = %position.epoch, "the channel's history was lost: a new epoch");
+        state.epoch = Arc::from(position.epoch.as_str());
+        state.broadcast_id = position.last_id;
+        for (_, member) in state.members.drain() {
+            member.ended.store(RESET, Ordering::Relaxed);
+        }
+        let users = std::mem::take(&mut state.users);
+        for user in users.keys() {
+            // Nobody is left here to be told.
+            self.backend.left(&self.name, user);
+        }
+        true
+    }
+
+    /// Sends `item` to `target`.
+    pub(crate) fn send_to(&self, target: &Target, item: Outbound) {
+        self.deliver(
+            |id, member| match target {
+                Target::Member(me) => id == *me,
+                Target::User(user) => member.user == *user,
+            },
+            item,
+        );
+    }
+
+    /// A join or leave another node announced.
+    pub(crate) fn remote_presence(&self, joined: bool, user: &str) {
+        if !(self.options.presence && self.options.join_leave) {
+            return;
+        }
+        let user: Arc<str> = Arc::from(user);
+        let item = if joined {
+            Outbound::Join(user.clone())
+        } else {
+            Outbound::Leave(user.clone())
+        };
+        self.deliver(|_, m| m.user != user, item);
+    }
+
+    /// Typing another node relayed.
+    pub(crate) fn remote_typing(&self, user: &str, is_typing: bool) {
+        let user: Arc<str> = Arc::from(user);
+        let item = Outbound::Typing {
+            user: user.clone(),
+            is_typing,
+        };
+        self.deliver(|_, m| m.user != user, item);
+    }
+
+    /// Binary data another node relayed.
+    pub(crate) fn remote_binary(&self, data: Bytes) {
+        self.deliver(|_, _| true, Outbound::Binary(data));
+    }
+
+    fn deliver(&self, filter: impl Fn(u64, &Member) -> bool, item: Outbound) {
+        let mut state = self.state();
+        self.deliver_locked(&mut state, filter, item);
+    }
+
+    /// Sends to the selected members; members whose queue is full are cut off (and
+    /// their users leave, if it was their last connection).
+    fn deliver_locked(
+        &self,
+        state: &mut State,
+        filter: impl Fn(u64, &Member) -> bool,
+        item: Outbound,
+    ) {
+        let mut dropped = send_to(state, filter, &item);
+        while let Some(user) = dropped.pop() {
+            if self.leave(state, &user) {
+                let leave = Outbound::Leave(user.clone());
+                dropped.extend(send_to(state, |_, m| m.user != user, &leave));
+            }
+        }
+    }
+
+    /// One connection of `user` left; true when its leave is to be announced here.
+    fn leave(&self, state: &mut State, user: &Arc<str>) -> bool {
+        self.options.presence
+            && leave_user(state, user)
+            && self.backend.left(&self.name, user)
+            && self.options.join_leave
+    }
+}
+
+fn send_to(
+    state: &mut State,
+    filter: impl Fn(u64, &Member) -> bool,
+    item: &Outbound,
+) -> Vec<Arc<str>> {
+    let mut dropped = Vec::new();
+    state.members.retain(|&id, member| {
+        if !filter(id, member) {
+            return true;
+        }
+        match member.tx.try_send(item.clone()) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                // A slow consumer: cut it off; it resumes later with `since`.
+                member.ended.store(SLOW, Ordering::Relaxed);
+                dropped.push(member.user.clone());
+                false
+            }
+        }
+    });
+    dropped
+}
+
+/// Removes one connection of `user` from the presence count; true when it was the last.
+fn leave_user(state: &mut State, user: &Arc<str>) -> bool {
+    match state.users.get_mut(user) {
+        Some(count) if *count > 1 => {
+            *count -= 1;
+            false
+        }
+        Some(_) => {
+            state.users.remove(user);
+            true
+        }
+        None => false,
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) config: EngineConfig,
+    backend: Arc<dyn Backend>,
+    channels: Mutex<HashMap<Arc<str>, Arc<Channel>>>,
+    next_member: AtomicU64,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("backend", &self.backend)
+            .finish()
+    }
+}
+
+impl Inner {
+    pub(crate) fn channel_now(&self, name: &str) -> Option<Arc<Channel>> {
+        self.channels
+            .lock()
+            .expect("channels lock")
+            .get(name)
+            .cloned()
+    }
+
+    pub(crate) fn channels_now(&self) -> Vec<Arc<Channel>> {
+        let channels = self.channels.lock().expect("channels lock");
+        channels.values().cloned().collect()
+    }
+}
+
+/// The channels of one server. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+/// Where a subscriber asks to resume.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Resume {
+    /// The last publication id it has.
+    pub since: Option<u64>,
+    /// The epoch that id belongs to; `None` skips the epoch check.
+    pub epoch: Option<String>,
+}
+
+/// What a publisher sends: `text` and/or `data`, an optional event name and nonce.
+#[derive(Debug, Default)]
+pub struct Draft {
+    pub text: Option<String>,
+    pub data: Option<Box<RawValue>>,
+    pub event: Option<String>,
+    pub nonce: Option<String>,
+}
+
+/// Settles once the backend stored the publication (or found its nonce stored).
+#[derive(Debug)]
+pub struct Receipt(oneshot::Receiver<Result<Outcome, String>>);
+
+impl Receipt {
+    pub async fn settled(self) -> Result<Outcome, EngineError> {
+        match self.0.await {
+            Ok(Ok(outcome)) => Ok(outcome),
+            Ok(Err(cause)) => Err(EngineError::NotStored(cause)),
+            Err(_) => Err(EngineError::ShuttingDown),
+        }
+    }
+}
+
+impl Engine {
+    /// A single node: history in `store`, written by a thread of its own.
+    pub fn local(store: Arc<dyn Store>, config: EngineConfig) -> Self {
+        let backend = Arc::new(LocalBackend::new(store, &config));
+        Self::with_backend(backend, config)
+    }
+
+    /// A node of a cluster whose channels, history and presence are shared over Redis.
+    /// Fails when Redis cannot be reached now; later outages are ridden out (see
+    /// [`Engine::health`]).
+    pub async fn redis(redis: RedisConfig, config: EngineConfig) -> Result<Self, EngineError> {
+        let backend = crate::backend::redis::RedisBackend::connect(&redis, &config).await?;
+        Ok(Self::with_backend(Arc::new(backend), config))
+    }
+
+    fn with_backend(backend: Arc<dyn Backend>, config: EngineConfig) -> Self {
+        let inner = Arc::new(Inner {
+            config,
+            backend: backend.clone(),
+            channels: Mutex::new(HashMap::new()),
+            next_member: AtomicU64::new(1),
+        });
+        backend.start(Sink(Arc::downgrade(&inner)));
+        Self { inner }
+    }
+
+    /// The options of `channel`'s namespace.
+    pub fn options(&self, channel: &str) -> &Arc<ChannelOptions> {
+        self.inner.config.namespaces.options(channel)
+    }
+
+    async fn channel(&self, name: &str) -> Result<Arc<Channel>, EngineError> {
+        if let Some(channel) = self.inner.channel_now(name) {
+            return Ok(channel);
+        }
+        let position = self.inner.backend.open(name).await?;
+        let mut channels = self.inner.channels.lock().expect("channels lock");
+        let channel = channels.entry(Arc::from(name)).or_insert_with(|| {
+            Arc::new(Channel {
+                name: Arc::from(name),
+                options: self.options(name).clone(),
+                backend: self.inner.backend.clone(),
+                state: Mutex::new(State {
+                    members: HashMap::new(),
+                    users: BTreeMap::new(),
+                    broadcast_id: position.last_id,
+                    epoch: Arc::from(position.epoch.as_str()),
+                }),
+            })
+        });
+        Ok(channel.clone())
+    }
+
+    /// Subscribes `user` to `channel`. The backlog (see [`Subscription::next_backlog`])
+    /// is what `resume` asks for and the channel still keeps; live events follow it.
+    pub async fn subscribe(
+        &self,
+        channel: &str,
+        user: &str,
+        resume: Resume,
+    ) -> Result<Subscription, EngineError> {
+        if !names::may_subscribe(channel, user) {
+            return Err(EngineError::Forbidden("the channel is for other users"));
+        }
+        let channel = self.channel(channel).await?;
+        let options = channel.options.clone();
+        let user: Arc<str> = Arc::from(user);
+        let (tx, events) = mpsc::channel(self.inner.config.outbound_queue.max(1));
+        let ended = Arc::new(AtomicU8::new(LIVE));
+        let id = self.inner.next_member.fetch_add(1, Ordering::Relaxed);
+        let (upto, epoch, mut members, first) = {
+            let mut state = channel.state();
+            let first = options.presence && {
+                let count = state.users.entry(user.clone()).or_insert(0);
+                *count += 1;
+                *count == 1
+            };
+            state.members.insert(
+                id,
+                Member {
+                    user: user.clone(),
+                    tx,
+                    ended: ended.clone(),
+                },
+            );
+            let members: Vec<String> = if options.presence {
+                state.users.keys().map(|u| u.to_string()).collect()
+            } else {
+                Vec::new()
+            };
+            (state.broadcast_id, state.epoch.clone(), members, first)
+        };
+        let plan = recovery::plan(
+            &resume,
+            &epoch,
+            upto,
+            &options,
+            self.inner.config.recent_on_join,
+        );
+        let now = self.inner.config.clock.now();
+        let mut subscription = Subscription {
+            engine: self.clone(),
+            channel: channel.clone(),
+            id,
+            user: user.clone(),
+            members: Vec::new(),
+            last_id: upto,
+            epoch,
+            recovered: plan.recovered,
+            backlog: Backlog {
+                replay: Some(plan.replay),
+                ready: None,
+                kept_after: recovery::kept_after(upto, &options),
+                not_before: options
+                    .history_ttl()
+                    .map(|ttl| timestamp(now.checked_sub(ttl).unwrap_or(SystemTime::UNIX_EPOCH))),
+            },
+            events,
+            typing: AtomicBool::new(false),
+            ended,
+        };
+        if options.presence {
+            match self.inner.backend.joined(&channel, &user, first).await {
+                Ok(joined) => {
+                    members.extend(joined.others);
+                    members.sort();
+                    members.dedup();
+                    if joined.announce && first && options.join_leave {
+                        channel.deliver(|mid, _| mid != id, Outbound::Join(user.clone()));
+                    }
+                }
+                // A cluster whose Redis is away: this node's members for now; presence
+                // is told again when it is back.
+                Err(cause) => warn!(%cause, "channel members from this node only"),
+            }
+        }
+        subscription.members = members;
+        let first_page = subscription.read_page().await?;
+        if let (Some(true), Replay::After(since)) = (plan.recovered, plan.replay) {
+            let first = first_page.first().map(|p| p.id);
+            subscription.recovered = Some(recovery::complete(since, upto, first));
+        }
+        subscription.backlog.ready = Some(first_page);
+        Ok(subscription)
+    }
+
+    /// Publishes to `channel` as the server (for the HTTP API and tools), whatever the
+    /// channel's options say of clients; `from` names a user when given. A repeated
+    /// `nonce` from the same sender is stored once.
+    pub async fn publish(
+        &self,
+        channel: &str,
+        from: Option<&str>,
+        draft: Draft,
+    ) -> Result<Receipt, EngineError> {
+        let channel = self.channel(channel).await?;
+        self.submit(&channel, from.map(Arc::from), None, draft)
+            .await
+    }
+
+    async fn submit(
+        &self,
+        channel: &Arc<Channel>,
+        from: Option<Arc<str>>,
+        member: Option<u64>,
+        draft: Draft,
+    ) -> Result<Receipt, EngineError> {
+        let publication = Publication {
+            id: 0,
+            channel: channel.name.to_string(),
+            from: from.map(|f| f.to_string()),
+            text: draft.text,
+            data: draft.data,
+            event: draft.event,
+            timestamp: timestamp(self.inner.config.clock.now()),
+            nonce: draft.nonce,
+        };
+        let (done, settled) = oneshot::channel();
+        self.inner
+            .backend
+            .publish(Job {
+                channel: channel.clone(),
+                publication,
+                member,
+                done,
+            })
+            .await?;
+        Ok(Receipt(settled))
+    }
+
+    /// The publication `from` sent to `channel` with `nonce`, while it is remembered.
+    pub async fn find_nonce(
+        &self,
+        channel: &str,
+        from: Option<&str>,
+        nonce: &str,
+    ) -> Result<Option<Publication>, EngineError> {
+        Ok(self.inner.backend.find_nonce(channel, from, nonce).await?)
+    }
+
+    /// Publications of `channel` after `since` that it still keeps, oldest first.
+    pub async fn history(
+        &self,
+        channel: &str,
+        since: u64,
+        limit: usize,
+    ) -> Result<Vec<Publication>, EngineError> {
+        let channel = self.channel(channel).await?;
+        let upto = channel.broadcast_id();
+        let options = &channel.options;
+        let window = Window {
+            after: since.max(recovery::kept_after(upto, options)),
+            upto,
+            limit,
+            newest: false,
+            not_before: options
+                .history_ttl()
+                .map(|ttl| self.inner.config.clock.timestamp_before(ttl)),
+        };
+        Ok(self.inner.backend.read(&channel.name, window).await?)
+    }
+
+    /// The users in `channel` now, sorted (on every node of a cluster); none where the
+    /// channel keeps no presence.
+    pub async fn presence(&self, channel: &str) -> Result<Vec<String>, EngineError> {
+        if !self.options(channel).presence {
+            return Ok(Vec::new());
+        }
+        Ok(self.inner.backend.members(channel).await?)
+    }
+
+    /// Channels with users in them and how many each has (on every node of a cluster).
+    pub async fn channels(&self) -> Result<Vec<(String, usize)>, EngineError> {
+        Ok(self.inner.backend.channels().await?)
+    }
+
+    /// Channels with users on this node now.
+    pub fn local_channels(&self) -> usize {
+        self.inner
+            .channels_now()
+            .iter()
+            .filter(|channel| !channel.state().users.is_empty())
+            .count()
+    }
+
+    /// `None` on a single node; in a cluster, whether Redis answered the last exchange.
+    pub fn health(&self) -> Option<bool> {
+        self.inner.backend.health()
+    }
+
+    /// Leaves the cluster before shutting down: this node's users leave every member
+    /// list at once instead of at the presence expiry (bounded).
+    pub async fn depart(&self) {
+        self.inner.backend.depart().await;
+    }
+
+    /// Stops taking publications and waits until everything taken is settled.
+    pub fn shutdown(&self) {
+        self.inner.backend.shutdown();
+    }
+}
+
+/// History still to send to a new subscriber.
+struct Backlog {
+    replay: Option<Replay>,
+    /// The first page, read when subscribing (it decides `recovered`).
+    ready: Option<Vec<Publication>>,
+    /// Ids up to this are no longer kept.
+    kept_after: u64,
+    /// Publications before this are no longer kept.
+    not_before: Option<String>,
+}
+
+/// A connection's place in a channel. Dropping it leaves the channel.
+pub struct Subscription {
+    engine: Engine,
+    channel: Arc<Channel>,
+    id: u64,
+    user: Arc<str>,
+    members: Vec<String>,
+    last_id: u64,
+    epoch: Arc<str>,
+    recovered: Option<bool>,
+    backlog: Backlog,
+    events: mpsc::Receiver<Outbound>,
+    /// Whether the others were last told this member is typing.
+    typing: AtomicBool,
+    ended: Arc<AtomicU8>,
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("channel", &self.channel.name)
+            .field("user", &self.user)
+            .finish()
+    }
+}
+
+impl Subscription {
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    pub fn channel(&self) -> &str {
+        &self.channel.name
+    }
+
+    pub fn options(&self) -> &ChannelOptions {
+        &self.channel.options
+    }
+
+    /// The users in the channel when this member joined, sorted (empty where the
+    /// channel keeps no presence).
+    pub fn members(&self) -> &[String] {
+        &self.members
+    }
+
+    /// The channel's last publication id when this member joined: the backlog goes up
+    /// to it, live publications follow it.
+    pub fn last_id(&self) -> u64 {
+        self.last_id
+    }
+
+    pub fn epoch(&self) -> &str {
+        &self.epoch
+    }
+
+    /// With `since`: whether the backlog holds every publication after it.
+    pub fn recovered(&self) -> Option<bool> {
+        self.recovered
+    }
+
+    async fn read_page(&mut self) -> Result<Vec<Publication>, EngineError> {
+        let page = self.engine.inner.config.replay_page.max(1);
+        let (upto, kept_after) = (self.last_id, self.backlog.kept_after);
+        let window = match self.backlog.replay.take() {
+            None => return Ok(Vec::new()),
+            Some(Replay::Newest(limit)) => Window {
+                after: kept_after,
+                upto,
+                limit,
+                newest: true,
+                not_before: self.backlog.not_before.clone(),
+            },
+            Some(Replay::After(after)) if after.max(kept_after) >= upto => return Ok(Vec::new()),
+            Some(Replay::After(after)) => Window {
+                after: after.max(kept_after),
+                upto,
+                limit: page,
+                newest: false,
+                not_before: self.backlog.not_before.clone(),
+            },
+        };
+        let continues = !window.newest;
+        let publications = self
+            .engine
+            .inner
+            .backend
+            .read(&self.channel.name, window)
+            .await?;
+        if continues {
+            if let Some(last) = publications.last() {
+                self.backlog.replay = Some(Replay::After(last.id));
+            }
+        }
+        Ok(publications)
+    }
+
+    /// The next page of history to send before any live event, oldest first; an empty
+    /// page once it is all sent. A resume from far back comes in pages, so it never
+    /// sits in memory whole.
+    pub async fn next_backlog(&mut self) -> Result<Vec<Publication>, EngineError> {
+        match self.backlog.ready.take() {
+            Some(page) if !page.is_empty() => Ok(page),
+            Some(_) => Ok(Vec::new()),
+            None => self.read_page().await,
+        }
+    }
+
+    /// The next live event, in order after the backlog; `None` once this member was cut
+    /// off (see [`Subscription::ended`]). A publication the backlog held is skipped.
+    pub async fn recv(&mut self) -> Option<Outbound> {
+        loop {
+            match self.events.recv().await? {
+                Outbound::Publication(d) if d.publication.id <= self.last_id => continue,
+                item => return Some(item),
+            }
+        }
+    }
+
+    /// Like [`Subscription::recv`], without waiting.
+    pub fn try_recv(&mut self) -> Option<Outbound> {
+        loop {
+            match self.events.try_recv().ok()? {
+                Outbound::Publication(d) if d.publication.id <= self.last_id => continue,
+                item => return Some(item),
+            }
+        }
+    }
+
+    /// Why this member was cut off, once it was.
+    pub fn ended(&self) -> Option<Ended> {
+        match self.ended.load(Ordering::Relaxed) {
+            SLOW => Some(Ended::Slow),
+            RESET => Some(Ended::Reset),
+            _ => None,
+        }
+    }
+
+    /// Publishes as this member (its user is the sender), if the channel takes client
+    /// publications. The sender's acknowledgement is the publication's delivery.
+    pub async fn publish(&self, draft: Draft) -> Result<Receipt, EngineError> {
+        if !self.channel.options.client_publish {
+            return Err(EngineError::Forbidden(
+                "clients may not publish in this channel",
+            ));
+        }
+        self.engine
+            .submit(&self.channel, Some(self.user.clone()), Some(self.id), draft)
+            .await
+    }
+
+    /// Whether the others were last told this member is typing.
+    pub fn is_typing(&self) -> bool {
+        self.typing.load(Ordering::Relaxed)
+    }
+
+    /// Tells the other users this one is typing (or stopped). Not stored. A member that
+    /// leaves while typing is reported as stopped.
+    pub fn typing(&self, is_typing: bool) -> Result<(), EngineError> {
+        if !self.channel.options.typing {
+            return Err(EngineError::Forbidden(
+                "typing indicators are off in this channel",
+            ));
+        }
+        self.typing.store(is_typing, Ordering::Relaxed);
+        let user = self.user.clone();
+        let item = Outbound::Typing {
+            user: user.clone(),
+            is_typing,
+        };
+        self.channel.deliver(|_, m| m.user != user, item);
+        self.channel
+            .backend
+            .typing(&self.channel.name, &self.user, is_typing);
+        Ok(())
+    }
+
+    /// Relays binary data to the channel's other connections as it is.
+    pub fn relay_binary(&self, data: Bytes) -> Result<(), EngineError> {
+        if !self.channel.options.client_publish {
+            return Err(EngineError::Forbidden(
+                "clients may not publish in this channel",
+            ));
+        }
+        let me = self.id;
+        self.channel.backend.binary(&self.channel.name, &data);
+        self.channel
+            .deliver(|id, _| id != me, Outbound::Binary(data));
+        Ok(())
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if self.is_typing() {
+            // Typing was allowed when it started.
+            let _ = self.typing(false);
+        }
+        let channel = &self.channel;
+        let mut state = channel.state();
+        if state.members.remove(&self.id).is_none() {
+            // Already cut off, presence included.
+            return;
+        }
+        if channel.leave(&mut state, &self.user) {
+            let leave = Outbound::Leave(self.user.clone());
+            channel.deliver_locked(&mut state, |_, _| true, leave);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MemoryStore;
+
+    #[tokio::test]
+    async fn a_new_epoch_cuts_every_member_off_and_resumes_say_so() {
+        let engine = Engine::local(Arc::new(MemoryStore::new()), EngineConfig::default());
+        let mut member = engine.subscribe("c", "a", Resume::default()).await.unwrap();
+        let old = member.epoch().to_owned();
+        let channel = engine.inner.channel_now("c").unwrap();
+        let same = Position {
+            last_id: 0,
+            epoch: old.clone(),
+        };
+        assert!(!channel.reposition(&same));
+        assert!(member.ended().is_none());
+        let lost = Position {
+            last_id: 7,
+            epoch: "other".into(),
+        };
+        assert!(channel.reposition(&lost));
+        assert_eq!(member.ended(), Some(Ended::Reset));
+        assert!(member.recv().await.is_none());
+        assert!(engine.presence("c").await.unwrap().is_empty());
+        let resume = Resume {
+            since: Some(3),
+            epoch: Some(old),
+        };
+        let back = engine.subscribe("c", "a", resume).await.unwrap();
+        assert_eq!((back.epoch(), back.last_id()), ("other", 7));
+        assert_eq!(back.recovered(), Some(false));
+        assert_eq!(back.members(), ["a"]);
+    }
+}
