@@ -22,7 +22,7 @@ fi
 [[ "${1:-}" == "--" ]] && shift
 ARGS+=("$@")
 
-cargo build --release --quiet -p switchboard
+cargo build --release --quiet -p switchboard -p switchboard-bench
 BIN="$ROOT/target/release/switchboard"
 
 WORK="$(mktemp -d)"

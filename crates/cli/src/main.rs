@@ -41,15 +41,22 @@ enum Command {
     Chat(chat::ChatArgs),
     /// Send one message to a room and print its id once the server stored it.
     Send(send::SendArgs),
-    /// Load the server and print figures.
+    /// Load the server and print figures (runs `switchboard-bench`).
     Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    // The benchmark tool is another program: no logging or runtime of ours for it.
+    if let Command::Bench(args) = &mut cli.command {
+        return bench::run(std::mem::take(args)).unwrap_or_else(|error| {
+            eprintln!("switchboard: {error:#}");
+            ExitCode::FAILURE
+        });
+    }
     let default_level = match cli.command {
         Command::Serve(_) => "info",
-        Command::Connect(_) | Command::Bench(_) | Command::Send(_) => "warn",
+        Command::Connect(_) | Command::Send(_) | Command::Bench(_) => "warn",
         // The screen is the chat's; logs go there only when asked for (`--log`, with
         // stderr redirected to a file).
         Command::Chat(_) => "off",
@@ -85,7 +92,8 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
             Command::Connect(args) => connect::run(args).await,
-            Command::Bench(args) => bench::run(args).await,
+            // Run above, before the runtime.
+            Command::Bench(_) => Ok(()),
             Command::Send(args) => send::run(args).await,
             Command::Chat(args) => chat::run(args).await,
         }

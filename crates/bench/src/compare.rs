@@ -1,5 +1,5 @@
 //! `switchboard bench compare`: the echo cells against Switchboard and peer servers on
-//! other engines (bench/), one after another on the same machine: each server pinned to
+//! other engines (peers/), one after another on the same machine: each server pinned to
 //! one core, the load (`switchboard bench echo`, the same client for all) to another.
 //!
 //! Echo runs two passes: closed-loop throughput per cell, then the server's CPU time per
@@ -31,9 +31,12 @@ use super::{EchoResult, IdleResult};
 #[derive(Debug, Args)]
 pub(crate) struct CompareArgs {
     /// The peer servers' binary; build it with
-    /// `cargo build --release --manifest-path bench/Cargo.toml`.
-    #[arg(long, default_value = "bench/target/release/switchboard-peers")]
+    /// `cargo build --release --manifest-path peers/Cargo.toml`.
+    #[arg(long, default_value = "peers/target/release/switchboard-peers")]
     peers: PathBuf,
+    /// The `switchboard` binary to measure [default: the one beside this binary]
+    #[arg(long)]
+    switchboard: Option<PathBuf>,
     /// Servers to compare, in this order: `switchboard` and the peers' engines.
     #[arg(
         long,
@@ -178,7 +181,7 @@ impl Server {
             return Self::start_sockudo(args, command).await;
         }
         if engine == "switchboard" {
-            let me = std::env::current_exe()?;
+            let me = switchboard_binary(args)?;
             // Rooms limit each connection's rate; the fan-out publisher needs more. Every
             // load comes from loopback, so the limits per address are off (the peers
             // have none).
@@ -302,7 +305,15 @@ enum Pace {
     Count(u64),
 }
 
-/// Runs one cell's load (`switchboard bench echo --json`) pinned to the load core.
+/// The server binary measured: `--switchboard`, else `switchboard` beside this one.
+fn switchboard_binary(args: &CompareArgs) -> anyhow::Result<PathBuf> {
+    match &args.switchboard {
+        Some(path) => Ok(path.clone()),
+        None => Ok(std::env::current_exe()?.with_file_name("switchboard")),
+    }
+}
+
+/// Runs one cell's load (`switchboard-bench echo --json`) pinned to the load core.
 async fn load(
     args: &CompareArgs,
     engine: &str,
@@ -320,7 +331,7 @@ async fn load(
     command
         .args(["-c", &args.load_core.to_string()])
         .arg(me)
-        .args(["bench", "echo", &format!("ws://{}/echo", server.address)])
+        .args(["echo", &format!("ws://{}/echo", server.address)])
         .args(["--connections", &cell.0.to_string()])
         .args(["--size", &cell.1.to_string()])
         .args(["--warmup", &warmup.to_string()])
@@ -366,7 +377,7 @@ fn sockudo_binary(given: &std::path::Path) -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
-/// Starts `engine` afresh, runs `switchboard bench ARGS --json` against it pinned to
+/// Starts `engine` afresh, runs `switchboard-bench ARGS --json` against it pinned to
 /// the load core (the arguments made from the running server), stops the server and
 /// parses the load's answer.
 async fn on_fresh_server<T: serde::de::DeserializeOwned>(
@@ -384,7 +395,7 @@ async fn on_fresh_server<T: serde::de::DeserializeOwned>(
     result
 }
 
-/// Runs `switchboard bench ARGS --json` pinned to the load core and parses its answer.
+/// Runs `switchboard-bench ARGS --json` pinned to the load core and parses its answer.
 async fn load_json<T: serde::de::DeserializeOwned>(
     args: &CompareArgs,
     what: &str,
@@ -393,7 +404,6 @@ async fn load_json<T: serde::de::DeserializeOwned>(
     let output = Command::new("taskset")
         .args(["-c", &args.load_core.to_string()])
         .arg(std::env::current_exe()?)
-        .arg("bench")
         .args(bench_args)
         .arg("--json")
         .stderr(Stdio::piped())
@@ -557,7 +567,7 @@ pub(crate) async fn run(args: CompareArgs) -> anyhow::Result<()> {
     if args.engines.iter().any(|e| e != "switchboard") && !args.peers.exists() {
         bail!(
             "no peer servers at {}: build them with `cargo build --release --manifest-path \
-             bench/Cargo.toml`, or pass --peers",
+             peers/Cargo.toml`, or pass --peers",
             args.peers.display()
         );
     }

@@ -1,4 +1,5 @@
-//! `switchboard bench`: load generators that print figures.
+//! `switchboard-bench` (also run as `switchboard bench`): load generators that print
+//! figures. A crate of its own, so the product links nothing only the benchmarks need.
 //!
 //! `echo` is a closed-loop echo load: each connection sends one message and waits for its
 //! echo before sending the next; the figure is messages echoed per second, sampled every
@@ -16,13 +17,51 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use clap::{Args, Subcommand};
-use switchboard_net::{connect, ClientOptions, Message};
+use std::process::ExitCode;
 
-#[derive(Debug, Args)]
-pub(crate) struct BenchArgs {
+use clap::{Args, Parser, Subcommand};
+use switchboard_net::{connect, ClientOptions, Message};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "switchboard-bench",
+    version,
+    about = "Load Switchboard (and peer servers) and print figures"
+)]
+struct Cli {
+    /// Log filter (tracing's EnvFilter syntax).
+    #[arg(long, global = true, env = "SWITCHBOARD_LOG")]
+    log: Option<String>,
     #[command(subcommand)]
     workload: Workload,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_new(cli.log.as_deref().unwrap_or("warn"))
+        .unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("switchboard-bench: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.workload)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("switchboard-bench: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -35,7 +74,7 @@ enum Workload {
     /// Server memory per idle connection: opens connections to /echo and reads the
     /// server's resident memory from /proc before and after.
     Idle(IdleArgs),
-    /// Echo cells against Switchboard and peer servers (bench/), side by side: the
+    /// Echo cells against Switchboard and peer servers (peers/), side by side: the
     /// server pinned to one core, the load to another; a table, JSON and a chart.
     Compare(compare::CompareArgs),
     /// One room with many subscribers and a publisher at rising rates: publish-to-receive
@@ -161,8 +200,8 @@ pub(crate) struct EchoArgs {
     count: Option<u64>,
 }
 
-pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    match args.workload {
+async fn run(workload: Workload) -> anyhow::Result<()> {
+    match workload {
         Workload::Echo(args) => echo(args).await,
         Workload::Compression(args) => {
             compression(&args);
