@@ -2,96 +2,20 @@
 //! killed with SIGKILL under load, and a Redis restart.
 //!
 //! Needs `redis-server` (Debian's package). Without it the test says so and passes
-//! locally; with `CI=true` it fails.
+//! locally; with `CI=true` it fails (`switchboard_test_support::redis`).
 
 mod support;
 
 use std::collections::BTreeSet;
-use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use switchboard_client::{connect, Backoff, Event, Events, Options, RoomClient, State};
+use switchboard_test_support::http;
+use switchboard_test_support::redis::{Persistence, RedisServer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
-
-/// `redis-server` on a port of its own, its append-only file in `dir`.
-struct Redis {
-    port: u16,
-    dir: std::path::PathBuf,
-    child: Option<Child>,
-}
-
-impl Redis {
-    /// `None` (after saying why) when `redis-server` is not installed and this is not CI.
-    async fn start(dir: &Path) -> Option<Self> {
-        let found = std::process::Command::new("redis-server")
-            .arg("--version")
-            .output()
-            .is_ok();
-        if !found {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "redis-server is not installed; CI needs it (apt-get install -y redis-server)"
-            );
-            eprintln!("SKIPPED: redis-server is not installed (apt-get install -y redis-server)");
-            return None;
-        }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut redis = Self {
-            port,
-            dir: dir.to_owned(),
-            child: None,
-        };
-        redis.run().await;
-        Some(redis)
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    async fn run(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args([
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-            ])
-            .arg("--dir")
-            .arg(&self.dir)
-            .stdout(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Stops Redis the way an operator restarts it (SIGTERM: it writes its data out).
-    async fn stop(&mut self) {
-        let mut child = self.child.take().unwrap();
-        signal(&child, "-TERM");
-        timeout(Duration::from_secs(10), child.wait())
-            .await
-            .unwrap()
-            .unwrap();
-    }
-}
 
 fn signal(child: &Child, signal: &str) {
     let pid = child.id().unwrap().to_string();
@@ -127,59 +51,32 @@ async fn balancer(backends: Vec<String>) -> String {
 }
 
 async fn members(node: &str, room: &str) -> Option<Vec<String>> {
-    let (host, port) = node.split_once(':').unwrap();
-    let mut stream = TcpStream::connect((host, port.parse::<u16>().unwrap()))
-        .await
-        .ok()?;
-    http_get(&mut stream, &format!("/api/rooms/{room}/members"))
-        .await
-        .and_then(|body| serde_json::from_str::<serde_json::Value>(&body).ok())
-        .and_then(|v| serde_json::from_value(v["members"].clone()).ok())
-}
-
-/// A plain HTTP/1.1 GET; the body of a 200, else `None`.
-async fn http_get(stream: &mut TcpStream, path: &str) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = String::new();
-    timeout(Duration::from_secs(5), stream.read_to_string(&mut response))
-        .await
-        .ok()?
-        .ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
+    let (status, body) =
+        http::request(node, "GET", &format!("/api/rooms/{room}/members"), "", None).await?;
+    (status == 200)
+        .then(|| serde_json::from_value(body["members"].clone()).ok())
+        .flatten()
 }
 
 /// Posts a message over the HTTP API and returns the status.
 async fn post_status(node: &str, room: &str, text: &str) -> Option<u16> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = TcpStream::connect(node).await.ok()?;
-    let body = serde_json::json!({"from": "api", "text": text}).to_string();
-    let request = format!(
-        "POST /api/rooms/{room}/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = String::new();
-    timeout(
-        Duration::from_secs(10),
-        stream.read_to_string(&mut response),
-    )
-    .await
-    .ok()?
-    .ok()?;
-    response.get(9..12)?.parse().ok()
+    let body = serde_json::json!({"from": "api", "text": text});
+    let path = format!("/api/rooms/{room}/messages");
+    http::request(node, "POST", &path, "", Some(&body))
+        .await
+        .map(|(status, _)| status)
 }
 
 async fn healthz_status(node: &str) -> Option<u16> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = TcpStream::connect(node).await.ok()?;
-    let request = "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
-    response.get(9..12)?.parse().ok()
+    http::request(node, "GET", "/healthz", "", None)
+        .await
+        .map(|(status, _)| status)
+}
+
+/// The body of a 200 answer to `GET path`.
+async fn http_get(node: &str, path: &str) -> Option<String> {
+    let (status, body) = http::raw(node, "GET", path, "", None).await?;
+    (status == 200).then_some(body)
 }
 
 type Seen = (Vec<(u64, String, String)>, Vec<String>);
@@ -226,7 +123,7 @@ async fn three_nodes_share_a_room_through_a_killed_node_and_a_redis_restart() {
     const EACH: usize = 300;
     const EXPIRY_SECS: u64 = 6;
     let dir = tempfile::tempdir().unwrap();
-    let Some(mut redis) = Redis::start(dir.path()).await else {
+    let Some(mut redis) = RedisServer::start(Persistence::AppendOnly).await else {
         return;
     };
     let config = dir.path().join("node.toml");
@@ -330,8 +227,7 @@ async fn three_nodes_share_a_room_through_a_killed_node_and_a_redis_restart() {
                 );
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            let mut stream = TcpStream::connect(&a3).await.unwrap();
-            let metrics = http_get(&mut stream, "/metrics").await.expect("metrics");
+            let metrics = http_get(&a3, "/metrics").await.expect("metrics");
             assert!(
                 metrics.lines().any(|l| l == "switchboard_redis_up 0"),
                 "metrics do not show Redis down"
@@ -381,9 +277,8 @@ async fn three_nodes_share_a_room_through_a_killed_node_and_a_redis_restart() {
     );
     assert_eq!(erin_seen, bob_seen, "erin saw another sequence");
     // The stored history, read from another node, is that sequence.
-    let mut stream = TcpStream::connect(&a3).await.unwrap();
     let body = http_get(
-        &mut stream,
+        &a3,
         &format!("/api/rooms/{ROOM}/messages?since=0&limit=1000"),
     )
     .await

@@ -307,22 +307,15 @@ async fn http(
     headers: &str,
     body: Option<Value>,
 ) -> (u16, Value) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = TcpStream::connect(address).await.unwrap();
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{headers}\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).await.unwrap();
-    let status = answer[9..12].parse().unwrap();
-    let json = answer
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| serde_json::from_str(b).unwrap_or(Value::Null))
-        .unwrap();
-    (status, json)
+    switchboard_test_support::http::request(
+        &address.to_string(),
+        method,
+        path,
+        headers,
+        body.as_ref(),
+    )
+    .await
+    .expect("an answer")
 }
 
 #[tokio::test]

@@ -271,6 +271,9 @@ return {}
 /// Redis commands wait at most this long for an answer.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Times a channel is read again when catching up after a new subscription fails.
+const CATCH_UP_TRIES: u32 = 10;
+
 /// Presence work, done in order by one task: presence changes must reach Redis in the
 /// order they happened here.
 enum Op {
@@ -975,20 +978,31 @@ impl Node {
     }
 
     /// Channels with members here take where their stream stands now: a new epoch
-    /// resets them, else they receive what was stored after their last delivery.
+    /// resets them, else they receive what was stored after their last delivery. Just
+    /// after Redis came back, the command connection may still be reconnecting: a
+    /// channel that could not be read is tried again, a few times.
     async fn catch_up(&self) {
-        let channels = self.sink().map_or_else(Vec::new, Sink::channels);
-        for channel in channels {
-            match self.open(&channel.name).await {
-                Ok(position) => {
-                    if !channel.reposition(&position) {
-                        self.fill_gap(&channel, position.last_id).await;
+        let mut channels = self.sink().map_or_else(Vec::new, Sink::channels);
+        for attempt in 1..=CATCH_UP_TRIES {
+            let mut failed = Vec::new();
+            for channel in channels {
+                match self.open(&channel.name).await {
+                    Ok(position) => {
+                        if !channel.reposition(&position) {
+                            self.fill_gap(&channel, position.last_id).await;
+                        }
                     }
-                }
-                Err(cause) => {
-                    warn!(%cause, channel = %channel.name, "catching up after the subscription failed")
+                    Err(cause) if attempt == CATCH_UP_TRIES => {
+                        warn!(%cause, channel = %channel.name, "catching up after the subscription failed")
+                    }
+                    Err(_) => failed.push(channel),
                 }
             }
+            if failed.is_empty() {
+                return;
+            }
+            channels = failed;
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
