@@ -3,7 +3,6 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
 use clap::Args;
 use ratatui::crossterm::event::{
     self, Event as Term, KeyCode, KeyEvent, KeyEventKind, KeyModifiers,
@@ -13,7 +12,7 @@ use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Paragraph, Wrap};
 use ratatui::{DefaultTerminal, Frame};
-use switchboard_client::{connect, Event, Events, Options, RoomClient, State};
+use switchboard_client::{Event, Events, Options, RoomClient, State};
 use tokio::sync::mpsc;
 use unicode_width::UnicodeWidthChar;
 
@@ -24,16 +23,8 @@ Left/Right/Home/End move in the line. Lost connections are reopened by themselve
 typed meanwhile are sent once the room is back, and missed ones are filled in."
 )]
 pub(crate) struct ChatArgs {
-    /// Room URL, such as ws://127.0.0.1:8080/room/lobby (or wss:// for TLS)
-    url: String,
     #[command(flatten)]
-    ca: crate::tls::CaArg,
-    /// The name to chat as (in open mode; with --token the name comes from the token).
-    #[arg(long)]
-    name: Option<String>,
-    /// JWT for servers with auth (sent as `Authorization: Bearer`).
-    #[arg(long, env = "SWITCHBOARD_TOKEN", hide_env_values = true)]
-    token: Option<String>,
+    room: crate::target::RoomTarget,
     /// Lines kept on screen for scrolling back.
     #[arg(long, default_value_t = 2000)]
     scrollback: usize,
@@ -47,21 +38,8 @@ const TYPING_REFRESH: Duration = Duration::from_secs(3);
 const TYPING_FADE: Duration = Duration::from_secs(8);
 
 pub(crate) async fn run(args: ChatArgs) -> anyhow::Result<()> {
-    if args.name.is_none() && args.token.is_none() {
-        bail!("give --name (or --token on a server with auth)");
-    }
-    let mut options = Options::default();
-    if let Some(name) = &args.name {
-        options = options.with_name(name);
-    }
-    if let Some(token) = &args.token {
-        options = options.with_token(token);
-    }
-    let options = args.ca.apply(options)?;
     // Joined before the screen is taken, so a refusal prints as a plain error.
-    let (room, events) = connect(&args.url, options)
-        .await
-        .with_context(|| format!("joining {}", args.url))?;
+    let (room, events) = args.room.join(Options::default()).await?;
     let mut app = App::new(room.clone(), args.scrollback);
     let mut terminal = ratatui::init();
     let result = app.run(&mut terminal, events).await;

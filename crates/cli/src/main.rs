@@ -5,6 +5,7 @@ mod chat;
 mod connect;
 mod send;
 mod serve;
+mod target;
 mod tls;
 
 use std::io::IsTerminal;

@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::Args;
-use switchboard_client::{connect, Event, Options, State};
+use switchboard_client::{Event, Options, State};
 
 #[derive(Debug, Args)]
 #[command(
@@ -13,16 +13,8 @@ when the room cannot be joined or the message is refused or not acknowledged in 
 connection lost on the way is reopened and the message sent again; the room stores it once."
 )]
 pub(crate) struct SendArgs {
-    /// Room URL, such as ws://127.0.0.1:8080/room/lobby (or wss:// for TLS)
-    url: String,
     #[command(flatten)]
-    ca: crate::tls::CaArg,
-    /// The name to send as (in open mode; with --token the name comes from the token).
-    #[arg(long)]
-    name: Option<String>,
-    /// JWT for servers with auth (sent as `Authorization: Bearer`).
-    #[arg(long, env = "SWITCHBOARD_TOKEN", hide_env_values = true)]
-    token: Option<String>,
+    room: crate::target::RoomTarget,
     /// The message text.
     text: String,
     /// Seconds to wait for the acknowledgement.
@@ -33,20 +25,8 @@ pub(crate) struct SendArgs {
 // The id is this command's output.
 #[allow(clippy::print_stdout)]
 pub(crate) async fn run(args: SendArgs) -> anyhow::Result<()> {
-    if args.name.is_none() && args.token.is_none() {
-        bail!("give --name (or --token on a server with auth)");
-    }
-    let mut options = Options::default().with_connect_timeout(Duration::from_secs(args.timeout));
-    if let Some(name) = &args.name {
-        options = options.with_name(name);
-    }
-    if let Some(token) = &args.token {
-        options = options.with_token(token);
-    }
-    let options = args.ca.apply(options)?;
-    let (room, mut events) = connect(&args.url, options)
-        .await
-        .with_context(|| format!("joining {}", args.url))?;
+    let options = Options::default().with_connect_timeout(Duration::from_secs(args.timeout));
+    let (room, mut events) = args.room.join(options).await?;
     let nonce = room.send_message(args.text)?;
 
     let acknowledged = tokio::time::timeout(Duration::from_secs(args.timeout), async {
