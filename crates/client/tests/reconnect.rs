@@ -476,3 +476,53 @@ async fn close_is_bounded_when_the_server_never_acknowledges() {
     assert_eq!(frank.queued(), 0);
     assert!(matches!(frank.send_message("late"), Err(Error::Closed)));
 }
+
+#[tokio::test]
+async fn a_room_whose_history_was_reset_is_said_so_and_its_new_messages_are_not_taken_as_seen() {
+    // History in memory: a restart starts the room's ids again, in a new epoch.
+    let mut server = Server::start(Config::default().with_rate_limit(5000.0, 1000)).await;
+    let url = format!("ws://{}/room/reset", server.address);
+    let options = |name: &str| {
+        Options::default()
+            .with_name(name)
+            .with_backoff(quick_backoff())
+    };
+    let (bot, _bot_events) = connect(&url, options("bot").with_reconnect(false))
+        .await
+        .unwrap();
+    let (_reader, mut events) = connect(&url, options("reader")).await.unwrap();
+    for i in 1..=5 {
+        bot.send_message(format!("before {i}")).unwrap();
+    }
+    let mut seen = Vec::new();
+    while seen.len() < 5 {
+        if let Event::Message(m) = next_event(&mut events).await {
+            seen.push(m.id);
+        }
+    }
+    assert_eq!(seen, [1, 2, 3, 4, 5]);
+    server.restart().await;
+    let (bot, _bot_events) = connect(&url, options("bot2")).await.unwrap();
+    bot.send_message("after 1").unwrap();
+    bot.send_message("after 2").unwrap();
+    // The reader comes back, resuming after 5 in the old epoch: the room says that was
+    // not recovered, and its new messages 1 and 2 arrive although 5 was seen before.
+    let mut resumed = None;
+    let mut after = Vec::new();
+    while after.len() < 2 {
+        match next_event(&mut events).await {
+            Event::Welcome {
+                resumed: Some(r), ..
+            } => resumed = Some(r),
+            Event::Message(m) => after.push((m.id, m.text.unwrap_or_default())),
+            _ => {}
+        }
+    }
+    let resumed = resumed.expect("a welcome that resumed");
+    assert_eq!((resumed.after, resumed.complete), (5, false));
+    assert_eq!(
+        after,
+        [(1, "after 1".to_owned()), (2, "after 2".to_owned())]
+    );
+    server.stop().await;
+}

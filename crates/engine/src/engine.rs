@@ -127,6 +127,9 @@ pub enum EngineError {
     /// Taken, then not stored (the backend failed); safe to send again with its nonce.
     #[error("not stored: {0}")]
     NotStored(String),
+    /// The history being replayed was trimmed under the replay: resume again.
+    #[error("the history changed while it was replayed")]
+    HistoryChanged,
     #[error("the engine is shutting down")]
     ShuttingDown,
 }
@@ -190,11 +193,15 @@ pub enum Ended {
     Slow,
     /// The channel's epoch changed: its position belongs to the old stream.
     Reset,
+    /// Publications it should have had could not be read (they were trimmed, or the
+    /// store did not answer): it resumes, and is told what is lost.
+    Missed,
 }
 
 const LIVE: u8 = 0;
 const SLOW: u8 = 1;
 const RESET: u8 = 2;
+const MISSED: u8 = 3;
 
 struct Member {
     user: Arc<str>,
@@ -280,15 +287,30 @@ impl Channel {
         warn!(channel = %self.name, old = %state.epoch, new = %position.epoch, "the channel's history was lost: a new epoch");
         state.epoch = Arc::from(position.epoch.as_str());
         state.broadcast_id = position.last_id;
+        self.cut_all(&mut state, RESET);
+        true
+    }
+
+    /// Delivery cannot go on from `broadcast_id` without a hole (missed publications
+    /// could not be read): every member is cut off, to resume and be told what is lost,
+    /// and delivery continues from `upto`.
+    pub(crate) fn skip_to(&self, upto: u64) {
+        let mut state = self.state();
+        warn!(channel = %self.name, from = state.broadcast_id, upto, "missed messages could not be read; members resume");
+        state.broadcast_id = state.broadcast_id.max(upto);
+        self.cut_all(&mut state, MISSED);
+    }
+
+    /// Cuts every member off for `reason`.
+    fn cut_all(&self, state: &mut State, reason: u8) {
         for (_, member) in state.members.drain() {
-            member.ended.store(RESET, Ordering::Relaxed);
+            member.ended.store(reason, Ordering::Relaxed);
         }
         let users = std::mem::take(&mut state.users);
         for user in users.keys() {
             // Nobody is left here to be told.
             self.backend.left(&self.name, user);
         }
-        true
     }
 
     /// Sends `item` to `target`.
@@ -504,21 +526,29 @@ impl Engine {
             return Ok(channel);
         }
         let position = self.inner.backend.open(name).await?;
-        let mut channels = self.inner.channels.lock().expect("channels lock");
-        let channel = channels.entry(Arc::from(name)).or_insert_with(|| {
-            Arc::new(Channel {
-                name: Arc::from(name),
-                options: self.options(name).clone(),
-                backend: self.inner.backend.clone(),
-                state: Mutex::new(State {
-                    members: HashMap::new(),
-                    users: BTreeMap::new(),
-                    broadcast_id: position.last_id,
-                    epoch: Arc::from(position.epoch.as_str()),
-                }),
-            })
-        });
-        Ok(channel.clone())
+        let mut made = false;
+        let channel = {
+            let mut channels = self.inner.channels.lock().expect("channels lock");
+            let channel = channels.entry(Arc::from(name)).or_insert_with(|| {
+                made = true;
+                Arc::new(Channel {
+                    name: Arc::from(name),
+                    options: self.options(name).clone(),
+                    backend: self.inner.backend.clone(),
+                    state: Mutex::new(State {
+                        members: HashMap::new(),
+                        users: BTreeMap::new(),
+                        broadcast_id: position.last_id,
+                        epoch: Arc::from(position.epoch.as_str()),
+                    }),
+                })
+            });
+            channel.clone()
+        };
+        if made {
+            self.inner.backend.opened(&channel);
+        }
+        Ok(channel)
     }
 
     /// Subscribes `user` to `channel`. The backlog (see [`Subscription::next_backlog`])
@@ -584,6 +614,7 @@ impl Engine {
                 not_before: options
                     .history_ttl()
                     .map(|ttl| timestamp(now.checked_sub(ttl).unwrap_or(SystemTime::UNIX_EPOCH))),
+                read_before: false,
             },
             events,
             typing: AtomicBool::new(false),
@@ -607,8 +638,8 @@ impl Engine {
         subscription.members = members;
         let first_page = subscription.read_page().await?;
         if let (Some(true), Replay::After(since)) = (plan.recovered, plan.replay) {
-            let first = first_page.first().map(|p| p.id);
-            subscription.recovered = Some(recovery::complete(since, upto, first));
+            let ids: Vec<u64> = first_page.iter().map(|p| p.id).collect();
+            subscription.recovered = Some(recovery::complete(since, upto, &ids));
         }
         subscription.backlog.ready = Some(first_page);
         Ok(subscription)
@@ -739,6 +770,8 @@ struct Backlog {
     kept_after: u64,
     /// Publications before this are no longer kept.
     not_before: Option<String>,
+    /// Whether a page was read already.
+    read_before: bool,
 }
 
 /// A connection's place in a channel. Dropping it leaves the channel.
@@ -822,14 +855,23 @@ impl Subscription {
                 not_before: self.backlog.not_before.clone(),
             },
         };
-        let continues = !window.newest;
+        let (after, continued) = (window.after, self.backlog.read_before);
+        let paged = !window.newest;
         let publications = self
             .engine
             .inner
             .backend
             .read(&self.channel.name, window)
             .await?;
-        if continues {
+        self.backlog.read_before = true;
+        if paged {
+            let ids: Vec<u64> = publications.iter().map(|p| p.id).collect();
+            // After the first page (which `recovered` speaks for), what was promised
+            // must follow without a hole: history trimmed meanwhile ends the replay,
+            // and the subscriber resumes again.
+            if continued && !recovery::continues(after, &ids) {
+                return Err(EngineError::HistoryChanged);
+            }
             if let Some(last) = publications.last() {
                 self.backlog.replay = Some(Replay::After(last.id));
             }
@@ -874,6 +916,7 @@ impl Subscription {
         match self.ended.load(Ordering::Relaxed) {
             SLOW => Some(Ended::Slow),
             RESET => Some(Ended::Reset),
+            MISSED => Some(Ended::Missed),
             _ => None,
         }
     }

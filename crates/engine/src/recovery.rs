@@ -68,13 +68,21 @@ pub(crate) fn kept_after(upto: u64, options: &ChannelOptions) -> u64 {
         .map_or(0, |size| upto.saturating_sub(size as u64))
 }
 
-/// Whether a resume after `since` (up to `upto`) whose first replayed publication is
-/// `first` misses nothing.
-pub(crate) fn complete(since: u64, upto: u64, first: Option<u64>) -> bool {
-    match first {
-        Some(id) => id == since + 1,
+/// Whether a resume after `since` (up to `upto`) whose first page holds `ids` misses
+/// nothing: the page starts right after `since` and has no hole (trimming by age can
+/// take one out of the middle: timestamps are not quite in id order).
+pub(crate) fn complete(since: u64, upto: u64, ids: &[u64]) -> bool {
+    match ids.first() {
+        Some(_) => continues(since, ids),
         None => since >= upto,
     }
+}
+
+/// Whether a page of `ids` read after `after` follows it without a hole.
+pub(crate) fn continues(after: u64, ids: &[u64]) -> bool {
+    ids.iter()
+        .zip(after + 1..)
+        .all(|(id, expected)| *id == expected)
 }
 
 #[cfg(test)]
@@ -137,11 +145,15 @@ mod tests {
     }
 
     #[test]
-    fn a_resume_is_complete_only_from_right_after_since() {
-        assert!(complete(5, 10, Some(6)));
-        assert!(!complete(5, 10, Some(8)), "6 and 7 were trimmed");
-        assert!(complete(10, 10, None), "nothing was missed");
-        assert!(!complete(5, 10, None), "everything after 5 expired");
+    fn a_resume_is_complete_only_from_right_after_since_and_without_a_hole() {
+        assert!(complete(5, 10, &[6, 7, 8]));
+        assert!(!complete(5, 10, &[8, 9]), "6 and 7 were trimmed");
+        assert!(!complete(5, 10, &[6, 8]), "7 expired before 6");
+        assert!(complete(10, 10, &[]), "nothing was missed");
+        assert!(!complete(5, 10, &[]), "everything after 5 expired");
+        assert!(continues(7, &[8, 9]));
+        assert!(continues(7, &[]));
+        assert!(!continues(7, &[9]));
     }
 
     #[test]

@@ -782,3 +782,35 @@ async fn a_limited_channel_admits_only_its_users_and_the_server_publishes_to_it(
     assert_eq!(next(&mut alice).await["type"], "join");
     assert_eq!(next(&mut alice).await["text"], "from the app");
 }
+
+#[tokio::test]
+async fn history_trimmed_during_a_paged_replay_ends_it_instead_of_skipping() {
+    let store = Arc::new(MemoryStore::new());
+    let mut config = EngineConfig::default();
+    config.replay_page = 2;
+    let engine = Engine::local(store.clone(), config);
+    for i in 1..=6 {
+        post(&engine, "paged", &format!("m{i}")).await;
+    }
+    let mut reader = engine.subscribe("paged", "r", since(0)).await.unwrap();
+    assert_eq!(reader.recovered(), Some(true));
+    let first: Vec<u64> = reader
+        .next_backlog()
+        .await
+        .unwrap()
+        .iter()
+        .map(|p| p.id)
+        .collect();
+    assert_eq!(first, [1, 2]);
+    // 3 and 4 go while the first page is being sent.
+    let trim = switchboard_engine::store::Trim {
+        upto: 4,
+        older_than: None,
+        nonces_from: String::new(),
+    };
+    store.trim("paged", &trim).unwrap();
+    assert!(matches!(
+        reader.next_backlog().await,
+        Err(EngineError::HistoryChanged)
+    ));
+}

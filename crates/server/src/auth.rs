@@ -92,6 +92,14 @@ struct Claims {
     rooms: Option<Vec<String>>,
 }
 
+impl Claims {
+    /// The one identity rule of every door: a token's user is its `name` claim, else its
+    /// `sub` (`exp` is required by the validation).
+    fn user(self) -> Option<String> {
+        self.name.or(self.sub)
+    }
+}
+
 /// Why a room connection was refused.
 #[derive(Debug)]
 pub(crate) struct Refused {
@@ -158,8 +166,7 @@ pub(crate) fn identify(
         }
     }
     claims
-        .name
-        .or(claims.sub)
+        .user()
         .filter(|n| switchboard_engine::valid_user_name(n))
         .ok_or_else(|| {
             refused(

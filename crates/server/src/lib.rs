@@ -4,7 +4,9 @@
 //! axum's router, upgrades WebSocket requests into `switchboard-net` connections by
 //! taking the raw stream (TCP or TLS) back from hyper, caps connections in all and per
 //! IP address, limits the handshake rate per address, and on shutdown closes
-//! every WebSocket with 1001 and drains within a bound.
+//! every WebSocket with 1001 and drains within a bound. Its doors (the room protocol,
+//! the HTTP API, `/echo`) sit on `switchboard-engine`'s channels; the layers and which
+//! file owns what are in docs/ARCHITECTURE.md, the room protocol in docs/PROTOCOL.md.
 
 mod api;
 mod auth;

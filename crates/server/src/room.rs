@@ -30,8 +30,9 @@ use crate::upgrade::upgrade;
 /// Close code for a connection that fell too far behind its room.
 pub const SLOW_CONSUMER: CloseCode = CloseCode(4008);
 
-/// Close code for a connection whose room's history was lost under it (a new epoch):
-/// it reconnects with `since` and `epoch`, and the welcome says `recovered: false`.
+/// Close code for a connection that could not be given every message in order: its
+/// room's history was lost under it (a new epoch), or messages it missed could not be
+/// read. It reconnects with `since` and `epoch`; the welcome says what was recovered.
 pub const HISTORY_RESET: CloseCode = CloseCode(4009);
 
 /// The room protocol's slot in each publication's encoding cache.
@@ -343,6 +344,10 @@ impl Session {
             Some(Ended::Reset) => CloseFrame::new(
                 HISTORY_RESET,
                 "the room's history was reset: reconnect with ?since=&epoch=",
+            ),
+            Some(Ended::Missed) => CloseFrame::new(
+                HISTORY_RESET,
+                "messages could not be delivered in order: reconnect with ?since=&epoch=",
             ),
             None => CloseFrame::new(CloseCode::GOING_AWAY, "server shutting down"),
         })

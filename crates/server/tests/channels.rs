@@ -508,6 +508,65 @@ async fn a_redis_that_lost_its_data_is_a_new_epoch_and_its_subscribers_are_told(
     nodes.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_that_went_back_under_the_same_epoch_renew_it() {
+    let Some(nodes) = Nodes::pair(Persistence::None).await else {
+        return;
+    };
+    for i in 1..=3 {
+        nodes
+            .post(1, "lobby", json!({"text": format!("m{i}")}))
+            .await;
+    }
+    let (mut watching, welcome) = nodes.join(0, "/room/lobby?name=w").await;
+    let (epoch, last) = position(&welcome);
+    assert_eq!(last, 3);
+    // Redis comes back without its last two writes (a restart from an append-only
+    // file synced once a second, say), the epoch key intact: its ids went back.
+    let redis = nodes.redis.as_ref().unwrap();
+    redis.cli(&["SET", "switchboard:seq:lobby", "1"]);
+    redis.cli(&["DEL", "switchboard:history:lobby"]);
+    redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    // The nodes subscribe again and catch up: the history is not what members were
+    // told, so the epoch is renewed and they resume.
+    assert_eq!(watching.closed().await, switchboard_server::HISTORY_RESET.0);
+    let (mut back, welcome) = nodes
+        .join(1, &format!("/room/lobby?name=w&since={last}&epoch={epoch}"))
+        .await;
+    assert_ne!(welcome["epoch"], epoch.as_str());
+    assert_eq!(welcome["recovered"], false);
+    // The next publication takes id 2 again, and is delivered, not taken for one seen.
+    assert_eq!(nodes.post(0, "lobby", json!({"text": "m2 again"})).await, 2);
+    let m = back.next_of("message").await;
+    assert_eq!(
+        (m["id"].as_u64(), m["text"].as_str()),
+        (Some(2), Some("m2 again"))
+    );
+    nodes.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_go_on_above_the_stored_history_when_the_counter_was_lost() {
+    let Some(nodes) = Nodes::pair(Persistence::None).await else {
+        return;
+    };
+    for i in 1..=3 {
+        nodes
+            .post(0, "lobby", json!({"text": format!("m{i}")}))
+            .await;
+    }
+    nodes
+        .redis
+        .as_ref()
+        .unwrap()
+        .cli(&["DEL", "switchboard:seq:lobby"]);
+    assert_eq!(nodes.post(1, "lobby", json!({"text": "m4"})).await, 4);
+    let (status, history) = http::get(&nodes.address(0), "/api/rooms/lobby/messages").await;
+    assert_eq!(status, 200);
+    assert_eq!(history["messages"].as_array().unwrap().len(), 4);
+    nodes.stop().await;
+}
+
 /// Waits until every node's `/healthz` answers 200 (its Redis answers again).
 async fn wait_healthy(nodes: &Nodes) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);

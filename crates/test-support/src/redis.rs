@@ -114,6 +114,17 @@ impl RedisServer {
             .expect("redis-server's status");
     }
 
+    /// Runs `redis-cli ARGS…` against it; its output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let output = std::process::Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("running redis-cli");
+        assert!(output.status.success(), "redis-cli {args:?} failed");
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+
     /// Stops and starts it.
     pub async fn restart(&mut self) {
         self.stop().await;

@@ -76,6 +76,9 @@ pub(crate) trait Backend: Send + Sync + std::fmt::Debug + 'static {
     fn start(&self, sink: Sink);
     /// Where `channel`'s stream stands (and its epoch, made if it has none).
     fn open<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<Position, StoreError>>;
+    /// `channel` was just made here from the position `open` gave: a backend whose
+    /// publications arrive on their own (Redis) checks that none came in between.
+    fn opened(&self, channel: &Arc<Channel>);
     /// Takes a publication: waits while the backend's queue is full, never for the
     /// storing itself, whose outcome goes to `job.done`. Stored publications reach the
     /// channel through [`Channel::broadcast`] in id order; a retried nonce goes back to

@@ -163,6 +163,17 @@ end
 return {tostring(redis.call('GET', KEYS[1]) or 0), epoch}
 ";
 
+/// KEYS: epoch. ARGV: the epoch a node found untrustworthy, a new one. Replaces it
+/// unless another node did already; returns the epoch now.
+const RENEW: &str = r"
+local epoch = redis.call('GET', KEYS[1])
+if not epoch or epoch == ARGV[1] then
+  epoch = ARGV[2]
+  redis.call('SET', KEYS[1], epoch)
+end
+return epoch
+";
+
 /// KEYS: seq, epoch, history, nonces, nonce-times. ARGV: record, Pub/Sub channel, an
 /// epoch to give the channel if it has none, history size (-1: all), history TTL in ms
 /// (0: forever), now in ms, nonce TTL in ms, the nonce's field ('' without one).
@@ -177,7 +188,8 @@ if #forgotten > 0 then
 end
 if field ~= '' then
   local known = redis.call('HGET', KEYS[4], field)
-  if known then return {'0', known} end
+  local taken = tonumber(redis.call('ZSCORE', KEYS[5], field))
+  if known and not (taken and taken < now - nonce_ttl) then return {'0', known} end
 end
 local epoch = redis.call('GET', KEYS[2])
 if not epoch then
@@ -188,7 +200,15 @@ local id = redis.call('INCR', KEYS[1])
 if size == 0 then
   redis.call('DEL', KEYS[3])
 else
-  redis.call('XADD', KEYS[3], id .. '-0', 'm', record, 't', now)
+  local added = redis.pcall('XADD', KEYS[3], id .. '-0', 'm', record, 't', now)
+  if type(added) == 'table' and added.err then
+    -- The counter fell behind the stream (its key was lost, the stream kept): go on
+    -- above the stream's last entry.
+    local top = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)[1]
+    id = tonumber(string.match(top[1], '^(%d+)')) + 1
+    redis.call('SET', KEYS[1], id)
+    redis.call('XADD', KEYS[3], id .. '-0', 'm', record, 't', now)
+  end
   if size > 0 then redis.call('XTRIM', KEYS[3], 'MAXLEN', size) end
   if ttl > 0 then
     local oldest = redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', 64)
@@ -311,6 +331,7 @@ struct Node {
     up: AtomicBool,
     presence: Script,
     open: Script,
+    renew: Script,
     /// Set when a presence change may not have reached Redis.
     resync: AtomicBool,
     sink: OnceLock<Sink>,
@@ -385,6 +406,7 @@ impl RedisBackend {
             up: AtomicBool::new(true),
             presence: Script::new(PRESENCE),
             open: Script::new(OPEN),
+            renew: Script::new(RENEW),
             resync: AtomicBool::new(false),
             sink: OnceLock::new(),
             ops,
@@ -442,6 +464,20 @@ impl Backend for RedisBackend {
         self.node.open(channel).boxed()
     }
 
+    fn opened(&self, channel: &Arc<Channel>) {
+        // A publication that reached this node between `open` and the channel's making
+        // found no channel and was dropped: read where the stream stands once more.
+        let (node, channel) = (self.node.clone(), channel.clone());
+        tokio::spawn(async move {
+            match node.open(&channel.name).await {
+                Ok(position) => node.resume(&channel, position).await,
+                Err(cause) => {
+                    warn!(%cause, channel = %channel.name, "checking a new channel's position failed")
+                }
+            }
+        });
+    }
+
     fn publish(&self, job: Job) -> BoxFuture<'_, Result<(), EngineError>> {
         // Handed to the poster, which sends what is queued to Redis in one pipeline; a
         // connection's publications keep their order. The sender's acknowledgement is
@@ -487,9 +523,13 @@ impl Backend for RedisBackend {
                     user: user.clone(),
                     reply,
                 });
-                answer
-                    .await
-                    .unwrap_or(Err(StoreError::Unavailable("the cluster stopped")))?
+                // Bounded: presence work queued behind a Redis that does not answer
+                // must not hold the subscriber (its presence is told when Redis is back).
+                match tokio::time::timeout(2 * RESPONSE_TIMEOUT, answer).await {
+                    Ok(Ok(result)) => result?,
+                    Ok(Err(_)) => return Err(StoreError::Unavailable("the cluster stopped")),
+                    Err(_) => return Err(StoreError::Unavailable("presence timed out")),
+                }
             } else {
                 self.node.members(&channel.name).await?
             };
@@ -619,6 +659,16 @@ impl Node {
         })
     }
 
+    /// A new epoch for `channel` in place of `stale` (or the one another node put there
+    /// first).
+    async fn renew(&self, channel: &str, stale: &str) -> Result<String, StoreError> {
+        let mut call = self.renew.prepare_invoke();
+        call.key(self.key("epoch", channel))
+            .arg(stale)
+            .arg(new_epoch());
+        self.noted(call.invoke_async(&mut self.conn.clone()).await)
+    }
+
     /// Stores and publishes `jobs` in order (Redis numbers them), in one round trip: a
     /// pipeline of one script call each.
     async fn post(&self, jobs: &[Job]) -> Result<Vec<Posted>, StoreError> {
@@ -663,7 +713,10 @@ impl Node {
         replies
             .into_iter()
             .map(|reply| {
-                let id = reply.get(1).and_then(|id| id.parse().ok());
+                let id = reply
+                    .get(1)
+                    .and_then(|id| id.parse::<u64>().ok())
+                    .filter(|id| *id > 0);
                 match (reply.first().map(String::as_str), id) {
                     (Some("1"), Some(id)) => Ok(Posted::Stored(id)),
                     (Some("0"), Some(id)) => Ok(Posted::Known(id)),
@@ -766,7 +819,9 @@ impl Node {
         pipe.hget(self.key("nonces", channel), &field)
             .zscore(self.key("nonce-times", channel), &field);
         let (id, at): (Option<u64>, Option<f64>) = self.noted(pipe.query_async(&mut conn).await)?;
-        let Some(id) = id else { return Ok(None) };
+        let Some(id) = id.filter(|id| *id > 0) else {
+            return Ok(None);
+        };
         let taken = at.map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms as u64));
         if taken.is_some_and(|t| {
             self.clock.now().duration_since(t).unwrap_or_default() >= self.nonce_ttl
@@ -928,6 +983,11 @@ impl Node {
         let Some(target) = sender_of(job.member, publication.from.as_deref()) else {
             return;
         };
+        if id > job.channel.broadcast_id() {
+            // Not delivered here yet: its delivery, on its way, is the acknowledgement
+            // (sent now, it would overtake the publications before it).
+            return;
+        }
         let nonce = publication.nonce.as_deref().unwrap_or("");
         match self
             .publication(
@@ -947,7 +1007,8 @@ impl Node {
     }
 
     /// Delivers, from the stored history, what `channel` has after its last delivery up
-    /// to `upto`.
+    /// to `upto`. What cannot be read (trimmed meanwhile, or Redis did not answer) cuts
+    /// the channel's members off to resume, rather than leaving them a silent hole.
     async fn fill_gap(&self, channel: &Arc<Channel>, upto: u64) {
         loop {
             let after = channel.broadcast_id();
@@ -961,18 +1022,21 @@ impl Node {
                 newest: false,
                 not_before: None,
             };
-            match self.read(&channel.name, window).await {
-                Ok(page) if !page.is_empty() => {
-                    for publication in page {
-                        channel.broadcast(&Arc::new(Delivery::new(publication)));
-                    }
-                }
-                // Trimmed away meanwhile: delivery goes on from the next publication.
-                Ok(_) => return,
+            let page = match self.read(&channel.name, window).await {
+                Ok(page) => page,
                 Err(cause) => {
                     warn!(%cause, channel = %channel.name, "reading missed messages failed");
+                    channel.skip_to(upto);
                     return;
                 }
+            };
+            let ids: Vec<u64> = page.iter().map(|p| p.id).collect();
+            if ids.is_empty() || !crate::recovery::continues(after, &ids) {
+                channel.skip_to(upto);
+                return;
+            }
+            for publication in page {
+                channel.broadcast(&Arc::new(Delivery::new(publication)));
             }
         }
     }
@@ -987,11 +1051,7 @@ impl Node {
             let mut failed = Vec::new();
             for channel in channels {
                 match self.open(&channel.name).await {
-                    Ok(position) => {
-                        if !channel.reposition(&position) {
-                            self.fill_gap(&channel, position.last_id).await;
-                        }
-                    }
+                    Ok(position) => self.resume(&channel, position).await,
                     Err(cause) if attempt == CATCH_UP_TRIES => {
                         warn!(%cause, channel = %channel.name, "catching up after the subscription failed")
                     }
@@ -1003,6 +1063,24 @@ impl Node {
             }
             channels = failed;
             tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Takes where `channel`'s stream stands after an outage. Ids that went back under
+    /// the same epoch (a Redis restarted from data older than what it had said) mean the
+    /// history is not what members were told: the epoch is renewed, for every node.
+    async fn resume(&self, channel: &Arc<Channel>, mut position: Position) {
+        if *position.epoch == *channel.epoch() && position.last_id < channel.broadcast_id() {
+            match self.renew(&channel.name, &position.epoch).await {
+                Ok(epoch) => position.epoch = epoch,
+                Err(cause) => {
+                    warn!(%cause, channel = %channel.name, "renewing the epoch of a channel whose ids went back failed");
+                    return;
+                }
+            }
+        }
+        if !channel.reposition(&position) {
+            self.fill_gap(channel, position.last_id).await;
         }
     }
 
@@ -1019,7 +1097,7 @@ impl Node {
             b'M' => {
                 let (id, rest) = split(rest)?;
                 let (epoch, record) = split(&rest)?;
-                let id: u64 = text(id)?.parse().ok()?;
+                let id: u64 = text(id)?.parse().ok().filter(|id| *id > 0)?;
                 Incoming::Publication {
                     publication: publication_of(channel, id, &record)?,
                     epoch: text(epoch)?,

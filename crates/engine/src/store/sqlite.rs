@@ -193,7 +193,7 @@ impl Store for SqliteStore {
             ),
             params![
                 channel,
-                window.after as i64,
+                window.after.min(i64::MAX as u64) as i64,
                 window.upto.min(i64::MAX as u64) as i64,
                 window.not_before.as_deref().unwrap_or(""),
                 window.limit.min(i64::MAX as usize) as i64
@@ -216,7 +216,8 @@ impl Store for SqliteStore {
             .query(
                 &format!(
                     "SELECT {COLUMNS} FROM publications
-                     WHERE channel = ?1 AND sender IS ?2 AND nonce = ?3 AND timestamp >= ?4 LIMIT 1"
+                     WHERE channel = ?1 AND sender IS ?2 AND nonce = ?3 AND timestamp >= ?4
+                     ORDER BY id DESC LIMIT 1"
                 ),
                 params![channel, from, nonce, not_before],
             )?
