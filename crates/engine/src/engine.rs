@@ -168,8 +168,12 @@ impl Delivery {
 /// What a member receives from its channel.
 #[derive(Debug, Clone)]
 pub enum Outbound {
-    /// A stored publication, in id order.
-    Publication(Arc<Delivery>),
+    /// A stored publication, in id order (its id beside it: members skip the ones their
+    /// backlog held without touching the publication).
+    Publication {
+        id: u64,
+        delivery: Arc<Delivery>,
+    },
     /// A publication sent again to its sender: the acknowledgement of a retried nonce.
     Ack(Arc<Delivery>),
     Join(Arc<str>),
@@ -271,7 +275,10 @@ impl Channel {
         self.deliver_locked(
             &mut state,
             |_, _| true,
-            Outbound::Publication(delivery.clone()),
+            Outbound::Publication {
+                id: delivery.publication.id,
+                delivery: delivery.clone(),
+            },
         );
     }
 
@@ -895,7 +902,7 @@ impl Subscription {
     pub async fn recv(&mut self) -> Option<Outbound> {
         loop {
             match self.events.recv().await? {
-                Outbound::Publication(d) if d.publication.id <= self.last_id => continue,
+                Outbound::Publication { id, .. } if id <= self.last_id => continue,
                 item => return Some(item),
             }
         }
@@ -905,7 +912,7 @@ impl Subscription {
     pub fn try_recv(&mut self) -> Option<Outbound> {
         loop {
             match self.events.try_recv().ok()? {
-                Outbound::Publication(d) if d.publication.id <= self.last_id => continue,
+                Outbound::Publication { id, .. } if id <= self.last_id => continue,
                 item => return Some(item),
             }
         }

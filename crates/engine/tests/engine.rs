@@ -48,7 +48,9 @@ impl TestClock {
 /// An event as the room protocol would send it.
 fn json(item: &Outbound) -> Value {
     let bytes = match item {
-        Outbound::Publication(d) | Outbound::Ack(d) => room::message(&d.publication),
+        Outbound::Publication { delivery: d, .. } | Outbound::Ack(d) => {
+            room::message(&d.publication)
+        }
         Outbound::Join(user) => room::presence(true, user),
         Outbound::Leave(user) => room::presence(false, user),
         Outbound::Typing { user, is_typing } => room::typing(user, *is_typing),

@@ -157,7 +157,7 @@ impl RateLimit {
 /// An event in the room protocol.
 fn frame_of(item: &Outbound) -> (OpCode, Bytes) {
     let text = match item {
-        Outbound::Publication(delivery) | Outbound::Ack(delivery) => {
+        Outbound::Publication { delivery, .. } | Outbound::Ack(delivery) => {
             delivery.encoded(ROOM_JSON, room::message)
         }
         Outbound::Join(user) => room::presence(true, user),
