@@ -604,7 +604,6 @@ impl Engine {
             &options,
             self.inner.config.recent_on_join,
         );
-        let now = self.inner.config.clock.now();
         let mut subscription = Subscription {
             engine: self.clone(),
             channel: channel.clone(),
@@ -617,10 +616,7 @@ impl Engine {
             backlog: Backlog {
                 replay: Some(plan.replay),
                 ready: None,
-                kept_after: recovery::kept_after(upto, &options),
-                not_before: options
-                    .history_ttl()
-                    .map(|ttl| timestamp(now.checked_sub(ttl).unwrap_or(SystemTime::UNIX_EPOCH))),
+                kept: recovery::kept(upto, &options, &self.inner.config.clock),
                 read_before: false,
             },
             events,
@@ -715,15 +711,13 @@ impl Engine {
     ) -> Result<Vec<Publication>, EngineError> {
         let channel = self.channel(channel).await?;
         let upto = channel.broadcast_id();
-        let options = &channel.options;
+        let kept = recovery::kept(upto, &channel.options, &self.inner.config.clock);
         let window = Window {
-            after: since.max(recovery::kept_after(upto, options)),
+            after: since.max(kept.after),
             upto,
             limit,
             newest: false,
-            not_before: options
-                .history_ttl()
-                .map(|ttl| self.inner.config.clock.timestamp_before(ttl)),
+            not_before: kept.since,
         };
         Ok(self.inner.backend.read(&channel.name, window).await?)
     }
@@ -773,10 +767,8 @@ struct Backlog {
     replay: Option<Replay>,
     /// The first page, read when subscribing (it decides `recovered`).
     ready: Option<Vec<Publication>>,
-    /// Ids up to this are no longer kept.
-    kept_after: u64,
-    /// Publications before this are no longer kept.
-    not_before: Option<String>,
+    /// What the channel kept when this member joined.
+    kept: recovery::Kept,
     /// Whether a page was read already.
     read_before: bool,
 }
@@ -843,7 +835,7 @@ impl Subscription {
 
     async fn read_page(&mut self) -> Result<Vec<Publication>, EngineError> {
         let page = self.engine.inner.config.replay_page.max(1);
-        let (upto, kept_after) = (self.last_id, self.backlog.kept_after);
+        let (upto, kept_after) = (self.last_id, self.backlog.kept.after);
         let window = match self.backlog.replay.take() {
             None => return Ok(Vec::new()),
             Some(Replay::Newest(limit)) => Window {
@@ -851,7 +843,7 @@ impl Subscription {
                 upto,
                 limit,
                 newest: true,
-                not_before: self.backlog.not_before.clone(),
+                not_before: self.backlog.kept.since.clone(),
             },
             Some(Replay::After(after)) if after.max(kept_after) >= upto => return Ok(Vec::new()),
             Some(Replay::After(after)) => Window {
@@ -859,7 +851,7 @@ impl Subscription {
                 upto,
                 limit: page,
                 newest: false,
-                not_before: self.backlog.not_before.clone(),
+                not_before: self.backlog.kept.since.clone(),
             },
         };
         let (after, continued) = (window.after, self.backlog.read_before);

@@ -7,7 +7,7 @@
 //! channel still keeps after it; the resume is complete only when that starts right
 //! after `since`, since trimming by size or age can have removed what came first.
 
-use crate::engine::Resume;
+use crate::engine::{Clock, Resume};
 use crate::options::{ChannelOptions, Recover};
 
 /// The history a subscriber is sent before live events.
@@ -61,8 +61,24 @@ pub(crate) fn plan(
     }
 }
 
+/// What a channel still keeps, by its options: ids above `after`, published at or
+/// after `since` (when it keeps by age).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Kept {
+    pub(crate) after: u64,
+    pub(crate) since: Option<String>,
+}
+
+/// What a channel whose last id is `upto` keeps now.
+pub(crate) fn kept(upto: u64, options: &ChannelOptions, clock: &Clock) -> Kept {
+    Kept {
+        after: kept_after(upto, options),
+        since: options.history_ttl().map(|ttl| clock.timestamp_before(ttl)),
+    }
+}
+
 /// Ids up to this are beyond the channel's `history_size` when its last id is `upto`.
-pub(crate) fn kept_after(upto: u64, options: &ChannelOptions) -> u64 {
+fn kept_after(upto: u64, options: &ChannelOptions) -> u64 {
     options
         .history_size
         .map_or(0, |size| upto.saturating_sub(size as u64))

@@ -24,7 +24,7 @@ use tracing::{error, warn};
 
 use super::{sender_of, top_up, Backend, Job, Joined, Outcome, Sink};
 use crate::engine::{Channel, Clock, Delivery, EngineConfig, Outbound};
-use crate::recovery::kept_after;
+use crate::recovery::kept;
 use crate::store::{Position, Publication, Store, StoreError, Trim, Window};
 use crate::EngineError;
 
@@ -44,6 +44,16 @@ struct Sequence {
     store_may_know: bool,
     /// `(sender or "", nonce)` to the publication's id and when it was taken.
     nonces: HashMap<(String, String), (u64, SystemTime)>,
+}
+
+impl Sequence {
+    fn at(last_id: u64, store_may_know: bool) -> Arc<tokio::sync::Mutex<Self>> {
+        Arc::new(tokio::sync::Mutex::new(Self {
+            last_id,
+            store_may_know,
+            nonces: HashMap::new(),
+        }))
+    }
 }
 
 enum Work {
@@ -139,12 +149,7 @@ impl LocalBackend {
             .or_insert_with(|| {
                 // Opened before any publication; should that ever not be so, the
                 // channel's position is where numbering goes on.
-                let last_id = channel.broadcast_id();
-                Arc::new(tokio::sync::Mutex::new(Sequence {
-                    last_id,
-                    store_may_know: true,
-                    nonces: HashMap::new(),
-                }))
+                Sequence::at(channel.broadcast_id(), true)
             })
             .clone()
     }
@@ -295,13 +300,9 @@ impl Backend for LocalBackend {
             let name = channel.to_owned();
             let position = self.blocking(move |store| store.position(&name)).await?;
             let mut sequences = self.sequences.lock().expect("sequences lock");
-            sequences.entry(Arc::from(channel)).or_insert_with(|| {
-                Arc::new(tokio::sync::Mutex::new(Sequence {
-                    last_id: position.last_id,
-                    store_may_know: position.last_id > 0,
-                    nonces: HashMap::new(),
-                }))
-            });
+            sequences
+                .entry(Arc::from(channel))
+                .or_insert_with(|| Sequence::at(position.last_id, position.last_id > 0));
             Ok(position)
         }
         .boxed()
@@ -479,12 +480,10 @@ impl Writer {
     fn trim<'a>(&self, channels: impl Iterator<Item = &'a Arc<Channel>>) {
         let nonces_from = self.clock.timestamp_before(self.nonce_ttl);
         for channel in channels.filter(|c| c.options.trims()) {
+            let kept = kept(channel.broadcast_id(), &channel.options, &self.clock);
             let trim = Trim {
-                upto: kept_after(channel.broadcast_id(), &channel.options),
-                older_than: channel
-                    .options
-                    .history_ttl()
-                    .map(|ttl| self.clock.timestamp_before(ttl)),
+                upto: kept.after,
+                older_than: kept.since,
                 nonces_from: nonces_from.clone(),
             };
             if let Err(cause) = self.store.trim(&channel.name, &trim) {
