@@ -4,8 +4,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use switchboard_net::{connect, ClientOptions, CloseCode, Message, WebSocket};
+use switchboard_net::{connect, ClientOptions, CloseCode, Message};
 use switchboard_server::Config;
+use switchboard_test_support::room::Room;
 use tokio::net::TcpStream;
 
 mod support;
@@ -13,61 +14,14 @@ use support::Server;
 
 impl Server {
     /// Opens a room connection; its first event, the welcome, is still to be read.
-    async fn open(&self, room: &str, query: &str) -> Client {
-        let url = format!("ws://{}/room/{room}?{query}", self.address);
-        let socket = connect(&url, ClientOptions::default())
+    async fn open(&self, room: &str, query: &str) -> Room {
+        Room::open(&format!("ws://{}/room/{room}?{query}", self.address)).await
+    }
+
+    async fn join(&self, room: &str, query: &str) -> Room {
+        Room::join(&format!("ws://{}/room/{room}?{query}", self.address))
             .await
-            .unwrap()
-            .socket;
-        Client { socket }
-    }
-
-    async fn join(&self, room: &str, query: &str) -> Client {
-        let mut client = self.open(room, query).await;
-        assert_eq!(client.next().await["type"], "welcome");
-        client
-    }
-}
-
-struct Client {
-    socket: WebSocket<switchboard_net::Stream>,
-}
-
-impl Client {
-    async fn next(&mut self) -> Value {
-        let message = tokio::time::timeout(Duration::from_secs(10), self.socket.recv())
-            .await
-            .expect("an event in time")
-            .unwrap()
-            .expect("connection open");
-        match message {
-            Message::Text(text) => serde_json::from_str(text.as_str()).unwrap(),
-            other => panic!("expected a JSON event, got {other:?}"),
-        }
-    }
-
-    /// The next event of `kind`, skipping others (presence, typing).
-    async fn next_of(&mut self, kind: &str) -> Value {
-        loop {
-            let event = self.next().await;
-            if event["type"] == kind {
-                return event;
-            }
-        }
-    }
-
-    async fn send(&mut self, event: Value) {
-        self.socket.send_text(&event.to_string()).await.unwrap();
-    }
-
-    async fn say(&mut self, text: &str) -> u64 {
-        self.send(json!({"type": "message", "text": text})).await;
-        loop {
-            let event = self.next_of("message").await;
-            if event["text"] == text {
-                return event["id"].as_u64().unwrap();
-            }
-        }
+            .0
     }
 }
 
