@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use serde_json::value::RawValue;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::warn;
 
 use crate::backend::{local::LocalBackend, Backend, Job, Outcome, Sink};
@@ -209,8 +209,80 @@ const MISSED: u8 = 3;
 
 struct Member {
     user: Arc<str>,
-    tx: mpsc::Sender<Outbound>,
+    queue: Queue,
     ended: Arc<AtomicU8>,
+}
+
+/// Where a member's events go: a queue of its own, or its connection's [`Inbox`].
+enum Queue {
+    Own(mpsc::Sender<Outbound>),
+    Shared {
+        tx: mpsc::Sender<(u64, Outbound)>,
+        cut: Arc<Notify>,
+    },
+}
+
+impl Queue {
+    fn try_send(&self, id: u64, item: &Outbound) -> Result<(), ()> {
+        let sent = match self {
+            Queue::Own(tx) => tx
+                .try_send(item.clone())
+                .map_err(|e| matches!(e, mpsc::error::TrySendError::Full(_))),
+            Queue::Shared { tx, .. } => tx
+                .try_send((id, item.clone()))
+                .map_err(|e| matches!(e, mpsc::error::TrySendError::Full(_))),
+        };
+        match sent {
+            // A closed queue's member is leaving.
+            Ok(()) | Err(false) => Ok(()),
+            Err(true) => Err(()),
+        }
+    }
+
+    /// Tells a shared queue's connection that one of its members was cut off.
+    fn cut(&self) {
+        if let Queue::Shared { cut, .. } = self {
+            cut.notify_one();
+        }
+    }
+}
+
+/// One queue for the subscriptions of one connection (a door that carries many
+/// channels over a socket): events arrive tagged with [`Subscription::key`], in each
+/// channel's order. A connection that lets it fill up is slow: its members are cut off
+/// ([`Inbox::recv`] says so, [`Subscription::ended`] says why).
+#[derive(Debug)]
+pub struct Inbox {
+    tx: mpsc::Sender<(u64, Outbound)>,
+    rx: mpsc::Receiver<(u64, Outbound)>,
+    cut: Arc<Notify>,
+}
+
+impl Inbox {
+    /// An inbox holding up to `capacity` events.
+    pub fn new(capacity: usize) -> Self {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        Self {
+            tx,
+            rx,
+            cut: Arc::new(Notify::new()),
+        }
+    }
+
+    /// The next event and the key of the subscription it is for; `None` when a member
+    /// was cut off since the last `None` (see [`Subscription::ended`]).
+    pub async fn recv(&mut self) -> Option<(u64, Outbound)> {
+        tokio::select! {
+            biased;
+            () = self.cut.notified() => None,
+            item = self.rx.recv() => Some(item.expect("the inbox holds a sender")),
+        }
+    }
+
+    /// The next event already queued, without waiting.
+    pub fn try_recv(&mut self) -> Option<(u64, Outbound)> {
+        self.rx.try_recv().ok()
+    }
 }
 
 struct State {
@@ -312,6 +384,7 @@ impl Channel {
     fn cut_all(&self, state: &mut State, reason: u8) {
         for (_, member) in state.members.drain() {
             member.ended.store(reason, Ordering::Relaxed);
+            member.queue.cut();
         }
         let users = std::mem::take(&mut state.users);
         for user in users.keys() {
@@ -401,11 +474,12 @@ fn send_to(
         if !filter(id, member) {
             return true;
         }
-        match member.tx.try_send(item.clone()) {
-            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+        match member.queue.try_send(id, item) {
+            Ok(()) => true,
+            Err(()) => {
                 // A slow consumer: cut it off; it resumes later with `since`.
                 member.ended.store(SLOW, Ordering::Relaxed);
+                member.queue.cut();
                 dropped.push(member.user.clone());
                 false
             }
@@ -472,6 +546,9 @@ pub struct Resume {
     pub since: Option<u64>,
     /// The epoch that id belongs to; `None` skips the epoch check.
     pub epoch: Option<String>,
+    /// How many of the newest publications a subscriber without a usable `since` is
+    /// sent (`recover = "stream"`); `None`: the engine's `recent_on_join`.
+    pub recent: Option<usize>,
 }
 
 /// What a publisher sends: `text` and/or `data`, an optional event name and nonce.
@@ -566,18 +643,48 @@ impl Engine {
         user: &str,
         resume: Resume,
     ) -> Result<Subscription, EngineError> {
+        let (tx, events) = mpsc::channel(self.inner.config.outbound_queue.max(1));
+        self.join(channel, user, resume, Queue::Own(tx), Some(events))
+            .await
+    }
+
+    /// Like [`Engine::subscribe`], with live events going to `inbox` (tagged with the
+    /// subscription's [`Subscription::key`]) instead of [`Subscription::recv`].
+    pub async fn subscribe_in(
+        &self,
+        inbox: &Inbox,
+        channel: &str,
+        user: &str,
+        resume: Resume,
+    ) -> Result<Subscription, EngineError> {
+        let queue = Queue::Shared {
+            tx: inbox.tx.clone(),
+            cut: inbox.cut.clone(),
+        };
+        self.join(channel, user, resume, queue, None).await
+    }
+
+    /// A new member. An anonymous one (user `""`) counts in no presence.
+    async fn join(
+        &self,
+        channel: &str,
+        user: &str,
+        resume: Resume,
+        queue: Queue,
+        events: Option<mpsc::Receiver<Outbound>>,
+    ) -> Result<Subscription, EngineError> {
         if !names::may_subscribe(channel, user) {
             return Err(EngineError::Forbidden("the channel is for other users"));
         }
         let channel = self.channel(channel).await?;
         let options = channel.options.clone();
+        let counted = options.presence && !user.is_empty();
         let user: Arc<str> = Arc::from(user);
-        let (tx, events) = mpsc::channel(self.inner.config.outbound_queue.max(1));
         let ended = Arc::new(AtomicU8::new(LIVE));
         let id = self.inner.next_member.fetch_add(1, Ordering::Relaxed);
         let (upto, epoch, mut members, first) = {
             let mut state = channel.state();
-            let first = options.presence && {
+            let first = counted && {
                 let count = state.users.entry(user.clone()).or_insert(0);
                 *count += 1;
                 *count == 1
@@ -586,7 +693,7 @@ impl Engine {
                 id,
                 Member {
                     user: user.clone(),
-                    tx,
+                    queue,
                     ended: ended.clone(),
                 },
             );
@@ -623,7 +730,7 @@ impl Engine {
             typing: AtomicBool::new(false),
             ended,
         };
-        if options.presence {
+        if counted {
             match self.inner.backend.joined(&channel, &user, first).await {
                 Ok(joined) => {
                     members.extend(joined.others);
@@ -722,6 +829,49 @@ impl Engine {
         Ok(self.inner.backend.read(&channel.name, window).await?)
     }
 
+    /// The newest publications of `channel` that it still keeps, up to `limit`, below
+    /// `before` when given; oldest first.
+    pub async fn history_newest(
+        &self,
+        channel: &str,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<Publication>, EngineError> {
+        let channel = self.channel(channel).await?;
+        let last = channel.broadcast_id();
+        let kept = recovery::kept(last, &channel.options, &self.inner.config.clock);
+        let window = Window {
+            after: kept.after,
+            upto: before.map_or(last, |b| b.saturating_sub(1).min(last)),
+            limit,
+            newest: true,
+            not_before: kept.since,
+        };
+        Ok(self.inner.backend.read(&channel.name, window).await?)
+    }
+
+    /// Where `channel`'s stream stands: its last publication id and its epoch.
+    pub async fn position(&self, channel: &str) -> Result<Position, EngineError> {
+        let channel = self.channel(channel).await?;
+        let state = channel.state();
+        Ok(Position {
+            last_id: state.broadcast_id,
+            epoch: state.epoch.to_string(),
+        })
+    }
+
+    /// Removes every publication `channel` keeps; its ids go on where they were, under
+    /// the same epoch (a resume from before finds the hole and is told so).
+    pub async fn remove_history(&self, channel: &str) -> Result<(), EngineError> {
+        let channel = self.channel(channel).await?;
+        let upto = channel.broadcast_id();
+        Ok(self
+            .inner
+            .backend
+            .remove_history(&channel.name, upto)
+            .await?)
+    }
+
     /// The users in `channel` now, sorted (on every node of a cluster); none where the
     /// channel keeps no presence.
     pub async fn presence(&self, channel: &str) -> Result<Vec<String>, EngineError> {
@@ -784,7 +934,8 @@ pub struct Subscription {
     epoch: Arc<str>,
     recovered: Option<bool>,
     backlog: Backlog,
-    events: mpsc::Receiver<Outbound>,
+    /// `None` in an [`Inbox`].
+    events: Option<mpsc::Receiver<Outbound>>,
     /// Whether the others were last told this member is typing.
     typing: AtomicBool,
     ended: Arc<AtomicU8>,
@@ -800,6 +951,17 @@ impl std::fmt::Debug for Subscription {
 }
 
 impl Subscription {
+    /// What tags this subscription's events in an [`Inbox`].
+    pub fn key(&self) -> u64 {
+        self.id
+    }
+
+    /// Whether an event from an [`Inbox`] is to be sent: publications its backlog held
+    /// are not.
+    pub fn wants(&self, item: &Outbound) -> bool {
+        !matches!(item, Outbound::Publication { id, .. } if *id <= self.last_id)
+    }
+
     pub fn user(&self) -> &str {
         &self.user
     }
@@ -891,9 +1053,11 @@ impl Subscription {
 
     /// The next live event, in order after the backlog; `None` once this member was cut
     /// off (see [`Subscription::ended`]). A publication the backlog held is skipped.
+    /// Always `None` for a subscription in an [`Inbox`].
     pub async fn recv(&mut self) -> Option<Outbound> {
+        let events = self.events.as_mut()?;
         loop {
-            match self.events.recv().await? {
+            match events.recv().await? {
                 Outbound::Publication { id, .. } if id <= self.last_id => continue,
                 item => return Some(item),
             }
@@ -902,8 +1066,9 @@ impl Subscription {
 
     /// Like [`Subscription::recv`], without waiting.
     pub fn try_recv(&mut self) -> Option<Outbound> {
+        let events = self.events.as_mut()?;
         loop {
-            match self.events.try_recv().ok()? {
+            match events.try_recv().ok()? {
                 Outbound::Publication { id, .. } if id <= self.last_id => continue,
                 item => return Some(item),
             }
@@ -928,8 +1093,9 @@ impl Subscription {
                 "clients may not publish in this channel",
             ));
         }
+        let from = (!self.user.is_empty()).then(|| self.user.clone());
         self.engine
-            .submit(&self.channel, Some(self.user.clone()), Some(self.id), draft)
+            .submit(&self.channel, from, Some(self.id), draft)
             .await
     }
 
@@ -1021,6 +1187,7 @@ mod tests {
         let resume = Resume {
             since: Some(3),
             epoch: Some(old),
+            ..Resume::default()
         };
         let back = engine.subscribe("c", "a", resume).await.unwrap();
         assert_eq!((back.epoch(), back.last_id()), ("other", 7));

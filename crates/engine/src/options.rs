@@ -35,6 +35,9 @@ pub struct ChannelOptions {
     pub client_publish: bool,
     /// What a joiner without `since` is sent first.
     pub recover: Recover,
+    /// Whether subscribing takes a subscription token naming the channel (the
+    /// Centrifugo door checks it; doors without such tokens may not join at all).
+    pub subscribe_token: bool,
 }
 
 impl Default for ChannelOptions {
@@ -47,6 +50,7 @@ impl Default for ChannelOptions {
             typing: true,
             client_publish: true,
             recover: Recover::Stream,
+            subscribe_token: false,
         }
     }
 }

@@ -37,7 +37,7 @@ pub(crate) fn plan(
 ) -> Plan {
     let newest = Replay::Newest(match options.recover {
         Recover::Latest => 1,
-        Recover::Stream => recent_on_join,
+        Recover::Stream => resume.recent.unwrap_or(recent_on_join),
     });
     match resume.since {
         None => Plan {
@@ -109,6 +109,7 @@ mod tests {
         Resume {
             since,
             epoch: epoch.map(Into::into),
+            ..Resume::default()
         }
     }
 

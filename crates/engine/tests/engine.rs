@@ -63,7 +63,7 @@ fn json(item: &Outbound) -> Value {
 fn since(id: u64) -> Resume {
     Resume {
         since: Some(id),
-        epoch: None,
+        ..Resume::default()
     }
 }
 
@@ -707,6 +707,7 @@ async fn a_memory_store_restarted_is_a_new_epoch_and_sqlite_keeps_its_own() {
     let resume = Resume {
         since: Some(old_id),
         epoch: Some(old_epoch.clone()),
+        ..Resume::default()
     };
     let mut back = restarted.subscribe("lobby", "r", resume).await.unwrap();
     assert_ne!(back.epoch(), old_epoch);
@@ -743,6 +744,7 @@ async fn a_memory_store_restarted_is_a_new_epoch_and_sqlite_keeps_its_own() {
     let resume = Resume {
         since: Some(5),
         epoch: Some(epoch.clone()),
+        ..Resume::default()
     };
     let mut back = engine.subscribe("lobby", "r", resume).await.unwrap();
     assert_eq!(

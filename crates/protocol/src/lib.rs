@@ -8,10 +8,13 @@
 //!   ([`room::ClientEvent`], parsed by [`room::parse_client_event`] with an error code for
 //!   every refusal) and the events a server sends ([`room::ServerEvent`]). The server and
 //!   the Rust client both use these types; neither writes the JSON by hand.
+//! - [`centrifuge`] is Centrifugo's client protocol (v2), JSON and Protobuf: the commands
+//!   its SDKs send and the replies and pushes they read.
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+pub mod centrifuge;
 pub mod room;
 
 /// A channel's publication, as stored and as the room protocol's `message` event carries

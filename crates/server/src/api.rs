@@ -65,12 +65,26 @@ fn same_key(given: &[u8], expected: &[u8]) -> bool {
             == 0
 }
 
-fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
+/// The key in `X-API-Key`, or in `Authorization` after `Bearer ` or (as Centrifugo's
+/// server API has it) `apikey `.
+pub(crate) fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
     if let Some(value) = headers.get("x-api-key") {
         return Some(value.as_bytes());
     }
     let value = headers.get(http::header::AUTHORIZATION)?.as_bytes();
-    value.strip_prefix(b"Bearer ")
+    value
+        .strip_prefix(b"Bearer ")
+        .or_else(|| value.strip_prefix(b"apikey "))
+}
+
+/// Whether `headers` carry the configured API key (always, when none is configured).
+pub(crate) fn key_ok(state: &AppState, headers: &HeaderMap) -> bool {
+    match &state.config.api_key {
+        Some(expected) => {
+            presented_key(headers).is_some_and(|key| same_key(key, expected.as_bytes()))
+        }
+        None => true,
+    }
 }
 
 /// Middleware: refuses API calls without the configured key.
@@ -79,15 +93,11 @@ pub(crate) async fn require_key(
     request: Request,
     next: Next,
 ) -> Response {
-    if let Some(expected) = &state.config.api_key {
-        let ok =
-            presented_key(request.headers()).is_some_and(|key| same_key(key, expected.as_bytes()));
-        if !ok {
-            return problem(
-                StatusCode::UNAUTHORIZED,
-                "an API key is required: Authorization: Bearer KEY",
-            );
-        }
+    if !key_ok(&state, request.headers()) {
+        return problem(
+            StatusCode::UNAUTHORIZED,
+            "an API key is required: Authorization: Bearer KEY",
+        );
     }
     next.run(request).await
 }

@@ -175,3 +175,61 @@ pub(crate) fn identify(
             )
         })
 }
+
+/// A token the Centrifugo door was given (for the connection or a subscription).
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct DoorClaims {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    sub: Option<String>,
+    /// Seconds since the epoch; required by the validation.
+    pub(crate) exp: u64,
+    /// Channels the connection is subscribed to by the server at connect.
+    #[serde(default)]
+    pub(crate) channels: Vec<String>,
+    /// The channel a subscription token is for.
+    #[serde(default)]
+    pub(crate) channel: Option<String>,
+}
+
+impl DoorClaims {
+    /// The identity rule of every door (see [`Claims::user`]).
+    pub(crate) fn user(&self) -> Option<&str> {
+        self.name.as_deref().or(self.sub.as_deref())
+    }
+}
+
+/// Why a token was not taken.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum TokenRefused {
+    /// Valid but past its `exp`: the client may get a new one.
+    Expired,
+    /// Anything else: a bad signature, algorithm or payload, or no tokens configured.
+    Invalid(String),
+}
+
+/// Checks `token` with the server's key (no leeway on `exp`).
+pub(crate) fn verify(auth: &Auth, token: &str) -> Result<DoorClaims, TokenRefused> {
+    let Auth::Jwt { key, validation } = auth else {
+        return Err(TokenRefused::Invalid(
+            "this server checks no tokens (no JWT key is configured)".into(),
+        ));
+    };
+    let mut validation = validation.clone();
+    validation.leeway = 0;
+    match decode::<DoorClaims>(token, key, &validation) {
+        Ok(data) => Ok(data.claims),
+        Err(e) if matches!(e.kind(), jsonwebtoken::errors::ErrorKind::ExpiredSignature) => {
+            Err(TokenRefused::Expired)
+        }
+        Err(e) => Err(TokenRefused::Invalid(e.to_string())),
+    }
+}
+
+impl Auth {
+    /// Whether connections must bring a token.
+    pub(crate) fn requires_tokens(&self) -> bool {
+        matches!(self, Self::Jwt { .. })
+    }
+}

@@ -71,9 +71,18 @@ pub struct Config {
     pub rate_limit_burst: u32,
     /// Refused events in a row after which the connection is closed with 1008.
     pub rate_limit_strikes: u32,
-    /// Seconds of silence after which the server pings a client (noticed by a timer of
-    /// this period: the ping goes out within twice this long).
+    /// Seconds between the server's pings. The room door pings after this long without
+    /// traffic (noticed by a timer of this period: within twice this long); the
+    /// Centrifugo door sends its own ping every this many seconds and closes a client
+    /// whose pong has not come by the next one.
     pub ping_interval_secs: u64,
+    /// Channels one Centrifugo connection may subscribe to (error 106 beyond).
+    pub max_subscriptions_per_connection: usize,
+    /// Commands a Centrifugo connection may send per second, on average (error 111
+    /// beyond; `rate_limit_strikes` refusals in a row disconnect it with 3013).
+    pub commands_per_sec: f64,
+    /// Commands a Centrifugo connection may send in a burst.
+    pub commands_burst: u32,
     /// Seconds after a ping without any answer before the client is dropped.
     pub pong_timeout_secs: u64,
     /// Seconds a client has to send its complete request head.
@@ -132,7 +141,10 @@ impl Default for Config {
             rate_limit_per_sec: 20.0,
             rate_limit_burst: 40,
             rate_limit_strikes: 20,
-            ping_interval_secs: 30,
+            ping_interval_secs: 25,
+            max_subscriptions_per_connection: 128,
+            commands_per_sec: 100.0,
+            commands_burst: 200,
             pong_timeout_secs: 60,
             handshake_timeout_secs: 10,
             drain_timeout_secs: 10,

@@ -10,6 +10,7 @@
 
 mod api;
 mod auth;
+mod centrifuge;
 mod config;
 mod echo;
 mod limits;

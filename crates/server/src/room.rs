@@ -59,7 +59,11 @@ fn resume_of(query: &HashMap<String, String>) -> Result<Resume, &'static str> {
         }
         epoch => epoch.cloned(),
     };
-    Ok(Resume { since, epoch })
+    Ok(Resume {
+        since,
+        epoch,
+        recent: None,
+    })
 }
 
 pub(crate) async fn room(
@@ -84,6 +88,18 @@ pub(crate) async fn room(
         return (
             StatusCode::FORBIDDEN,
             format!("room {channel} is for other users\n"),
+        )
+            .into_response();
+    }
+    if state.engine.options(&channel).subscribe_token {
+        // Its subscribers need a subscription token, which only the Centrifugo door
+        // checks.
+        metrics::counter!("switchboard_handshake_failures_total", "reason" => "auth").increment(1);
+        return (
+            StatusCode::FORBIDDEN,
+            format!(
+                "room {channel} takes subscription tokens: join it through /connection/websocket\n"
+            ),
         )
             .into_response();
     }

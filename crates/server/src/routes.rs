@@ -25,6 +25,8 @@ pub(crate) fn router(state: AppState) -> Router {
         ));
     Router::new()
         .merge(api)
+        .merge(crate::centrifuge::router(state.clone()))
+        .route("/connection/websocket", get(crate::centrifuge::websocket))
         .route("/echo", get(echo))
         .route("/room/{room}", get(crate::room::room))
         .route("/", get(crate::web::index))

@@ -59,6 +59,8 @@ pub(crate) struct AppState {
     pub(crate) tasks: TaskTracker,
     /// Cancelled when the drain timeout passes: tasks still running are stopped.
     pub(crate) kill: Shutdown,
+    /// The Centrifugo door's connections on this node, for its server API.
+    pub(crate) centrifuge_clients: Arc<crate::centrifuge::Clients>,
 }
 
 impl AppState {
@@ -102,6 +104,7 @@ pub async fn run(
         shutdown: Shutdown::default(),
         tasks: TaskTracker::new(),
         kill: Shutdown::default(),
+        centrifuge_clients: Arc::default(),
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
     let acceptor = Acceptor::new(&state, tls);

@@ -21,8 +21,23 @@ use crate::serve::{AppState, ConnectionSlot};
 /// the handshake error's status and a one-line explanation.
 pub(crate) fn upgrade<F, Fut>(
     state: &AppState,
+    request: Request,
+    config: switchboard_net::Config,
+    session: F,
+) -> Response
+where
+    F: FnOnce(WebSocket<Stream>, UpgradeRequest) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    upgrade_with(state, request, config, None, session)
+}
+
+/// [`upgrade`], answering with `subprotocol` (one the client offered).
+pub(crate) fn upgrade_with<F, Fut>(
+    state: &AppState,
     mut request: Request,
     config: switchboard_net::Config,
+    subprotocol: Option<&'static str>,
     session: F,
 ) -> Response
 where
@@ -105,6 +120,12 @@ where
         response
             .headers_mut()
             .insert(header::SEC_WEBSOCKET_EXTENSIONS, extensions);
+    }
+    if let Some(subprotocol) = subprotocol {
+        response.headers_mut().insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(subprotocol),
+        );
     }
     response
 }

@@ -326,6 +326,21 @@ impl Backend for LocalBackend {
             .boxed()
     }
 
+    fn remove_history<'a>(
+        &'a self,
+        channel: &'a str,
+        upto: u64,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let name = channel.to_owned();
+        // Everything up to `upto` goes, nonces or not: a later retry is stored anew.
+        let trim = Trim {
+            upto,
+            older_than: None,
+            nonces_from: "~".into(),
+        };
+        self.blocking(move |store| store.trim(&name, &trim)).boxed()
+    }
+
     fn find_nonce<'a>(
         &'a self,
         channel: &'a str,

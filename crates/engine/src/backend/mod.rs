@@ -90,6 +90,12 @@ pub(crate) trait Backend: Send + Sync + std::fmt::Debug + 'static {
         channel: &'a str,
         window: Window,
     ) -> BoxFuture<'a, Result<Vec<Publication>, StoreError>>;
+    /// Removes `channel`'s publications up to `upto` (its ids and epoch stay).
+    fn remove_history<'a>(
+        &'a self,
+        channel: &'a str,
+        upto: u64,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
     /// The publication `from` sent with `nonce`, while the nonce is remembered.
     fn find_nonce<'a>(
         &'a self,

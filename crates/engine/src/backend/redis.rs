@@ -499,6 +499,23 @@ impl Backend for RedisBackend {
         self.node.read(channel, window).boxed()
     }
 
+    fn remove_history<'a>(
+        &'a self,
+        channel: &'a str,
+        upto: u64,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        async move {
+            let removed: redis::RedisResult<u64> = redis::cmd("XTRIM")
+                .arg(self.node.key("history", channel))
+                .arg("MINID")
+                .arg(format!("{}-0", upto.saturating_add(1)))
+                .query_async(&mut self.node.conn.clone())
+                .await;
+            self.node.noted(removed).map(|_| ())
+        }
+        .boxed()
+    }
+
     fn find_nonce<'a>(
         &'a self,
         channel: &'a str,
