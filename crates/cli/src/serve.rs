@@ -140,31 +140,37 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Completes on SIGINT (ctrl-c) or SIGTERM.
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
+/// Completes on SIGINT (ctrl-c) or SIGTERM. The handlers are in place when this returns,
+/// before the server says it listens: a signal that comes right after is a clean stop.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
-        let mut terminate =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(signal) => signal,
+        use tokio::signal::unix::{signal, SignalKind};
+        let signals = signal(SignalKind::interrupt()).and_then(|interrupt| {
+            signal(SignalKind::terminate()).map(|terminate| (interrupt, terminate))
+        });
+        async move {
+            match signals {
+                Ok((mut interrupt, mut terminate)) => {
+                    tokio::select! {
+                        _ = interrupt.recv() => {}
+                        _ = terminate.recv() => {}
+                    }
+                }
                 Err(error) => {
-                    tracing::warn!(cause = %error, "cannot listen for SIGTERM; ctrl-c still works");
-                    if let Err(error) = interrupt.await {
-                        tracing::warn!(cause = %error, "cannot listen for ctrl-c");
+                    tracing::warn!(cause = %error, "cannot listen for signals; ctrl-c only");
+                    if tokio::signal::ctrl_c().await.is_err() {
                         std::future::pending::<()>().await;
                     }
-                    return;
                 }
-            };
-        tokio::select! {
-            _ = interrupt => {}
-            _ = terminate.recv() => {}
+            }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = interrupt.await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 

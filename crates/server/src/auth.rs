@@ -185,6 +185,9 @@ pub(crate) struct DoorClaims {
     sub: Option<String>,
     /// Seconds since the epoch; required by the validation.
     pub(crate) exp: u64,
+    /// What presence shows of this connection: any JSON.
+    #[serde(default)]
+    pub(crate) info: Option<Box<serde_json::value::RawValue>>,
     /// Channels the connection is subscribed to by the server at connect.
     #[serde(default)]
     pub(crate) channels: Vec<String>,

@@ -27,7 +27,7 @@ use tracing::warn;
 
 use super::clients::Control;
 use super::codes;
-use super::session::{history, presence_of};
+use super::session::{history, presence, stats_of};
 use super::{disconnect, VERSION};
 use crate::api::key_ok;
 use crate::serve::AppState;
@@ -82,8 +82,8 @@ async fn call(
         "subscribe" => with(body, |r| subscribe(&state, r)).await,
         "unsubscribe" => with(body, |r| unsubscribe(&state, r)).await,
         "disconnect" => with(body, |r| disconnect_user(&state, r)).await,
-        "presence" => with(body, |r| presence(&state, r, false)).await,
-        "presence_stats" => with(body, |r| presence(&state, r, true)).await,
+        "presence" => with(body, |r| presence_of(&state, r, false)).await,
+        "presence_stats" => with(body, |r| presence_of(&state, r, true)).await,
         "history" => with(body, |r| history_of(&state, r)).await,
         "history_remove" => with(body, |r| history_remove(&state, r)).await,
         "channels" => with(body, |r| channels(&state, r)).await,
@@ -308,22 +308,14 @@ struct ChannelRequest {
     channel: String,
 }
 
-async fn presence(state: &AppState, request: ChannelRequest, stats: bool) -> Value {
-    if !names::valid_channel(&request.channel) {
-        return failure(codes::BAD_REQUEST);
+async fn presence_of(state: &AppState, request: ChannelRequest, stats: bool) -> Value {
+    match presence(state, &request.channel).await {
+        Ok(result) if stats => {
+            json!({"result": serde_json::to_value(stats_of(&result)).expect("stats serialize")})
+        }
+        Ok(result) => json!({"result": serde_json::to_value(result).expect("presence serializes")}),
+        Err(code) => failure(code),
     }
-    if !state.engine.options(&request.channel).presence {
-        return failure(codes::NOT_AVAILABLE);
-    }
-    let users = match state.engine.presence(&request.channel).await {
-        Ok(users) => users,
-        Err(_) => return failure(codes::INTERNAL),
-    };
-    if stats {
-        return json!({"result": {"num_clients": users.len(), "num_users": users.len()}});
-    }
-    let presence = presence_of(users);
-    json!({"result": serde_json::to_value(presence).expect("presence serializes")})
 }
 
 #[derive(Deserialize)]
@@ -414,7 +406,7 @@ async fn channels(state: &AppState, request: ChannelsRequest) -> Value {
 }
 
 async fn info(state: &AppState, _request: Empty) -> Value {
-    let (clients, users) = state.centrifuge_clients.counts();
+    let (clients, users, subscriptions) = state.centrifuge_clients.counts();
     json!({"result": {"nodes": [{
         "uid": state.centrifuge_clients.node(),
         "name": state.centrifuge_clients.node(),
@@ -422,6 +414,7 @@ async fn info(state: &AppState, _request: Empty) -> Value {
         "num_clients": clients,
         "num_users": users,
         "num_channels": state.engine.local_channels(),
+        "num_subs": subscriptions,
         "uptime": started().elapsed().as_secs(),
     }]}})
 }

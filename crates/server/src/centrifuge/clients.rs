@@ -1,7 +1,8 @@
-//! The Centrifugo door's connections on this node, by user: what the server API's
-//! `subscribe`, `unsubscribe` and `disconnect` reach.
+//! The Centrifugo door's connections on this node: by user, for what the server API's
+//! `subscribe`, `unsubscribe` and `disconnect` reach, and by channel, for presence by
+//! connection.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
@@ -19,10 +20,20 @@ pub(crate) enum Control {
 
 type Senders = HashMap<String, mpsc::UnboundedSender<Control>>;
 
-/// Connections by user, then by client id.
+/// A connection as presence lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Present {
+    pub(crate) client: String,
+    pub(crate) user: String,
+    /// The `info` of its token (JSON), or empty.
+    pub(crate) info: Vec<u8>,
+}
+
+/// Connections by user, then by client id; subscribers by channel.
 #[derive(Debug, Default)]
 pub(crate) struct Clients {
     users: Mutex<HashMap<String, Senders>>,
+    channels: Mutex<HashMap<String, Vec<Present>>>,
 }
 
 /// A connection's place in [`Clients`]; dropping it takes the connection out.
@@ -31,6 +42,8 @@ pub(crate) struct Registration {
     clients: Arc<Clients>,
     user: String,
     client: String,
+    info: Vec<u8>,
+    channels: HashSet<String>,
 }
 
 impl Clients {
@@ -39,6 +52,7 @@ impl Clients {
         self: &Arc<Self>,
         user: &str,
         client: &str,
+        info: Vec<u8>,
     ) -> (Registration, mpsc::UnboundedReceiver<Control>) {
         let (tx, rx) = mpsc::unbounded_channel();
         self.users
@@ -51,6 +65,8 @@ impl Clients {
             clients: self.clone(),
             user: user.to_owned(),
             client: client.to_owned(),
+            info,
+            channels: HashSet::new(),
         };
         (registration, rx)
     }
@@ -71,11 +87,24 @@ impl Clients {
 }
 
 impl Clients {
-    /// Connections and distinct users here.
-    pub(crate) fn counts(&self) -> (usize, usize) {
+    /// Connections, distinct users and subscriptions here.
+    pub(crate) fn counts(&self) -> (usize, usize, usize) {
         let users = self.users.lock().expect("clients lock");
         let named = users.keys().filter(|u| !u.is_empty()).count();
-        (users.values().map(HashMap::len).sum(), named)
+        let subscriptions = self
+            .channels
+            .lock()
+            .expect("clients lock")
+            .values()
+            .map(Vec::len)
+            .sum();
+        (users.values().map(HashMap::len).sum(), named, subscriptions)
+    }
+
+    /// The connections here subscribed to `channel`.
+    pub(crate) fn present(&self, channel: &str) -> Vec<Present> {
+        let channels = self.channels.lock().expect("clients lock");
+        channels.get(channel).cloned().unwrap_or_default()
     }
 
     /// This node's name in `info`: the host's, with the process id.
@@ -87,8 +116,49 @@ impl Clients {
     }
 }
 
+impl Registration {
+    /// The connection subscribed to `channel`.
+    pub(crate) fn joined(&mut self, channel: &str) {
+        if !self.channels.insert(channel.to_owned()) {
+            return;
+        }
+        let present = Present {
+            client: self.client.clone(),
+            user: self.user.clone(),
+            info: self.info.clone(),
+        };
+        let mut channels = self.clients.channels.lock().expect("clients lock");
+        channels
+            .entry(channel.to_owned())
+            .or_default()
+            .push(present);
+    }
+
+    /// The connection left `channel`.
+    pub(crate) fn left(&mut self, channel: &str) {
+        if self.channels.remove(channel) {
+            self.clients.forget(channel, &self.client);
+        }
+    }
+}
+
+impl Clients {
+    fn forget(&self, channel: &str, client: &str) {
+        let mut channels = self.channels.lock().expect("clients lock");
+        if let Some(present) = channels.get_mut(channel) {
+            present.retain(|p| p.client != client);
+            if present.is_empty() {
+                channels.remove(channel);
+            }
+        }
+    }
+}
+
 impl Drop for Registration {
     fn drop(&mut self) {
+        for channel in std::mem::take(&mut self.channels) {
+            self.clients.forget(&channel, &self.client);
+        }
         let mut users = self.clients.users.lock().expect("clients lock");
         if let Some(senders) = users.get_mut(&self.user) {
             senders.remove(&self.client);
@@ -106,8 +176,8 @@ mod tests {
     #[test]
     fn controls_reach_the_users_connections_until_they_leave() {
         let clients = Arc::new(Clients::default());
-        let (one, mut rx1) = clients.register("ann", "c1");
-        let (_two, mut rx2) = clients.register("ann", "c2");
+        let (one, mut rx1) = clients.register("ann", "c1", Vec::new());
+        let (_two, mut rx2) = clients.register("ann", "c2", Vec::new());
         let stop = Control::Disconnect(3503, "bye".into());
         assert_eq!(clients.send("ann", None, &stop), 2);
         assert_eq!(clients.send("ann", Some("c2"), &stop), 1);
@@ -119,5 +189,31 @@ mod tests {
         );
         drop(one);
         assert_eq!(clients.send("ann", None, &stop), 1);
+    }
+
+    #[test]
+    fn presence_lists_each_connection_until_it_leaves() {
+        let clients = Arc::new(Clients::default());
+        let (mut one, _rx1) = clients.register("ann", "c1", b"{\"d\":1}".to_vec());
+        let (mut two, _rx2) = clients.register("ann", "c2", Vec::new());
+        one.joined("x");
+        one.joined("x");
+        two.joined("x");
+        two.joined("y");
+        let clients_of = |channel| -> Vec<String> {
+            clients
+                .present(channel)
+                .into_iter()
+                .map(|p| p.client)
+                .collect()
+        };
+        assert_eq!(clients_of("x"), ["c1", "c2"]);
+        assert_eq!(clients.present("x")[0].info, b"{\"d\":1}");
+        assert_eq!(clients.counts(), (2, 1, 3));
+        one.left("x");
+        assert_eq!(clients_of("x"), ["c2"]);
+        drop(two);
+        assert!(clients_of("x").is_empty() && clients_of("y").is_empty());
+        assert_eq!(clients.counts(), (1, 1, 0));
     }
 }

@@ -85,7 +85,7 @@ struct Session {
     strikes: u32,
     /// A ping went out and its pong has not come.
     awaiting_pong: bool,
-    _registration: Option<Registration>,
+    registration: Option<Registration>,
 }
 
 fn now_secs() -> u64 {
@@ -182,7 +182,7 @@ impl Session {
             limit,
             strikes: 0,
             awaiting_pong: false,
-            _registration: None,
+            registration: None,
             state,
         }
     }
@@ -283,6 +283,7 @@ impl Session {
         request: proto::ConnectRequest,
     ) -> Result<(Reply, tokio::sync::mpsc::UnboundedReceiver<Control>), ConnectRefused> {
         let mut server_side = Vec::new();
+        let mut info = Vec::new();
         if self.state.auth.requires_tokens() || !request.token.is_empty() {
             let claims = match verify(&self.state.auth, &request.token) {
                 Ok(claims) => claims,
@@ -302,13 +303,17 @@ impl Session {
             };
             self.user = user.to_owned();
             self.expires = Some(claims.exp);
+            info = claims
+                .info
+                .map(|i| i.get().as_bytes().to_vec())
+                .unwrap_or_default();
             server_side = claims.channels;
         }
-        let (registration, controls) = self
-            .state
-            .centrifuge_clients
-            .register(&self.user, &self.client);
-        self._registration = Some(registration);
+        let (registration, controls) =
+            self.state
+                .centrifuge_clients
+                .register(&self.user, &self.client, info);
+        self.registration = Some(registration);
         let mut subs = HashMap::new();
         for channel in server_side {
             let resume = request.subs.get(&channel);
@@ -505,12 +510,28 @@ impl Session {
                 delivery.encoded(format_of(encoding), |p| push_of(encoding, p))
             }
             Outbound::Join(user) | Outbound::Leave(user) if sub.join_leave => {
+                let joined = matches!(item, Outbound::Join(_));
+                // A join names the connection when it is this door's, here; a leave
+                // (its connection is gone) names the user.
+                let connection = joined
+                    .then(|| self.state.centrifuge_clients.present(channel))
+                    .and_then(|present| {
+                        let mut theirs = present.into_iter().filter(|p| *p.user == **user);
+                        match (theirs.next(), theirs.next()) {
+                            (Some(only), None) => Some(only),
+                            _ => None,
+                        }
+                    });
                 let info = Some(proto::ClientInfo {
                     user: user.to_string(),
+                    client: connection
+                        .as_ref()
+                        .map(|p| p.client.clone())
+                        .unwrap_or_default(),
+                    conn_info: connection.map(|p| p.info).unwrap_or_default(),
                     ..proto::ClientInfo::default()
                 });
                 let presence = proto::Presence { info };
-                let joined = matches!(item, Outbound::Join(_));
                 let push = proto::Push {
                     channel: channel.clone(),
                     join: joined.then(|| presence.clone()),
@@ -637,16 +658,12 @@ impl Session {
                     ..Reply::default()
                 })
         } else if let Some(request) = command.presence_stats {
-            self.on_presence(&request.channel).await.map(|result| {
-                let users = result.presence.len() as u32;
-                Reply {
-                    presence_stats: Some(proto::PresenceStatsResult {
-                        num_clients: users,
-                        num_users: users,
-                    }),
+            self.on_presence(&request.channel)
+                .await
+                .map(|result| Reply {
+                    presence_stats: Some(stats_of(&result)),
                     ..Reply::default()
-                }
-            })
+                })
         } else if let Some(request) = command.history {
             self.on_history(request).await.map(|result| Reply {
                 history: Some(result),
@@ -686,6 +703,9 @@ impl Session {
         match self.subs.remove(channel) {
             Some(sub) => {
                 self.keys.remove(&sub.subscription.key());
+                if let Some(registration) = &mut self.registration {
+                    registration.left(channel);
+                }
                 metrics::gauge!("switchboard_centrifuge_subscriptions").decrement(1.0);
                 true
             }
@@ -762,16 +782,26 @@ impl Session {
             // still sends its latest publication.
             recent: Some(0),
         };
-        let mut subscription = match self
+        // In presence before the engine announces the join, so the join can name the
+        // connection.
+        if let Some(registration) = &mut self.registration {
+            registration.joined(channel);
+        }
+        let subscribed = self
             .state
             .engine
             .subscribe_in(&self.inbox, channel, &self.user, resume)
-            .await
-        {
+            .await;
+        let mut subscription = match subscribed {
             Ok(subscription) => subscription,
-            Err(EngineError::Forbidden(_)) => return Err(codes::PERMISSION_DENIED),
-            Err(cause) => {
-                warn!(%cause, channel, "a centrifuge subscribe failed");
+            Err(refused) => {
+                if let Some(registration) = &mut self.registration {
+                    registration.left(channel);
+                }
+                if let EngineError::Forbidden(_) = refused {
+                    return Err(codes::PERMISSION_DENIED);
+                }
+                warn!(cause = %refused, channel, "a centrifuge subscribe failed");
                 return Err(codes::INTERNAL);
             }
         };
@@ -789,6 +819,9 @@ impl Session {
                 }
                 Err(cause) => {
                     warn!(%cause, channel, "reading history for a subscribe failed");
+                    if let Some(registration) = &mut self.registration {
+                        registration.left(channel);
+                    }
                     return Err(codes::INTERNAL);
                 }
             }
@@ -861,16 +894,7 @@ impl Session {
         if !self.subs.contains_key(channel) {
             return Err(codes::PERMISSION_DENIED);
         }
-        if !self.state.engine.options(channel).presence {
-            return Err(codes::NOT_AVAILABLE);
-        }
-        let users = self
-            .state
-            .engine
-            .presence(channel)
-            .await
-            .map_err(|_| codes::INTERNAL)?;
-        Ok(presence_of(users))
+        presence(&self.state, channel).await
     }
 
     async fn on_history(
@@ -926,20 +950,60 @@ enum ConnectRefused {
     Disconnect(Disconnect),
 }
 
-/// Presence as this protocol lists it: by client, one entry per user.
-pub(super) fn presence_of(users: Vec<String>) -> proto::PresenceResult {
-    proto::PresenceResult {
-        presence: users
-            .into_iter()
-            .map(|user| {
-                let info = proto::ClientInfo {
-                    user: user.clone(),
-                    client: user.clone(),
-                    ..proto::ClientInfo::default()
-                };
-                (user, info)
-            })
-            .collect(),
+/// A channel's presence as this protocol lists it, by connection: this door's
+/// connections here with their client ids and `info`; every other user in the channel
+/// (on another door, or another node) as one entry whose client id is the user name.
+pub(super) async fn presence(
+    state: &AppState,
+    channel: &str,
+) -> Result<proto::PresenceResult, Failure> {
+    if !names::valid_channel(channel) {
+        return Err(codes::BAD_REQUEST);
+    }
+    if !state.engine.options(channel).presence {
+        return Err(codes::NOT_AVAILABLE);
+    }
+    let users = state
+        .engine
+        .presence(channel)
+        .await
+        .map_err(|_| codes::INTERNAL)?;
+    let here = state.centrifuge_clients.present(channel);
+    let mut presence: HashMap<String, proto::ClientInfo> = here
+        .iter()
+        .map(|p| {
+            let info = proto::ClientInfo {
+                user: p.user.clone(),
+                client: p.client.clone(),
+                conn_info: p.info.clone(),
+                ..proto::ClientInfo::default()
+            };
+            (p.client.clone(), info)
+        })
+        .collect();
+    for user in users {
+        if !here.iter().any(|p| p.user == user) {
+            let info = proto::ClientInfo {
+                user: user.clone(),
+                client: user.clone(),
+                ..proto::ClientInfo::default()
+            };
+            presence.insert(user, info);
+        }
+    }
+    Ok(proto::PresenceResult { presence })
+}
+
+/// Connections and distinct users of a presence list.
+pub(super) fn stats_of(presence: &proto::PresenceResult) -> proto::PresenceStatsResult {
+    let users: std::collections::HashSet<&str> = presence
+        .presence
+        .values()
+        .map(|i| i.user.as_str())
+        .collect();
+    proto::PresenceStatsResult {
+        num_clients: presence.presence.len() as u32,
+        num_users: users.len() as u32,
     }
 }
 

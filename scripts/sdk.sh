@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Centrifugo's official SDKs against Switchboard's centrifuge door: centrifuge-js (npm
+# `centrifuge`, unchanged) in Node, JSON and Protobuf builds (scripts/sdk/centrifuge.test.mjs),
+# and its browser bundles in Debian's Chromium (scripts/sdk/browser.test.mjs); then the
+# Python SDK's tests when scripts/sdk/python/run.sh exists. Installs what it needs: the npm
+# packages (npm ci), Chromium and redis-server from Debian.
+#
+# Environment:
+#   SWITCHBOARD_BIN   server binary to test (default: builds target/release/switchboard)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+log() { printf '[sdk] %s\n' "$*"; }
+
+missing=()
+[[ -x /usr/bin/chromium ]] || missing+=(chromium)
+command -v redis-server >/dev/null || missing+=(redis-server)
+if ((${#missing[@]})); then
+    log "installing ${missing[*]} (apt)"
+    apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+if [[ ! -d scripts/sdk/node_modules/centrifuge || ! -d scripts/sdk/node_modules/playwright-core || ! -d scripts/sdk/node_modules/ws ]]; then
+    log "installing centrifuge, ws and playwright-core (npm ci)"
+    (cd scripts/sdk && npm ci --no-audit --no-fund --silent)
+fi
+if [[ -z "${SWITCHBOARD_BIN:-}" ]]; then
+    cargo build --release --quiet -p switchboard
+    SWITCHBOARD_BIN="$ROOT/target/release/switchboard"
+fi
+export SWITCHBOARD_BIN
+log "$(/usr/bin/chromium --version 2>/dev/null || echo chromium), $(node --version), server $SWITCHBOARD_BIN"
+
+# Both suites run whatever the other gives; any failure fails the script.
+status=0
+(cd scripts/sdk && node --test --test-reporter=spec centrifuge.test.mjs browser.test.mjs) || status=$?
+
+if [[ -f scripts/sdk/python/run.sh ]]; then
+    log "the Python SDK (scripts/sdk/python/run.sh)"
+    bash scripts/sdk/python/run.sh || status=$?
+fi
+if ((status != 0)); then
+    log "FAILED (exit $status)"
+fi
+exit "$status"
