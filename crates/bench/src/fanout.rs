@@ -4,10 +4,13 @@
 //! messages delivered out of those expected, delivered messages/s; the result is the
 //! highest rate whose deliveries were all made with p99 under the bound.
 //!
-//! Three kinds of server are understood, so peers can be measured with the same load:
-//! a Switchboard room, a broadcast server (every text message from any connection goes
-//! to all of them), and a Pusher-protocol server such as Sockudo (subscribers join a
-//! channel; the publisher posts signed HTTP requests to its events API).
+//! Four kinds of server are understood, so peers can be measured with the same load:
+//! a Switchboard room, Switchboard's Centrifugo door (subscribers connect and subscribe
+//! to one channel; the publisher posts to the server API), a broadcast server (every
+//! text message from any connection goes to all of them), and a Pusher-protocol server
+//! such as Sockudo (subscribers join a channel; the publisher posts signed HTTP requests
+//! to its events API). With `--server-pid` each step also reports the server's CPU time
+//! (user and system, from /proc) per delivered message.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -25,6 +28,10 @@ use tokio::task::JoinSet;
 pub(crate) enum Target {
     /// A Switchboard room URL (`ws://HOST/room/ROOM`).
     Switchboard,
+    /// Switchboard's Centrifugo door (`ws://HOST/connection/websocket`): each subscriber
+    /// connects and subscribes to `--channel`; the publisher is the server API
+    /// (`POST /api/publish`).
+    Centrifuge,
     /// A server that relays every text message to every connection (`ws://HOST/`).
     Broadcast,
     /// A Pusher-protocol server (`ws://HOST/app/KEY?protocol=7`, events API over HTTP).
@@ -62,6 +69,19 @@ pub(crate) struct FanoutArgs {
     /// Text bytes per published message (the marker included).
     #[arg(long, default_value_t = 64)]
     pub(crate) size: usize,
+    /// Publish through the server's HTTP API (a room: `POST /api/rooms/ROOM/messages`
+    /// with `text`), not a WebSocket member; always so with `--target centrifuge`
+    /// (`POST /api/publish` with `data: {"text": ...}`).
+    #[arg(long)]
+    pub(crate) api: bool,
+    /// The channel Centrifugo-door subscribers subscribe to.
+    #[arg(long, default_value = "bench")]
+    pub(crate) channel: String,
+    /// The server's process id: each step then reports the server's CPU time (user +
+    /// system, /proc) per delivered message, from its first publish to its last
+    /// delivery.
+    #[arg(long)]
+    pub(crate) server_pid: Option<u32>,
     /// Pusher app id, key and secret (with `--target pusher`).
     #[arg(long, default_value = "app-id")]
     pub(crate) app_id: String,
@@ -89,6 +109,11 @@ pub(crate) struct Step {
     /// Subscribers the server had closed by the end of the step.
     pub(crate) closed: usize,
     pub(crate) held: bool,
+    /// The server's CPU time per delivered message, µs (with `--server-pid`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) server_user_us: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) server_system_us: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -142,6 +142,9 @@ pub struct Delivery {
     encoded: [OnceLock<Bytes>; FORMATS],
 }
 
+/// Notices a door may fall behind by before it misses some.
+const NOTICES: usize = 1024;
+
 /// How many wire formats a [`Delivery`] caches.
 pub const FORMATS: usize = 4;
 
@@ -505,6 +508,8 @@ fn leave_user(state: &mut State, user: &Arc<str>) -> bool {
 
 pub(crate) struct Inner {
     pub(crate) config: EngineConfig,
+    /// Notices for this node's doors, from any node.
+    pub(crate) notices: tokio::sync::broadcast::Sender<Bytes>,
     backend: Arc<dyn Backend>,
     channels: Mutex<HashMap<Arc<str>, Arc<Channel>>>,
     next_member: AtomicU64,
@@ -592,6 +597,7 @@ impl Engine {
     fn with_backend(backend: Arc<dyn Backend>, config: EngineConfig) -> Self {
         let inner = Arc::new(Inner {
             config,
+            notices: tokio::sync::broadcast::channel(NOTICES).0,
             backend: backend.clone(),
             channels: Mutex::new(HashMap::new()),
             next_member: AtomicU64::new(1),
@@ -848,6 +854,17 @@ impl Engine {
             not_before: kept.since,
         };
         Ok(self.inner.backend.read(&channel.name, window).await?)
+    }
+
+    /// Sends `payload` to every node's doors (through [`Engine::notices`]), this one's
+    /// included, once each: how a server API call reaches a connection on another node.
+    pub async fn notify_nodes(&self, payload: Bytes) -> Result<(), EngineError> {
+        Ok(self.inner.backend.notify_nodes(payload).await?)
+    }
+
+    /// The notices any node sent from now on.
+    pub fn notices(&self) -> tokio::sync::broadcast::Receiver<Bytes> {
+        self.inner.notices.subscribe()
     }
 
     /// Where `channel`'s stream stands: its last publication id and its epoch.

@@ -106,6 +106,10 @@ pub async fn run(
         kill: Shutdown::default(),
         centrifuge_clients: Arc::default(),
     };
+    tokio::spawn(crate::centrifuge::apply_notices(
+        state.centrifuge_clients.clone(),
+        state.engine.notices(),
+    ));
     let scheme = if tls.is_some() { "https" } else { "http" };
     let acceptor = Acceptor::new(&state, tls);
     info!("listening on {scheme}://{address}");

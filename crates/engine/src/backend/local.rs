@@ -326,6 +326,14 @@ impl Backend for LocalBackend {
             .boxed()
     }
 
+    fn notify_nodes(&self, payload: Bytes) -> BoxFuture<'_, Result<(), StoreError>> {
+        // This node is every node.
+        if let Some(sink) = self.sink.get() {
+            sink.notice(payload);
+        }
+        std::future::ready(Ok(())).boxed()
+    }
+
     fn remove_history<'a>(
         &'a self,
         channel: &'a str,

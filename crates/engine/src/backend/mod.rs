@@ -65,6 +65,14 @@ impl Sink {
             .map_or_else(Vec::new, |inner| inner.channels_now())
     }
 
+    /// A notice for the doors of this node (see [`crate::Engine::notify_nodes`]).
+    pub(crate) fn notice(&self, payload: Bytes) {
+        if let Some(inner) = self.0.upgrade() {
+            // No door listening is no error.
+            let _ = inner.notices.send(payload);
+        }
+    }
+
     /// Whether the engine still runs.
     pub(crate) fn alive(&self) -> bool {
         self.0.strong_count() > 0
@@ -90,6 +98,8 @@ pub(crate) trait Backend: Send + Sync + std::fmt::Debug + 'static {
         channel: &'a str,
         window: Window,
     ) -> BoxFuture<'a, Result<Vec<Publication>, StoreError>>;
+    /// Carries a notice to every node's engine, this one's included, once each.
+    fn notify_nodes(&self, payload: Bytes) -> BoxFuture<'_, Result<(), StoreError>>;
     /// Removes `channel`'s publications up to `upto` (its ids and epoch stay).
     fn remove_history<'a>(
         &'a self,

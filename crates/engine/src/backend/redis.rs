@@ -17,6 +17,8 @@
 //!   `M{id}\n{epoch}\n{record}` a stored publication, `P{join|leave}\n{user}` presence,
 //!   `T{node}\n{user}\n{0|1}` typing, `B{node}\n{bytes}` binary data.
 //! - `P:presence:{ch}`: a hash from user to the number of nodes it is on.
+//! - `P:notices`: notices for every node's doors (the Centrifugo server API's
+//!   `subscribe`, `unsubscribe` and `disconnect`), opaque to the engine.
 //! - `P:rooms`: the set of channels with someone in them.
 //! - `P:nodes`: the set of nodes; `P:alive:{node}` expires unless the node's heartbeat
 //!   renews it; `P:members:{node}`: the set of `channel \n user` present on the node.
@@ -499,6 +501,19 @@ impl Backend for RedisBackend {
         self.node.read(channel, window).boxed()
     }
 
+    fn notify_nodes(&self, payload: Bytes) -> BoxFuture<'_, Result<(), StoreError>> {
+        async move {
+            // Every node (this one too) hears it through its subscription.
+            let sent: redis::RedisResult<u64> = redis::cmd("PUBLISH")
+                .arg(self.node.notices())
+                .arg(payload.as_ref())
+                .query_async(&mut self.node.conn.clone())
+                .await;
+            self.node.noted(sent).map(|_| ())
+        }
+        .boxed()
+    }
+
     fn remove_history<'a>(
         &'a self,
         channel: &'a str,
@@ -661,6 +676,11 @@ impl Node {
     /// The pattern every channel's Pub/Sub channel matches.
     fn pattern(&self) -> String {
         format!("{}:room:*", self.prefix)
+    }
+
+    /// The Pub/Sub channel of notices for every node's doors.
+    fn notices(&self) -> String {
+        format!("{}:notices", self.prefix)
     }
 
     async fn open(&self, channel: &str) -> Result<Position, StoreError> {
@@ -1335,6 +1355,7 @@ async fn listener(node: Arc<Node>, cancel: CancellationToken) {
         node.catch_up().await;
         first = false;
         let mut messages = pubsub.into_on_message();
+        let notices = node.notices();
         loop {
             let message = tokio::select! {
                 () = cancel.cancelled() => return,
@@ -1343,6 +1364,12 @@ async fn listener(node: Arc<Node>, cancel: CancellationToken) {
             let Some(message) = message else { break };
             if node.stopped() {
                 return;
+            }
+            if message.get_channel_name() == notices {
+                if let Some(sink) = node.sink.get() {
+                    sink.notice(Bytes::copy_from_slice(message.get_payload_bytes()));
+                }
+                continue;
             }
             if let Some((channel, incoming)) =
                 node.parse(message.get_channel_name(), message.get_payload_bytes())
@@ -1359,6 +1386,7 @@ async fn subscribe(node: &Node) -> Result<redis::aio::PubSub, StoreError> {
     let connect = async {
         let mut pubsub = node.client.get_async_pubsub().await?;
         pubsub.psubscribe(node.pattern()).await?;
+        pubsub.subscribe(node.notices()).await?;
         Ok::<_, redis::RedisError>(pubsub)
     };
     match tokio::time::timeout(RESPONSE_TIMEOUT, connect).await {

@@ -4,8 +4,8 @@
 //! body that is not JSON). With `api_key` configured every call needs `X-API-Key: KEY`
 //! or `Authorization: apikey KEY`.
 //!
-//! `subscribe`, `unsubscribe` and `disconnect` reach the user's connections on this
-//! node.
+//! `subscribe`, `unsubscribe` and `disconnect` reach the user's connections on every
+//! node (in a cluster through Redis).
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -25,7 +25,7 @@ use switchboard_protocol::centrifuge::{HistoryRequest, StreamPosition};
 use switchboard_protocol::MAX_NONCE;
 use tracing::warn;
 
-use super::clients::Control;
+use super::clients::{Control, Notice};
 use super::codes;
 use super::session::{history, presence, stats_of};
 use super::{disconnect, VERSION};
@@ -256,19 +256,23 @@ async fn subscribe(state: &AppState, request: UserChannel) -> Value {
     if !names::valid_channel(&request.channel) {
         return failure(codes::BAD_REQUEST);
     }
-    let control = Control::Subscribe(request.channel);
-    state
-        .centrifuge_clients
-        .send(&request.user, request.client.as_deref(), &control);
-    json!({"result": {}})
+    notify(
+        state,
+        request.user,
+        request.client,
+        Control::Subscribe(request.channel),
+    )
+    .await
 }
 
 async fn unsubscribe(state: &AppState, request: UserChannel) -> Value {
-    let control = Control::Unsubscribe(request.channel);
-    state
-        .centrifuge_clients
-        .send(&request.user, request.client.as_deref(), &control);
-    json!({"result": {}})
+    notify(
+        state,
+        request.user,
+        request.client,
+        Control::Unsubscribe(request.channel),
+    )
+    .await
 }
 
 #[derive(Deserialize)]
@@ -296,11 +300,29 @@ async fn disconnect_user(state: &AppState, request: DisconnectRequest) -> Value 
             disconnect::FORCE_NO_RECONNECT.1.to_owned(),
         ),
     };
-    let control = Control::Disconnect(code, reason);
-    state
-        .centrifuge_clients
-        .send(&request.user, request.client.as_deref(), &control);
-    json!({"result": {}})
+    notify(
+        state,
+        request.user,
+        request.client,
+        Control::Disconnect(code, reason),
+    )
+    .await
+}
+
+/// Sends `control` to `user`'s connections on every node.
+async fn notify(state: &AppState, user: String, client: Option<String>, control: Control) -> Value {
+    let notice = Notice {
+        user,
+        client,
+        control,
+    };
+    match state.engine.notify_nodes(notice.to_bytes()).await {
+        Ok(()) => json!({"result": {}}),
+        Err(cause) => {
+            warn!(%cause, "a server API notice could not be sent");
+            failure(codes::INTERNAL)
+        }
+    }
 }
 
 #[derive(Deserialize)]

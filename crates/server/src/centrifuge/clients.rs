@@ -5,10 +5,13 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::mpsc;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, mpsc};
+use tracing::warn;
 
 /// What the server API asks of a connection.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) enum Control {
     /// Subscribe it to this channel (a server-side subscription).
     Subscribe(String),
@@ -16,6 +19,44 @@ pub(crate) enum Control {
     Unsubscribe(String),
     /// Close it with this code and reason.
     Disconnect(u16, String),
+}
+
+/// A control for a user's connections wherever they are: the engine carries it to
+/// every node ([`switchboard_engine::Engine::notify_nodes`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Notice {
+    pub(crate) user: String,
+    /// Only this connection of the user's, when given.
+    pub(crate) client: Option<String>,
+    pub(crate) control: Control,
+}
+
+impl Notice {
+    pub(crate) fn to_bytes(&self) -> Bytes {
+        Bytes::from(serde_json::to_vec(self).expect("notices serialize"))
+    }
+}
+
+/// Applies the notices any node sends to this node's connections, until the engine
+/// goes.
+pub(crate) async fn apply_notices(clients: Arc<Clients>, mut notices: broadcast::Receiver<Bytes>) {
+    loop {
+        match notices.recv().await {
+            Ok(payload) => {
+                // Anything else is another door's, or another version's.
+                if let Ok(notice) = serde_json::from_slice::<Notice>(&payload) {
+                    clients.send(&notice.user, notice.client.as_deref(), &notice.control);
+                }
+            }
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                warn!(
+                    missed,
+                    "server API notices were missed: the node was too busy"
+                );
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
 }
 
 type Senders = HashMap<String, mpsc::UnboundedSender<Control>>;

@@ -22,7 +22,7 @@ use switchboard_engine::{Format, Publication};
 use switchboard_protocol::centrifuge::{self as proto, Encoding, PROTOBUF_SUBPROTOCOL};
 
 pub(crate) use api::router;
-pub(crate) use clients::Clients;
+pub(crate) use clients::{apply_notices, Clients};
 
 use crate::serve::AppState;
 use crate::upgrade::upgrade_with;
