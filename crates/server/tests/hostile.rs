@@ -4,7 +4,9 @@
 //! (and the hang-up after it), an `error` event whose connection stays up, a silent
 //! hang-up, or a broadcast carrying the connection's real identity. After every case two
 //! long-lived "canary" members of the same room still chat: one says something, both
-//! receive it.
+//! receive it. The Centrifugo door has a matrix of its own (at the end): each case
+//! names the reply's error code or the close code it must get, and after each one a
+//! Centrifugo canary and a room canary in one channel both receive a publication.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -1869,5 +1871,507 @@ async fn tokens_decide_identity_and_rooms() {
     run_matrix(&server, &mut canary, token_cases()).await;
     members_settle(server.address, Some(API_KEY), &["CanaryA", "CanaryB"]).await;
     canary.leave().await;
+    server.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// The Centrifugo door: broken JSON and Protobuf, commands before connect, unknown fields,
+// huge ids, 10,000 subscribes, bad and expired tokens. After every case a Centrifugo
+// canary and a room canary in one channel both get a server API publication, with one
+// id.
+
+use switchboard_protocol::centrifuge::{
+    encode_command, Command, ConnectRequest, Encoding, PublishRequest, SubscribeRequest,
+};
+use switchboard_test_support::centrifuge::Centrifuge;
+
+/// The channel of the Centrifugo canaries.
+const CF_CHANNEL: &str = "hostile-cf";
+/// The id every case's last command has, whose reply the case waits for.
+const LAST: u32 = 99;
+
+#[derive(Debug)]
+enum CfExpect {
+    /// The reply to command [`LAST`] has this error; the connection then still answers.
+    Error(u32),
+    /// The reply to command [`LAST`] has no error; the connection then still answers.
+    Answered,
+    /// The server closes with this code.
+    Close(u16),
+    /// Of the subscribes sent, this many succeed and every other one gets 106.
+    Subscribed(usize),
+    /// The connect [`LAST`] gets this error; a valid connect then still succeeds.
+    ConnectError(u32),
+}
+
+#[derive(Debug)]
+struct CfCase {
+    name: &'static str,
+    encoding: Encoding,
+    /// The connect token, or `None` to send no connect before the frames.
+    token: Option<String>,
+    frames: Vec<Vec<u8>>,
+    expect: CfExpect,
+}
+
+fn cf(name: &'static str, encoding: Encoding, frames: Vec<Vec<u8>>, expect: CfExpect) -> CfCase {
+    CfCase {
+        name,
+        encoding,
+        token: Some(ticket("Hostile")),
+        frames,
+        expect,
+    }
+}
+
+fn command(encoding: Encoding, command: Command) -> Vec<u8> {
+    encode_command(encoding, &command).to_vec()
+}
+
+fn last(request: Command) -> Command {
+    Command {
+        id: LAST,
+        ..request
+    }
+}
+
+fn subscribe_to(channel: &str) -> Command {
+    Command {
+        subscribe: Some(SubscribeRequest {
+            channel: channel.into(),
+            ..SubscribeRequest::default()
+        }),
+        ..Command::default()
+    }
+}
+
+fn cf_cases() -> Vec<CfCase> {
+    use CfExpect::*;
+    use Encoding::{Json, Protobuf};
+    let json = |text: &str| text.as_bytes().to_vec();
+    let mut cases = vec![
+        cf("json: not JSON", Json, vec![json("{\"id\":")], Close(3501)),
+        cf("json: an array", Json, vec![json("[1,2,3]")], Close(3501)),
+        cf(
+            "json: an id over u32",
+            Json,
+            vec![json(r#"{"id":4294967296,"ping":{}}"#)],
+            Close(3501),
+        ),
+        cf(
+            "json: a negative id",
+            Json,
+            vec![json(r#"{"id":-1,"ping":{}}"#)],
+            Close(3501),
+        ),
+        cf(
+            "json: a channel that is a number",
+            Json,
+            vec![json(r#"{"id":99,"subscribe":{"channel":5}}"#)],
+            Close(3501),
+        ),
+        cf(
+            "json: data nested 10 000 deep (kept raw; the rpc gets 104)",
+            Json,
+            vec![json(&format!(
+                "{{\"id\":99,\"rpc\":{{\"data\":{}{}}}}}",
+                "[".repeat(10_000),
+                "]".repeat(10_000)
+            ))],
+            Error(104),
+        ),
+        cf(
+            "json: unknown fields are skipped",
+            Json,
+            vec![json(
+                r#"{"id":99,"subscribe":{"channel":"cf-unknown","bogus":[1]},"extra":{"x":1}}"#,
+            )],
+            Answered,
+        ),
+        cf(
+            "json: an unknown command",
+            Json,
+            vec![json(r#"{"id":99,"dance":{}}"#)],
+            Error(104),
+        ),
+        cf(
+            "json: the largest id",
+            Json,
+            vec![
+                json(r#"{"id":4294967295,"ping":{}}"#),
+                json(r#"{"id":99,"ping":{}}"#),
+            ],
+            Answered,
+        ),
+        cf(
+            "json: a command without an id",
+            Json,
+            vec![json(r#"{"ping":{}}"#)],
+            Close(3501),
+        ),
+        cf(
+            "json: a second connect",
+            Json,
+            vec![json(r#"{"id":99,"connect":{}}"#)],
+            Close(3501),
+        ),
+        cf(
+            "json: an offset past u64",
+            Json,
+            vec![json(
+                r#"{"id":99,"subscribe":{"channel":"cf-x","recover":true,"offset":18446744073709551616}}"#,
+            )],
+            Close(3501),
+        ),
+        cf(
+            "json: the largest offset",
+            Json,
+            vec![json(
+                r#"{"id":99,"subscribe":{"channel":"cf-far","recover":true,"offset":18446744073709551615,"epoch":"e"}}"#,
+            )],
+            Answered,
+        ),
+        cf(
+            "json: a channel of 300 characters",
+            Json,
+            vec![command(Json, last(subscribe_to(&"c".repeat(300))))],
+            Error(107),
+        ),
+        cf(
+            "json: 2,000 commands in one frame",
+            Json,
+            vec![vec![r#"{"id":7,"ping":{}}"#; 2000].join("\n").into_bytes()],
+            Close(3501),
+        ),
+        cf(
+            "json: 10,000 subscribes",
+            Json,
+            (0..10)
+                .map(|frame| {
+                    (0..1000)
+                        .map(|n| {
+                            let id = frame * 1000 + n + 1;
+                            format!(r#"{{"id":{id},"subscribe":{{"channel":"cf-many-{id}"}}}}"#)
+                        })
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                        .into_bytes()
+                })
+                .collect(),
+            Subscribed(8),
+        ),
+        cf(
+            "protobuf: a length past the frame",
+            Protobuf,
+            vec![vec![0x05, 0x08]],
+            Close(3501),
+        ),
+        cf(
+            "protobuf: a varint that never ends",
+            Protobuf,
+            vec![vec![0xff; 12]],
+            Close(3501),
+        ),
+        cf(
+            "protobuf: a wrong wire type",
+            Protobuf,
+            vec![vec![0x02, 0x0d, 0x01]],
+            Close(3501),
+        ),
+        cf(
+            "protobuf: JSON on a Protobuf connection",
+            Protobuf,
+            vec![json(r#"{"id":99,"ping":{}}"#)],
+            Close(3501),
+        ),
+        cf(
+            "protobuf: unknown fields are skipped",
+            Protobuf,
+            vec![{
+                let mut body = vec![0x08, LAST as u8, 0xf8, 0x3e, 0x01, 0x5a, 0x00];
+                let mut frame = vec![body.len() as u8];
+                frame.append(&mut body);
+                frame
+            }],
+            Answered,
+        ),
+        cf(
+            "protobuf: publication data that is not JSON",
+            Protobuf,
+            vec![
+                command(
+                    Protobuf,
+                    Command {
+                        id: 1,
+                        ..subscribe_to("cf-bytes")
+                    },
+                ),
+                command(
+                    Protobuf,
+                    last(Command {
+                        publish: Some(PublishRequest {
+                            channel: "cf-bytes".into(),
+                            data: vec![0xff, 0x00, 0x01],
+                        }),
+                        ..Command::default()
+                    }),
+                ),
+            ],
+            Error(107),
+        ),
+    ];
+    for encoding in [Json, Protobuf] {
+        let connect_with = |token: String| {
+            command(
+                encoding,
+                last(Command {
+                    connect: Some(ConnectRequest {
+                        token,
+                        ..ConnectRequest::default()
+                    }),
+                    ..Command::default()
+                }),
+            )
+        };
+        let mut before_connect = cf(
+            "a subscribe before connect",
+            encoding,
+            vec![command(encoding, last(subscribe_to("cf-early")))],
+            Close(3501),
+        );
+        before_connect.token = None;
+        let expired = token(SECRET, &json!({"name": "Late", "exp": 1_000_000}));
+        let mut late = cf(
+            "an expired token",
+            encoding,
+            vec![connect_with(expired)],
+            ConnectError(109),
+        );
+        late.token = None;
+        let forged = token(b"guessed", &json!({"name": "Mallory", "exp": in_an_hour()}));
+        let mut forged = cf(
+            "a token signed with another secret",
+            encoding,
+            vec![connect_with(forged)],
+            Close(3500),
+        );
+        forged.token = None;
+        let none = format!("{ALG_NONE}.{}.", "eyJuYW1lIjoiTWFsbG9yeSJ9");
+        let mut unsigned = cf(
+            "an alg:none token",
+            encoding,
+            vec![connect_with(none)],
+            Close(3500),
+        );
+        unsigned.token = None;
+        let mut missing = cf(
+            "no token",
+            encoding,
+            vec![connect_with(String::new())],
+            Close(3500),
+        );
+        missing.token = None;
+        let mut silent = cf(
+            "silence instead of connect",
+            encoding,
+            Vec::new(),
+            Close(3502),
+        );
+        silent.token = None;
+        cases.extend([before_connect, late, forged, unsigned, missing, silent]);
+    }
+    cases
+}
+
+/// Runs one case on a fresh connection; `Err` says what it got instead.
+async fn run_cf_case(server: &Server, case: &CfCase) -> Result<(), String> {
+    let url = server.url("/connection/websocket");
+    let mut client = Centrifuge::open(&url, case.encoding).await;
+    if let Some(token) = &case.token {
+        client
+            .send(&Command {
+                id: 1,
+                connect: Some(ConnectRequest {
+                    token: token.clone(),
+                    ..ConnectRequest::default()
+                }),
+                ..Command::default()
+            })
+            .await;
+        let reply = client.reply_to(1).await;
+        if reply.connect.is_none() {
+            return Err(format!("the connect was refused: {reply:?}"));
+        }
+    }
+    for frame in &case.frames {
+        client.send_raw(frame).await;
+    }
+    match case.expect {
+        CfExpect::Close(code) => {
+            let (got, reason) = client.closed().await;
+            (got == code)
+                .then_some(())
+                .ok_or(format!("closed with {got} ({reason})"))
+        }
+        CfExpect::Error(want) => {
+            let reply = client.reply_to(LAST).await;
+            let got = reply.error.as_ref().map(|e| e.code);
+            if got != Some(want) {
+                return Err(format!("replied {reply:?}"));
+            }
+            still_answers(&mut client).await
+        }
+        CfExpect::ConnectError(want) => {
+            let reply = client.reply_to(LAST).await;
+            if reply.error.as_ref().map(|e| e.code) != Some(want) {
+                return Err(format!("replied {reply:?}"));
+            }
+            client
+                .send(&Command {
+                    id: 2,
+                    connect: Some(ConnectRequest {
+                        token: ticket("Hostile"),
+                        ..ConnectRequest::default()
+                    }),
+                    ..Command::default()
+                })
+                .await;
+            let reply = client.reply_to(2).await;
+            if reply.connect.is_none() {
+                return Err(format!("a valid connect after it got {reply:?}"));
+            }
+            still_answers(&mut client).await
+        }
+        CfExpect::Answered => {
+            let reply = client.reply_to(LAST).await;
+            if reply.error.is_some() {
+                return Err(format!("replied {reply:?}"));
+            }
+            still_answers(&mut client).await
+        }
+        CfExpect::Subscribed(want) => {
+            let (mut ok, mut refused, mut other) = (0, 0, Vec::new());
+            for id in 1..=10_000 {
+                let reply = client.reply_to(id).await;
+                match reply.error.as_ref().map(|e| e.code) {
+                    None => ok += 1,
+                    Some(106) => refused += 1,
+                    Some(code) => other.push(code),
+                }
+            }
+            if (ok, refused, other.is_empty()) != (want, 10_000 - want, true) {
+                return Err(format!(
+                    "{ok} subscribed, {refused} refused with 106, others {other:?}"
+                ));
+            }
+            still_answers(&mut client).await
+        }
+    }
+}
+
+/// A ping command still gets its reply.
+async fn still_answers(client: &mut Centrifuge) -> Result<(), String> {
+    // An id no case uses.
+    const PING: u32 = 4_000_000;
+    client
+        .send(&Command {
+            id: PING,
+            ping: Some(Default::default()),
+            ..Command::default()
+        })
+        .await;
+    let reply = client.reply_to(PING).await;
+    match reply.ping {
+        Some(_) => Ok(()),
+        None => Err(format!("a ping got {reply:?}")),
+    }
+}
+
+#[tokio::test]
+async fn the_centrifugo_door_answers_hostile_input_exactly_and_keeps_delivering() {
+    let mut settings = serde_json::to_value(json!({
+        "jwt_secret": String::from_utf8(SECRET.to_vec()).unwrap(),
+        "api_key": API_KEY,
+        "handshake_timeout_secs": 1,
+        "commands_per_sec": 100000.0,
+        "commands_burst": 100000,
+        "max_subscriptions_per_connection": 8,
+    }))
+    .unwrap();
+    settings["rate_limit_per_sec"] = json!(1000.0);
+    let config: Config = serde_json::from_value(settings).unwrap();
+    let server = Server::start(config).await;
+    // The canaries: one through each door, in one channel.
+    let url = server.url("/connection/websocket");
+    let (mut canary, _) = Centrifuge::connect(&url, Encoding::Protobuf, &ticket("CanaryCf")).await;
+    let subscribed = canary.call(subscribe_to(CF_CHANNEL)).await;
+    assert!(subscribed.subscribe.is_some(), "{subscribed:?}");
+    let room_ticket = token(
+        SECRET,
+        &json!({"name": "CanaryRoom", "rooms": [CF_CHANNEL], "exp": in_an_hour()}),
+    );
+    let room = server.url(&format!("/room/{CF_CHANNEL}?token={room_ticket}"));
+    let mut room = connect(&room, ClientOptions::default())
+        .await
+        .unwrap()
+        .socket;
+    assert_eq!(next_event(&mut room).await.unwrap()["type"], "welcome");
+    let cases = cf_cases();
+    assert!(cases.len() >= 30, "{} cases", cases.len());
+    let mut failures = Vec::new();
+    for (index, case) in cases.iter().enumerate() {
+        let started = Instant::now();
+        let outcome = run_cf_case(&server, case).await;
+        eprintln!(
+            "{index:>3} {:<58} {outcome:?} ({:?})",
+            case.name,
+            started.elapsed()
+        );
+        if let Err(why) = outcome {
+            failures.push(format!("case `{}` ({:?}): {why}", case.name, case.encoding));
+        }
+        // Both canaries get the next publication, under one id.
+        let text = format!("after {index}");
+        let headers = format!("X-API-Key: {API_KEY}\r\n");
+        let body = json!({"channel": CF_CHANNEL, "data": {"text": text}});
+        let address = server.address.to_string();
+        let (status, answer) = switchboard_test_support::http::request(
+            &address,
+            "POST",
+            "/api/publish",
+            &headers,
+            Some(&body),
+        )
+        .await
+        .expect("the API answers");
+        assert_eq!(status, 200, "{answer}");
+        let (_, offset, data) = canary.publication().await;
+        assert_eq!(
+            data["text"],
+            text.as_str(),
+            "case `{}`: the Centrifugo canary",
+            case.name
+        );
+        loop {
+            let event = next_event(&mut room)
+                .await
+                .unwrap_or_else(|e| panic!("case `{}`: the room canary: {e}", case.name));
+            if event["type"] == "message" && event["text"] == text.as_str() {
+                assert_eq!(
+                    event["id"], offset,
+                    "case `{}`: one id for both doors",
+                    case.name
+                );
+                break;
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
     server.stop().await;
 }

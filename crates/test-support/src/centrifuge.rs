@@ -20,6 +20,8 @@ pub struct Centrifuge {
     pub encoding: Encoding,
     next_id: u32,
     pushes: VecDeque<Push>,
+    /// Replies read while waiting for another one.
+    replies: Vec<Reply>,
     /// Empty replies (pings) seen so far.
     pub pings: usize,
 }
@@ -39,6 +41,7 @@ impl Centrifuge {
             encoding,
             next_id: 0,
             pushes: VecDeque::new(),
+            replies: Vec::new(),
             pings: 0,
         }
     }
@@ -85,8 +88,11 @@ impl Centrifuge {
         self.socket.send(&message).await.unwrap();
     }
 
-    /// The reply with `id`; pushes met on the way are kept.
+    /// The reply with `id`; pushes and other replies met on the way are kept.
     pub async fn reply_to(&mut self, id: u32) -> Reply {
+        if let Some(at) = self.replies.iter().position(|r| r.id == id) {
+            return self.replies.remove(at);
+        }
         loop {
             for reply in self.read().await {
                 if reply.id == id {
@@ -101,7 +107,7 @@ impl Centrifuge {
         match reply.push {
             Some(push) => self.pushes.push_back(push),
             None if reply.id == 0 => self.pings += 1,
-            None => panic!("a reply nobody waits for: {reply:?}"),
+            None => self.replies.push(reply),
         }
     }
 
