@@ -702,3 +702,37 @@ async fn in_a_cluster_every_node_reaches_every_connection_and_its_history() {
     b.stop().await;
     redis.stop().await;
 }
+
+#[tokio::test]
+async fn commands_beyond_the_rate_get_111_and_every_door_metric_counts() {
+    let limited = json!({"commands_per_sec": 1.0, "commands_burst": 3, "rate_limit_strikes": 50});
+    let server = Server::start(config(limited)).await;
+    let mut hal = connect(&server, Encoding::Json, "hal").await;
+    let ping = || Command {
+        ping: Some(Default::default()),
+        ..Command::default()
+    };
+    let mut codes = Vec::new();
+    for _ in 0..6 {
+        codes.push(code(&hal.call(ping()).await));
+    }
+    assert_eq!(codes[..3], [None, None, None], "the burst: {codes:?}");
+    assert_eq!(
+        codes[3..],
+        [Some(111), Some(111), Some(111)],
+        "beyond it: {codes:?}"
+    );
+    hal.send_raw(br#"{"send":{"data":{"fire":"forget"}}}"#)
+        .await;
+    let (_, text) = http::raw(&server.address.to_string(), "GET", "/metrics", "", None)
+        .await
+        .expect("metrics");
+    for wanted in [
+        "switchboard_centrifuge_connections",
+        r#"switchboard_centrifuge_commands_total{command="ping"}"#,
+        r#"switchboard_centrifuge_errors_total{code="111"}"#,
+    ] {
+        assert!(text.contains(wanted), "{wanted} in /metrics:\n{text}");
+    }
+    server.stop().await;
+}

@@ -141,6 +141,14 @@ fn kind(command: &Command) -> &'static str {
     }
 }
 
+/// Counts a connection the WebSocket layer failed (a message over the limit: 1009).
+fn count_failure(cause: &switchboard_net::Error) {
+    if let switchboard_net::Error::Protocol(error) = cause {
+        let code = error.close_code().0.to_string();
+        metrics::counter!("switchboard_centrifuge_disconnects_total", "code" => code).increment(1);
+    }
+}
+
 fn count_command(kind: &'static str) {
     metrics::counter!("switchboard_centrifuge_commands_total", "command" => kind).increment(1);
 }
@@ -225,6 +233,7 @@ impl Session {
                     Ok(None) => return Err(None),
                     Err(cause) => {
                         debug!(%cause, "centrifuge connection ended before connect");
+                        count_failure(&cause);
                         return Err(None);
                     }
                 },
@@ -385,6 +394,7 @@ impl Session {
                     Ok(None) => Err(None),
                     Err(cause) => {
                         debug!(%cause, "centrifuge connection ended");
+                        count_failure(&cause);
                         Err(None)
                     }
                 },
