@@ -158,9 +158,9 @@ struct Report {
 }
 
 /// A server under test, pinned to its core.
-struct Server {
+pub(crate) struct Server {
     child: Child,
-    address: String,
+    pub(crate) address: String,
 }
 
 impl Server {
@@ -206,6 +206,12 @@ impl Server {
                 .arg(&args.peers)
                 .args([engine, "--listen", "127.0.0.1:0", "--workers", "1"]);
         }
+        Self::spawn(command, engine).await
+    }
+
+    /// Starts `command`, a server that says `listening on ADDRESS` on stderr, and waits
+    /// until it does.
+    pub(crate) async fn spawn(mut command: Command, engine: &str) -> anyhow::Result<Self> {
         let mut child = command
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
@@ -284,11 +290,11 @@ impl Server {
         }
     }
 
-    fn pid(&self) -> anyhow::Result<u32> {
+    pub(crate) fn pid(&self) -> anyhow::Result<u32> {
         self.child.id().context("the server exited")
     }
 
-    async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         // The numbers are taken; how it exits does not matter.
         let _ = self.child.kill().await;
     }
@@ -401,8 +407,17 @@ async fn load_json<T: serde::de::DeserializeOwned>(
     what: &str,
     bench_args: &[String],
 ) -> anyhow::Result<T> {
+    load_json_on(args.load_core, what, bench_args).await
+}
+
+/// Runs `switchboard-bench ARGS --json` pinned to `core` and parses its answer.
+pub(crate) async fn load_json_on<T: serde::de::DeserializeOwned>(
+    core: usize,
+    what: &str,
+    bench_args: &[String],
+) -> anyhow::Result<T> {
     let output = Command::new("taskset")
-        .args(["-c", &args.load_core.to_string()])
+        .args(["-c", &core.to_string()])
         .arg(std::env::current_exe()?)
         .args(bench_args)
         .arg("--json")
@@ -544,7 +559,7 @@ async fn run_handshake(args: &CompareArgs, report: &mut Report) -> anyhow::Resul
     Ok(())
 }
 
-fn thousands(value: f64) -> String {
+pub(crate) fn thousands(value: f64) -> String {
     let digits = format!("{:.0}", value.max(0.0));
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
@@ -837,7 +852,7 @@ fn callgrind_total(dump: &str) -> Option<u64> {
 }
 
 /// The machine, in a line: CPU model and count, kernel.
-fn machine() -> String {
+pub(crate) fn machine() -> String {
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|info| {

@@ -236,7 +236,7 @@ pub(super) fn parse_marker(payload: &[u8]) -> Option<(usize, u64)> {
     Some((step.parse().ok()?, ns.parse().ok()?))
 }
 
-fn client_options() -> ClientOptions {
+pub(super) fn client_options() -> ClientOptions {
     let mut options = ClientOptions::default();
     options.config = options.config.with_deflate(None);
     options.connect_timeout = Duration::from_secs(30);
@@ -259,7 +259,7 @@ async fn subscribe(args: &FanoutArgs, i: usize) -> anyhow::Result<WebSocket<Stre
         // setting up 10k subscribers does not add 10k² join events and welcome lists:
         // the peers have no presence, and the figure compared is the fan-out itself.
         Target::Switchboard => with_query(base, "name=viewer"),
-        Target::Broadcast | Target::Pusher => base.clone(),
+        Target::Centrifuge | Target::Broadcast | Target::Pusher => base.clone(),
     };
     let mut socket = connect(&url, client_options())
         .await
@@ -267,6 +267,17 @@ async fn subscribe(args: &FanoutArgs, i: usize) -> anyhow::Result<WebSocket<Stre
         .socket;
     let ready: &str = match args.target {
         Target::Switchboard => r#""type":"welcome""#,
+        Target::Centrifuge => {
+            // Anonymous (a server without a key): in no presence, as the room door's
+            // subscribers are one user.
+            super::centrifuge::call(&mut socket, &[super::centrifuge::connect_command(1)]).await?;
+            super::centrifuge::call(
+                &mut socket,
+                &[super::centrifuge::subscribe_command(2, &args.channel)],
+            )
+            .await?;
+            return Ok(socket);
+        }
         Target::Broadcast => return Ok(socket),
         Target::Pusher => "pusher:connection_established",
     };
@@ -280,7 +291,7 @@ async fn subscribe(args: &FanoutArgs, i: usize) -> anyhow::Result<WebSocket<Stre
     Ok(socket)
 }
 
-async fn wait_for(socket: &mut WebSocket<Stream>, needle: &str) -> anyhow::Result<()> {
+pub(super) async fn wait_for(socket: &mut WebSocket<Stream>, needle: &str) -> anyhow::Result<()> {
     loop {
         match socket.recv().await? {
             Some(Message::Text(text)) if text.as_str().contains(needle) => return Ok(()),
@@ -290,9 +301,17 @@ async fn wait_for(socket: &mut WebSocket<Stream>, needle: &str) -> anyhow::Resul
     }
 }
 
-async fn subscriber(mut socket: WebSocket<Stream>, shared: Arc<Shared>) {
+async fn subscriber(mut socket: WebSocket<Stream>, shared: Arc<Shared>, target: Target) {
     loop {
         match socket.recv().await {
+            // The Centrifugo door's ping (an empty reply), answered with an empty command.
+            Ok(Some(Message::Text(text)))
+                if target == Target::Centrifuge && text.as_str().trim() == "{}" =>
+            {
+                if socket.send_text("{}").await.is_err() {
+                    break;
+                }
+            }
             Ok(Some(Message::Text(text))) => shared.observe(text.as_bytes()),
             Ok(Some(_)) => {}
             Ok(None) | Err(_) => break,
@@ -306,15 +325,40 @@ enum Publisher {
     /// A WebSocket connection (Switchboard room, broadcast server); what it receives
     /// is read and dropped by a task of its own.
     Socket(tokio::sync::mpsc::Sender<String>),
-    /// Keep-alive HTTP connections to a Pusher events API, taken in turn.
+    /// Keep-alive HTTP connections to an HTTP API (a Pusher events API, Switchboard's
+    /// room API or server API), taken in turn; each is sent whole requests.
     Http(Vec<tokio::sync::mpsc::Sender<String>>, usize),
+}
+
+/// The room of a room URL (`ws://HOST/room/ROOM?...`).
+fn room_of(url: &str) -> anyhow::Result<&str> {
+    let path = url.split_once("/room/").map(|(_, rest)| rest);
+    path.map(|rest| rest.split(['?', '/']).next().unwrap_or(rest))
+        .filter(|room| !room.is_empty())
+        .with_context(|| format!("{url} is not a room URL (ws://HOST/room/ROOM)"))
+}
+
+/// A `POST PATH` with a JSON body.
+pub(super) fn post_request(host: &str, path: &str, body: &str) -> String {
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
 }
 
 impl Publisher {
     async fn open(args: &FanoutArgs) -> anyhow::Result<(Self, JoinSet<anyhow::Result<()>>)> {
         let mut tasks = JoinSet::new();
+        let api = args.api || args.target == Target::Centrifuge;
+        if api && args.target == Target::Broadcast {
+            bail!("a broadcast server has no HTTP API to publish through");
+        }
+        if api && args.target == Target::Switchboard {
+            room_of(&args.url)?;
+        }
         match args.target {
-            Target::Switchboard | Target::Broadcast => {
+            Target::Switchboard | Target::Broadcast if !api => {
                 let url = match args.target {
                     Target::Switchboard => with_query(&args.url, "name=publisher"),
                     _ => args.url.clone(),
@@ -349,38 +393,38 @@ impl Publisher {
                 });
                 Ok((Self::Socket(tx), tasks))
             }
-            Target::Pusher => {
+            _ => {
                 let address = super::host_port(&args.url).to_owned();
                 let mut senders = Vec::new();
                 for _ in 0..4 {
                     let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(1024);
-                    let (app_id, key, secret) = (
-                        args.app_id.clone(),
-                        args.app_key.clone(),
-                        args.app_secret.clone(),
-                    );
                     let host = address.clone();
                     tasks.spawn(async move {
                         let mut buf = Vec::with_capacity(4096);
                         // Kept alive while the server allows (Sockudo answers each
                         // request with `Connection: close`).
                         let mut open: Option<TcpStream> = None;
-                        while let Some(data) = rx.recv().await {
+                        while let Some(request) = rx.recv().await {
                             let mut stream = match open.take() {
                                 Some(stream) => stream,
                                 None => {
                                     let stream =
                                         TcpStream::connect(&host).await.with_context(|| {
-                                            format!("connecting to the events API at {host}")
+                                            format!("connecting to the HTTP API at {host}")
                                         })?;
                                     stream.set_nodelay(true)?;
                                     buf.clear();
                                     stream
                                 }
                             };
-                            let request = pusher_request(&host, &app_id, &key, &secret, &data);
                             stream.write_all(request.as_bytes()).await?;
-                            if read_http_response(&mut stream, &mut buf).await? {
+                            let (keep_alive, body) =
+                                read_http_response(&mut stream, &mut buf).await?;
+                            // The Centrifugo server API answers a failure with 200.
+                            if body.starts_with(r#"{"error""#) {
+                                bail!("the server API refused a publication: {body}");
+                            }
+                            if keep_alive {
                                 open = Some(stream);
                             }
                         }
@@ -393,10 +437,10 @@ impl Publisher {
         }
     }
 
-    async fn publish(&mut self, target: Target, text: String) -> anyhow::Result<()> {
+    async fn publish(&mut self, args: &FanoutArgs, text: String) -> anyhow::Result<()> {
         let sent = match self {
             Self::Socket(tx) => {
-                let frame = match target {
+                let frame = match args.target {
                     Target::Switchboard => {
                         serde_json::json!({"type": "message", "text": text}).to_string()
                     }
@@ -405,8 +449,25 @@ impl Publisher {
                 tx.send(frame).await
             }
             Self::Http(senders, next) => {
+                let host = super::host_port(&args.url);
+                let request = match args.target {
+                    Target::Pusher => {
+                        pusher_request(host, &args.app_id, &args.app_key, &args.app_secret, &text)
+                    }
+                    Target::Centrifuge => post_request(
+                        host,
+                        "/api/publish",
+                        &serde_json::json!({"channel": args.channel, "data": {"text": text}})
+                            .to_string(),
+                    ),
+                    Target::Switchboard | Target::Broadcast => post_request(
+                        host,
+                        &format!("/api/rooms/{}/messages", room_of(&args.url)?),
+                        &serde_json::json!({"text": text}).to_string(),
+                    ),
+                };
                 *next = (*next + 1) % senders.len();
-                senders[*next].send(text).await
+                senders[*next].send(request).await
             }
         };
         sent.map_err(|_| anyhow::anyhow!("the publisher's connection ended"))
@@ -449,8 +510,11 @@ fn pusher_request(host: &str, app_id: &str, key: &str, secret: &str, data: &str)
 }
 
 /// Reads one HTTP/1.1 response with a `Content-Length` body; an error unless 2xx.
-/// Whether the connection may carry another request.
-async fn read_http_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<bool> {
+/// Whether the connection may carry another request, and the body.
+pub(super) async fn read_http_response(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+) -> anyhow::Result<(bool, String)> {
     loop {
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
@@ -464,18 +528,19 @@ async fn read_http_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow
                 if !status_ok {
                     let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + length]);
                     bail!(
-                        "the events API answered {}: {body}",
+                        "the HTTP API answered {}: {body}",
                         head.lines().next().unwrap_or("")
                     );
                 }
+                let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + length]).into_owned();
                 buf.drain(..end + 4 + length);
-                return Ok(!head.contains("connection: close"));
+                return Ok((!head.contains("connection: close"), body));
             }
         }
         let mut chunk = [0u8; 4096];
         let n = stream.read(&mut chunk).await?;
         if n == 0 {
-            bail!("the events API closed the connection");
+            bail!("the HTTP API closed the connection");
         }
         buf.extend_from_slice(&chunk[..n]);
     }
@@ -497,7 +562,7 @@ pub(crate) async fn fanout_load(args: &FanoutArgs) -> anyhow::Result<FanoutResul
     .await?;
     let mut subscribers: JoinSet<()> = JoinSet::new();
     for socket in sockets {
-        subscribers.spawn(subscriber(socket, shared.clone()));
+        subscribers.spawn(subscriber(socket, shared.clone(), args.target));
     }
     eprintln!("fanout: {} subscribers ready", args.subscribers);
     let (mut publisher, mut publishing) = Publisher::open(args).await?;
@@ -508,12 +573,13 @@ pub(crate) async fn fanout_load(args: &FanoutArgs) -> anyhow::Result<FanoutResul
         let histogram = &shared.steps[index];
         let every = Duration::from_secs_f64(1.0 / rate.max(0.001));
         let count = (rate * args.step_secs).round().max(1.0) as u64;
+        let cpu_before = args.server_pid.map(super::process_cpu).transpose()?;
         let started_ns = shared.now_ns();
         let started = tokio::time::Instant::now();
         for i in 0..count {
             tokio::time::sleep_until(started + every.mul_f64(i as f64)).await;
             let text = marker(index, shared.now_ns(), args.size);
-            publisher.publish(args.target, text).await?;
+            publisher.publish(args, text).await?;
         }
         let expected = count * args.subscribers as u64;
         // Late deliveries still count; past a grace period the step is not held.
@@ -532,8 +598,13 @@ pub(crate) async fn fanout_load(args: &FanoutArgs) -> anyhow::Result<FanoutResul
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        let cpu_after = args.server_pid.map(super::process_cpu).transpose()?;
         let closed = shared.closed.load(Ordering::Relaxed);
         let delivered = histogram.count.load(Ordering::Relaxed);
+        let per_delivery = |d: Duration| d.as_secs_f64() * 1e6 / delivered.max(1) as f64;
+        let cpu = cpu_before
+            .zip(cpu_after)
+            .map(|(before, after)| after.since(&before));
         let span_ns = histogram
             .last_ns
             .load(Ordering::Relaxed)
@@ -549,11 +620,13 @@ pub(crate) async fn fanout_load(args: &FanoutArgs) -> anyhow::Result<FanoutResul
             max_ms: histogram.max_ns.load(Ordering::Relaxed) as f64 / 1e6,
             closed,
             held: false,
+            server_user_us: cpu.map(|(user, _)| per_delivery(user)),
+            server_system_us: cpu.map(|(_, system)| per_delivery(system)),
         };
         let held = delivered >= expected && step.p99_ms <= bound && closed == 0;
         let step = Step { held, ..step };
         eprintln!(
-            "fanout {} subs @ {:>6} msg/s: delivered {}/{} ({:.0}/s), p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms{}",
+            "fanout {} subs @ {:>6} msg/s: delivered {}/{} ({:.0}/s), p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms{}{}",
             args.subscribers,
             rate,
             step.delivered,
@@ -562,6 +635,12 @@ pub(crate) async fn fanout_load(args: &FanoutArgs) -> anyhow::Result<FanoutResul
             step.p50_ms,
             step.p99_ms,
             step.max_ms,
+            match (step.server_user_us, step.server_system_us) {
+                (Some(user), Some(system)) => format!(
+                    ", server CPU {user:.3} + {system:.3} µs per delivery"
+                ),
+                _ => String::new(),
+            },
             match (held, closed) {
                 (true, _) => String::new(),
                 (false, 0) => "  (not held)".into(),
@@ -596,14 +675,23 @@ pub(crate) async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&result)?);
         return Ok(());
     }
+    let cpu = args.server_pid.is_some();
     println!(
-        "| rate (msg/s) | delivered | delivered msg/s | p50 ms | p99 ms | max ms | held (p99 ≤ {} ms) |",
-        args.p99_bound_ms
+        "| rate (msg/s) | delivered | delivered msg/s | p50 ms | p99 ms | max ms | held (p99 ≤ {} ms) |{}",
+        args.p99_bound_ms,
+        if cpu { " server CPU per delivery (µs, user + system) |" } else { "" }
     );
-    println!("|---:|---:|---:|---:|---:|---:|---|");
+    println!(
+        "|---:|---:|---:|---:|---:|---:|---|{}",
+        if cpu { "---:|" } else { "" }
+    );
     for s in &result.steps {
+        let cpu = match (s.server_user_us, s.server_system_us) {
+            (Some(user), Some(system)) => format!(" {user:.3} + {system:.3} |"),
+            _ => String::new(),
+        };
         println!(
-            "| {} | {}/{} | {:.0} | {:.2} | {:.2} | {:.2} | {} |",
+            "| {} | {}/{} | {:.0} | {:.2} | {:.2} | {:.2} | {} |{cpu}",
             s.rate,
             s.delivered,
             s.expected,
@@ -635,6 +723,24 @@ mod tests {
         let json = serde_json::json!({"type": "message", "text": text}).to_string();
         assert_eq!(parse_marker(json.as_bytes()), Some((3, 123_456_789)));
         assert_eq!(parse_marker(b"{\"type\":\"welcome\"}"), None);
+        let push = serde_json::json!({"push": {"channel": "bench", "pub": {"data": {"text": text}, "offset": 7}}});
+        assert_eq!(
+            parse_marker(push.to_string().as_bytes()),
+            Some((3, 123_456_789))
+        );
+    }
+
+    #[test]
+    fn api_requests_name_the_room() {
+        assert_eq!(
+            room_of("ws://127.0.0.1:1/room/bench?name=x").unwrap(),
+            "bench"
+        );
+        assert_eq!(room_of("ws://127.0.0.1:1/room/lobby").unwrap(), "lobby");
+        assert!(room_of("ws://127.0.0.1:1/connection/websocket").is_err());
+        let request = post_request("h:1", "/api/publish", "{}");
+        assert!(request.starts_with("POST /api/publish HTTP/1.1\r\nHost: h:1\r\n"));
+        assert!(request.ends_with("Content-Length: 2\r\n\r\n{}"));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! loop is paced to a fixed offered rate and, given `--server-pid`, reports the server's
 //! CPU time per message. `compare` runs these cells against peer servers side by side.
 
+mod centrifuge;
 mod compare;
 mod fanout;
 mod handshake;
@@ -92,6 +93,18 @@ enum Workload {
     /// open files and delivery latency every interval, then the drift; fails on any lost,
     /// repeated or unacknowledged message.
     Soak(soak::SoakArgs),
+    /// The Centrifugo door: one connection subscribes to many channels (the time, the
+    /// server's memory for it), then one publication per channel through the server
+    /// API, each checked to arrive. Starts its own servers.
+    CentrifugeSubs(centrifuge::SubsArgs),
+    /// The Centrifugo door: server memory per idle connection and per subscription
+    /// (C connections × K channels, beside C with none and C room-door connections).
+    /// Starts its own servers.
+    CentrifugeMemory(centrifuge::MemoryArgs),
+    /// Fan-out through the Centrifugo door and the room door, fed alike through the HTTP
+    /// APIs at a fixed rate, runs interleaved: the server's CPU per delivered message,
+    /// the medians and their ratio. Starts its own servers.
+    CentrifugeFanout(centrifuge::DoorFanoutArgs),
 }
 
 #[derive(Debug, Args)]
@@ -213,6 +226,9 @@ async fn run(workload: Workload) -> anyhow::Result<()> {
         Workload::Handshake(args) => handshake::handshake(args).await,
         Workload::Compare(args) => compare::run(args).await,
         Workload::Soak(args) => soak::soak(args).await,
+        Workload::CentrifugeSubs(args) => centrifuge::subs(args).await,
+        Workload::CentrifugeMemory(args) => centrifuge::memory(args).await,
+        Workload::CentrifugeFanout(args) => centrifuge::door_fanout(args).await,
     }
 }
 

@@ -85,7 +85,26 @@ struct Session {
     strikes: u32,
     /// A ping went out and its pong has not come.
     awaiting_pong: bool,
+    counters: Counters,
     registration: Option<Registration>,
+}
+
+/// The counters every frame touches, looked up in the registry once per connection
+/// rather than per frame (a channel's publication is sent once per subscriber).
+struct Counters {
+    events_sent: metrics::Counter,
+    bytes_sent: metrics::Counter,
+    bytes_received: metrics::Counter,
+}
+
+impl Counters {
+    fn new() -> Self {
+        Self {
+            events_sent: metrics::counter!("switchboard_events_sent_total"),
+            bytes_sent: metrics::counter!("switchboard_bytes_sent_total"),
+            bytes_received: metrics::counter!("switchboard_bytes_received_total"),
+        }
+    }
 }
 
 fn now_secs() -> u64 {
@@ -190,6 +209,7 @@ impl Session {
             limit,
             strikes: 0,
             awaiting_pong: false,
+            counters: Counters::new(),
             registration: None,
             state,
         }
@@ -279,7 +299,7 @@ impl Session {
             Message::Binary(data) => data,
             _ => return Ok(Vec::new()),
         };
-        metrics::counter!("switchboard_bytes_received_total").increment(bytes.len() as u64);
+        self.counters.bytes_received.increment(bytes.len() as u64);
         decode_commands(self.encoding, &bytes, MAX_COMMANDS_PER_FRAME).map_err(|malformed| {
             debug!(%malformed, "a malformed centrifuge frame");
             disconnect::BAD_REQUEST
@@ -406,7 +426,7 @@ impl Session {
     }
 
     async fn write(&mut self, frame: &[u8]) -> Result<(), Option<Disconnect>> {
-        metrics::counter!("switchboard_bytes_sent_total").increment(frame.len() as u64);
+        self.counters.bytes_sent.increment(frame.len() as u64);
         self.socket
             .feed_frame(self.opcode(), frame)
             .await
@@ -559,7 +579,7 @@ impl Session {
             // Typing, binary data and the room protocol's retries have no message here.
             _ => return Ok(()),
         };
-        metrics::counter!("switchboard_events_sent_total").increment(1);
+        self.counters.events_sent.increment(1);
         self.write(&frame).await
     }
 
