@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use libfuzzer_sys::fuzz_target;
 use switchboard_protocol::centrifuge::{
     decode_commands, decode_replies, encode_command, encode_reply, publication_push, Encoding,
-    Error, Reply,
+    Error, Publisher, Reply,
 };
 
 const MAX: usize = 64;
@@ -54,12 +54,19 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(decode_replies(encoding, &written).expect("a reply"), vec![reply]);
     let data = serde_json::to_vec(&text).expect("a string is JSON");
     let tags = HashMap::from([("event".to_owned(), text.clone())]);
-    let push = publication_push(encoding, &text, u64::from(choice), &data, Some(&text), &tags);
+    let publisher = Publisher {
+        user: &text,
+        client: &text,
+        conn_info: &data,
+    };
+    let push = publication_push(encoding, &text, u64::from(choice), &data, Some(publisher), &tags);
     let replies = decode_replies(encoding, &push).expect("a push");
     let push = replies[0].push.as_ref().expect("a push");
     let publication = push.publication.as_ref().expect("a publication");
     assert_eq!(push.channel, text);
     assert_eq!(publication.data, data);
-    assert_eq!(publication.info.as_ref().expect("info").user, text);
+    let info = publication.info.as_ref().expect("info");
+    assert_eq!((&info.user, &info.client), (&text, &text));
+    assert_eq!(info.conn_info, data);
     assert_eq!(publication.tags, tags);
 });

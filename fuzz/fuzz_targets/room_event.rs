@@ -102,6 +102,8 @@ fn check_server_events(u: &mut Unstructured<'_>) -> Result<()> {
         event: u.arbitrary()?,
         timestamp: u.arbitrary()?,
         nonce: u.arbitrary()?,
+        client: None,
+        client_info: None,
     };
     let sent = event::message(&stored);
     let value = parse_json(&sent);

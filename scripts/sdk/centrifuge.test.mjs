@@ -201,8 +201,7 @@ for (const build of BUILDS) {
       assert.deepEqual(client.pubs, [], 'no client-level publications for client-side subscriptions');
     });
 
-    // Publications keep their publisher's user, not its connection (docs/PROTOCOL.md).
-    test(`2b ${build.name}: a client publication's info names the publisher's user`, TIMEOUT, async (t) => {
+    test(`2b ${build.name}: a client publication's info: the publisher's user, client id and conn_info`, TIMEOUT, async (t) => {
       const defer = cleanup(t);
       const server = await startServer({ defer });
       const channel = unique('pubinfo');
@@ -213,9 +212,12 @@ for (const build of BUILDS) {
       await sub.publish(enc({ text: 'hi' }));
       await exactly(channel, watching.pubs, 1);
       const { info } = watching.pubs[0];
-      assert.equal(info?.user, 'alice', `info: ${JSON.stringify(info)}`);
       const { publications } = await sub.history({ limit: 10 });
-      assert.equal(publications[0].info?.user, 'alice', 'in history too');
+      for (const [where, got] of [['live', info], ['history', publications[0].info]]) {
+        assert.equal(got?.user, 'alice', `${where}: ${JSON.stringify(got)}`);
+        assert.equal(got?.client, alice.connectedCtx.client, `${where}: info.client`);
+        assert.deepEqual(dec(got?.connInfo), { name: 'Alice' }, `${where}: info.conn_info from the token`);
+      }
     });
 
     /** alice twice (two connections), bob once, all in `channel`; `sub` is alice's first. */

@@ -563,6 +563,10 @@ pub struct Draft {
     pub data: Option<Box<RawValue>>,
     pub event: Option<String>,
     pub nonce: Option<String>,
+    /// The publishing connection's id and token `info`, stored with the publication
+    /// for doors that show them (see [`Publication::client`]).
+    pub client: Option<String>,
+    pub client_info: Option<Box<RawValue>>,
 }
 
 /// Settles once the backend stored the publication (or found its nonce stored).
@@ -791,6 +795,8 @@ impl Engine {
             event: draft.event,
             timestamp: timestamp(self.inner.config.clock.now()),
             nonce: draft.nonce,
+            client: draft.client,
+            client_info: draft.client_info,
         };
         let (done, settled) = oneshot::channel();
         self.inner

@@ -34,7 +34,8 @@ mod raw {
     use serde_json::value::RawValue;
 
     pub(super) fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
-        let text = std::str::from_utf8(bytes).unwrap_or("null");
+        let bytes = super::one_line(bytes);
+        let text = std::str::from_utf8(&bytes).unwrap_or("null");
         match RawValue::from_string(text.to_owned()) {
             Ok(raw) => raw.serialize(serializer),
             // Not JSON (it came in over Protobuf): what a JSON client can still read.
@@ -47,6 +48,20 @@ mod raw {
     ) -> Result<Vec<u8>, D::Error> {
         let raw = Box::<RawValue>::deserialize(deserializer).map_err(D::Error::custom)?;
         Ok(raw.get().as_bytes().to_vec())
+    }
+}
+
+/// JSON on one line: the JSON encoding puts one message per line, so a newline inside
+/// a value (where it can only be whitespace) would cut a message in two for the SDKs.
+pub fn one_line(json: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if json.contains(&b'\n') {
+        std::borrow::Cow::Owned(
+            json.iter()
+                .map(|&b| if b == b'\n' { b' ' } else { b })
+                .collect(),
+        )
+    } else {
+        std::borrow::Cow::Borrowed(json)
     }
 }
 
@@ -646,14 +661,24 @@ pub fn decode_replies(encoding: Encoding, frame: &[u8]) -> Result<Vec<Reply>, Ma
     Ok(replies)
 }
 
+/// Who published, as a `pub` push names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Publisher<'a> {
+    pub user: &'a str,
+    /// The publishing connection's client id (empty when unknown).
+    pub client: &'a str,
+    /// Its token's `info` (JSON; empty when none).
+    pub conn_info: &'a [u8],
+}
+
 /// A `pub` push for `channel`, written directly (it is what a channel's subscribers
-/// are sent most, encoded once per publication): `data` must be JSON.
+/// are sent most, encoded once per publication): `data` and `conn_info` must be JSON.
 pub fn publication_push(
     encoding: Encoding,
     channel: &str,
     offset: u64,
     data: &[u8],
-    user: Option<&str>,
+    publisher: Option<Publisher<'_>>,
     tags: &HashMap<String, String>,
 ) -> Bytes {
     match encoding {
@@ -662,11 +687,17 @@ pub fn publication_push(
             out.put_slice(b"{\"push\":{\"channel\":");
             put_json_str(&mut out, channel);
             out.put_slice(b",\"pub\":{\"data\":");
-            out.put_slice(data);
-            if let Some(user) = user {
+            out.put_slice(&one_line(data));
+            if let Some(publisher) = publisher {
                 out.put_slice(b",\"info\":{\"user\":");
-                put_json_str(&mut out, user);
-                out.put_slice(b",\"client\":\"\"}");
+                put_json_str(&mut out, publisher.user);
+                out.put_slice(b",\"client\":");
+                put_json_str(&mut out, publisher.client);
+                if !publisher.conn_info.is_empty() {
+                    out.put_slice(b",\"conn_info\":");
+                    out.put_slice(&one_line(publisher.conn_info));
+                }
+                out.put_slice(b"}");
             }
             if offset > 0 {
                 out.put_slice(b",\"offset\":");
@@ -686,8 +717,10 @@ pub fn publication_push(
                     channel: channel.to_owned(),
                     publication: Some(Publication {
                         data: data.to_vec(),
-                        info: user.map(|user| ClientInfo {
-                            user: user.to_owned(),
+                        info: publisher.map(|p| ClientInfo {
+                            user: p.user.to_owned(),
+                            client: p.client.to_owned(),
+                            conn_info: p.conn_info.to_vec(),
                             ..ClientInfo::default()
                         }),
                         offset,
@@ -762,16 +795,57 @@ mod tests {
     fn the_written_push_is_the_reply_serde_would_write() {
         let tags = HashMap::from([("event".to_owned(), "tick".to_owned())]);
         for encoding in [Encoding::Json, Encoding::Protobuf] {
-            let frame = publication_push(encoding, "a\"b", 3, b"{\"x\":1}", Some("ann"), &tags);
+            let ann = Publisher {
+                user: "ann",
+                client: "c1",
+                conn_info: b"{\"d\":[1]}",
+            };
+            let frame = publication_push(encoding, "a\"b", 3, b"{\"x\":1}", Some(ann), &tags);
             let replies = decode_replies(encoding, &frame).unwrap();
             let push = replies[0].push.as_ref().unwrap();
             assert_eq!(push.channel, "a\"b");
             let publication = push.publication.as_ref().unwrap();
             assert_eq!(publication.offset, 3);
             assert_eq!(publication.data, b"{\"x\":1}");
-            assert_eq!(publication.info.as_ref().unwrap().user, "ann");
+            let info = publication.info.as_ref().unwrap();
+            assert_eq!((info.user.as_str(), info.client.as_str()), ("ann", "c1"));
+            assert_eq!(info.conn_info, b"{\"d\":[1]}");
             assert_eq!(publication.tags, tags);
         }
+    }
+
+    #[test]
+    fn json_with_newlines_stays_one_message_per_line() {
+        let data = b"{\"a\":\n [1,\n2],\"s\":\"x\\ny\"}";
+        let frame = publication_push(Encoding::Json, "c", 1, data, None, &HashMap::new());
+        assert!(!frame.contains(&b'\n'));
+        let replies = decode_replies(Encoding::Json, &frame).unwrap();
+        let publication = replies[0]
+            .push
+            .as_ref()
+            .unwrap()
+            .publication
+            .as_ref()
+            .unwrap();
+        let value: serde_json::Value = serde_json::from_slice(&publication.data).unwrap();
+        assert_eq!(value, serde_json::json!({"a": [1, 2], "s": "x\ny"}));
+        let reply = Reply {
+            id: 1,
+            history: Some(HistoryResult {
+                publications: vec![
+                    publication.clone(),
+                    Publication {
+                        data: data.to_vec(),
+                        ..Publication::default()
+                    },
+                ],
+                ..HistoryResult::default()
+            }),
+            ..Reply::default()
+        };
+        let frame = encode_reply(Encoding::Json, &reply);
+        assert!(!frame.contains(&b'\n'));
+        assert_eq!(decode_replies(Encoding::Json, &frame).unwrap().len(), 1);
     }
 
     #[test]

@@ -40,6 +40,14 @@ pub struct Publication {
     pub timestamp: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nonce: Option<String>,
+    /// The publishing connection's id, where its door has one (the Centrifugo door's
+    /// client id). Stored, not part of the room protocol's event.
+    #[serde(skip)]
+    pub client: Option<String>,
+    /// What the publishing connection's token said of it (`info`: any JSON), where its
+    /// door keeps that. Stored, not part of the room protocol's event.
+    #[serde(skip)]
+    pub client_info: Option<Box<RawValue>>,
 }
 
 impl Publication {
@@ -59,6 +67,9 @@ impl PartialEq for Publication {
             && self.event == other.event
             && self.timestamp == other.timestamp
             && self.nonce == other.nonce
+            && self.client == other.client
+            && self.client_info.as_deref().map(RawValue::get)
+                == other.client_info.as_deref().map(RawValue::get)
     }
 }
 

@@ -430,6 +430,8 @@ mod tests {
             event: None,
             timestamp: "2026-11-23T10:00:00.123Z".into(),
             nonce: Some("c-17".into()),
+            client: None,
+            client_info: None,
         }
     }
 

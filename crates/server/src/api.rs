@@ -194,6 +194,8 @@ pub(crate) async fn post_message(
         data: new.data,
         event: new.event,
         nonce: new.nonce.clone(),
+        client: None,
+        client_info: None,
     };
     let receipt = match state
         .engine

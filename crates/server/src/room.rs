@@ -439,6 +439,8 @@ impl Session {
             data,
             event: None,
             nonce,
+            client: None,
+            client_info: None,
         };
         // The sender's acknowledgement is the delivery of its own message.
         match self.subscription.publish(draft).await {

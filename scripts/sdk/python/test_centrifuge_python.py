@@ -91,11 +91,11 @@ async def test_subscribe_and_publish(sdk, protobuf):
     assert history.offset == 2 and history.epoch, history
 
 
-async def test_publication_info_names_the_publishing_user(sdk, protobuf):
-    # info in a publication names the publisher's user, live and in history alike
-    # (publications keep their user, not its connection: docs/PROTOCOL.md).
+async def test_publication_info_names_the_publishing_connection(sdk, protobuf):
+    # info in a publication is the publisher's ClientInfo: its client id, its user,
+    # and its token's `info` as conn_info (live and in history alike).
     channel = unique("signed")
-    alice, _, _ = await sdk.connected("alice", info={"name": "Alice"})
+    alice, _, alice_ctx = await sdk.connected("alice", info={"name": "Alice"})
     sub, rec, _ = await sdk.subscribed(alice, channel)
     await asyncio.wait_for(sub.publish(encode({"text": "mine"}, protobuf)), EVENT_TIMEOUT)
     (got,) = await rec.take("publication", 1)
@@ -103,6 +103,8 @@ async def test_publication_info_names_the_publishing_user(sdk, protobuf):
     for pub in (got.pub, history.publications[0]):
         assert pub.info is not None, pub
         assert pub.info.user == "alice", pub
+        assert pub.info.client == alice_ctx.client, pub
+        assert decode(pub.info.conn_info) == {"name": "Alice"}, pub
 
 
 async def test_recovery_after_going_away(sdk, server):

@@ -6,7 +6,8 @@
 //! - `P:epoch:{ch}`: the channel's epoch, made by whichever call first finds none (a
 //!   Redis that lost its data therefore gives the channel a new one).
 //! - `P:history:{ch}`: a stream, one entry per publication kept, with id `{id}-0` and
-//!   fields `m` (the record: JSON of from, text, data, event, timestamp, nonce) and `t`
+//!   fields `m` (the record: JSON of from, text, data, event, timestamp, nonce, and the
+//!   publishing connection's client and client_info where its door has them) and `t`
 //!   (when it was stored, in milliseconds, for trimming by age). Trimmed by the post
 //!   script to `history_size` (`MAXLEN`) and `history_ttl_secs` (`MINID`, and the
 //!   stream expires when nothing is posted for that long).
@@ -96,6 +97,10 @@ struct Record {
     timestamp: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     nonce: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    client: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    client_info: Option<Box<RawValue>>,
 }
 
 fn record_of(publication: &Publication) -> String {
@@ -106,6 +111,8 @@ fn record_of(publication: &Publication) -> String {
         event: publication.event.clone(),
         timestamp: publication.timestamp.clone(),
         nonce: publication.nonce.clone(),
+        client: publication.client.clone(),
+        client_info: publication.client_info.clone(),
     })
     .expect("records serialize")
 }
@@ -121,6 +128,8 @@ fn publication_of(channel: &str, id: u64, record: &[u8]) -> Option<Publication> 
         event: record.event,
         timestamp: record.timestamp,
         nonce: record.nonce,
+        client: record.client,
+        client_info: record.client_info,
     })
 }
 
@@ -899,6 +908,8 @@ impl Node {
                 event: None,
                 timestamp: timestamp(taken.unwrap_or_else(|| self.clock.now())),
                 nonce: Some(nonce.to_owned()),
+                client: None,
+                client_info: None,
             }))
     }
 

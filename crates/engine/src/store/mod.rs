@@ -115,6 +115,8 @@ mod tests {
             event: None,
             timestamp: format!("2026-11-23T10:00:{at}.000Z"),
             nonce: nonce.map(Into::into),
+            client: None,
+            client_info: None,
         }
     }
 
@@ -257,7 +259,7 @@ mod tests {
     }
 
     #[test]
-    fn data_and_server_publications_round_trip() {
+    fn data_server_publications_and_their_connections_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let sqlite = SqliteStore::open_dir(dir.path()).unwrap();
         let memory = MemoryStore::new();
@@ -270,6 +272,10 @@ mod tests {
                 ),
                 event: Some("tick".into()),
                 nonce: Some("api-1".into()),
+                client: Some("client-1".into()),
+                client_info: Some(
+                    serde_json::value::RawValue::from_string(r#"{"device":"d"}"#.into()).unwrap(),
+                ),
                 ..publication("prices:btc", 1, None, "00")
             };
             store.append(&[&published]).unwrap();

@@ -1,15 +1,18 @@
 //! History in an SQLite database in write-ahead-log mode.
 //!
-//! Schema version 1 (`PRAGMA user_version`):
+//! Schema version 2 (`PRAGMA user_version`):
 //!
 //! - `channels (name, epoch, last_id)`: each channel's position. `last_id` is kept
 //!   here, not read off the publications, so ids never go back when history is trimmed.
-//! - `publications (channel, id, sender, text, data, event, timestamp, nonce)`: `sender`
-//!   is NULL for the server's own publications, `data` the JSON as sent.
+//! - `publications (channel, id, sender, text, data, event, timestamp, nonce, client,
+//!   client_info)`: `sender` is NULL for the server's own publications, `data` the JSON
+//!   as sent, `client` and `client_info` the publishing connection's id and token `info`
+//!   where its door has them (NULL otherwise).
 //!
-//! A database of version 0 (the `messages` table of the rooms-only releases) is
-//! migrated in place at open, in one transaction: its messages keep their ids and each
-//! room becomes a channel with a new epoch, kept from then on.
+//! Older databases are migrated in place at open, in one transaction: version 0 (the
+//! `messages` table of the rooms-only releases) keeps its messages' ids and each room
+//! becomes a channel with a new epoch, kept from then on; version 1 gains the two
+//! `client` columns.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -34,6 +37,8 @@ CREATE TABLE IF NOT EXISTS publications (
     event TEXT,
     timestamp TEXT NOT NULL,
     nonce TEXT,
+    client TEXT,
+    client_info TEXT,
     PRIMARY KEY (channel, id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS publications_nonce
@@ -55,7 +60,14 @@ pub struct SqliteStore {
     db: Mutex<Connection>,
 }
 
-const COLUMNS: &str = "channel, id, sender, text, data, event, timestamp, nonce";
+const COLUMNS: &str =
+    "channel, id, sender, text, data, event, timestamp, nonce, client, client_info";
+
+/// Version 1's publications gain the publishing connection's columns.
+const MIGRATE_FROM_1: &str = "
+ALTER TABLE publications ADD COLUMN client TEXT;
+ALTER TABLE publications ADD COLUMN client_info TEXT;
+";
 
 impl SqliteStore {
     /// Opens (creating if needed) `dir/history.sqlite3`.
@@ -75,8 +87,16 @@ impl SqliteStore {
         db.pragma_update(None, "journal_mode", "WAL")?;
         db.pragma_update(None, "synchronous", "NORMAL")?;
         let version: i64 = db.pragma_query_value(None, "user_version", |row| row.get(0))?;
-        if version < 1 {
+        if version < 2 {
             let tx = db.transaction()?;
+            let had_publications: bool = tx.query_row(
+                "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'publications')",
+                [],
+                |row| row.get(0),
+            )?;
+            if version == 1 && had_publications {
+                tx.execute_batch(MIGRATE_FROM_1)?;
+            }
             tx.execute_batch(SCHEMA)?;
             let old: bool = tx.query_row(
                 "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'messages')",
@@ -86,7 +106,7 @@ impl SqliteStore {
             if old {
                 tx.execute_batch(MIGRATE_FROM_0)?;
             }
-            tx.pragma_update(None, "user_version", 1)?;
+            tx.pragma_update(None, "user_version", 2)?;
             tx.commit()?;
         }
         Ok(Self { db: Mutex::new(db) })
@@ -106,6 +126,7 @@ impl SqliteStore {
 
 fn row_to_publication(row: &rusqlite::Row<'_>) -> rusqlite::Result<Publication> {
     let data: Option<String> = row.get(4)?;
+    let client_info: Option<String> = row.get(9)?;
     Ok(Publication {
         channel: row.get(0)?,
         id: row.get::<_, i64>(1)? as u64,
@@ -116,6 +137,9 @@ fn row_to_publication(row: &rusqlite::Row<'_>) -> rusqlite::Result<Publication> 
         event: row.get(5)?,
         timestamp: row.get(6)?,
         nonce: row.get(7)?,
+        client: row.get(8)?,
+        // Stored from a RawValue too.
+        client_info: client_info.and_then(|json| RawValue::from_string(json).ok()),
     })
 }
 
@@ -148,8 +172,8 @@ impl Store for SqliteStore {
         let tx = db.transaction()?;
         {
             let mut insert = tx.prepare_cached(
-                "INSERT INTO publications (channel, id, sender, text, data, event, timestamp, nonce)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                "INSERT INTO publications (channel, id, sender, text, data, event, timestamp, nonce, client, client_info)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             )?;
             for m in batch {
                 insert.execute(params![
@@ -160,7 +184,9 @@ impl Store for SqliteStore {
                     m.data_json(),
                     m.event,
                     m.timestamp,
-                    m.nonce
+                    m.nonce,
+                    m.client,
+                    m.client_info.as_deref().map(RawValue::get)
                 ])?;
             }
             // Each channel's last id, once per batch (a batch holds few channels).
@@ -256,6 +282,78 @@ mod tests {
                 PRIMARY KEY (room, id)
             ) WITHOUT ROWID;
             CREATE INDEX IF NOT EXISTS messages_nonce ON messages (room, sender, nonce) WHERE nonce IS NOT NULL;";
+
+    /// Version 1's schema (the channel engine before publications kept their
+    /// connection), exactly.
+    const VERSION_1: &str = "
+CREATE TABLE IF NOT EXISTS channels (
+    name TEXT PRIMARY KEY,
+    epoch TEXT NOT NULL,
+    last_id INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS publications (
+    channel TEXT NOT NULL,
+    id INTEGER NOT NULL,
+    sender TEXT,
+    text TEXT,
+    data TEXT,
+    event TEXT,
+    timestamp TEXT NOT NULL,
+    nonce TEXT,
+    PRIMARY KEY (channel, id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS publications_nonce
+    ON publications (channel, sender, nonce) WHERE nonce IS NOT NULL;
+";
+
+    #[test]
+    fn a_version_1_database_gains_the_connection_columns_and_keeps_its_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("history.sqlite3");
+        {
+            let db = Connection::open(&path).unwrap();
+            db.execute_batch(VERSION_1).unwrap();
+            db.execute(
+                "INSERT INTO channels (name, epoch, last_id) VALUES ('lobby', 'e1', 1)",
+                [],
+            )
+            .unwrap();
+            db.execute(
+                "INSERT INTO publications (channel, id, sender, text, timestamp) VALUES ('lobby', 1, 'ann', 'old', '2026-12-01T10:00:00.000Z')",
+                [],
+            )
+            .unwrap();
+            db.pragma_update(None, "user_version", 1).unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let all = Window {
+            after: 0,
+            upto: 10,
+            limit: 10,
+            newest: false,
+            not_before: None,
+        };
+        let old = store.read("lobby", &all).unwrap();
+        assert_eq!(old.len(), 1);
+        assert_eq!(
+            (old[0].text.as_deref(), old[0].client.as_deref()),
+            (Some("old"), None)
+        );
+        assert_eq!(store.position("lobby").unwrap().epoch, "e1");
+        let next = Publication {
+            id: 2,
+            client: Some("c-17".into()),
+            client_info: Some(RawValue::from_string(r#"{"name":"Ann"}"#.into()).unwrap()),
+            ..old[0].clone()
+        };
+        store.append(&[&next]).unwrap();
+        drop(store);
+        let reopened = SqliteStore::open(&path).unwrap();
+        assert_eq!(
+            reopened.read("lobby", &all).unwrap(),
+            [old[0].clone(), next]
+        );
+    }
 
     #[test]
     fn a_database_of_the_previous_version_is_migrated_in_place() {

@@ -170,6 +170,13 @@ async fn publish_one(
     if !names::valid_channel(channel) {
         return failure(codes::BAD_REQUEST);
     }
+    let limit = state.config.room_max_message;
+    if data.get().len() > limit {
+        return failure_because(
+            codes::BAD_REQUEST,
+            &format!("data over room_max_message ({limit} bytes)"),
+        );
+    }
     if tags.keys().any(|key| key != "event") {
         return failure_because(
             codes::BAD_REQUEST,
@@ -196,6 +203,8 @@ async fn publish_one(
         data: Some(data),
         event: tags.get("event").cloned(),
         nonce: idempotency_key,
+        client: None,
+        client_info: None,
     };
     let stored = match state.engine.publish(channel, None, draft).await {
         Ok(receipt) => receipt.settled().await,

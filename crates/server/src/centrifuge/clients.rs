@@ -74,7 +74,8 @@ pub(crate) struct Present {
 #[derive(Debug, Default)]
 pub(crate) struct Clients {
     users: Mutex<HashMap<String, Senders>>,
-    channels: Mutex<HashMap<String, Vec<Present>>>,
+    /// Subscribers by channel, then by user.
+    channels: Mutex<HashMap<String, HashMap<String, Vec<Present>>>>,
 }
 
 /// A connection's place in [`Clients`]; dropping it takes the connection out.
@@ -137,6 +138,7 @@ impl Clients {
             .lock()
             .expect("clients lock")
             .values()
+            .flat_map(HashMap::values)
             .map(Vec::len)
             .sum();
         (users.values().map(HashMap::len).sum(), named, subscriptions)
@@ -145,7 +147,19 @@ impl Clients {
     /// The connections here subscribed to `channel`.
     pub(crate) fn present(&self, channel: &str) -> Vec<Present> {
         let channels = self.channels.lock().expect("clients lock");
-        channels.get(channel).cloned().unwrap_or_default()
+        channels
+            .get(channel)
+            .map(|users| users.values().flatten().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// `user`'s connection here in `channel`, when it has exactly one.
+    pub(crate) fn only_connection(&self, channel: &str, user: &str) -> Option<Present> {
+        let channels = self.channels.lock().expect("clients lock");
+        match channels.get(channel)?.get(user)?.as_slice() {
+            [only] => Some(only.clone()),
+            _ => None,
+        }
     }
 
     /// This node's name in `info`: the host's, with the process id.
@@ -172,25 +186,33 @@ impl Registration {
         channels
             .entry(channel.to_owned())
             .or_default()
+            .entry(self.user.clone())
+            .or_default()
             .push(present);
     }
 
     /// The connection left `channel`.
     pub(crate) fn left(&mut self, channel: &str) {
         if self.channels.remove(channel) {
-            self.clients.forget(channel, &self.client);
+            self.clients.forget(channel, &self.user, &self.client);
         }
     }
 }
 
 impl Clients {
-    fn forget(&self, channel: &str, client: &str) {
+    fn forget(&self, channel: &str, user: &str, client: &str) {
         let mut channels = self.channels.lock().expect("clients lock");
-        if let Some(present) = channels.get_mut(channel) {
+        let Some(users) = channels.get_mut(channel) else {
+            return;
+        };
+        if let Some(present) = users.get_mut(user) {
             present.retain(|p| p.client != client);
             if present.is_empty() {
-                channels.remove(channel);
+                users.remove(user);
             }
+        }
+        if users.is_empty() {
+            channels.remove(channel);
         }
     }
 }
@@ -198,7 +220,7 @@ impl Clients {
 impl Drop for Registration {
     fn drop(&mut self) {
         for channel in std::mem::take(&mut self.channels) {
-            self.clients.forget(&channel, &self.client);
+            self.clients.forget(&channel, &self.user, &self.client);
         }
         let mut users = self.clients.users.lock().expect("clients lock");
         if let Some(senders) = users.get_mut(&self.user) {
@@ -249,12 +271,24 @@ mod tests {
                 .collect()
         };
         assert_eq!(clients_of("x"), ["c1", "c2"]);
-        assert_eq!(clients.present("x")[0].info, b"{\"d\":1}");
+        assert_eq!(clients.only_connection("x", "ann"), None, "two of ann's");
+        assert_eq!(clients.only_connection("y", "ann").unwrap().client, "c2");
         assert_eq!(clients.counts(), (2, 1, 3));
         one.left("x");
         assert_eq!(clients_of("x"), ["c2"]);
+        two.left("x");
+        one.joined("x");
+        assert_eq!(
+            clients.only_connection("x", "ann").unwrap().info,
+            b"{\"d\":1}"
+        );
         drop(two);
-        assert!(clients_of("x").is_empty() && clients_of("y").is_empty());
-        assert_eq!(clients.counts(), (1, 1, 0));
+        assert_eq!(
+            (clients_of("x"), clients_of("y")),
+            (vec!["c1".to_owned()], vec![])
+        );
+        assert_eq!(clients.counts(), (1, 1, 1));
+        drop(one);
+        assert_eq!(clients.counts(), (0, 0, 0));
     }
 }

@@ -79,12 +79,26 @@ fn tags_of(publication: &Publication) -> HashMap<String, String> {
         .collect()
 }
 
+/// Who published it: its user, and the connection where its door kept one.
+fn publisher_of(publication: &Publication) -> Option<proto::Publisher<'_>> {
+    publication.from.as_deref().map(|user| proto::Publisher {
+        user,
+        client: publication.client.as_deref().unwrap_or(""),
+        conn_info: publication
+            .client_info
+            .as_deref()
+            .map_or(&[][..], |info| info.get().as_bytes()),
+    })
+}
+
 /// A publication as this protocol's message (in replies: subscribe, history).
 fn publication(publication: &Publication) -> proto::Publication {
     proto::Publication {
         data: data_of(publication).into_owned(),
-        info: publication.from.as_ref().map(|user| proto::ClientInfo {
-            user: user.clone(),
+        info: publisher_of(publication).map(|p| proto::ClientInfo {
+            user: p.user.to_owned(),
+            client: p.client.to_owned(),
+            conn_info: p.conn_info.to_vec(),
             ..proto::ClientInfo::default()
         }),
         offset: publication.id,
@@ -99,7 +113,7 @@ fn push_of(encoding: Encoding, publication: &Publication) -> Bytes {
         &publication.channel,
         publication.id,
         &data_of(publication),
-        publication.from.as_deref(),
+        publisher_of(publication),
         &tags_of(publication),
     )
 }

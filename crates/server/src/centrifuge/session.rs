@@ -32,10 +32,28 @@ const MAX_COMMANDS_PER_FRAME: usize = 1024;
 
 /// Publications one subscribe reply recovers at most; beyond, it says `recovered:
 /// false` (the rest is in history).
-const MAX_RECOVERED: usize = 10_000;
+const MAX_RECOVERED: usize = 1000;
 
 /// Publications one history call returns at most.
 const MAX_HISTORY: usize = 1000;
+
+/// Bytes of publications one reply (a subscribe's recovered ones, a history page) holds
+/// at most, whatever their count: a reply is built whole before it is written.
+const MAX_REPLY_BYTES: usize = 4 << 20;
+
+/// Events written in one go before the session reads its socket again.
+const MAX_DRAIN: usize = 256;
+
+/// Connect commands refused (an expired token) before the connection is closed.
+const MAX_CONNECT_REFUSALS: u32 = 3;
+
+/// What a publication adds to a reply, roughly.
+fn reply_bytes(publication: &proto::Publication) -> usize {
+    64 + publication.data.len()
+        + publication.info.as_ref().map_or(0, |info| {
+            info.user.len() + info.client.len() + info.conn_info.len()
+        })
+}
 
 /// What ends a session.
 type Disconnect = (u16, &'static str);
@@ -77,14 +95,18 @@ struct Session {
     user: String,
     /// When the connection token expires (seconds since the epoch).
     expires: Option<u64>,
+    /// The token's `info`: what others see of this connection.
+    info: Option<Box<RawValue>>,
     inbox: Inbox,
     subs: HashMap<String, Sub>,
     /// Channel by subscription key.
     keys: HashMap<u64, String>,
     limit: TokenBucket,
     strikes: u32,
-    /// A ping went out and its pong has not come.
-    awaiting_pong: bool,
+    /// Pings sent in a row without a pong since.
+    unanswered_pings: u32,
+    /// Connects refused so far.
+    connect_refusals: u32,
     counters: Counters,
     registration: Option<Registration>,
 }
@@ -203,12 +225,14 @@ impl Session {
             client: client_id(),
             user: String::new(),
             expires: None,
+            info: None,
             inbox,
             subs: HashMap::new(),
             keys: HashMap::new(),
             limit,
             strikes: 0,
-            awaiting_pong: false,
+            unanswered_pings: 0,
+            connect_refusals: 0,
             counters: Counters::new(),
             registration: None,
             state,
@@ -223,6 +247,8 @@ impl Session {
     }
 
     fn drop_subscriptions(&mut self) {
+        // Out of presence now, not when the close handshake ends.
+        self.registration = None;
         let count = self.subs.len();
         self.subs.clear();
         self.keys.clear();
@@ -281,6 +307,10 @@ impl Session {
                     return Ok(controls);
                 }
                 Err(ConnectRefused::Reply(code)) => {
+                    self.connect_refusals += 1;
+                    if self.connect_refusals >= MAX_CONNECT_REFUSALS {
+                        return Err(Some(disconnect::INVALID_TOKEN));
+                    }
                     let reply = error_reply(first.id, code);
                     self.write(&encode_reply(self.encoding, &reply))
                         .await
@@ -334,8 +364,10 @@ impl Session {
             self.expires = Some(claims.exp);
             info = claims
                 .info
+                .as_ref()
                 .map(|i| i.get().as_bytes().to_vec())
                 .unwrap_or_default();
+            self.info = claims.info;
             server_side = claims.channels;
         }
         let (registration, controls) =
@@ -345,6 +377,9 @@ impl Session {
         self.registration = Some(registration);
         let mut subs = HashMap::new();
         for channel in server_side {
+            if subs.contains_key(&channel) {
+                continue;
+            }
             let resume = request.subs.get(&channel);
             let recover = resume.is_some_and(|r| r.recover);
             let wanted = proto::SubscribeRequest {
@@ -454,7 +489,9 @@ impl Session {
     }
 
     async fn on_ping_tick(&mut self) -> Result<(), Option<Disconnect>> {
-        if self.awaiting_pong {
+        // The first unanswered tick may only mean the pong is still unread (the session
+        // was busy); the second one is a client that does not answer.
+        if self.unanswered_pings >= 2 {
             return Err(Some(disconnect::NO_PONG));
         }
         let now = now_secs();
@@ -472,7 +509,7 @@ impl Session {
             self.push_unsubscribe(&channel, unsubscribe::EXPIRED)
                 .await?;
         }
-        self.awaiting_pong = true;
+        self.unanswered_pings += 1;
         self.write(&proto::ping(self.encoding)).await?;
         self.flush().await
     }
@@ -517,7 +554,10 @@ impl Session {
     /// A channel's event, and whatever else the inbox holds, in one write.
     async fn on_event(&mut self, key: u64, item: Outbound) -> Result<(), Option<Disconnect>> {
         self.feed_event(key, &item).await?;
-        while let Some((key, item)) = self.inbox.try_recv() {
+        for _ in 0..MAX_DRAIN {
+            let Some((key, item)) = self.inbox.try_recv() else {
+                break;
+            };
             self.feed_event(key, &item).await?;
         }
         self.flush().await
@@ -544,14 +584,8 @@ impl Session {
                 // A join names the connection when it is this door's, here; a leave
                 // (its connection is gone) names the user.
                 let connection = joined
-                    .then(|| self.state.centrifuge_clients.present(channel))
-                    .and_then(|present| {
-                        let mut theirs = present.into_iter().filter(|p| *p.user == **user);
-                        match (theirs.next(), theirs.next()) {
-                            (Some(only), None) => Some(only),
-                            _ => None,
-                        }
-                    });
+                    .then(|| self.state.centrifuge_clients.only_connection(channel, user))
+                    .flatten();
                 let info = Some(proto::ClientInfo {
                     user: user.to_string(),
                     client: connection
@@ -637,7 +671,7 @@ impl Session {
         let kind = kind(&command);
         count_command(kind);
         if kind == "pong" {
-            self.awaiting_pong = false;
+            self.unanswered_pings = 0;
             return Ok(());
         }
         if !self.limit.take(std::time::Instant::now()) {
@@ -836,15 +870,21 @@ impl Session {
             }
         };
         let mut publications = Vec::new();
+        let mut bytes = 0;
         let mut complete = true;
-        loop {
+        'pages: loop {
             match subscription.next_backlog().await {
                 Ok(page) if page.is_empty() => break,
                 Ok(page) => {
-                    publications.extend(page.iter().map(publication));
-                    if publications.len() >= MAX_RECOVERED {
-                        complete = false;
-                        break;
+                    for stored in &page {
+                        let recovered = publication(stored);
+                        bytes += reply_bytes(&recovered);
+                        if publications.len() == MAX_RECOVERED || bytes > MAX_REPLY_BYTES {
+                            // More was missed than one reply holds.
+                            complete = false;
+                            break 'pages;
+                        }
+                        publications.push(recovered);
                     }
                 }
                 Err(cause) => {
@@ -902,6 +942,8 @@ impl Session {
             data: Some(data),
             event: None,
             nonce: None,
+            client: Some(self.client.clone()),
+            client_info: self.info.clone(),
         };
         let receipt = match sub.subscription.publish(draft).await {
             Ok(receipt) => receipt,
@@ -1011,8 +1053,10 @@ pub(super) async fn presence(
             (p.client.clone(), info)
         })
         .collect();
+    let users_here: std::collections::HashSet<&str> =
+        here.iter().map(|p| p.user.as_str()).collect();
     for user in users {
-        if !here.iter().any(|p| p.user == user) {
+        if !users_here.contains(user.as_str()) {
             let info = proto::ClientInfo {
                 user: user.clone(),
                 client: user.clone(),
@@ -1077,9 +1121,20 @@ pub(super) async fn history(
             .await
             .map_err(|_| codes::INTERNAL)?
     };
+    let newest = publications.iter().map(|p| p.id).max().unwrap_or(0);
+    let mut bytes = 0;
+    let publications = publications
+        .drain(..)
+        .map(|p| publication(&p))
+        .take_while(|p| {
+            bytes += reply_bytes(p);
+            bytes <= MAX_REPLY_BYTES
+        })
+        .collect();
     Ok(proto::HistoryResult {
-        publications: publications.drain(..).map(|p| publication(&p)).collect(),
+        publications,
         epoch: position.epoch,
-        offset: position.last_id,
+        // What was read may be newer than the position read before it.
+        offset: position.last_id.max(newest),
     })
 }
