@@ -407,17 +407,8 @@ async fn load_json<T: serde::de::DeserializeOwned>(
     what: &str,
     bench_args: &[String],
 ) -> anyhow::Result<T> {
-    load_json_on(args.load_core, what, bench_args).await
-}
-
-/// Runs `switchboard-bench ARGS --json` pinned to `core` and parses its answer.
-pub(crate) async fn load_json_on<T: serde::de::DeserializeOwned>(
-    core: usize,
-    what: &str,
-    bench_args: &[String],
-) -> anyhow::Result<T> {
     let output = Command::new("taskset")
-        .args(["-c", &core.to_string()])
+        .args(["-c", &args.load_core.to_string()])
         .arg(std::env::current_exe()?)
         .args(bench_args)
         .arg("--json")
@@ -789,7 +780,7 @@ async fn run_instructions(
 }
 
 /// The dump files callgrind has written for `out_file` (`OUT.1`, `OUT.2`, …).
-fn callgrind_parts(out_file: &std::path::Path) -> anyhow::Result<Vec<PathBuf>> {
+pub(crate) fn callgrind_parts(out_file: &std::path::Path) -> anyhow::Result<Vec<PathBuf>> {
     let dir = out_file.parent().context("no directory")?;
     let stem = out_file
         .file_name()
@@ -809,7 +800,10 @@ fn callgrind_parts(out_file: &std::path::Path) -> anyhow::Result<Vec<PathBuf>> {
 
 /// Asks callgrind to dump its counters (which it then zeroes) and returns the
 /// instructions counted since the previous dump.
-async fn dump_counts(server: &Server, out_file: &std::path::Path) -> anyhow::Result<u64> {
+pub(crate) async fn dump_counts(
+    server: &Server,
+    out_file: &std::path::Path,
+) -> anyhow::Result<u64> {
     let before = callgrind_parts(out_file)?;
     let status = Command::new("callgrind_control")
         .arg("--dump")
@@ -852,7 +846,7 @@ fn callgrind_total(dump: &str) -> Option<u64> {
 }
 
 /// The machine, in a line: CPU model and count, kernel.
-pub(crate) fn machine() -> String {
+fn machine() -> String {
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|info| {

@@ -82,6 +82,10 @@ pub(crate) struct FanoutArgs {
     /// delivery.
     #[arg(long)]
     pub(crate) server_pid: Option<u32>,
+    /// Seconds a step waits after its last publish for deliveries still on their way
+    /// [default: 4 × the p99 bound, at least 2]; late ones count, a step not held.
+    #[arg(long)]
+    pub(crate) grace_secs: Option<f64>,
     /// Pusher app id, key and secret (with `--target pusher`).
     #[arg(long, default_value = "app-id")]
     pub(crate) app_id: String,
@@ -114,6 +118,9 @@ pub(crate) struct Step {
     pub(crate) server_user_us: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) server_system_us: Option<f64>,
+    /// The server's CPU time over the step's wall time (1.0: one core busy throughout).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) server_busy: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -549,6 +556,19 @@ pub(super) async fn read_http_response(
 /// Opens the subscribers, steps through the rates, and returns the figures. Progress
 /// goes to stderr.
 pub(crate) async fn fanout_load(args: &FanoutArgs) -> anyhow::Result<FanoutResult> {
+    fanout_load_with(args, || async { Ok(()) }).await
+}
+
+/// [`fanout_load`], running `ready` once the subscribers and the publisher are open,
+/// before the first publication (to zero a profiler's counters, say).
+pub(crate) async fn fanout_load_with<F, Fut>(
+    args: &FanoutArgs,
+    ready: F,
+) -> anyhow::Result<FanoutResult>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
     let shared = Arc::new(Shared {
         epoch: Instant::now(),
         steps: args.rates.iter().map(|_| Histogram::new()).collect(),
@@ -566,6 +586,7 @@ pub(crate) async fn fanout_load(args: &FanoutArgs) -> anyhow::Result<FanoutResul
     }
     eprintln!("fanout: {} subscribers ready", args.subscribers);
     let (mut publisher, mut publishing) = Publisher::open(args).await?;
+    ready().await?;
 
     let mut steps = Vec::new();
     let bound = args.p99_bound_ms;
@@ -583,7 +604,11 @@ pub(crate) async fn fanout_load(args: &FanoutArgs) -> anyhow::Result<FanoutResul
         }
         let expected = count * args.subscribers as u64;
         // Late deliveries still count; past a grace period the step is not held.
-        let grace = Duration::from_secs_f64((bound / 1000.0 * 4.0).max(2.0));
+        let grace = Duration::from_secs_f64(
+            args.grace_secs
+                .unwrap_or((bound / 1000.0 * 4.0).max(2.0))
+                .max(0.0),
+        );
         let deadline = tokio::time::Instant::now() + grace;
         while histogram.count.load(Ordering::Relaxed) < expected
             && tokio::time::Instant::now() < deadline
@@ -599,6 +624,7 @@ pub(crate) async fn fanout_load(args: &FanoutArgs) -> anyhow::Result<FanoutResul
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let cpu_after = args.server_pid.map(super::process_cpu).transpose()?;
+        let wall = started.elapsed().as_secs_f64();
         let closed = shared.closed.load(Ordering::Relaxed);
         let delivered = histogram.count.load(Ordering::Relaxed);
         let per_delivery = |d: Duration| d.as_secs_f64() * 1e6 / delivered.max(1) as f64;
@@ -622,6 +648,7 @@ pub(crate) async fn fanout_load(args: &FanoutArgs) -> anyhow::Result<FanoutResul
             held: false,
             server_user_us: cpu.map(|(user, _)| per_delivery(user)),
             server_system_us: cpu.map(|(_, system)| per_delivery(system)),
+            server_busy: cpu.map(|(user, system)| (user + system).as_secs_f64() / wall),
         };
         let held = delivered >= expected && step.p99_ms <= bound && closed == 0;
         let step = Step { held, ..step };
