@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use serde_json::value::RawValue;
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
 use crate::backend::{local::LocalBackend, Backend, Job, Outcome, Sink};
@@ -219,10 +219,7 @@ struct Member {
 /// Where a member's events go: a queue of its own, or its connection's [`Inbox`].
 enum Queue {
     Own(mpsc::Sender<Outbound>),
-    Shared {
-        tx: mpsc::Sender<(u64, Outbound)>,
-        cut: Arc<Notify>,
-    },
+    Shared(InboxWaker),
 }
 
 impl Queue {
@@ -231,7 +228,8 @@ impl Queue {
             Queue::Own(tx) => tx
                 .try_send(item.clone())
                 .map_err(|e| matches!(e, mpsc::error::TrySendError::Full(_))),
-            Queue::Shared { tx, .. } => tx
+            Queue::Shared(waker) => waker
+                .tx
                 .try_send((id, item.clone()))
                 .map_err(|e| matches!(e, mpsc::error::TrySendError::Full(_))),
         };
@@ -244,21 +242,41 @@ impl Queue {
 
     /// Tells a shared queue's connection that one of its members was cut off.
     fn cut(&self) {
-        if let Queue::Shared { cut, .. } = self {
-            cut.notify_one();
+        if let Queue::Shared(waker) = self {
+            waker.wake();
         }
     }
 }
 
+/// The key no subscription has (member ids start at 1): a wake-up in an [`Inbox`].
+const WAKE: u64 = 0;
+
 /// One queue for the subscriptions of one connection (a door that carries many
 /// channels over a socket): events arrive tagged with [`Subscription::key`], in each
 /// channel's order. A connection that lets it fill up is slow: its members are cut off
-/// ([`Inbox::recv`] says so, [`Subscription::ended`] says why).
+/// ([`Inbox::recv`] says so, [`Subscription::ended`] says why). Its door may wake it
+/// for its own reasons too ([`Inbox::waker`]).
 #[derive(Debug)]
 pub struct Inbox {
-    tx: mpsc::Sender<(u64, Outbound)>,
+    waker: InboxWaker,
     rx: mpsc::Receiver<(u64, Outbound)>,
-    cut: Arc<Notify>,
+}
+
+/// Wakes an [`Inbox`]'s reader: its next [`Inbox::recv`] returns `None`. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct InboxWaker {
+    tx: mpsc::Sender<(u64, Outbound)>,
+    woken: Arc<AtomicBool>,
+}
+
+impl InboxWaker {
+    /// Wakes the reader, even when its inbox is full (it is reading then, and sees the
+    /// wake-up at its next `recv`).
+    pub fn wake(&self) {
+        self.woken.store(true, Ordering::Release);
+        // Full: the reader has events to read first, and then sees the flag.
+        let _ = self.tx.try_send((WAKE, Outbound::Refused { nonce: None }));
+    }
 }
 
 impl Inbox {
@@ -266,25 +284,48 @@ impl Inbox {
     pub fn new(capacity: usize) -> Self {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         Self {
-            tx,
+            waker: InboxWaker {
+                tx,
+                woken: Arc::new(AtomicBool::new(false)),
+            },
             rx,
-            cut: Arc::new(Notify::new()),
         }
+    }
+
+    /// What wakes this inbox's reader.
+    pub fn waker(&self) -> InboxWaker {
+        self.waker.clone()
     }
 
     /// The next event and the key of the subscription it is for; `None` when a member
-    /// was cut off since the last `None` (see [`Subscription::ended`]).
+    /// was cut off (see [`Subscription::ended`]) or a [`InboxWaker`] woke it since the
+    /// last `None`.
     pub async fn recv(&mut self) -> Option<(u64, Outbound)> {
-        tokio::select! {
-            biased;
-            () = self.cut.notified() => None,
-            item = self.rx.recv() => Some(item.expect("the inbox holds a sender")),
+        if self.waker.woken.swap(false, Ordering::AcqRel) {
+            return None;
+        }
+        match self.rx.recv().await.expect("the inbox holds a sender") {
+            (WAKE, _) => {
+                self.waker.woken.store(false, Ordering::Release);
+                None
+            }
+            event => Some(event),
         }
     }
 
-    /// The next event already queued, without waiting.
+    /// The next event already queued, without waiting; `None` also when a wake-up is
+    /// next (the next [`Inbox::recv`] returns it).
     pub fn try_recv(&mut self) -> Option<(u64, Outbound)> {
-        self.rx.try_recv().ok()
+        if self.waker.woken.load(Ordering::Acquire) {
+            return None;
+        }
+        match self.rx.try_recv().ok()? {
+            (WAKE, _) => {
+                self.waker.woken.store(true, Ordering::Release);
+                None
+            }
+            event => Some(event),
+        }
     }
 }
 
@@ -667,11 +708,8 @@ impl Engine {
         user: &str,
         resume: Resume,
     ) -> Result<Subscription, EngineError> {
-        let queue = Queue::Shared {
-            tx: inbox.tx.clone(),
-            cut: inbox.cut.clone(),
-        };
-        self.join(channel, user, resume, queue, None).await
+        self.join(channel, user, resume, Queue::Shared(inbox.waker()), None)
+            .await
     }
 
     /// A new member. An anonymous one (user `""`) counts in no presence.

@@ -27,8 +27,8 @@ pub mod store;
 pub use backend::redis::RedisConfig;
 pub use backend::Outcome;
 pub use engine::{
-    Clock, Delivery, Draft, Ended, Engine, EngineConfig, EngineError, Format, Inbox, Outbound,
-    Receipt, Resume, Subscription, FORMATS,
+    Clock, Delivery, Draft, Ended, Engine, EngineConfig, EngineError, Format, Inbox, InboxWaker,
+    Outbound, Receipt, Resume, Subscription, FORMATS,
 };
 pub use names::{valid_channel, valid_user_name, CHANNEL_RULE, USER_NAME_RULE};
 pub use options::{ChannelOptions, NamespaceTable, Namespaces, Recover};

@@ -818,3 +818,68 @@ async fn history_trimmed_during_a_paged_replay_ends_it_instead_of_skipping() {
         Err(EngineError::HistoryChanged)
     ));
 }
+
+#[tokio::test]
+async fn one_inbox_carries_many_channels_in_order_and_says_when_it_is_woken_or_too_slow() {
+    let engine = memory_engine();
+    let mut inbox = switchboard_engine::Inbox::new(64);
+    let a = engine
+        .subscribe_in(&inbox, "a", "ann", Resume::default())
+        .await
+        .unwrap();
+    let b = engine
+        .subscribe_in(&inbox, "b", "ann", Resume::default())
+        .await
+        .unwrap();
+    for (channel, text) in [("a", "a1"), ("b", "b1"), ("a", "a2")] {
+        let draft = Draft {
+            text: Some(text.into()),
+            ..Draft::default()
+        };
+        stored(engine.publish(channel, None, draft).await.unwrap()).await;
+    }
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let (key, item) = inbox.recv().await.expect("an event");
+        assert!(key == a.key() || key == b.key());
+        let subscription = if key == a.key() { &a } else { &b };
+        assert!(subscription.wants(&item));
+        seen.push((
+            subscription.channel().to_owned(),
+            json(&item)["text"].clone(),
+        ));
+    }
+    assert_eq!(
+        seen,
+        [("a", "a1"), ("b", "b1"), ("a", "a2")].map(|(c, t)| (c.to_owned(), json!(t)))
+    );
+    // A door's own wake-up: `None`, once.
+    inbox.waker().wake();
+    assert!(inbox.recv().await.is_none());
+    assert!(inbox.try_recv().is_none());
+    // An inbox that fills up cuts its members off, and says so.
+    let mut small = switchboard_engine::Inbox::new(2);
+    let slow = engine
+        .subscribe_in(&small, "a", "sam", Resume::default())
+        .await
+        .unwrap();
+    for i in 0..4 {
+        let draft = Draft {
+            text: Some(format!("x{i}")),
+            ..Draft::default()
+        };
+        stored(engine.publish("a", None, draft).await.unwrap()).await;
+    }
+    assert_eq!(slow.ended(), Some(switchboard_engine::Ended::Slow));
+    assert!(small.recv().await.is_none(), "the cut is news at once");
+    let mut events = 0;
+    while let Some(event) = small.try_recv() {
+        assert_eq!(event.0, slow.key());
+        events += 1;
+    }
+    assert_eq!(
+        events, 2,
+        "what was queued before the cut is still there to read"
+    );
+    drop((a, b));
+}

@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, mpsc};
+use switchboard_engine::InboxWaker;
+use tokio::sync::broadcast;
 use tracing::warn;
 
 /// What the server API asks of a connection.
@@ -59,7 +60,36 @@ pub(crate) async fn apply_notices(clients: Arc<Clients>, mut notices: broadcast:
     }
 }
 
-type Senders = HashMap<String, mpsc::UnboundedSender<Control>>;
+/// Controls waiting for a connection, which its inbox's waker tells of.
+#[derive(Debug, Clone)]
+pub(crate) struct Mailbox {
+    controls: Arc<Mutex<Vec<Control>>>,
+    waker: InboxWaker,
+}
+
+impl Mailbox {
+    pub(crate) fn new(waker: InboxWaker) -> Self {
+        Self {
+            controls: Arc::default(),
+            waker,
+        }
+    }
+
+    fn post(&self, control: &Control) {
+        self.controls
+            .lock()
+            .expect("mailbox lock")
+            .push(control.clone());
+        self.waker.wake();
+    }
+
+    /// The controls posted since the last call, oldest first.
+    pub(crate) fn take(&self) -> Vec<Control> {
+        std::mem::take(&mut *self.controls.lock().expect("mailbox lock"))
+    }
+}
+
+type Senders = HashMap<String, Mailbox>;
 
 /// A connection as presence lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,28 +119,27 @@ pub(crate) struct Registration {
 }
 
 impl Clients {
-    /// Adds a connection; its controls arrive on the receiver.
+    /// Adds a connection; its controls arrive in `mailbox`.
     pub(crate) fn register(
         self: &Arc<Self>,
         user: &str,
         client: &str,
         info: Vec<u8>,
-    ) -> (Registration, mpsc::UnboundedReceiver<Control>) {
-        let (tx, rx) = mpsc::unbounded_channel();
+        mailbox: Mailbox,
+    ) -> Registration {
         self.users
             .lock()
             .expect("clients lock")
             .entry(user.to_owned())
             .or_default()
-            .insert(client.to_owned(), tx);
-        let registration = Registration {
+            .insert(client.to_owned(), mailbox);
+        Registration {
             clients: self.clone(),
             user: user.to_owned(),
             client: client.to_owned(),
             info,
             channels: HashSet::new(),
-        };
-        (registration, rx)
+        }
     }
 
     /// Sends `control` to `user`'s connections here (only `client`, when given); how
@@ -123,7 +152,7 @@ impl Clients {
         senders
             .iter()
             .filter(|(id, _)| client.map_or(true, |c| c == id.as_str()))
-            .filter(|(_, tx)| tx.send(control.clone()).is_ok())
+            .inspect(|(_, mailbox)| mailbox.post(control))
             .count()
     }
 }
@@ -235,21 +264,22 @@ impl Drop for Registration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use switchboard_engine::Inbox;
 
     #[test]
     fn controls_reach_the_users_connections_until_they_leave() {
         let clients = Arc::new(Clients::default());
-        let (one, mut rx1) = clients.register("ann", "c1", Vec::new());
-        let (_two, mut rx2) = clients.register("ann", "c2", Vec::new());
+        let (inbox1, inbox2) = (Inbox::new(4), Inbox::new(4));
+        let (box1, box2) = (Mailbox::new(inbox1.waker()), Mailbox::new(inbox2.waker()));
+        let one = clients.register("ann", "c1", Vec::new(), box1.clone());
+        let _two = clients.register("ann", "c2", Vec::new(), box2.clone());
         let stop = Control::Disconnect(3503, "bye".into());
         assert_eq!(clients.send("ann", None, &stop), 2);
         assert_eq!(clients.send("ann", Some("c2"), &stop), 1);
         assert_eq!(clients.send("bob", None, &stop), 0);
-        assert_eq!(rx1.try_recv().unwrap(), stop);
-        assert_eq!(
-            (rx2.try_recv().unwrap(), rx2.try_recv().unwrap()),
-            (stop.clone(), stop.clone())
-        );
+        assert_eq!(box1.take(), std::slice::from_ref(&stop));
+        assert_eq!(box2.take(), [stop.clone(), stop.clone()]);
+        assert!(box2.take().is_empty());
         drop(one);
         assert_eq!(clients.send("ann", None, &stop), 1);
     }
@@ -257,8 +287,10 @@ mod tests {
     #[test]
     fn presence_lists_each_connection_until_it_leaves() {
         let clients = Arc::new(Clients::default());
-        let (mut one, _rx1) = clients.register("ann", "c1", b"{\"d\":1}".to_vec());
-        let (mut two, _rx2) = clients.register("ann", "c2", Vec::new());
+        let inbox = Inbox::new(4);
+        let mailbox = || Mailbox::new(inbox.waker());
+        let mut one = clients.register("ann", "c1", b"{\"d\":1}".to_vec(), mailbox());
+        let mut two = clients.register("ann", "c2", Vec::new(), mailbox());
         one.joined("x");
         one.joined("x");
         two.joined("x");

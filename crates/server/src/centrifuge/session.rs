@@ -22,7 +22,7 @@ use switchboard_protocol::centrifuge::{
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, warn};
 
-use super::clients::{Control, Registration};
+use super::clients::{Control, Mailbox, Registration};
 use super::{codes, disconnect, format_of, publication, push_of, unsubscribe, VERSION};
 use crate::auth::{verify, DoorClaims, TokenRefused};
 use crate::serve::AppState;
@@ -80,6 +80,7 @@ pub(super) async fn run(socket: WebSocket<Stream>, encoding: Encoding, state: Ap
 
 /// One subscription of the connection.
 struct Sub {
+    channel: String,
     subscription: Subscription,
     /// Whether the client asked for join and leave pushes.
     join_leave: bool,
@@ -98,9 +99,10 @@ struct Session {
     /// The token's `info`: what others see of this connection.
     info: Option<Box<RawValue>>,
     inbox: Inbox,
-    subs: HashMap<String, Sub>,
-    /// Channel by subscription key.
-    keys: HashMap<u64, String>,
+    /// Subscriptions by key (what tags their events in the inbox).
+    subs: HashMap<u64, Sub>,
+    /// Subscription keys by channel.
+    channels: HashMap<String, u64>,
     limit: TokenBucket,
     strikes: u32,
     /// Pings sent in a row without a pong since.
@@ -228,7 +230,7 @@ impl Session {
             info: None,
             inbox,
             subs: HashMap::new(),
-            keys: HashMap::new(),
+            channels: HashMap::new(),
             limit,
             strikes: 0,
             unanswered_pings: 0,
@@ -251,23 +253,23 @@ impl Session {
         self.registration = None;
         let count = self.subs.len();
         self.subs.clear();
-        self.keys.clear();
+        self.channels.clear();
         metrics::gauge!("switchboard_centrifuge_subscriptions").decrement(count as f64);
     }
 
     /// The session to its end: `Some` when the server closes it with that code.
     async fn serve(&mut self) -> Option<Disconnect> {
-        let controls = match self.connect().await {
-            Ok(controls) => controls,
+        // Boxed, as are the commands and controls below: the live loop's future (which
+        // every idle connection holds) keeps room only for what it awaits often.
+        let mailbox = match Box::pin(self.connect()).await {
+            Ok(mailbox) => mailbox,
             Err(ending) => return ending,
         };
-        self.live(controls).await
+        self.live(mailbox).await
     }
 
     /// Reads until a `connect` command is served. `Err(None)`: the client left.
-    async fn connect(
-        &mut self,
-    ) -> Result<tokio::sync::mpsc::UnboundedReceiver<Control>, Option<Disconnect>> {
+    async fn connect(&mut self) -> Result<Mailbox, Option<Disconnect>> {
         let stale = Duration::from_secs(self.state.config.handshake_timeout_secs.max(1));
         let deadline = Instant::now() + stale;
         loop {
@@ -295,7 +297,7 @@ impl Session {
             };
             count_command("connect");
             match self.on_connect(first.id, request).await {
-                Ok((reply, controls)) => {
+                Ok((reply, mailbox)) => {
                     self.write(&encode_reply(self.encoding, &reply))
                         .await
                         .map_err(|_| None)?;
@@ -304,7 +306,7 @@ impl Session {
                         self.on_command(command).await?;
                     }
                     self.socket.flush().await.map_err(|_| None)?;
-                    return Ok(controls);
+                    return Ok(mailbox);
                 }
                 Err(ConnectRefused::Reply(code)) => {
                     self.connect_refusals += 1;
@@ -340,7 +342,7 @@ impl Session {
         &mut self,
         id: u32,
         request: proto::ConnectRequest,
-    ) -> Result<(Reply, tokio::sync::mpsc::UnboundedReceiver<Control>), ConnectRefused> {
+    ) -> Result<(Reply, Mailbox), ConnectRefused> {
         let mut server_side = Vec::new();
         let mut info = Vec::new();
         if self.state.auth.requires_tokens() || !request.token.is_empty() {
@@ -370,10 +372,11 @@ impl Session {
             self.info = claims.info;
             server_side = claims.channels;
         }
-        let (registration, controls) =
+        let mailbox = Mailbox::new(self.inbox.waker());
+        let registration =
             self.state
                 .centrifuge_clients
-                .register(&self.user, &self.client, info);
+                .register(&self.user, &self.client, info, mailbox.clone());
         self.registration = Some(registration);
         let mut subs = HashMap::new();
         for channel in server_side {
@@ -417,14 +420,11 @@ impl Session {
             }),
             ..Reply::default()
         };
-        Ok((reply, controls))
+        Ok((reply, mailbox))
     }
 
     /// Serves commands and pushes until one side closes.
-    async fn live(
-        &mut self,
-        mut controls: tokio::sync::mpsc::UnboundedReceiver<Control>,
-    ) -> Option<Disconnect> {
+    async fn live(&mut self, mailbox: Mailbox) -> Option<Disconnect> {
         let period = Duration::from_secs(self.state.config.ping_interval_secs.max(1));
         let mut pings = tokio::time::interval_at(Instant::now() + period, period);
         pings.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -435,15 +435,14 @@ impl Session {
             let step: Result<(), Option<Disconnect>> = tokio::select! {
                 biased;
                 () = &mut stopping => Err(Some(disconnect::SHUTDOWN)),
-                _ = pings.tick() => self.on_ping_tick().await,
+                // Events before the ping timer: a busy connection's timer is then not
+                // polled for every event (its client hears from it anyway).
                 event = self.inbox.recv() => match event {
                     Some((key, item)) => self.on_event(key, item).await,
-                    None => self.on_cut_off().await,
+                    // Woken: a control from the server API, or a member cut off.
+                    None => Box::pin(self.on_wake(&mailbox)).await,
                 },
-                control = controls.recv() => match control {
-                    Some(control) => self.on_control(control).await,
-                    None => Ok(()),
-                },
+                _ = pings.tick() => Box::pin(self.on_ping_tick()).await,
                 received = self.socket.recv() => match received {
                     Ok(Some(message)) => self.on_message(message).await,
                     Ok(None) => Err(None),
@@ -500,9 +499,9 @@ impl Session {
         }
         let expired: Vec<String> = self
             .subs
-            .iter()
-            .filter(|(_, sub)| sub.expires.is_some_and(|exp| exp <= now))
-            .map(|(channel, _)| channel.clone())
+            .values()
+            .filter(|sub| sub.expires.is_some_and(|exp| exp <= now))
+            .map(|sub| sub.channel.clone())
             .collect();
         for channel in expired {
             self.remove(&channel);
@@ -536,8 +535,8 @@ impl Session {
     async fn on_cut_off(&mut self) -> Result<(), Option<Disconnect>> {
         let cut: Vec<(String, Ended)> = self
             .subs
-            .iter()
-            .filter_map(|(channel, sub)| Some((channel.clone(), sub.subscription.ended()?)))
+            .values()
+            .filter_map(|sub| Some((sub.channel.clone(), sub.subscription.ended()?)))
             .collect();
         for (channel, ended) in cut {
             if ended == Ended::Slow {
@@ -564,13 +563,11 @@ impl Session {
     }
 
     async fn feed_event(&mut self, key: u64, item: &Outbound) -> Result<(), Option<Disconnect>> {
-        let Some(channel) = self.keys.get(&key) else {
+        let Some(sub) = self.subs.get(&key) else {
             // Unsubscribed meanwhile.
             return Ok(());
         };
-        let Some(sub) = self.subs.get(channel) else {
-            return Ok(());
-        };
+        let channel = &sub.channel;
         if !sub.subscription.wants(item) {
             return Ok(());
         }
@@ -617,10 +614,17 @@ impl Session {
         self.write(&frame).await
     }
 
+    async fn on_wake(&mut self, mailbox: &Mailbox) -> Result<(), Option<Disconnect>> {
+        for control in mailbox.take() {
+            self.on_control(control).await?;
+        }
+        self.on_cut_off().await
+    }
+
     async fn on_control(&mut self, control: Control) -> Result<(), Option<Disconnect>> {
         match control {
             Control::Subscribe(channel) => {
-                if self.subs.contains_key(&channel) {
+                if self.channels.contains_key(&channel) {
                     return Ok(());
                 }
                 let request = proto::SubscribeRequest {
@@ -661,7 +665,7 @@ impl Session {
     async fn on_message(&mut self, message: Message) -> Result<(), Option<Disconnect>> {
         let commands = self.commands_of(message).map_err(Some)?;
         for command in commands {
-            self.on_command(command).await?;
+            Box::pin(self.on_command(command)).await?;
         }
         self.flush().await
     }
@@ -762,26 +766,29 @@ impl Session {
         self.reply(&reply).await
     }
 
+    /// The subscription to `channel`, if any.
+    fn sub(&self, channel: &str) -> Option<&Sub> {
+        self.subs.get(self.channels.get(channel)?)
+    }
+
     /// Removes a subscription; false when there was none.
     fn remove(&mut self, channel: &str) -> bool {
-        match self.subs.remove(channel) {
-            Some(sub) => {
-                self.keys.remove(&sub.subscription.key());
-                if let Some(registration) = &mut self.registration {
-                    registration.left(channel);
-                }
-                metrics::gauge!("switchboard_centrifuge_subscriptions").decrement(1.0);
-                true
-            }
-            None => false,
+        let Some(key) = self.channels.remove(channel) else {
+            return false;
+        };
+        self.subs.remove(&key);
+        if let Some(registration) = &mut self.registration {
+            registration.left(channel);
         }
+        metrics::gauge!("switchboard_centrifuge_subscriptions").decrement(1.0);
+        true
     }
 
     async fn on_subscribe(
         &mut self,
         request: proto::SubscribeRequest,
     ) -> Result<proto::SubscribeResult, Failure> {
-        if self.subs.contains_key(&request.channel) {
+        if self.channels.contains_key(&request.channel) {
             return Err(codes::ALREADY_SUBSCRIBED);
         }
         if self.subs.len() >= self.state.config.max_subscriptions_per_connection {
@@ -907,10 +914,12 @@ impl Session {
             publications,
             ..proto::SubscribeResult::default()
         };
-        self.keys.insert(subscription.key(), channel.to_owned());
+        let key = subscription.key();
+        self.channels.insert(channel.to_owned(), key);
         self.subs.insert(
-            channel.to_owned(),
+            key,
             Sub {
+                channel: channel.to_owned(),
                 subscription,
                 join_leave: request.join_leave,
                 expires,
@@ -921,7 +930,7 @@ impl Session {
     }
 
     async fn on_publish(&mut self, request: proto::PublishRequest) -> Result<(), Failure> {
-        let Some(sub) = self.subs.get(&request.channel) else {
+        let Some(sub) = self.sub(&request.channel) else {
             return Err(codes::PERMISSION_DENIED);
         };
         let Ok(text) = std::str::from_utf8(&request.data) else {
@@ -963,7 +972,7 @@ impl Session {
     }
 
     async fn on_presence(&mut self, channel: &str) -> Result<proto::PresenceResult, Failure> {
-        if !self.subs.contains_key(channel) {
+        if !self.channels.contains_key(channel) {
             return Err(codes::PERMISSION_DENIED);
         }
         presence(&self.state, channel).await
@@ -973,7 +982,7 @@ impl Session {
         &mut self,
         request: proto::HistoryRequest,
     ) -> Result<proto::HistoryResult, Failure> {
-        if !self.subs.contains_key(&request.channel) {
+        if !self.channels.contains_key(&request.channel) {
             return Err(codes::PERMISSION_DENIED);
         }
         history(&self.state.engine, &request).await
@@ -1001,12 +1010,14 @@ impl Session {
         &mut self,
         request: proto::SubRefreshRequest,
     ) -> Result<proto::SubRefreshResult, Failure> {
-        if !self.subs.contains_key(&request.channel) {
+        if !self.channels.contains_key(&request.channel) {
             return Err(codes::PERMISSION_DENIED);
         }
         let claims = self.subscription_claims(&request.channel, &request.token)?;
-        if let Some(sub) = self.subs.get_mut(&request.channel) {
-            sub.expires = Some(claims.exp);
+        if let Some(key) = self.channels.get(&request.channel) {
+            if let Some(sub) = self.subs.get_mut(key) {
+                sub.expires = Some(claims.exp);
+            }
         }
         Ok(proto::SubRefreshResult {
             expires: true,
