@@ -14,7 +14,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
 import {
-  api, cleanup, connectionToken, eventually, sleep, startRelay, startServer, unique,
+  api, cleanup, connectionToken, eventually, sleep, startRelay, startServer, tempDir, unique,
 } from './lib.mjs';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
@@ -60,6 +60,16 @@ function harness() {
     return s;
   };
   const plainError = (e) => ({ code: e?.code, message: e?.message ?? String(e) });
+  /** A publication's, join's or leave's info: user, client id, conn_info decoded. */
+  const plainInfo = (info) => (info ? { user: info.user, client: info.client, connInfo: dec(info.connInfo) } : null);
+  const subscribedCtx = (ctx) => ({
+    channel: ctx.channel,
+    wasRecovering: ctx.wasRecovering,
+    recovered: ctx.recovered,
+    recoverable: ctx.recoverable,
+    epoch: ctx.streamPosition ? ctx.streamPosition.epoch : null,
+    offset: ctx.streamPosition ? num(ctx.streamPosition.offset) : null,
+  });
   window.T = {
     init(isProtobuf) {
       protobuf = isProtobuf;
@@ -74,6 +84,14 @@ function harness() {
           event, code: ctx.code, reason: ctx.reason, client: ctx.client, error: ctx.error && plainError(ctx.error),
         }));
       }
+      // Client-level events: server-side subscriptions and their publications.
+      client.serverSubEvents = [];
+      client.pubs = [];
+      client.on('subscribed', (ctx) => client.serverSubEvents.push({ event: 'subscribed', ...subscribedCtx(ctx) }));
+      client.on('unsubscribed', (ctx) => client.serverSubEvents.push({ event: 'unsubscribed', channel: ctx.channel }));
+      client.on('publication', (ctx) => client.pubs.push({
+        channel: ctx.channel, offset: num(ctx.offset), data: dec(ctx.data), info: plainInfo(ctx.info),
+      }));
       clients[name] = client;
       const connected = new Promise((resolve, reject) => {
         const timer = setTimeout(() => reject(new Error(`${name}: not connected in 15 s`)), 15000);
@@ -116,21 +134,36 @@ function harness() {
       s.pubs = [];
       s.subscribedEvents = [];
       s.errors = [];
+      s.joins = [];
+      s.leaves = [];
       s.on('publication', (ctx) => s.pubs.push({
-        channel: ctx.channel, offset: num(ctx.offset), data: dec(ctx.data), user: ctx.info ? ctx.info.user : null,
+        channel: ctx.channel,
+        offset: num(ctx.offset),
+        data: dec(ctx.data),
+        user: ctx.info ? ctx.info.user : null,
+        info: plainInfo(ctx.info),
       }));
-      s.on('subscribed', (ctx) => s.subscribedEvents.push({
-        wasRecovering: ctx.wasRecovering,
-        recovered: ctx.recovered,
-        recoverable: ctx.recoverable,
-        epoch: ctx.streamPosition ? ctx.streamPosition.epoch : null,
-        offset: ctx.streamPosition ? num(ctx.streamPosition.offset) : null,
-      }));
+      s.on('subscribed', (ctx) => {
+        const { channel: _, ...rest } = subscribedCtx(ctx);
+        s.subscribedEvents.push(rest);
+      });
       s.on('error', (ctx) => s.errors.push(plainError(ctx.error)));
+      s.on('join', (ctx) => s.joins.push({ channel: ctx.channel, ...plainInfo(ctx.info) }));
+      s.on('leave', (ctx) => s.leaves.push({ channel: ctx.channel, ...plainInfo(ctx.info) }));
       subs[`${name} ${channel}`] = s;
       s.subscribe();
       await s.ready(15000);
       return s.subscribedEvents[0];
+    },
+    /** Subscribes an existing (unsubscribed) subscription again. */
+    async resubscribe(name, channel) {
+      const s = sub(name, channel);
+      s.subscribe();
+      await s.ready(15000);
+      return s.subscribedEvents.at(-1);
+    },
+    unsubscribe(name, channel) {
+      sub(name, channel).unsubscribe();
     },
     async publish(name, channel, value) {
       try {
@@ -149,6 +182,10 @@ function harness() {
       }
     },
     pubs: (name, channel) => sub(name, channel).pubs,
+    joins: (name, channel) => sub(name, channel).joins,
+    leaves: (name, channel) => sub(name, channel).leaves,
+    clientPubs: (name) => clients[name].pubs,
+    serverSubEvents: (name) => clients[name].serverSubEvents,
     subscribedEvents: (name, channel) => sub(name, channel).subscribedEvents,
     states: (name, channel) => ({ client: clients[name].state, sub: channel ? sub(name, channel).state : null }),
     log: (name) => clients[name].log,
@@ -162,7 +199,11 @@ function harness() {
       return {
         offset: num(result.offset),
         epoch: result.epoch,
-        publications: result.publications.map((p) => ({ offset: num(p.offset), data: dec(p.data) })),
+        publications: result.publications.map((p) => ({
+          offset: num(p.offset),
+          data: dec(p.data),
+          ...(p.info ? { info: plainInfo(p.info) } : {}),
+        })),
       };
     },
     disconnect(name) {
@@ -201,15 +242,63 @@ async function openPage(defer, bundle, origin) {
 
 const T = (page, method, ...args) => page.evaluate(([m, a]) => window.T[m](...a), [method, args]);
 
-async function exactly(page, what, name, channel, n) {
-  await eventually(`${what}: ${n} publications`, async () => (await T(page, 'pubs', name, channel)).length >= n, 30000);
+/** Waits for `n` publications of `fetch()`, then a little longer to see that no more come. */
+async function exactlyOf(what, fetch, n) {
+  await eventually(`${what}: ${n} publications`, async () => (await fetch()).length >= n, 30000);
   await sleep(SETTLE_MS);
-  const pubs = await T(page, 'pubs', name, channel);
+  const pubs = await fetch();
   assert.equal(pubs.length, n, `${what}: exactly ${n}, got offsets ${pubs.map((p) => p.offset)}`);
   return pubs;
 }
 
+/** Exactly `n` publications in the subscription of `name` to `channel`. */
+const exactly = (page, what, name, channel, n) => exactlyOf(what, () => T(page, 'pubs', name, channel), n);
+
+/** Exactly `n` client-level publications (server-side subscriptions) of `name`. */
+const exactlyClient = (page, what, name, n) => exactlyOf(what, () => T(page, 'clientPubs', name), n);
+
+/**
+ * Stops `server` (SIGTERM) under the page's client `name`, which goes through `relay`:
+ * waits for the SDK's `connecting` event of the shutdown disconnect (3001: reconnect),
+ * then blocks the relay so the client stays away until it is unblocked (the restarted
+ * server has what it must recover), and waits for the server's exit.
+ */
+async function shutdownUnder(page, name, server, relay) {
+  const connectings = async () => (await T(page, 'log', name)).filter((e) => e.event === 'connecting');
+  const seen = (await connectings()).length;
+  const stopping = server.stop();
+  const ctx = await eventually('the page saw the shutdown disconnect', async () => (await connectings())[seen], 15000);
+  relay.block();
+  assert.equal(ctx.code, 3001, `shutdown disconnect: ${JSON.stringify(ctx)}`);
+  await stopping;
+}
+
+/** Publishes `{n, tag}` for n = 1..count through the server API; the results. */
+async function publishMany(server, channel, tag, count) {
+  const results = [];
+  for (let n = 1; n <= count; n++) results.push(await api(server, 'publish', { channel, data: { n, tag } }));
+  return results;
+}
+
 const range = (from, to) => Array.from({ length: to - from + 1 }, (_, i) => from + i);
+
+/**
+ * Waits until alice's page subscribed to `channel` again, recovering: its `subscribed`
+ * event says so, and after the 3 publications it had come exactly the 20 missed ones
+ * (`{n, tag: 'missed'}`, offsets 4-23). Returns that `subscribed` event.
+ */
+async function recoveredAfterThree(page, channel) {
+  await eventually('subscribed again', async () => (await T(page, 'subscribedEvents', 'alice', channel)).length >= 2, 30000);
+  const back = (await T(page, 'subscribedEvents', 'alice', channel))[1];
+  assert.equal(back.wasRecovering, true, JSON.stringify(back));
+  assert.equal(back.recovered, true, JSON.stringify(back));
+  const pubs = await exactly(page, 'recovered', 'alice', channel, 23);
+  assert.deepEqual(pubs.slice(3).map((p) => p.offset), range(4, 23));
+  assert.deepEqual(pubs.slice(3).map((p) => p.data), range(1, 20).map((n) => ({ n, tag: 'missed' })));
+  assert.equal((await T(page, 'states', 'alice', channel)).client, 'connected');
+  assert.deepEqual(page.errors, []);
+  return back;
+}
 
 for (const bundle of BUNDLES) {
   describe(`centrifuge-js ${bundle.name} bundle in Chromium`, () => {
@@ -253,6 +342,32 @@ for (const bundle of BUNDLES) {
         for (const [i, e] of expected[channel].entries()) {
           if (e.offset !== undefined) assert.equal(pubs[i].offset, e.offset);
         }
+      }
+      assert.deepEqual(page.errors, []);
+    });
+
+    test(`B2b ${bundle.name}: a client publication's info: user, client id and conn_info, live and in history`, TIMEOUT, async (t) => {
+      const defer = cleanup(t);
+      const server = await startServer({ defer });
+      const page = await openPage(defer, bundle, server.url);
+      const channel = unique('b-pubinfo');
+      const alice = await T(page, 'connect', 'alice', server.wsUrl, connectionToken('alice', { info: { name: 'Alice' } }));
+      const bob = await T(page, 'connect', 'bob', server.wsUrl, connectionToken('bob', { info: { name: 'Bob' } }));
+      assert.notEqual(alice.client, bob.client);
+      await T(page, 'subscribe', 'bob', channel);
+      await T(page, 'subscribe', 'alice', channel);
+      assert.deepEqual(await T(page, 'publish', 'alice', channel, { text: 'hi' }), { ok: true });
+      const [live] = await exactly(page, 'bob watching', 'bob', channel, 1);
+      assert.deepEqual(live.data, { text: 'hi' });
+      const [own] = await exactly(page, 'alice, her own', 'alice', channel, 1);
+      const history = await T(page, 'history', 'alice', channel, { limit: 10 });
+      assert.equal(history.publications.length, 1, JSON.stringify(history));
+      assert.deepEqual(history.publications[0].data, { text: 'hi' });
+      for (const [where, info] of [['live', live.info], ['own', own.info], ['history', history.publications[0].info]]) {
+        assert.ok(info, `${where}: an info`);
+        assert.equal(info.user, 'alice', `${where}: ${JSON.stringify(info)}`);
+        assert.equal(info.client, alice.client, `${where}: the publisher's client id: ${JSON.stringify(info)}`);
+        assert.deepEqual(info.connInfo, { name: 'Alice' }, `${where}: conn_info from the token: ${JSON.stringify(info)}`);
       }
       assert.deepEqual(page.errors, []);
     });
@@ -318,6 +433,51 @@ for (const bundle of BUNDLES) {
       assert.deepEqual(page.errors, []);
     });
 
+    // A join names the connection (client id, the token's info as conn_info); a leave,
+    // whose connection is gone, names the user (docs/PROTOCOL.md).
+    test(`B5 ${bundle.name}: join and leave pushes (joinLeave: true)`, TIMEOUT, async (t) => {
+      const defer = cleanup(t);
+      const server = await startServer({ defer });
+      const page = await openPage(defer, bundle, server.url);
+      const channel = unique('b-joinleave');
+      await T(page, 'connect', 'alice', server.wsUrl, connectionToken('alice'));
+      await T(page, 'subscribe', 'alice', channel, { joinLeave: true });
+      await T(page, 'connect', 'carol', server.wsUrl, connectionToken('carol'));
+      await T(page, 'subscribe', 'carol', channel);
+      const bobId = (await T(page, 'connect', 'bob', server.wsUrl, connectionToken('bob', { info: { name: 'Bob' } }))).client;
+      assert.ok(typeof bobId === 'string' && bobId.length > 0, 'a client id for bob');
+      const ofBob = async (kind) => (await T(page, kind, 'alice', channel)).filter((e) => e.user === 'bob');
+      const waitFor = (kind, n) => eventually(`${n} ${kind} of bob`, async () => {
+        const events = await ofBob(kind);
+        return events.length >= n && events;
+      });
+
+      await T(page, 'subscribe', 'bob', channel);
+      let joins = await waitFor('joins', 1);
+      assert.equal(joins[0].channel, channel);
+      assert.equal(joins[0].client, bobId, `join: the client id: ${JSON.stringify(joins[0])}`);
+      assert.deepEqual(joins[0].connInfo, { name: 'Bob' }, `join: conn_info from the token: ${JSON.stringify(joins[0])}`);
+
+      await T(page, 'unsubscribe', 'bob', channel);
+      let leaves = await waitFor('leaves', 1);
+      assert.equal(leaves[0].channel, channel);
+      assert.equal(leaves[0].user, 'bob', `leave: the user: ${JSON.stringify(leaves[0])}`);
+
+      await T(page, 'resubscribe', 'bob', channel);
+      joins = await waitFor('joins', 2);
+      assert.equal(joins[1].client, bobId, `second join: ${JSON.stringify(joins[1])}`);
+      await T(page, 'disconnect', 'bob');
+      leaves = await waitFor('leaves', 2); // a disconnect is a leave too
+      assert.equal(leaves[1].user, 'bob');
+
+      await sleep(SETTLE_MS);
+      assert.equal((await ofBob('joins')).length, 2, 'two joins of bob');
+      assert.equal((await ofBob('leaves')).length, 2, 'two leaves of bob');
+      assert.deepEqual([...await T(page, 'joins', 'carol', channel), ...await T(page, 'leaves', 'carol', channel)], [],
+        'a subscription without joinLeave gets no join/leave pushes');
+      assert.deepEqual(page.errors, []);
+    });
+
     test(`B6 ${bundle.name}: client publish where client_publish = false: error 103`, TIMEOUT, async (t) => {
       const defer = cleanup(t);
       const server = await startServer({ defer });
@@ -335,6 +495,50 @@ for (const bundle of BUNDLES) {
       assert.equal(Number(result.offset), 1, 'the refused publication was not stored');
       const pubs = await exactly(page, channel, 'alice', channel, 1);
       assert.deepEqual(pubs[0].data, { text: 'newsroom' });
+      assert.deepEqual(page.errors, []);
+    });
+
+    test(`B7 ${bundle.name}: a server-side subscription from the token's channels claim`, TIMEOUT, async (t) => {
+      const defer = cleanup(t);
+      const server = await startServer({ defer });
+      const page = await openPage(defer, bundle, server.url);
+      const channel = unique('b-personal');
+      const { client: clientId } = await T(page, 'connect', 'alice', server.wsUrl, connectionToken('alice', { channels: [channel] }));
+      const subscribed = await eventually('subscribed to the channel of the token', async () =>
+        (await T(page, 'serverSubEvents', 'alice')).find((e) => e.event === 'subscribed' && e.channel === channel));
+      assert.equal(subscribed.wasRecovering, false, JSON.stringify(subscribed));
+      for (let n = 1; n <= 3; n++) await api(server, 'publish', { channel, data: { n } });
+      const pubs = await exactlyClient(page, 'client-level publications', 'alice', 3);
+      assert.deepEqual(pubs, [1, 2, 3].map((n) => ({ channel, offset: n, data: { n }, info: null })));
+      // The server has the connection in the channel.
+      const presence = await api(server, 'presence', { channel });
+      assert.deepEqual(Object.values(presence.presence).map((c) => [c.client, c.user]), [[clientId, 'alice']]);
+      assert.deepEqual((await T(page, 'serverSubEvents', 'alice')).map((e) => [e.event, e.channel]), [['subscribed', channel]]);
+      assert.deepEqual(page.errors, []);
+    });
+
+    test(`B7b ${bundle.name}: server API subscribe and unsubscribe reach the page's client`, TIMEOUT, async (t) => {
+      const defer = cleanup(t);
+      const server = await startServer({ defer });
+      const page = await openPage(defer, bundle, server.url);
+      const channel = unique('b-pushed');
+      await T(page, 'connect', 'alice', server.wsUrl, connectionToken('alice'));
+      const serverSubEvents = () => T(page, 'serverSubEvents', 'alice');
+      await api(server, 'subscribe', { user: 'alice', channel });
+      await eventually('the subscribe push', async () =>
+        (await serverSubEvents()).some((e) => e.event === 'subscribed' && e.channel === channel));
+      await api(server, 'publish', { channel, data: { hello: 'alice' } });
+      const pubs = await exactlyClient(page, 'client-level publication', 'alice', 1);
+      assert.deepEqual(pubs[0], { channel, offset: 1, data: { hello: 'alice' }, info: null });
+      await api(server, 'unsubscribe', { user: 'alice', channel });
+      await eventually('the unsubscribe push', async () =>
+        (await serverSubEvents()).some((e) => e.event === 'unsubscribed' && e.channel === channel));
+      await api(server, 'publish', { channel, data: { hello: 'nobody' } });
+      await sleep(SETTLE_MS);
+      assert.equal((await T(page, 'clientPubs', 'alice')).length, 1, 'nothing after the unsubscribe');
+      assert.deepEqual((await serverSubEvents()).map((e) => [e.event, e.channel]),
+        [['subscribed', channel], ['unsubscribed', channel]]);
+      assert.equal((await T(page, 'states', 'alice')).client, 'connected');
       assert.deepEqual(page.errors, []);
     });
 
@@ -361,13 +565,69 @@ for (const bundle of BUNDLES) {
       for (let n = 1; n <= 20; n++) await api(server, 'publish', { channel, data: { n, tag: 'missed' } });
       relay.unblock();
 
+      await recoveredAfterThree(page, channel);
+    });
+
+    test(`B9 ${bundle.name}: recovery across a restart of a SQLite (--data-dir) server`, TIMEOUT, async (t) => {
+      const defer = cleanup(t);
+      const dataDir = tempDir('switchboard-sdk-data-', defer);
+      let server = await startServer({ defer, store: { dataDir } });
+      const { port } = server;
+      const relay = await startRelay(port, defer);
+      const page = await openPage(defer, bundle, relay.url);
+      const channel = unique('b-durable');
+      await T(page, 'connect', 'alice', relay.wsUrl, connectionToken('alice'));
+      const first = await T(page, 'subscribe', 'alice', channel);
+      assert.equal(first.recoverable, true, 'the channel is recoverable');
+      const { epoch } = await T(page, 'history', 'alice', channel, {});
+      assert.ok(epoch, 'the channel has an epoch');
+      await publishMany(server, channel, 'live', 3);
+      await exactly(page, 'live', 'alice', channel, 3);
+
+      await shutdownUnder(page, 'alice', server, relay);
+      assert.deepEqual(await T(page, 'states', 'alice', channel), { client: 'connecting', sub: 'subscribing' });
+      server = await startServer({ defer, port, store: { dataDir } });
+      const published = await publishMany(server, channel, 'missed', 20);
+      assert.deepEqual(published.map((r) => Number(r.offset)), range(4, 23), 'ids go on after the restart');
+      assert.ok(published.every((r) => r.epoch === epoch), 'SQLite keeps the epoch');
+      relay.unblock();
+
+      const back = await recoveredAfterThree(page, channel);
+      assert.equal(back.epoch, epoch, JSON.stringify(back));
+    });
+
+    test(`B10 ${bundle.name}: after a restart of a --memory server: recovered false`, TIMEOUT, async (t) => {
+      const defer = cleanup(t);
+      let server = await startServer({ defer });
+      const { port } = server;
+      const relay = await startRelay(port, defer);
+      const page = await openPage(defer, bundle, relay.url);
+      const channel = unique('b-volatile');
+      await T(page, 'connect', 'alice', relay.wsUrl, connectionToken('alice'));
+      await T(page, 'subscribe', 'alice', channel);
+      await publishMany(server, channel, 'live', 3);
+      await exactly(page, 'live', 'alice', channel, 3);
+      const oldEpoch = (await T(page, 'history', 'alice', channel, {})).epoch;
+      assert.ok(oldEpoch);
+
+      await shutdownUnder(page, 'alice', server, relay);
+      server = await startServer({ defer, port });
+      const published = await publishMany(server, channel, 'new', 5);
+      const newEpoch = published[0].epoch;
+      assert.notEqual(newEpoch, oldEpoch, 'a new epoch after a restart in memory');
+      relay.unblock();
+
       await eventually('subscribed again', async () => (await T(page, 'subscribedEvents', 'alice', channel)).length >= 2, 30000);
       const back = (await T(page, 'subscribedEvents', 'alice', channel))[1];
       assert.equal(back.wasRecovering, true, JSON.stringify(back));
-      assert.equal(back.recovered, true, JSON.stringify(back));
-      const pubs = await exactly(page, 'recovered', 'alice', channel, 23);
-      assert.deepEqual(pubs.slice(3).map((p) => p.offset), range(4, 23));
-      assert.deepEqual(pubs.slice(3).map((p) => p.data), range(1, 20).map((n) => ({ n, tag: 'missed' })));
+      assert.equal(back.recovered, false, `the history it had is gone: ${JSON.stringify(back)}`);
+      assert.equal(back.epoch, newEpoch, `positioned in the new stream: ${JSON.stringify(back)}`);
+      // The subscription goes on in the new stream.
+      const count = (await T(page, 'pubs', 'alice', channel)).length;
+      await api(server, 'publish', { channel, data: { n: 6, tag: 'new' } });
+      const pubs = await exactly(page, 'live in the new epoch', 'alice', channel, count + 1);
+      assert.deepEqual(pubs.at(-1), { channel, offset: 6, data: { n: 6, tag: 'new' }, user: null, info: null });
+      assert.equal((await T(page, 'history', 'alice', channel, {})).epoch, newEpoch);
       assert.equal((await T(page, 'states', 'alice', channel)).client, 'connected');
       assert.deepEqual(page.errors, []);
     });
