@@ -16,6 +16,27 @@ use crate::serve::AppState;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
+/// A session's counters (every door's), looked up in the registry once per connection
+/// rather than per event: the send side runs once per member for every message in a
+/// channel.
+pub(crate) struct Counters {
+    pub(crate) events_sent: metrics::Counter,
+    pub(crate) bytes_sent: metrics::Counter,
+    pub(crate) events_received: metrics::Counter,
+    pub(crate) bytes_received: metrics::Counter,
+}
+
+impl Counters {
+    pub(crate) fn new() -> Self {
+        Self {
+            events_sent: metrics::counter!("switchboard_events_sent_total"),
+            bytes_sent: metrics::counter!("switchboard_bytes_sent_total"),
+            events_received: metrics::counter!("switchboard_events_received_total"),
+            bytes_received: metrics::counter!("switchboard_bytes_received_total"),
+        }
+    }
+}
+
 /// How often histogram samples are folded into their summaries.
 const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 

@@ -24,6 +24,7 @@ use switchboard_protocol::room::{self, parse_client_event, ClientEvent};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
+use crate::metrics::Counters;
 use crate::serve::AppState;
 use crate::upgrade::upgrade;
 
@@ -129,26 +130,6 @@ pub(crate) async fn room(
             }
         }
     })
-}
-
-/// A session's counters, looked up in the registry once rather than per event: the
-/// send side runs once per member for every message in the room.
-struct Counters {
-    events_sent: metrics::Counter,
-    bytes_sent: metrics::Counter,
-    events_received: metrics::Counter,
-    bytes_received: metrics::Counter,
-}
-
-impl Counters {
-    fn new() -> Self {
-        Self {
-            events_sent: metrics::counter!("switchboard_events_sent_total"),
-            bytes_sent: metrics::counter!("switchboard_bytes_sent_total"),
-            events_received: metrics::counter!("switchboard_events_received_total"),
-            bytes_received: metrics::counter!("switchboard_bytes_received_total"),
-        }
-    }
 }
 
 /// A connection's events per second, and how often in a row it went over.

@@ -25,6 +25,7 @@ use tracing::{debug, warn};
 use super::clients::{Control, Mailbox, Registration};
 use super::{codes, disconnect, format_of, publication, push_of, unsubscribe, VERSION};
 use crate::auth::{verify, DoorClaims, TokenRefused};
+use crate::metrics::Counters;
 use crate::serve::AppState;
 
 /// Commands one frame may hold.
@@ -111,24 +112,6 @@ struct Session {
     connect_refusals: u32,
     counters: Counters,
     registration: Option<Registration>,
-}
-
-/// The counters every frame touches, looked up in the registry once per connection
-/// rather than per frame (a channel's publication is sent once per subscriber).
-struct Counters {
-    events_sent: metrics::Counter,
-    bytes_sent: metrics::Counter,
-    bytes_received: metrics::Counter,
-}
-
-impl Counters {
-    fn new() -> Self {
-        Self {
-            events_sent: metrics::counter!("switchboard_events_sent_total"),
-            bytes_sent: metrics::counter!("switchboard_bytes_sent_total"),
-            bytes_received: metrics::counter!("switchboard_bytes_received_total"),
-        }
-    }
 }
 
 fn now_secs() -> u64 {
@@ -674,6 +657,7 @@ impl Session {
     async fn on_command(&mut self, command: Command) -> Result<(), Option<Disconnect>> {
         let kind = kind(&command);
         count_command(kind);
+        self.counters.events_received.increment(1);
         if kind == "pong" {
             self.unanswered_pings = 0;
             return Ok(());
