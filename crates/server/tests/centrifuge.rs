@@ -298,6 +298,29 @@ async fn errors_are_the_specifications() {
             .await;
         let result = valid.subscribe.expect("subscribed with a token");
         assert!(result.expires && result.ttl > 3000);
+        // Refreshing it: another channel's token is refused, a later one is taken.
+        let sub_refresh = |claims: Value| Command {
+            sub_refresh: Some(switchboard_protocol::centrifuge::SubRefreshRequest {
+                channel: "secret:x".into(),
+                token: token(claims),
+            }),
+            ..Command::default()
+        };
+        let wrong = sub_refresh(json!({"sub": "bob", "channel": "secret:y", "exp": later}));
+        assert_eq!(code(&bob.call(wrong).await), Some(103));
+        let longer = sub_refresh(json!({"sub": "bob", "channel": "secret:x", "exp": later + 3600}));
+        let refreshed = bob.call(longer).await.sub_refresh.expect("refreshed");
+        assert!(refreshed.expires && refreshed.ttl > 7000, "{refreshed:?}");
+        // And the connection's own token: another user's is refused.
+        let refresh = |user: &str| Command {
+            refresh: Some(switchboard_protocol::centrifuge::RefreshRequest {
+                token: user_token(user),
+            }),
+            ..Command::default()
+        };
+        assert_eq!(code(&bob.call(refresh("eve")).await), Some(101));
+        let renewed = bob.call(refresh("bob")).await.refresh.expect("refreshed");
+        assert!(renewed.expires && renewed.ttl > 3000, "{renewed:?}");
         // The limit of 4 subscriptions (news:today and secret:x so far).
         assert!(bob.call(subscribe("c1")).await.subscribe.is_some());
         assert!(bob.call(subscribe("c2")).await.subscribe.is_some());
