@@ -701,7 +701,10 @@ async fn in_a_cluster_every_node_reaches_every_connection_and_its_history() {
             .await
             .subscribe
             .unwrap();
-        assert!(result.recovered, "{result:?}");
+        assert!(
+            result.recovered,
+            "{result:?} (subscribed at first in {first:?})"
+        );
         let mut data: Vec<Value> = result
             .publications
             .iter()

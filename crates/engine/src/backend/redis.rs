@@ -480,8 +480,9 @@ impl Backend for RedisBackend {
         // found no channel and was dropped: read where the stream stands once more.
         let (node, channel) = (self.node.clone(), channel.clone());
         tokio::spawn(async move {
+            let seen = channel.broadcast_id();
             match node.open(&channel.name).await {
-                Ok(position) => node.resume(&channel, position).await,
+                Ok(position) => node.resume(&channel, position, seen).await,
                 Err(cause) => {
                     warn!(%cause, channel = %channel.name, "checking a new channel's position failed")
                 }
@@ -1098,8 +1099,9 @@ impl Node {
         for attempt in 1..=CATCH_UP_TRIES {
             let mut failed = Vec::new();
             for channel in channels {
+                let seen = channel.broadcast_id();
                 match self.open(&channel.name).await {
-                    Ok(position) => self.resume(&channel, position).await,
+                    Ok(position) => self.resume(&channel, position, seen).await,
                     Err(cause) if attempt == CATCH_UP_TRIES => {
                         warn!(%cause, channel = %channel.name, "catching up after the subscription failed")
                     }
@@ -1117,8 +1119,11 @@ impl Node {
     /// Takes where `channel`'s stream stands after an outage. Ids that went back under
     /// the same epoch (a Redis restarted from data older than what it had said) mean the
     /// history is not what members were told: the epoch is renewed, for every node.
-    async fn resume(&self, channel: &Arc<Channel>, mut position: Position) {
-        if *position.epoch == *channel.epoch() && position.last_id < channel.broadcast_id() {
+    /// `seen` is the channel's last delivered id from before `position` was read:
+    /// publications delivered while it was read are newer than it, not a sign that the
+    /// ids went back.
+    async fn resume(&self, channel: &Arc<Channel>, mut position: Position, seen: u64) {
+        if *position.epoch == *channel.epoch() && position.last_id < seen {
             match self.renew(&channel.name, &position.epoch).await {
                 Ok(epoch) => position.epoch = epoch,
                 Err(cause) => {
