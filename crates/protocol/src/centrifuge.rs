@@ -195,7 +195,7 @@ pub struct PublishRequest {
     #[prost(string, tag = "1")]
     pub channel: String,
     #[prost(bytes = "vec", tag = "2")]
-    #[serde(with = "raw")]
+    #[serde(with = "raw", skip_serializing_if = "Vec::is_empty")]
     pub data: Vec<u8>,
 }
 
@@ -365,7 +365,7 @@ pub struct ClientInfo {
 #[serde(default)]
 pub struct Publication {
     #[prost(bytes = "vec", tag = "4")]
-    #[serde(with = "raw")]
+    #[serde(with = "raw", skip_serializing_if = "Vec::is_empty")]
     pub data: Vec<u8>,
     #[prost(message, optional, tag = "5")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -766,6 +766,11 @@ mod tests {
         assert!(is_pong(&commands[2]));
         assert!(decode_commands(Encoding::Json, b"{\"id\":", 10).is_err());
         assert!(decode_commands(Encoding::Json, b"{}\n{}\n{}", 2).is_err());
+        // A publish without data writes none back (not `null`, which would read as data).
+        let bare: Vec<Command> =
+            decode_commands(Encoding::Json, b"{\"id\":3,\"publish\":{\"x\":{}}}", 10).unwrap();
+        let again = encode_command(Encoding::Json, &bare[0]);
+        assert_eq!(decode_commands(Encoding::Json, &again, 10).unwrap(), bare);
         assert!(decode_commands(Encoding::Json, b"\n", 2).is_err());
     }
 
