@@ -141,6 +141,20 @@ function assertRecoveredExactly(what, pubs, expectedOffsets, tag) {
     expectedOffsets.map((_, i) => ({ n: i + 1, tag })), `${what}: data in order`);
 }
 
+/**
+ * SIGTERMs `server` under `client`: the client must be told 3001 (shutdown, reconnect
+ * advised); the relay then holds it off until the test lets it through. Resolves once
+ * the server has exited.
+ */
+async function shutdownUnder(client, server, relay) {
+  const shutdown = nextEvent(client, 'connecting');
+  const stopping = server.stop();
+  const ctx = await shutdown;
+  relay.block();
+  assert.equal(ctx.code, 3001, `shutdown disconnect: ${JSON.stringify(ctx)}`);
+  await stopping;
+}
+
 for (const build of BUILDS) {
   const { enc, dec } = codec(build);
 
@@ -480,12 +494,7 @@ for (const build of BUILDS) {
       // SIGTERM: a shutdown disconnect (3001, reconnect advised); the relay then holds the
       // client off until the new server has had the 20 publications.
       const before = sub.subscribedEvents.length;
-      const shutdown = nextEvent(client, 'connecting');
-      const stopping = server.stop();
-      const ctx = await shutdown;
-      relay.block();
-      assert.equal(ctx.code, 3001, `shutdown disconnect: ${JSON.stringify(ctx)}`);
-      await stopping;
+      await shutdownUnder(client, server, relay);
       server = await startServer({ defer, port, store: { dataDir } });
       const published = await publishMany(server, channel, 'missed', 20);
       assert.deepEqual(published.map((r) => num(r.offset)), range(4, 23), 'ids go on after the restart');
@@ -512,12 +521,7 @@ for (const build of BUILDS) {
       const oldEpoch = (await sub.history({})).epoch;
 
       const before = sub.subscribedEvents.length;
-      const shutdown = nextEvent(client, 'connecting');
-      const stopping = server.stop();
-      const ctx = await shutdown;
-      relay.block();
-      assert.equal(ctx.code, 3001, `shutdown disconnect: ${JSON.stringify(ctx)}`);
-      await stopping;
+      await shutdownUnder(client, server, relay);
       server = await startServer({ defer, port });
       const published = await publishMany(server, channel, 'new', 5);
       assert.notEqual(published[0].epoch, oldEpoch, 'a new epoch after a restart in memory');

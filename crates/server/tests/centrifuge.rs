@@ -7,11 +7,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 use switchboard_protocol::centrifuge::{
-    ChannelRequest, Command, ConnectRequest, Encoding, HistoryRequest, PublishRequest, Reply,
-    SubscribeRequest,
+    ChannelRequest, Command, Encoding, HistoryRequest, PublishRequest, Reply, SubscribeRequest,
 };
 use switchboard_server::Config;
-use switchboard_test_support::centrifuge::Centrifuge;
+use switchboard_test_support::centrifuge::{connect_command, Centrifuge};
 use switchboard_test_support::http;
 use switchboard_test_support::redis::{Persistence, RedisServer};
 use switchboard_test_support::room::{refused, Room};
@@ -89,17 +88,6 @@ fn publish(channel: &str, data: &[u8]) -> Command {
             channel: channel.into(),
             data: data.to_vec(),
         }),
-        ..Command::default()
-    }
-}
-
-fn connect_with(token: &str) -> Command {
-    Command {
-        connect: Some(ConnectRequest {
-            token: token.into(),
-            ..ConnectRequest::default()
-        }),
-        id: 1,
         ..Command::default()
     }
 }
@@ -334,7 +322,7 @@ async fn errors_are_the_specifications() {
         let expired = token(json!({"sub": "bob", "exp": now() - 10}));
         let (mut late, reply) = Centrifuge::connect(&url, encoding, &expired).await;
         assert_eq!(code(&reply), Some(109));
-        let reply = late.call(connect_with(&user_token("bob"))).await;
+        let reply = late.call(connect_command(1, &user_token("bob"))).await;
         assert!(reply.connect.is_some(), "{reply:?}");
         let forged = jsonwebtoken::encode(
             &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
@@ -344,7 +332,7 @@ async fn errors_are_the_specifications() {
         .unwrap();
         for bad in [forged.as_str(), ""] {
             let mut forger = Centrifuge::open(&url, encoding).await;
-            forger.send(&connect_with(bad)).await;
+            forger.send(&connect_command(1, bad)).await;
             assert_eq!(forger.closed().await.0, 3500, "token {bad:?}");
         }
         let mut early = Centrifuge::open(&url, encoding).await;

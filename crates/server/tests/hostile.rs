@@ -1881,9 +1881,9 @@ async fn tokens_decide_identity_and_rooms() {
 // id.
 
 use switchboard_protocol::centrifuge::{
-    encode_command, Command, ConnectRequest, Encoding, PublishRequest, SubscribeRequest,
+    encode_command, Command, Encoding, PublishRequest, SubscribeRequest,
 };
-use switchboard_test_support::centrifuge::Centrifuge;
+use switchboard_test_support::centrifuge::{connect_command, Centrifuge};
 
 /// The channel of the Centrifugo canaries.
 const CF_CHANNEL: &str = "hostile-cf";
@@ -2121,18 +2121,7 @@ fn cf_cases() -> Vec<CfCase> {
         ),
     ];
     for encoding in [Json, Protobuf] {
-        let connect_with = |token: String| {
-            command(
-                encoding,
-                last(Command {
-                    connect: Some(ConnectRequest {
-                        token,
-                        ..ConnectRequest::default()
-                    }),
-                    ..Command::default()
-                }),
-            )
-        };
+        let connect_with = |token: String| command(encoding, connect_command(LAST, &token));
         let mut before_connect = cf(
             "a subscribe before connect",
             encoding,
@@ -2188,16 +2177,7 @@ async fn run_cf_case(server: &Server, case: &CfCase) -> Result<(), String> {
     let url = server.url("/connection/websocket");
     let mut client = Centrifuge::open(&url, case.encoding).await;
     if let Some(token) = &case.token {
-        client
-            .send(&Command {
-                id: 1,
-                connect: Some(ConnectRequest {
-                    token: token.clone(),
-                    ..ConnectRequest::default()
-                }),
-                ..Command::default()
-            })
-            .await;
+        client.send(&connect_command(1, token)).await;
         let reply = client.reply_to(1).await;
         if reply.connect.is_none() {
             return Err(format!("the connect was refused: {reply:?}"));
@@ -2226,16 +2206,7 @@ async fn run_cf_case(server: &Server, case: &CfCase) -> Result<(), String> {
             if reply.error.as_ref().map(|e| e.code) != Some(want) {
                 return Err(format!("replied {reply:?}"));
             }
-            client
-                .send(&Command {
-                    id: 2,
-                    connect: Some(ConnectRequest {
-                        token: ticket("Hostile"),
-                        ..ConnectRequest::default()
-                    }),
-                    ..Command::default()
-                })
-                .await;
+            client.send(&connect_command(2, &ticket("Hostile"))).await;
             let reply = client.reply_to(2).await;
             if reply.connect.is_none() {
                 return Err(format!("a valid connect after it got {reply:?}"));

@@ -13,6 +13,19 @@ use switchboard_protocol::centrifuge::{
 /// How long a test waits for a reply or a push.
 const PATIENCE: Duration = Duration::from_secs(10);
 
+/// A `connect` command with `id` (0: for [`Centrifuge::call`] to number) and `token`
+/// (empty: anonymous).
+pub fn connect_command(id: u32, token: &str) -> Command {
+    Command {
+        id,
+        connect: Some(ConnectRequest {
+            token: token.to_owned(),
+            ..ConnectRequest::default()
+        }),
+        ..Command::default()
+    }
+}
+
 /// One connection to `/connection/websocket`.
 #[derive(Debug)]
 pub struct Centrifuge {
@@ -49,15 +62,7 @@ impl Centrifuge {
     /// Opens and connects with `token` (empty: anonymous); the connect reply.
     pub async fn connect(url: &str, encoding: Encoding, token: &str) -> (Self, Reply) {
         let mut client = Self::open(url, encoding).await;
-        let reply = client
-            .call(Command {
-                connect: Some(ConnectRequest {
-                    token: token.to_owned(),
-                    ..ConnectRequest::default()
-                }),
-                ..Command::default()
-            })
-            .await;
+        let reply = client.call(connect_command(0, token)).await;
         (client, reply)
     }
 

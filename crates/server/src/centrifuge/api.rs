@@ -318,6 +318,18 @@ async fn disconnect_user(state: &AppState, request: DisconnectRequest) -> Value 
     .await
 }
 
+/// `{}` for what was done; error 100 (logged as `failed`) for what the engine could not
+/// do.
+fn done(result: Result<(), EngineError>, failed: &str) -> Value {
+    match result {
+        Ok(()) => json!({"result": {}}),
+        Err(cause) => {
+            warn!(%cause, "{failed}");
+            failure(codes::INTERNAL)
+        }
+    }
+}
+
 /// Sends `control` to `user`'s connections on every node.
 async fn notify(state: &AppState, user: String, client: Option<String>, control: Control) -> Value {
     let notice = Notice {
@@ -325,13 +337,10 @@ async fn notify(state: &AppState, user: String, client: Option<String>, control:
         client,
         control,
     };
-    match state.engine.notify_nodes(notice.to_bytes()).await {
-        Ok(()) => json!({"result": {}}),
-        Err(cause) => {
-            warn!(%cause, "a server API notice could not be sent");
-            failure(codes::INTERNAL)
-        }
-    }
+    done(
+        state.engine.notify_nodes(notice.to_bytes()).await,
+        "a server API notice could not be sent",
+    )
 }
 
 #[derive(Deserialize)]
@@ -384,13 +393,10 @@ async fn history_remove(state: &AppState, request: ChannelRequest) -> Value {
     if !names::valid_channel(&request.channel) {
         return failure(codes::BAD_REQUEST);
     }
-    match state.engine.remove_history(&request.channel).await {
-        Ok(()) => json!({"result": {}}),
-        Err(cause) => {
-            warn!(%cause, "removing history failed");
-            failure(codes::INTERNAL)
-        }
-    }
+    done(
+        state.engine.remove_history(&request.channel).await,
+        "removing history failed",
+    )
 }
 
 #[derive(Deserialize)]

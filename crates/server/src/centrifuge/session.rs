@@ -114,6 +114,11 @@ struct Session {
     registration: Option<Registration>,
 }
 
+/// Seconds until `exp` (seconds since the epoch), as a reply's `ttl`.
+fn ttl_of(exp: u64) -> u32 {
+    u32::try_from(exp.saturating_sub(now_secs())).unwrap_or(u32::MAX)
+}
+
 fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -387,14 +392,14 @@ impl Session {
                 }
             }
         }
-        let ttl = self.expires.map(|exp| exp.saturating_sub(now_secs()));
+        let ttl = self.expires.map(ttl_of);
         let reply = Reply {
             id,
             connect: Some(proto::ConnectResult {
                 client: self.client.clone(),
                 version: VERSION.to_owned(),
                 expires: ttl.is_some(),
-                ttl: ttl.map_or(0, |t| u32::try_from(t).unwrap_or(u32::MAX)),
+                ttl: ttl.unwrap_or(0),
                 subs,
                 ping: u32::try_from(self.state.config.ping_interval_secs.max(1))
                     .unwrap_or(u32::MAX),
@@ -792,7 +797,7 @@ impl Session {
         if !token.is_empty() {
             if let Some(exp) = expires {
                 result.expires = true;
-                result.ttl = u32::try_from(exp.saturating_sub(now_secs())).unwrap_or(u32::MAX);
+                result.ttl = ttl_of(exp);
             }
         }
         Ok(result)
@@ -986,7 +991,7 @@ impl Session {
             client: self.client.clone(),
             version: VERSION.to_owned(),
             expires: true,
-            ttl: u32::try_from(claims.exp.saturating_sub(now_secs())).unwrap_or(u32::MAX),
+            ttl: ttl_of(claims.exp),
         })
     }
 
@@ -1005,7 +1010,7 @@ impl Session {
         }
         Ok(proto::SubRefreshResult {
             expires: true,
-            ttl: u32::try_from(claims.exp.saturating_sub(now_secs())).unwrap_or(u32::MAX),
+            ttl: ttl_of(claims.exp),
         })
     }
 }
