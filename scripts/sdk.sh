@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Centrifugo's official SDKs against Switchboard's centrifuge door: centrifuge-js (npm
-# `centrifuge`, unchanged) in Node, JSON and Protobuf builds (scripts/sdk/centrifuge.test.mjs),
-# and its browser bundles in Debian's Chromium (scripts/sdk/browser.test.mjs); then the
-# Python SDK's tests when scripts/sdk/python/run.sh exists. Installs what it needs: the npm
-# packages (npm ci), Chromium and redis-server from Debian.
+# The official client and server libraries of the ecosystems Switchboard's doors speak
+# for, unchanged: Centrifugo's centrifuge-js (npm `centrifuge`) in Node, JSON and Protobuf
+# builds (scripts/sdk/centrifuge.test.mjs), and its browser bundles in Debian's Chromium
+# (scripts/sdk/browser.test.mjs); Pusher's `pusher` server library checking Switchboard's
+# webhooks (scripts/sdk/pusher-webhooks.test.mjs); then the Python tests
+# (scripts/sdk/python/run.sh). Installs what it needs: the npm packages (npm ci), Chromium
+# and redis-server from Debian.
 #
 # Environment:
 #   SWITCHBOARD_BIN   server binary to test (default: builds target/release/switchboard)
@@ -20,8 +22,8 @@ if ((${#missing[@]})); then
     log "installing ${missing[*]} (apt)"
     apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
-if [[ ! -d scripts/sdk/node_modules/centrifuge || ! -d scripts/sdk/node_modules/playwright-core || ! -d scripts/sdk/node_modules/ws ]]; then
-    log "installing centrifuge, ws and playwright-core (npm ci)"
+if [[ ! -d scripts/sdk/node_modules/centrifuge || ! -d scripts/sdk/node_modules/playwright-core || ! -d scripts/sdk/node_modules/ws || ! -d scripts/sdk/node_modules/pusher-js || ! -d scripts/sdk/node_modules/pusher || ! -d scripts/sdk/node_modules/laravel-echo ]]; then
+    log "installing centrifuge, ws, playwright-core, pusher-js, pusher and laravel-echo (npm ci)"
     (cd scripts/sdk && npm ci --no-audit --no-fund --silent)
 fi
 if [[ -z "${SWITCHBOARD_BIN:-}" ]]; then
@@ -33,7 +35,7 @@ log "$(/usr/bin/chromium --version 2>/dev/null || echo chromium), $(node --versi
 
 # Both suites run whatever the other gives; any failure fails the script.
 status=0
-(cd scripts/sdk && node --test --test-reporter=spec centrifuge.test.mjs browser.test.mjs) || status=$?
+(cd scripts/sdk && node --test --test-reporter=spec centrifuge.test.mjs browser.test.mjs pusher-webhooks.test.mjs) || status=$?
 
 if [[ -f scripts/sdk/python/run.sh ]]; then
     log "the Python SDK (scripts/sdk/python/run.sh)"

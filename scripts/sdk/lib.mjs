@@ -77,20 +77,30 @@ function tomlValue(value) {
 }
 
 const isTable = (value) => value !== null && typeof value === 'object' && !Array.isArray(value);
+/** A non-empty array of objects: an array of tables (`[[apps]]`). */
+const isTableArray = (value) => Array.isArray(value) && value.length > 0 && value.every(isTable);
+const isScalar = (value) => !isTable(value) && !isTableArray(value);
 
-/** TOML text for a plain object: scalars and arrays as keys, nested objects as tables. */
-export function toToml(object, prefix = []) {
+/**
+ * TOML text for a plain object: scalars and arrays as keys, nested objects as tables,
+ * arrays of objects as arrays of tables (`apps: [{id: '1'}]` is `[[apps]]` / `id = "1"`).
+ */
+export function toToml(object, prefix = [], header = '[') {
   const lines = [];
   for (const [key, value] of Object.entries(object)) {
-    if (!isTable(value)) lines.push(`${key} = ${tomlValue(value)}`);
+    if (isScalar(value)) lines.push(`${key} = ${tomlValue(value)}`);
   }
   let text = '';
-  if (prefix.length && (lines.length || Object.values(object).every((v) => !isTable(v)))) {
-    text += `[${prefix.join('.')}]\n`;
+  const close = header === '[' ? ']' : ']]';
+  if (prefix.length && (header === '[[' || lines.length || Object.values(object).every(isScalar))) {
+    text += `${header}${prefix.join('.')}${close}\n`;
   }
   if (lines.length) text += `${lines.join('\n')}\n`;
   for (const [key, value] of Object.entries(object)) {
     if (isTable(value)) text += `${text ? '\n' : ''}${toToml(value, [...prefix, key])}`;
+    if (isTableArray(value)) {
+      for (const item of value) text += `${text ? '\n' : ''}${toToml(item, [...prefix, key], '[[')}`;
+    }
   }
   return text;
 }

@@ -75,7 +75,7 @@ pub(crate) struct CompareArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "switchboard,sockudo,tungstenite-broadcast"
+        default_value = "switchboard,switchboard-pusher,sockudo,tungstenite-broadcast"
     )]
     fanout_engines: Vec<String>,
     /// Subscribers per fan-out cell.
@@ -123,7 +123,12 @@ enum Part {
 
 /// The engines that are neither Switchboard nor the raw TCP ceiling.
 fn is_peer(engine: &str) -> bool {
-    engine != "switchboard" && engine != "raw"
+    !is_ours(engine) && engine != "raw"
+}
+
+/// Switchboard through one of its doors: `switchboard` (rooms), `switchboard-pusher`.
+fn is_ours(engine: &str) -> bool {
+    engine == "switchboard" || engine.starts_with("switchboard-")
 }
 
 fn cell_name((connections, size): (usize, usize)) -> String {
@@ -180,7 +185,7 @@ impl Server {
         if engine == "sockudo" {
             return Self::start_sockudo(args, command).await;
         }
-        if engine == "switchboard" {
+        if is_ours(engine) {
             let me = switchboard_binary(args)?;
             // Rooms limit each connection's rate; the fan-out publisher needs more. Every
             // load comes from loopback, so the limits per address are off (the peers
@@ -425,7 +430,10 @@ async fn load_json<T: serde::de::DeserializeOwned>(
 fn fanout_target(engine: &str, address: &str) -> (String, &'static str) {
     match engine {
         "switchboard" => (format!("ws://{address}/room/bench"), "switchboard"),
-        "sockudo" => (format!("ws://{address}/app/app-key?protocol=7"), "pusher"),
+        // The Pusher door's open-mode app has the same key (and id 1).
+        "sockudo" | "switchboard-pusher" => {
+            (format!("ws://{address}/app/app-key?protocol=7"), "pusher")
+        }
         _ => (format!("ws://{address}/"), "broadcast"),
     }
 }
@@ -467,6 +475,13 @@ async fn run_fanout(args: &CompareArgs, report: &mut Report) -> anyhow::Result<(
                     step_secs,
                     "--p99-bound-ms",
                     &args.p99_bound_ms.to_string(),
+                    // The Pusher door's open-mode app is id 1.
+                    "--app-id",
+                    if engine == "switchboard-pusher" {
+                        "1"
+                    } else {
+                        "app-id"
+                    },
                 ]
                 .map(String::from)
                 .to_vec())
@@ -570,7 +585,7 @@ pub(crate) async fn run(args: CompareArgs) -> anyhow::Result<()> {
     } else {
         CELLS.to_vec()
     };
-    if args.engines.iter().any(|e| e != "switchboard") && !args.peers.exists() {
+    if args.engines.iter().any(|e| !is_ours(e)) && !args.peers.exists() {
         bail!(
             "no peer servers at {}: build them with `cargo build --release --manifest-path \
              peers/Cargo.toml`, or pass --peers",
@@ -1051,11 +1066,13 @@ fn fanout_table(report: &Report, out: &mut String) {
         .values()
         .flat_map(|by_count| by_count.keys().copied())
         .collect();
-    let others: Vec<&String> = engines.iter().filter(|e| *e != "switchboard").collect();
-    let ratios: Vec<String> = others
+    let ours: Vec<&String> = engines.iter().filter(|e| is_ours(e)).collect();
+    let others: Vec<&String> = engines.iter().filter(|e| !is_ours(e)).collect();
+    let pairs: Vec<(&String, &String)> = ours
         .iter()
-        .map(|e| format!("Switchboard ÷ {e}"))
+        .flat_map(|o| others.iter().map(move |p| (*o, *p)))
         .collect();
+    let ratios: Vec<String> = pairs.iter().map(|(o, p)| format!("{o} ÷ {p}")).collect();
     let _ = writeln!(
         out,
         "| subscribers | {} | {} |",
@@ -1066,7 +1083,7 @@ fn fanout_table(report: &Report, out: &mut String) {
         out,
         "|---:|{}{}",
         "---:|".repeat(engines.len()),
-        "---|".repeat(others.len())
+        "---|".repeat(pairs.len())
     );
     let held = |engine: &str, count: usize| {
         report
@@ -1091,8 +1108,8 @@ fn fanout_table(report: &Report, out: &mut String) {
             );
             let _ = write!(row, " {cell} |");
         }
-        for other in &others {
-            let ratio = match (held("switchboard", count), held(other, count)) {
+        for (ours, other) in &pairs {
+            let ratio = match (held(ours, count), held(other, count)) {
                 (Some(o), Some(p)) if p.delivered_per_sec > 0.0 => {
                     format!("{:.2}×", o.delivered_per_sec / p.delivered_per_sec)
                 }

@@ -194,4 +194,25 @@ mod tests {
         assert!(parse_config("listen = 8080").is_err());
         assert!(parse_config("max_connections = \"many\"").is_err());
     }
+
+    #[test]
+    fn the_readmes_config_examples_are_valid_config_files() {
+        let readme = include_str!("../../../README.md");
+        let blocks: Vec<&str> = readme
+            .split("```toml\n")
+            .skip(1)
+            .map(|rest| rest.split("```").next().unwrap())
+            .collect();
+        assert!(blocks.len() >= 4, "{} blocks", blocks.len());
+        let mut apps = 0;
+        for block in blocks {
+            match parse_config(block) {
+                Ok((config, _, _)) => {
+                    apps += config.apps.iter().map(|a| a.webhooks.len()).sum::<usize>()
+                }
+                Err(error) => panic!("README config example does not parse: {error:#}\n{block}"),
+            }
+        }
+        assert_eq!(apps, 2, "the [[apps]] example's two webhooks");
+    }
 }

@@ -87,6 +87,8 @@ pub struct EngineConfig {
     /// What each channel keeps and allows.
     pub namespaces: Namespaces,
     pub clock: Clock,
+    /// Record hooks (see [`crate::hooks`]); `None`: none are.
+    pub hooks: Option<crate::hooks::HookConfig>,
 }
 
 impl Default for EngineConfig {
@@ -100,6 +102,7 @@ impl Default for EngineConfig {
             nonce_ttl: Duration::from_secs(86_400),
             namespaces: Namespaces::default(),
             clock: Clock::default(),
+            hooks: None,
         }
     }
 }
@@ -112,6 +115,12 @@ impl EngineConfig {
 
     pub fn with_clock(mut self, clock: Clock) -> Self {
         self.clock = clock;
+        self
+    }
+
+    /// Records hooks, removals and vacancies waiting as `hooks` says.
+    pub fn with_hooks(mut self, hooks: crate::hooks::HookConfig) -> Self {
+        self.hooks = Some(hooks);
         self
     }
 }
@@ -372,6 +381,11 @@ impl Channel {
         self.state().epoch.clone()
     }
 
+    /// Whether it has members here.
+    pub(crate) fn occupied(&self) -> bool {
+        !self.state().members.is_empty()
+    }
+
     /// The users with a connection here.
     pub(crate) fn users(&self) -> Vec<String> {
         self.state().users.keys().map(|u| u.to_string()).collect()
@@ -426,6 +440,7 @@ impl Channel {
 
     /// Cuts every member off for `reason`.
     fn cut_all(&self, state: &mut State, reason: u8) {
+        let occupied = !state.members.is_empty();
         for (_, member) in state.members.drain() {
             member.ended.store(reason, Ordering::Relaxed);
             member.queue.cut();
@@ -434,6 +449,9 @@ impl Channel {
         for user in users.keys() {
             // Nobody is left here to be told.
             self.backend.left(&self.name, user);
+        }
+        if occupied {
+            self.backend.occupancy(&self.name, false);
         }
     }
 
@@ -491,11 +509,15 @@ impl Channel {
         item: Outbound,
     ) {
         let mut dropped = send_to(state, filter, &item);
+        let cut = !dropped.is_empty();
         while let Some(user) = dropped.pop() {
             if self.leave(state, &user) {
                 let leave = Outbound::Leave(user.clone());
                 dropped.extend(send_to(state, |_, m| m.user != user, &leave));
             }
+        }
+        if cut && state.members.is_empty() {
+            self.backend.occupancy(&self.name, false);
         }
     }
 
@@ -732,6 +754,9 @@ impl Engine {
         let id = self.inner.next_member.fetch_add(1, Ordering::Relaxed);
         let (upto, epoch, mut members, first) = {
             let mut state = channel.state();
+            if state.members.is_empty() {
+                channel.backend.occupancy(&channel.name, true);
+            }
             let first = counted && {
                 let count = state.users.entry(user.clone()).or_insert(0);
                 *count += 1;
@@ -931,6 +956,48 @@ impl Engine {
             .backend
             .remove_history(&channel.name, upto)
             .await?)
+    }
+
+    /// Records a hook of a door's own (a client event), when hooks are recorded.
+    pub async fn record_hook(&self, hook: crate::Hook) -> Result<(), EngineError> {
+        if self.inner.config.hooks.is_none() {
+            return Ok(());
+        }
+        Ok(self.inner.backend.record_hook(hook).await?)
+    }
+
+    /// Whether hooks are recorded.
+    pub fn records_hooks(&self) -> bool {
+        self.inner.config.hooks.is_some()
+    }
+
+    /// Up to `max` hooks due now, oldest first, each taken until [`Engine::hook_sent`]
+    /// (in a cluster, for a lease of `lease`: one not sent by then goes back to the queue).
+    pub async fn take_hooks(
+        &self,
+        max: usize,
+        lease: Duration,
+    ) -> Result<Vec<crate::hooks::Taken>, EngineError> {
+        Ok(self.inner.backend.take_hooks(max, lease).await?)
+    }
+
+    /// A taken hook was sent (or given up on): it leaves the queue.
+    pub async fn hook_sent(&self, taken: &crate::hooks::Taken) -> Result<(), EngineError> {
+        Ok(self.inner.backend.hook_sent(taken).await?)
+    }
+
+    /// Keeps a taken hook for another `lease` (while its sending is retried).
+    pub async fn keep_hook(
+        &self,
+        taken: &crate::hooks::Taken,
+        lease: Duration,
+    ) -> Result<(), EngineError> {
+        Ok(self.inner.backend.keep_hook(taken, lease).await?)
+    }
+
+    /// Hooks waiting to be taken, delayed ones included.
+    pub async fn hooks_waiting(&self) -> Result<usize, EngineError> {
+        Ok(self.inner.backend.hooks_waiting().await?)
     }
 
     /// The users in `channel` now, sorted (on every node of a cluster); none where the
@@ -1216,6 +1283,9 @@ impl Drop for Subscription {
         if channel.leave(&mut state, &self.user) {
             let leave = Outbound::Leave(self.user.clone());
             channel.deliver_locked(&mut state, |_, _| true, leave);
+        }
+        if state.members.is_empty() {
+            channel.backend.occupancy(&channel.name, false);
         }
     }
 }

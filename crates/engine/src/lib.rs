@@ -19,6 +19,7 @@
 
 mod backend;
 mod engine;
+pub mod hooks;
 pub mod names;
 pub mod options;
 mod recovery;
@@ -30,6 +31,7 @@ pub use engine::{
     Clock, Delivery, Draft, Ended, Engine, EngineConfig, EngineError, Format, Inbox, InboxWaker,
     Outbound, Receipt, Resume, Subscription, FORMATS,
 };
+pub use hooks::{Hook, HookConfig, HookKind};
 pub use names::{valid_channel, valid_user_name, CHANNEL_RULE, USER_NAME_RULE};
 pub use options::{ChannelOptions, NamespaceTable, Namespaces, Recover};
 pub use store::{MemoryStore, Position, Publication, SqliteStore, Store, StoreError};

@@ -28,6 +28,12 @@ pub fn valid_user_name(name: &str) -> bool {
     (1..=64).contains(&chars) && !name.chars().any(char::is_control) && name.trim() == name
 }
 
+/// Whether `channel` is one whose subscribers need the Pusher door's signature
+/// (`private-`, `private-encrypted-`, `presence-`): no other door lets clients join it.
+pub fn needs_signature(channel: &str) -> bool {
+    channel.starts_with("private-") || channel.starts_with("presence-")
+}
+
 /// The users `channel` is limited to, when its name has a `#`.
 pub fn allowed_users(channel: &str) -> Option<impl Iterator<Item = &str>> {
     let (_, users) = channel.split_once('#')?;
@@ -60,6 +66,15 @@ mod tests {
         assert!(!valid_user_name(""));
         assert!(!valid_user_name(" padded"));
         assert!(!valid_user_name("new\nline"));
+    }
+
+    #[test]
+    fn signed_channels() {
+        assert!(needs_signature("private-a"));
+        assert!(needs_signature("private-encrypted-a"));
+        assert!(needs_signature("presence-a"));
+        assert!(!needs_signature("public-a"));
+        assert!(!needs_signature("a-private-b"));
     }
 
     #[test]

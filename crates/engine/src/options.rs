@@ -143,6 +143,9 @@ impl Namespaces {
 
     /// The options of `channel`'s namespace.
     pub fn options(&self, channel: &str) -> &Arc<ChannelOptions> {
+        // A channel of a Pusher app other than the first (`{id}~name`) takes the
+        // options of its name.
+        let channel = channel.split_once('~').map_or(channel, |(_, name)| name);
         self.prefixed
             .iter()
             .find(|(prefix, _)| channel.starts_with(prefix.as_str()))

@@ -10,11 +10,14 @@
 //!   the Rust client both use these types; neither writes the JSON by hand.
 //! - [`centrifuge`] is Centrifugo's client protocol (v2), JSON and Protobuf: the commands
 //!   its SDKs send and the replies and pushes they read.
+//! - [`pusher`] is the Pusher Channels protocol (version 7): its messages, and the
+//!   signatures of channel and user authorisation, HTTP API requests and webhooks.
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 pub mod centrifuge;
+pub mod pusher;
 pub mod room;
 
 /// A channel's publication, as stored and as the room protocol's `message` event carries

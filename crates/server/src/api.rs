@@ -280,6 +280,8 @@ pub(crate) async fn get_rooms(State(state): State<AppState>) -> Response {
         Ok(rooms) => {
             let rooms: Vec<Value> = rooms
                 .into_iter()
+                // Other Pusher apps' channels (`{id}~name`) are not rooms.
+                .filter(|(room, _)| valid_channel(room))
                 .map(|(room, members)| json!({"room": room, "members": members}))
                 .collect();
             Json(json!({"rooms": rooms})).into_response()

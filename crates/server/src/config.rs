@@ -109,6 +109,63 @@ pub struct Config {
     pub compression_min_size: usize,
     /// Seconds without traffic after which a connection frees its compressor.
     pub compression_idle_release_secs: u64,
+    /// `[[apps]]`: the Pusher door's applications. None: one open-mode app (id `1`, key
+    /// `app-key`, secret `app-secret`).
+    pub apps: Vec<PusherApp>,
+    /// The `activity_timeout` the Pusher door announces: seconds of silence after which
+    /// a client pings.
+    pub activity_timeout_secs: u64,
+    /// Largest event the Pusher door takes (a client event's data, or an HTTP API
+    /// event's), in bytes.
+    pub max_event_bytes: usize,
+    /// Client events a Pusher connection may send per second, on average (4301 beyond).
+    pub client_events_per_sec: f64,
+}
+
+/// One application of the Pusher door (`[[apps]]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct PusherApp {
+    /// A numeric string, as the libraries expect.
+    pub id: String,
+    pub key: String,
+    pub secret: String,
+    /// Where this app's webhooks go.
+    #[serde(default)]
+    pub webhooks: Vec<Webhook>,
+    /// Milliseconds `member_removed` and `channel_vacated` wait; a user or subscriber
+    /// back within it causes neither.
+    #[serde(default = "default_leave_delay")]
+    pub webhook_leave_delay_ms: u64,
+}
+
+fn default_leave_delay() -> u64 {
+    3000
+}
+
+impl PusherApp {
+    pub fn new(id: &str, key: &str, secret: &str) -> Self {
+        Self {
+            id: id.to_owned(),
+            key: key.to_owned(),
+            secret: secret.to_owned(),
+            webhooks: Vec::new(),
+            webhook_leave_delay_ms: default_leave_delay(),
+        }
+    }
+}
+
+/// A webhook endpoint of an app.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct Webhook {
+    pub url: String,
+    /// The events it gets (`channel_occupied`, `channel_vacated`, `member_added`,
+    /// `member_removed`, `client_event`); none given: all of them.
+    #[serde(default)]
+    pub event_types: Option<Vec<String>>,
 }
 
 impl Default for Config {
@@ -156,6 +213,10 @@ impl Default for Config {
             compression_client_no_context_takeover: true,
             compression_min_size: 0,
             compression_idle_release_secs: 10,
+            apps: Vec::new(),
+            activity_timeout_secs: 30,
+            max_event_bytes: 10 * 1024,
+            client_events_per_sec: 10.0,
         }
     }
 }
@@ -238,6 +299,12 @@ impl Config {
     pub fn with_rate_limit(mut self, per_sec: f64, burst: u32) -> Self {
         self.rate_limit_per_sec = per_sec;
         self.rate_limit_burst = burst;
+        self
+    }
+
+    /// The Pusher door's applications (none: the open-mode app).
+    pub fn with_apps(mut self, apps: Vec<PusherApp>) -> Self {
+        self.apps = apps;
         self
     }
 

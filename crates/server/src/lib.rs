@@ -15,6 +15,7 @@ mod config;
 mod echo;
 mod limits;
 mod metrics;
+mod pusher;
 mod room;
 mod routes;
 mod serve;
@@ -23,6 +24,6 @@ mod upgrade;
 mod web;
 
 pub use auth::AuthSetupError;
-pub use config::Config;
+pub use config::{Config, PusherApp, Webhook};
 pub use room::{HISTORY_RESET, SLOW_CONSUMER};
 pub use serve::{run, Error};

@@ -92,6 +92,16 @@ pub(crate) async fn room(
         )
             .into_response();
     }
+    if names::needs_signature(&channel) {
+        metrics::counter!("switchboard_handshake_failures_total", "reason" => "auth").increment(1);
+        return (
+            StatusCode::FORBIDDEN,
+            format!(
+                "room {channel} is a private or presence channel: join it through the Pusher door (/app/KEY) with the app's signature\n"
+            ),
+        )
+            .into_response();
+    }
     if state.engine.options(&channel).subscribe_token {
         // Its subscribers need a subscription token, which only the Centrifugo door
         // checks.

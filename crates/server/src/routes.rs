@@ -27,6 +27,8 @@ pub(crate) fn router(state: AppState) -> Router {
         .merge(api)
         .merge(crate::centrifuge::router(state.clone()))
         .route("/connection/websocket", get(crate::centrifuge::websocket))
+        .merge(crate::pusher::router(state.clone()))
+        .route("/app/{key}", get(crate::pusher::websocket))
         .route("/echo", get(echo))
         .route("/room/{room}", get(crate::room::room))
         .route("/", get(crate::web::index))

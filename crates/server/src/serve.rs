@@ -39,6 +39,8 @@ pub enum Error {
     Namespaces(String),
     #[error("authentication: {0}")]
     Auth(#[from] crate::auth::AuthSetupError),
+    #[error(transparent)]
+    Apps(#[from] crate::pusher::AppsError),
     #[error("TLS: {0}")]
     Tls(#[from] switchboard_net::tls::TlsError),
     #[error("TLS needs both tls_cert and tls_key")]
@@ -61,6 +63,10 @@ pub(crate) struct AppState {
     pub(crate) kill: Shutdown,
     /// The Centrifugo door's connections on this node, for its server API.
     pub(crate) centrifuge_clients: Arc<crate::centrifuge::Clients>,
+    /// The Pusher door's apps.
+    pub(crate) pusher_apps: Arc<crate::pusher::Apps>,
+    /// The Pusher door's connections on this node.
+    pub(crate) pusher_registry: Arc<crate::pusher::Registry>,
 }
 
 impl AppState {
@@ -96,7 +102,16 @@ pub async fn run(
     let tls = tls_acceptor(&config)?;
     crate::metrics::install();
     let auth = Arc::new(crate::auth::Auth::from_config(&config)?);
-    let engine = engine(&config).await?;
+    let pusher_apps = Arc::new(crate::pusher::Apps::from_config(&config)?);
+    if config.apps.is_empty() {
+        warn!(
+            "open mode: the Pusher door's app is id 1, key app-key, secret app-secret; set [[apps]] in the config for your own"
+        );
+    }
+    let hooks = crate::pusher::webhooks::wanted(&pusher_apps).then(|| {
+        switchboard_engine::HookConfig::new(crate::pusher::webhooks::leave_delay(&pusher_apps))
+    });
+    let engine = engine(&config, hooks).await?;
     let state = AppState {
         engine,
         auth,
@@ -105,7 +120,21 @@ pub async fn run(
         tasks: TaskTracker::new(),
         kill: Shutdown::default(),
         centrifuge_clients: Arc::default(),
+        pusher_apps,
+        pusher_registry: Arc::default(),
     };
+    tokio::spawn(crate::pusher::apply_notices(
+        state.pusher_registry.clone(),
+        state.engine.notices(),
+    ));
+    if state.engine.records_hooks() {
+        let webhooks = crate::pusher::webhooks::run(
+            state.engine.clone(),
+            state.pusher_apps.clone(),
+            state.shutdown.clone(),
+        );
+        tokio::spawn(webhooks);
+    }
     tokio::spawn(crate::centrifuge::apply_notices(
         state.centrifuge_clients.clone(),
         state.engine.notices(),
@@ -131,13 +160,17 @@ fn tls_acceptor(config: &Config) -> Result<Option<TlsAcceptor>, Error> {
 
 /// The channel engine the configuration asks for: over Redis, or on this node with
 /// history in SQLite or in memory.
-async fn engine(config: &Config) -> Result<Engine, Error> {
+async fn engine(
+    config: &Config,
+    hooks: Option<switchboard_engine::HookConfig>,
+) -> Result<Engine, Error> {
     let namespaces =
         Namespaces::new(config.channels.clone(), &config.namespaces).map_err(Error::Namespaces)?;
     let mut engine_config = EngineConfig::default().with_namespaces(namespaces);
     engine_config.recent_on_join = config.recent_on_join;
     engine_config.outbound_queue = config.outbound_queue;
     engine_config.nonce_ttl = Duration::from_secs(config.nonce_ttl_secs.max(1));
+    engine_config.hooks = hooks;
     if let Some(url) = &config.redis {
         let redis = RedisConfig::new(url.clone())
             .with_prefix(config.redis_prefix.clone())

@@ -6,7 +6,10 @@
 //! long-lived "canary" members of the same room still chat: one says something, both
 //! receive it. The Centrifugo door has a matrix of its own (at the end): each case
 //! names the reply's error code or the close code it must get, and after each one a
-//! Centrifugo canary and a room canary in one channel both receive a publication.
+//! Centrifugo canary and a room canary in one channel both receive a publication. So
+//! has the Pusher door: each case names the `pusher:error` codes or the close code it
+//! must get (and its HTTP API the status of each bad request), and after each one a
+//! Pusher canary and a room canary in one channel both receive an API event.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -2342,6 +2345,556 @@ async fn the_centrifugo_door_answers_hostile_input_exactly_and_keeps_delivering(
         "{} of {} cases failed:\n{}",
         failures.len(),
         cases.len(),
+        failures.join("\n")
+    );
+    server.stop().await;
+}
+
+// The Pusher door: broken JSON, forged and misplaced signatures, client events where
+// they are not taken, oversized events, floods of subscribes and client events, bad
+// sign-ins, refused handshakes; and its HTTP API's bad requests. After every case a
+// Pusher canary and a room canary in one channel both get an event of the HTTP API.
+
+use switchboard_test_support::pusher::{channel_auth, signed_path, user_auth, Pusher};
+
+/// The channel of the Pusher canaries.
+const PUSHER_CHANNEL: &str = "hostile-pusher";
+const PUSHER_KEY: &str = "hostile-key";
+const PUSHER_SECRET: &str = "hostile-app-secret";
+
+#[derive(Debug)]
+enum PusherExpect {
+    /// Before the pong of a ping sent last, exactly these `pusher:error` codes.
+    Errors(Vec<Option<u16>>),
+    /// The server closes with this code.
+    Close(u16),
+}
+
+/// One message a case sends.
+enum Out {
+    Text(String),
+    Binary(Vec<u8>),
+}
+
+/// What a case sends, given the connection's socket id.
+type Frames = Box<dyn Fn(&str) -> Vec<Out>>;
+
+struct PusherCase {
+    name: &'static str,
+    /// The WebSocket's path and query.
+    path: &'static str,
+    frames: Frames,
+    expect: PusherExpect,
+}
+
+fn pusher_case(
+    name: &'static str,
+    frames: impl Fn(&str) -> Vec<Out> + 'static,
+    expect: PusherExpect,
+) -> PusherCase {
+    PusherCase {
+        name,
+        path: "/app/hostile-key?protocol=7",
+        frames: Box::new(frames),
+        expect,
+    }
+}
+
+fn ptext(value: &Value) -> Out {
+    Out::Text(value.to_string())
+}
+
+fn ptext_raw(text: &str) -> Out {
+    Out::Text(text.to_owned())
+}
+
+fn psubscribe(channel: &str, auth: Option<&str>, channel_data: Option<&str>) -> Out {
+    let mut data = json!({"channel": channel});
+    if let Some(auth) = auth {
+        data["auth"] = auth.into();
+    }
+    if let Some(channel_data) = channel_data {
+        data["channel_data"] = channel_data.into();
+    }
+    ptext(&json!({"event": "pusher:subscribe", "data": data}))
+}
+
+fn signed(socket: &str, channel: &str, channel_data: Option<&str>) -> Out {
+    let auth = channel_auth(PUSHER_KEY, PUSHER_SECRET, socket, channel, channel_data);
+    psubscribe(channel, Some(&auth), channel_data)
+}
+
+fn client_event(channel: &str, data: Value) -> Out {
+    ptext(&json!({"event": "client-x", "channel": channel, "data": data}))
+}
+
+fn signin(socket: &str, user_data: &str, secret: &str) -> Out {
+    let auth = user_auth(PUSHER_KEY, secret, socket, user_data);
+    ptext(&json!({"event": "pusher:signin", "data": {"auth": auth, "user_data": user_data}}))
+}
+
+fn pusher_cases() -> Vec<PusherCase> {
+    use PusherExpect::*;
+    let none = |n: usize| Errors(vec![None; n]);
+    let raw = |t: &'static str| move |_: &str| vec![ptext_raw(t)];
+    let mut cases = vec![
+        pusher_case("not JSON", raw("{\"event\":"), none(1)),
+        pusher_case("a JSON array", raw("[1,2]"), none(1)),
+        pusher_case("an event that is a number", raw(r#"{"event":5}"#), none(1)),
+        pusher_case(
+            "subscribe without data",
+            raw(r#"{"event":"pusher:subscribe"}"#),
+            none(1),
+        ),
+        pusher_case(
+            "subscribe to a channel that is a number",
+            raw(r#"{"event":"pusher:subscribe","data":{"channel":5}}"#),
+            none(1),
+        ),
+        pusher_case(
+            "a channel name with a colon",
+            |_| vec![psubscribe("a:b", None, None)],
+            none(1),
+        ),
+        pusher_case(
+            "a channel name of 165 characters",
+            |_| vec![psubscribe(&"a".repeat(165), None, None)],
+            none(1),
+        ),
+        pusher_case(
+            "a private channel without auth",
+            |_| vec![psubscribe("private-h", None, None)],
+            none(1),
+        ),
+        pusher_case(
+            "a private channel with a forged signature",
+            |socket| {
+                let auth = channel_auth(PUSHER_KEY, "guessed", socket, "private-h", None);
+                vec![psubscribe("private-h", Some(&auth), None)]
+            },
+            none(1),
+        ),
+        pusher_case(
+            "a private channel signed for another socket",
+            |_| vec![signed("1.1", "private-h", None)],
+            none(1),
+        ),
+        pusher_case(
+            "a private channel signed for another channel",
+            |socket| {
+                let auth = channel_auth(PUSHER_KEY, PUSHER_SECRET, socket, "private-other", None);
+                vec![psubscribe("private-h", Some(&auth), None)]
+            },
+            none(1),
+        ),
+        pusher_case(
+            "auth without a colon",
+            |_| vec![psubscribe("private-h", Some("no-colon"), None)],
+            none(1),
+        ),
+        pusher_case(
+            "a presence channel without channel_data",
+            |socket| vec![signed(socket, "presence-h", None)],
+            none(1),
+        ),
+        pusher_case(
+            "presence channel_data without a user_id (signed)",
+            |socket| vec![signed(socket, "presence-h", Some(r#"{"user_info":{}}"#))],
+            none(1),
+        ),
+        pusher_case(
+            "presence channel_data that is not JSON (signed)",
+            |socket| vec![signed(socket, "presence-h", Some("not json"))],
+            none(1),
+        ),
+        pusher_case(
+            "presence signed over other channel_data",
+            |socket| {
+                let auth = channel_auth(
+                    PUSHER_KEY,
+                    PUSHER_SECRET,
+                    socket,
+                    "presence-h",
+                    Some(r#"{"user_id":"1"}"#),
+                );
+                vec![psubscribe(
+                    "presence-h",
+                    Some(&auth),
+                    Some(r#"{"user_id":"admin"}"#),
+                )]
+            },
+            none(1),
+        ),
+        pusher_case(
+            "another user's personal channel",
+            |_| vec![psubscribe("#server-to-user-admin", None, None)],
+            Errors(vec![Some(4009)]),
+        ),
+        pusher_case(
+            "a client event on a public channel",
+            |_| {
+                vec![
+                    psubscribe("public-h", None, None),
+                    client_event("public-h", json!({})),
+                ]
+            },
+            none(1),
+        ),
+        pusher_case(
+            "a client event on an encrypted channel",
+            |socket| {
+                vec![
+                    signed(socket, "private-encrypted-h", None),
+                    client_event("private-encrypted-h", json!({})),
+                ]
+            },
+            none(1),
+        ),
+        pusher_case(
+            "a client event on a channel not subscribed",
+            |_| vec![client_event("private-h", json!({}))],
+            none(1),
+        ),
+        pusher_case(
+            "a client event of 11 KiB",
+            |socket| {
+                vec![
+                    signed(socket, "private-h", None),
+                    client_event("private-h", json!("x".repeat(11 * 1024))),
+                ]
+            },
+            none(1),
+        ),
+        pusher_case(
+            "a client event without a channel",
+            raw(r#"{"event":"client-x","data":{}}"#),
+            none(1),
+        ),
+        pusher_case(
+            "a client event name of 300 bytes",
+            |socket| {
+                let name = format!("client-{}", "n".repeat(293));
+                vec![
+                    signed(socket, "private-h", None),
+                    ptext(&json!({"event": name, "channel": "private-h", "data": {}})),
+                ]
+            },
+            none(1),
+        ),
+        pusher_case(
+            "client data nested 10 000 deep",
+            |socket| {
+                let nested = format!(
+                    r#"{{"event":"client-x","channel":"private-h","data":{}{}}}"#,
+                    "[".repeat(10_000),
+                    "]".repeat(10_000)
+                );
+                vec![signed(socket, "private-h", None), ptext_raw(&nested)]
+            },
+            none(1),
+        ),
+        pusher_case(
+            "ten client events at once (one a second allowed here)",
+            |socket| {
+                let mut frames = vec![signed(socket, "private-h", None)];
+                frames.extend((0..10).map(|i| client_event("private-h", json!({"i": i}))));
+                frames
+            },
+            Errors(vec![Some(4301); 9]),
+        ),
+        pusher_case(
+            "a binary message",
+            |_| vec![Out::Binary(vec![0, 1])],
+            none(1),
+        ),
+        pusher_case(
+            "an unknown pusher event is ignored",
+            raw(r#"{"event":"pusher:dance","data":{}}"#),
+            none(0),
+        ),
+        pusher_case(
+            "unsubscribing from a channel never joined is ignored",
+            raw(r#"{"event":"pusher:unsubscribe","data":{"channel":"never"}}"#),
+            none(0),
+        ),
+        pusher_case(
+            "subscribing twice is answered twice",
+            |_| {
+                vec![
+                    psubscribe("twice", None, None),
+                    psubscribe("twice", None, None),
+                ]
+            },
+            none(0),
+        ),
+        pusher_case(
+            "25 refusals in a row end the connection",
+            |_| (0..25).map(|_| ptext_raw("[]")).collect(),
+            Close(4301),
+        ),
+        pusher_case(
+            "a flood of 1 000 subscribes",
+            |_| {
+                (0..1000)
+                    .map(|i| psubscribe(&format!("flood-{i}"), None, None))
+                    .collect()
+            },
+            Close(4301),
+        ),
+        pusher_case(
+            "a sign-in with a forged signature",
+            |socket| vec![signin(socket, r#"{"id":"admin"}"#, "guessed")],
+            Close(4009),
+        ),
+        pusher_case(
+            "a sign-in whose user_data is not JSON (signed)",
+            |socket| vec![signin(socket, "not json", PUSHER_SECRET)],
+            Close(4009),
+        ),
+        pusher_case(
+            "a sign-in as a user id with a comma (signed)",
+            |socket| vec![signin(socket, r#"{"id":"a,b"}"#, PUSHER_SECRET)],
+            Close(4009),
+        ),
+        pusher_case(
+            "a message over the 64 KiB limit",
+            |_| {
+                vec![ptext_raw(&format!(
+                    r#"{{"event":"x","data":"{}"}}"#,
+                    "x".repeat(70 * 1024)
+                ))]
+            },
+            Close(1009),
+        ),
+    ];
+    for (path, code, name) in [
+        ("/app/unknown-key?protocol=7", 4001, "an unknown app key"),
+        ("/app/hostile-key", 4008, "no protocol version"),
+        (
+            "/app/hostile-key?protocol=99",
+            4007,
+            "an unsupported protocol version",
+        ),
+        (
+            "/app/hostile-key?protocol=7.x",
+            4006,
+            "a malformed protocol version",
+        ),
+    ] {
+        cases.push(PusherCase {
+            name,
+            path,
+            frames: Box::new(|_| Vec::new()),
+            expect: Close(code),
+        });
+    }
+    cases
+}
+
+/// Reads until the pong of the case's last ping (the codes of the errors met), or the
+/// close.
+async fn pusher_outcome(
+    socket: &mut WebSocket<Stream>,
+) -> Result<Result<Vec<Option<u16>>, u16>, String> {
+    let mut errors = Vec::new();
+    loop {
+        match tokio::time::timeout(WAIT, socket.recv()).await {
+            Err(_) => {
+                return Err(format!(
+                    "no pong and no close in time (errors so far {errors:?})"
+                ))
+            }
+            Ok(Err(e)) => return Err(format!("the connection failed: {e}")),
+            Ok(Ok(None)) => return Ok(Err(socket.peer_close().map_or(1005, |f| f.code.0))),
+            Ok(Ok(Some(Message::Text(text)))) => {
+                let message: Value =
+                    serde_json::from_str(text.as_str()).map_err(|e| e.to_string())?;
+                match message["event"].as_str() {
+                    Some("pusher:pong") => return Ok(Ok(errors)),
+                    Some("pusher:error") => {
+                        errors.push(message["data"]["code"].as_u64().map(|c| c as u16))
+                    }
+                    _ => {}
+                }
+            }
+            Ok(Ok(Some(_))) => {}
+        }
+    }
+}
+
+async fn run_pusher_case(server: &Server, case: &PusherCase) -> Result<(), String> {
+    let mut socket = connect(&server.url(case.path), ClientOptions::default())
+        .await
+        .map_err(|e| format!("connecting: {e}"))?
+        .socket;
+    let first = next_event(&mut socket).await?;
+    let socket_id = if first["event"] == "pusher:connection_established" {
+        let data: Value =
+            serde_json::from_str(first["data"].as_str().unwrap_or("{}")).unwrap_or_default();
+        data["socket_id"].as_str().unwrap_or_default().to_owned()
+    } else {
+        // A refused handshake: its error, then the close.
+        let code = first["data"]["code"].as_u64();
+        return match (&case.expect, pusher_outcome(&mut socket).await?) {
+            (PusherExpect::Close(want), Err(got))
+                if u64::from(*want) == code.unwrap_or(0) && *want == got =>
+            {
+                Ok(())
+            }
+            (_, got) => Err(format!("refused with {first} then {got:?}")),
+        };
+    };
+    for out in (case.frames)(&socket_id) {
+        let message = match out {
+            Out::Text(text) => Message::Text(text.into()),
+            Out::Binary(data) => Message::Binary(data.into()),
+        };
+        socket
+            .send(&message)
+            .await
+            .map_err(|e| format!("writing: {e}"))?;
+    }
+    let _ = socket
+        .send_text(r#"{"event":"pusher:ping","data":{}}"#)
+        .await;
+    let got = pusher_outcome(&mut socket).await?;
+    match (&case.expect, got) {
+        (PusherExpect::Errors(want), Ok(errors)) if *want == errors => Ok(()),
+        (PusherExpect::Close(want), Err(code)) if *want == code => Ok(()),
+        (_, got) => Err(format!("got {got:?}")),
+    }
+}
+
+/// A signed request to the Pusher HTTP API: its status.
+async fn pusher_api(
+    server: &Server,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+    secret: &str,
+    age: u64,
+) -> u16 {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let text = body.map(Value::to_string);
+    let signed = signed_path(
+        method,
+        path,
+        &[],
+        text.as_deref(),
+        PUSHER_KEY,
+        secret,
+        Some(now - age),
+    );
+    switchboard_test_support::http::raw(&server.address.to_string(), method, &signed, "", body)
+        .await
+        .map_or(0, |(status, _)| status)
+}
+
+#[tokio::test]
+async fn the_pusher_door_answers_hostile_input_exactly_and_keeps_delivering() {
+    let settings = json!({
+        "apps": [{"id": "5", "key": PUSHER_KEY, "secret": PUSHER_SECRET}],
+        "max_subscriptions_per_connection": 8,
+        "client_events_per_sec": 0.001,
+        "commands_per_sec": 100000.0,
+        "commands_burst": 100000,
+    });
+    let config: Config = serde_json::from_value(settings).unwrap();
+    let server = Server::start(config).await;
+    let mut canary = Pusher::open(&server.url("/app/hostile-key?protocol=7")).await;
+    let ok = canary.subscribe(PUSHER_CHANNEL, None, None).await;
+    assert_eq!(ok["event"], "pusher_internal:subscription_succeeded");
+    let mut room = connect(
+        &server.url(&format!("/room/{PUSHER_CHANNEL}?name=CanaryRoom")),
+        ClientOptions::default(),
+    )
+    .await
+    .unwrap()
+    .socket;
+    assert_eq!(next_event(&mut room).await.unwrap()["type"], "welcome");
+    let cases = pusher_cases();
+    assert!(cases.len() >= 35, "{} cases", cases.len());
+    let mut failures = Vec::new();
+    let deliver = |index: usize| json!({"name": "after", "channel": PUSHER_CHANNEL, "data": json!({"text": format!("after {index}")}).to_string()});
+    for (index, case) in cases.iter().enumerate() {
+        let started = Instant::now();
+        let outcome = run_pusher_case(&server, case).await;
+        eprintln!(
+            "{index:>3} {:<58} {outcome:?} ({:?})",
+            case.name,
+            started.elapsed()
+        );
+        if let Err(why) = outcome {
+            failures.push(format!("case `{}`: {why}", case.name));
+        }
+        let status = pusher_api(
+            &server,
+            "POST",
+            "/apps/5/events",
+            Some(&deliver(index)),
+            PUSHER_SECRET,
+            0,
+        )
+        .await;
+        assert_eq!(status, 200, "case `{}`: the API", case.name);
+        let text = format!("after {index}");
+        let event = canary.next_of("after").await;
+        let data: Value = serde_json::from_str(event["data"].as_str().unwrap()).unwrap();
+        assert_eq!(
+            data["text"],
+            text.as_str(),
+            "case `{}`: the Pusher canary",
+            case.name
+        );
+        loop {
+            let event = next_event(&mut room)
+                .await
+                .unwrap_or_else(|e| panic!("case `{}`: the room canary: {e}", case.name));
+            if event["type"] == "message" && event["text"] == text.as_str() {
+                break;
+            }
+        }
+    }
+    // The HTTP API's bad requests.
+    let event = json!({"name": "e", "channel": "c", "data": "{}"});
+    let http_cases: Vec<(&str, u16)> = vec![
+        ("a forged signature", pusher_api(&server, "POST", "/apps/5/events", Some(&event), "guessed", 0).await),
+        ("a timestamp 601 s old", pusher_api(&server, "POST", "/apps/5/events", Some(&event), PUSHER_SECRET, 601).await),
+        ("another app's id", pusher_api(&server, "POST", "/apps/6/events", Some(&event), PUSHER_SECRET, 0).await),
+        ("a body that is not an event", pusher_api(&server, "POST", "/apps/5/events", Some(&json!([1])), PUSHER_SECRET, 0).await),
+        ("an event of 11 KiB", pusher_api(&server, "POST", "/apps/5/events", Some(&json!({"name": "e", "channel": "c", "data": "x".repeat(11 * 1024)})), PUSHER_SECRET, 0).await),
+        ("101 channels", pusher_api(&server, "POST", "/apps/5/events", Some(&json!({"name": "e", "channels": (0..101).map(|i| format!("c{i}")).collect::<Vec<_>>(), "data": "{}"})), PUSHER_SECRET, 0).await),
+        ("a bad socket_id", pusher_api(&server, "POST", "/apps/5/events", Some(&json!({"name": "e", "channel": "c", "data": "{}", "socket_id": "x"})), PUSHER_SECRET, 0).await),
+        ("a batch of 11", pusher_api(&server, "POST", "/apps/5/batch_events", Some(&json!({"batch": (0..11).map(|_| event.clone()).collect::<Vec<_>>()})), PUSHER_SECRET, 0).await),
+        ("users of a public channel", pusher_api(&server, "GET", "/apps/5/channels/c/users", None, PUSHER_SECRET, 0).await),
+    ];
+    let want = [401, 401, 404, 400, 413, 400, 400, 400, 400];
+    for ((name, got), want) in http_cases.iter().zip(want) {
+        if *got != want {
+            failures.push(format!("API case `{name}`: {got}, not {want}"));
+        }
+    }
+    // Still delivering after them.
+    assert_eq!(
+        pusher_api(
+            &server,
+            "POST",
+            "/apps/5/events",
+            Some(&deliver(999)),
+            PUSHER_SECRET,
+            0
+        )
+        .await,
+        200
+    );
+    canary.next_of("after").await;
+    assert!(
+        failures.is_empty(),
+        "{} cases failed:\n{}",
+        failures.len(),
         failures.join("\n")
     );
     server.stop().await;

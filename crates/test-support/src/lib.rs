@@ -1,9 +1,12 @@
 //! What Switchboard's integration tests share (dev-dependency only): a `redis-server` of
 //! their own on a free port ([`redis`]), plain HTTP/1.1 requests ([`http`]), and room
-//! connections whose events are read as JSON ([`room`]), and Centrifugo-protocol
-//! connections with replies matched to their commands ([`centrifuge`]).
+//! connections whose events are read as JSON ([`room`]), Centrifugo-protocol
+//! connections with replies matched to their commands ([`centrifuge`]), and Pusher-protocol
+//! connections with HTTP API requests signed as its libraries sign them ([`pusher`]), and a webhook receiver ([`webhook`]).
 
 pub mod centrifuge;
 pub mod http;
+pub mod pusher;
 pub mod redis;
 pub mod room;
+pub mod webhook;

@@ -88,6 +88,7 @@ pub(crate) struct LocalBackend {
     sink: Arc<OnceLock<Sink>>,
     clock: Clock,
     nonce_ttl: Duration,
+    hooks: Option<crate::hooks::LocalHooks>,
 }
 
 impl std::fmt::Debug for LocalBackend {
@@ -125,6 +126,13 @@ impl LocalBackend {
             sink,
             clock: config.clock.clone(),
             nonce_ttl: config.nonce_ttl,
+            hooks: config.hooks.clone().map(crate::hooks::LocalHooks::new),
+        }
+    }
+
+    fn changed(&self, kind: crate::HookKind, channel: &str, user: &str) {
+        if let Some(hooks) = &self.hooks {
+            hooks.changed(kind, channel, user);
         }
     }
 
@@ -367,10 +375,13 @@ impl Backend for LocalBackend {
 
     fn joined<'a>(
         &'a self,
-        _channel: &'a Arc<Channel>,
-        _user: &'a Arc<str>,
-        _first: bool,
+        channel: &'a Arc<Channel>,
+        user: &'a Arc<str>,
+        first: bool,
     ) -> BoxFuture<'a, Result<Joined, StoreError>> {
+        if first {
+            self.changed(crate::HookKind::MemberAdded, &channel.name, user);
+        }
         // This node's members are everyone.
         ready(Ok(Joined {
             others: Vec::new(),
@@ -379,8 +390,54 @@ impl Backend for LocalBackend {
         .boxed()
     }
 
-    fn left(&self, _channel: &Arc<str>, _user: &Arc<str>) -> bool {
+    fn left(&self, channel: &Arc<str>, user: &Arc<str>) -> bool {
+        self.changed(crate::HookKind::MemberRemoved, channel, user);
         true
+    }
+
+    fn occupancy(&self, channel: &Arc<str>, occupied: bool) {
+        let kind = if occupied {
+            crate::HookKind::ChannelOccupied
+        } else {
+            crate::HookKind::ChannelVacated
+        };
+        self.changed(kind, channel, "");
+    }
+
+    fn record_hook(&self, hook: crate::Hook) -> BoxFuture<'_, Result<(), StoreError>> {
+        if let Some(hooks) = &self.hooks {
+            hooks.record(hook);
+        }
+        ready(Ok(())).boxed()
+    }
+
+    fn take_hooks(
+        &self,
+        max: usize,
+        _lease: Duration,
+    ) -> BoxFuture<'_, Result<Vec<crate::hooks::Taken>, StoreError>> {
+        let taken = self.hooks.as_ref().map_or_else(Vec::new, |h| h.take(max));
+        ready(Ok(taken)).boxed()
+    }
+
+    fn hook_sent<'a>(
+        &'a self,
+        _taken: &'a crate::hooks::Taken,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        // Taken is gone here: this process is the only one sending.
+        ready(Ok(())).boxed()
+    }
+
+    fn keep_hook<'a>(
+        &'a self,
+        _taken: &'a crate::hooks::Taken,
+        _lease: Duration,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        ready(Ok(())).boxed()
+    }
+
+    fn hooks_waiting(&self) -> BoxFuture<'_, Result<usize, StoreError>> {
+        ready(Ok(self.hooks.as_ref().map_or(0, |h| h.waiting()))).boxed()
     }
 
     fn typing(&self, _channel: &Arc<str>, _user: &Arc<str>, _is_typing: bool) {}

@@ -123,6 +123,29 @@ pub(crate) trait Backend: Send + Sync + std::fmt::Debug + 'static {
     /// The last connection of `user` on this node left; true when the engine announces
     /// the leave to this node's members itself.
     fn left(&self, channel: &Arc<str>, user: &Arc<str>) -> bool;
+    /// `channel` got its first member on this node, or lost its last one.
+    fn occupancy(&self, channel: &Arc<str>, occupied: bool);
+    /// Records a door's hook.
+    fn record_hook(&self, hook: crate::Hook) -> BoxFuture<'_, Result<(), StoreError>>;
+    /// Takes up to `max` hooks due now.
+    fn take_hooks(
+        &self,
+        max: usize,
+        lease: std::time::Duration,
+    ) -> BoxFuture<'_, Result<Vec<crate::hooks::Taken>, StoreError>>;
+    /// A taken hook is done with.
+    fn hook_sent<'a>(
+        &'a self,
+        taken: &'a crate::hooks::Taken,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// A taken hook is kept for another lease.
+    fn keep_hook<'a>(
+        &'a self,
+        taken: &'a crate::hooks::Taken,
+        lease: std::time::Duration,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// Hooks waiting, delayed ones included.
+    fn hooks_waiting(&self) -> BoxFuture<'_, Result<usize, StoreError>>;
     /// Carries a typing indicator to the other nodes.
     fn typing(&self, channel: &Arc<str>, user: &Arc<str>, is_typing: bool);
     /// Carries binary data to the other nodes.

@@ -247,54 +247,139 @@ redis.call('PUBLISH', channel, 'M' .. id .. '\n' .. epoch .. '\n' .. record)
 return {'1', tostring(id)}
 ";
 
-/// Presence, atomically. ARGV: mode (join, leave, sync, reap), prefix, node, then
-/// `channel \n user` entries. A join or leave publishes only when the user's first node
-/// joins or last node leaves. `sync` makes the node's entries exactly the ones given
-/// (after an outage); `reap` removes a node whose `alive` key is gone. A join returns
-/// the channel's users.
+/// Presence, atomically. ARGV: mode (join, leave, sync, reap), prefix, node, hooks
+/// (`1`: record them), then `channel \n user` entries. A join or leave publishes only
+/// when the user's first node joins or last node leaves. An entry with no user is the
+/// node's occupancy of the channel (it has members there). `sync` makes the node's
+/// entries exactly the ones given (after an outage); `reap` removes a node whose
+/// `alive` key is gone. A join returns the channel's users. With hooks, every first
+/// join and last leave of a user or of the channel's occupancy is recorded once, here:
+/// arrivals in the `hooks` list, leaves in the `hooks:pending` set (by when they
+/// happened, until they are due), where an arrival of the same user or occupancy
+/// cancels a leave still waiting and is itself not recorded.
 const PRESENCE: &str = r"
-local mode, prefix, node = ARGV[1], ARGV[2], ARGV[3]
+local mode, prefix, node, hooks = ARGV[1], ARGV[2], ARGV[3], ARGV[4] == '1'
 local mine = prefix .. ':members:' .. node
 local function split(entry)
   local at = string.find(entry, '\n', 1, true)
   return string.sub(entry, 1, at - 1), string.sub(entry, at + 1)
 end
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function arrived(kind, leave, room, user)
+  if not hooks then return end
+  if redis.call('ZREM', prefix .. ':hooks:pending', leave .. '\n' .. room .. '\n' .. user) == 1 then
+    return
+  end
+  if redis.call('LLEN', prefix .. ':hooks') >= 100000 then return end
+  local hook = {kind = kind, channel = room, time_ms = now_ms()}
+  if user ~= '' then hook.user = user end
+  local id = redis.call('INCR', prefix .. ':hooks:seq')
+  redis.call('RPUSH', prefix .. ':hooks', id .. '\n' .. cjson.encode(hook))
+end
+local function departed(kind, room, user)
+  if not hooks then return end
+  redis.call('ZADD', prefix .. ':hooks:pending', now_ms(), kind .. '\n' .. room .. '\n' .. user)
+end
 local function join(entry)
   if redis.call('SADD', mine, entry) == 0 then return end
   local room, user = split(entry)
+  if user == '' then
+    if redis.call('HINCRBY', prefix .. ':occupied', room, 1) == 1 then
+      arrived('channel_occupied', 'channel_vacated', room, '')
+    end
+    return
+  end
   if redis.call('HINCRBY', prefix .. ':presence:' .. room, user, 1) == 1 then
     redis.call('SADD', prefix .. ':rooms', room)
     redis.call('PUBLISH', prefix .. ':room:' .. room, 'Pjoin\n' .. user)
+    arrived('member_added', 'member_removed', room, user)
   end
 end
 local function leave(entry)
   if redis.call('SREM', mine, entry) == 0 then return end
   local room, user = split(entry)
+  if user == '' then
+    if redis.call('HINCRBY', prefix .. ':occupied', room, -1) <= 0 then
+      redis.call('HDEL', prefix .. ':occupied', room)
+      departed('channel_vacated', room, '')
+    end
+    return
+  end
   local hash = prefix .. ':presence:' .. room
   if redis.call('HINCRBY', hash, user, -1) <= 0 then
     redis.call('HDEL', hash, user)
     if redis.call('HLEN', hash) == 0 then redis.call('SREM', prefix .. ':rooms', room) end
     redis.call('PUBLISH', prefix .. ':room:' .. room, 'Pleave\n' .. user)
+    departed('member_removed', room, user)
   end
 end
 if mode == 'join' then
-  join(ARGV[4])
-  local room = split(ARGV[4])
+  join(ARGV[5])
+  local room = split(ARGV[5])
   return redis.call('HKEYS', prefix .. ':presence:' .. room)
 elseif mode == 'leave' then
-  leave(ARGV[4])
+  leave(ARGV[5])
 elseif mode == 'sync' then
   local want = {}
-  for i = 4, #ARGV do want[ARGV[i]] = true end
+  for i = 5, #ARGV do want[ARGV[i]] = true end
   for _, entry in ipairs(redis.call('SMEMBERS', mine)) do
     if not want[entry] then leave(entry) end
   end
-  for i = 4, #ARGV do join(ARGV[i]) end
+  for i = 5, #ARGV do join(ARGV[i]) end
 elseif mode == 'reap' then
   if redis.call('EXISTS', prefix .. ':alive:' .. node) == 1 then return {} end
   for _, entry in ipairs(redis.call('SMEMBERS', mine)) do leave(entry) end
   redis.call('DEL', mine)
   redis.call('SREM', prefix .. ':nodes', node)
+end
+return {}
+";
+
+/// Hooks, atomically. ARGV: mode, prefix, then:
+/// - `promote`, then `name`, `json` pairs: each delayed change still pending moves to
+///   the `hooks` list as `json` (once, whichever node promotes it);
+/// - `take`, now (ms), lease (ms), max: leased hooks whose lease ran out go back to the
+///   front of the list; then up to `max` from the front are leased until now + lease
+///   and returned;
+/// - `keep`, until (ms), ticket: a leased hook's lease is renewed;
+/// - `done`, ticket: a leased hook leaves;
+/// - `record`, json: a door's hook joins the list.
+const HOOKS: &str = r"
+local mode, prefix = ARGV[1], ARGV[2]
+local list, leased = prefix .. ':hooks', prefix .. ':hooks:leased'
+if mode == 'promote' then
+  for i = 3, #ARGV, 2 do
+    if redis.call('ZREM', prefix .. ':hooks:pending', ARGV[i]) == 1 then
+      local id = redis.call('INCR', prefix .. ':hooks:seq')
+      redis.call('RPUSH', list, id .. '\n' .. ARGV[i + 1])
+    end
+  end
+  return {}
+elseif mode == 'take' then
+  local now, lease, max = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+  local expired = redis.call('ZRANGEBYSCORE', leased, '-inf', now)
+  for i = #expired, 1, -1 do
+    redis.call('ZREM', leased, expired[i])
+    redis.call('LPUSH', list, expired[i])
+  end
+  local taken = redis.call('LPOP', list, max)
+  if not taken then return {} end
+  for _, item in ipairs(taken) do redis.call('ZADD', leased, now + lease, item) end
+  return taken
+elseif mode == 'keep' then
+  redis.call('ZADD', leased, 'XX', tonumber(ARGV[3]), ARGV[4])
+  return {}
+elseif mode == 'done' then
+  redis.call('ZREM', leased, ARGV[3])
+  return {}
+elseif mode == 'record' then
+  if redis.call('LLEN', list) >= 100000 then return 0 end
+  local id = redis.call('INCR', prefix .. ':hooks:seq')
+  redis.call('RPUSH', list, id .. '\n' .. ARGV[3])
+  return 1
 end
 return {}
 ";
@@ -316,6 +401,11 @@ enum Op {
     Leave {
         channel: Arc<str>,
         user: Arc<str>,
+    },
+    /// The channel got its first member on this node, or lost its last one.
+    Occupy {
+        channel: Arc<str>,
+        occupied: bool,
     },
     Typing {
         channel: Arc<str>,
@@ -341,6 +431,9 @@ struct Node {
     conn: ConnectionManager,
     up: AtomicBool,
     presence: Script,
+    hook_script: Script,
+    /// Hooks are recorded (and how long leaves wait).
+    hooks: Option<crate::hooks::HookConfig>,
     open: Script,
     renew: Script,
     /// Set when a presence change may not have reached Redis.
@@ -416,6 +509,8 @@ impl RedisBackend {
             conn,
             up: AtomicBool::new(true),
             presence: Script::new(PRESENCE),
+            hook_script: Script::new(HOOKS),
+            hooks: config.hooks.clone(),
             open: Script::new(OPEN),
             renew: Script::new(RENEW),
             resync: AtomicBool::new(false),
@@ -590,6 +685,108 @@ impl Backend for RedisBackend {
             user: user.clone(),
         });
         false
+    }
+
+    fn occupancy(&self, channel: &Arc<str>, occupied: bool) {
+        if self.node.hooks.is_some() {
+            self.node.op(Op::Occupy {
+                channel: channel.clone(),
+                occupied,
+            });
+        }
+    }
+
+    fn record_hook(&self, hook: crate::Hook) -> BoxFuture<'_, Result<(), StoreError>> {
+        async move {
+            let json = serde_json::to_string(&hook).expect("hooks serialize");
+            let mut call = self.node.hook_script.prepare_invoke();
+            call.arg("record").arg(&self.node.prefix).arg(json);
+            let recorded: i64 = self
+                .node
+                .noted(call.invoke_async(&mut self.node.conn.clone()).await)?;
+            if recorded == 0 {
+                metrics::counter!("switchboard_hooks_dropped_total").increment(1);
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn take_hooks(
+        &self,
+        max: usize,
+        lease: Duration,
+    ) -> BoxFuture<'_, Result<Vec<crate::hooks::Taken>, StoreError>> {
+        async move {
+            self.node.promote_hooks().await?;
+            let mut call = self.node.hook_script.prepare_invoke();
+            call.arg("take")
+                .arg(&self.node.prefix)
+                .arg(crate::hooks::now_ms())
+                .arg(lease.as_millis() as u64)
+                .arg(max.max(1));
+            let items: Vec<String> = self
+                .node
+                .noted(call.invoke_async(&mut self.node.conn.clone()).await)?;
+            Ok(items
+                .into_iter()
+                .filter_map(|ticket| {
+                    let (_, json) = ticket.split_once('\n')?;
+                    let hook = serde_json::from_str(json).ok()?;
+                    Some(crate::hooks::Taken { hook, ticket })
+                })
+                .collect())
+        }
+        .boxed()
+    }
+
+    fn hook_sent<'a>(
+        &'a self,
+        taken: &'a crate::hooks::Taken,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        async move {
+            let mut call = self.node.hook_script.prepare_invoke();
+            call.arg("done").arg(&self.node.prefix).arg(&taken.ticket);
+            let _: Vec<String> = self
+                .node
+                .noted(call.invoke_async(&mut self.node.conn.clone()).await)?;
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn keep_hook<'a>(
+        &'a self,
+        taken: &'a crate::hooks::Taken,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        async move {
+            let mut call = self.node.hook_script.prepare_invoke();
+            call.arg("keep")
+                .arg(&self.node.prefix)
+                .arg(crate::hooks::now_ms() + lease.as_millis() as u64)
+                .arg(&taken.ticket);
+            let _: Vec<String> = self
+                .node
+                .noted(call.invoke_async(&mut self.node.conn.clone()).await)?;
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn hooks_waiting(&self) -> BoxFuture<'_, Result<usize, StoreError>> {
+        async move {
+            let mut conn = self.node.conn.clone();
+            let ready: usize = self
+                .node
+                .noted(conn.llen(format!("{}:hooks", self.node.prefix)).await)?;
+            let pending: usize = self.node.noted(
+                conn.zcard(format!("{}:hooks:pending", self.node.prefix))
+                    .await,
+            )?;
+            Ok(ready + pending)
+        }
+        .boxed()
     }
 
     fn typing(&self, channel: &Arc<str>, user: &Arc<str>, is_typing: bool) {
@@ -920,11 +1117,45 @@ impl Node {
         entries: &[String],
     ) -> Result<Vec<String>, StoreError> {
         let mut call = self.presence.prepare_invoke();
-        call.arg(mode).arg(&self.prefix).arg(&self.id);
+        call.arg(mode)
+            .arg(&self.prefix)
+            .arg(&self.id)
+            .arg(if self.hooks.is_some() { "1" } else { "0" });
         for entry in entries {
             call.arg(entry);
         }
         self.noted(call.invoke_async(&mut self.conn.clone()).await)
+    }
+
+    /// Moves the delayed changes that are due to the hooks list.
+    async fn promote_hooks(&self) -> Result<(), StoreError> {
+        let Some(config) = &self.hooks else {
+            return Ok(());
+        };
+        let pending: Vec<(String, u64)> = self.noted(
+            self.conn
+                .clone()
+                .zrangebyscore_withscores(format!("{}:hooks:pending", self.prefix), "-inf", "+inf")
+                .await,
+        )?;
+        let now = crate::hooks::now_ms();
+        let mut call = self.hook_script.prepare_invoke();
+        call.arg("promote").arg(&self.prefix);
+        let mut due = 0;
+        for (name, at) in pending {
+            let Some(hook) = crate::hooks::parse_pending(&name, at) else {
+                continue;
+            };
+            if at + crate::hooks::delay_ms(config, &hook.channel) <= now {
+                call.arg(&name)
+                    .arg(serde_json::to_string(&hook).expect("hooks serialize"));
+                due += 1;
+            }
+        }
+        if due > 0 {
+            let _: Vec<String> = self.noted(call.invoke_async(&mut self.conn.clone()).await)?;
+        }
+        Ok(())
     }
 
     /// Makes this node's presence exactly `entries` (`(channel, user)` pairs).
@@ -1003,7 +1234,10 @@ impl Node {
             )?;
             if !alive {
                 let mut call = self.presence.prepare_invoke();
-                call.arg("reap").arg(&self.prefix).arg(node);
+                call.arg("reap")
+                    .arg(&self.prefix)
+                    .arg(node)
+                    .arg(if self.hooks.is_some() { "1" } else { "0" });
                 let _: Vec<String> = self.noted(call.invoke_async(&mut self.conn.clone()).await)?;
                 reaped += 1;
             }
@@ -1014,12 +1248,16 @@ impl Node {
     /// Every channel and user with a connection on this node.
     fn local_presence(&self) -> Vec<(String, String)> {
         let channels = self.sink().map_or_else(Vec::new, Sink::channels);
+        let hooks = self.hooks.is_some();
         channels
             .iter()
             .flat_map(|channel| {
+                // Its occupancy here, when hooks count it.
+                let occupied = (hooks && channel.occupied()).then(String::new);
                 channel
                     .users()
                     .into_iter()
+                    .chain(occupied)
                     .map(|user| (channel.name.to_string(), user))
             })
             .collect()
@@ -1246,6 +1484,13 @@ async fn presence_worker(node: Arc<Node>, mut ops: mpsc::UnboundedReceiver<Op>) 
                 .await
                 .map(drop)
                 .map_err(|e| e.to_string()),
+            Op::Occupy { channel, occupied } => {
+                let mode = if occupied { "join" } else { "leave" };
+                node.presence_call(mode, &[entry(&channel, "")])
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            }
             Op::Typing {
                 channel,
                 user,

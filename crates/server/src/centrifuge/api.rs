@@ -436,6 +436,8 @@ async fn channels(state: &AppState, request: ChannelsRequest) -> Value {
     };
     let channels: serde_json::Map<String, Value> = listed
         .into_iter()
+        // Other Pusher apps' channels (`{id}~name`) are not this door's.
+        .filter(|(name, _)| switchboard_engine::valid_channel(name))
         .filter(|(name, _)| request.pattern.is_empty() || matches(&request.pattern, name))
         .map(|(name, users)| (name, json!({"num_clients": users})))
         .collect();

@@ -786,6 +786,10 @@ impl Session {
         if !names::valid_channel(&request.channel) {
             return Err(codes::BAD_REQUEST);
         }
+        if names::needs_signature(&request.channel) {
+            // Only the Pusher door checks their signatures.
+            return Err(codes::PERMISSION_DENIED);
+        }
         let options = self.state.engine.options(&request.channel);
         let mut expires = None;
         if options.subscribe_token {

@@ -1,0 +1,175 @@
+//! Webhooks: Pusher's format and signature, every door's channels, the leave delay, a
+//! receiver that fails at first, and event filters. (A killed node of a cluster is in
+//! crates/cli/tests/webhooks.rs; the pusher libraries' own webhook check in
+//! scripts/sdk/.)
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use switchboard_protocol::pusher::sign;
+use switchboard_server::Config;
+use switchboard_test_support::pusher::{channel_auth, Pusher};
+use switchboard_test_support::room::Room;
+use switchboard_test_support::webhook::Receiver;
+
+mod support;
+use support::Server;
+
+const KEY: &str = "hook-key";
+const SECRET: &str = "hook-secret";
+
+fn config(hooks: Value, delay_ms: u64) -> Config {
+    serde_json::from_value(json!({
+        "apps": [{"id": "3", "key": KEY, "secret": SECRET, "webhooks": hooks, "webhook_leave_delay_ms": delay_ms}],
+    }))
+    .unwrap()
+}
+
+fn event(name: &str, channel: &str, user: Option<&str>) -> (String, String, Option<String>) {
+    (name.to_owned(), channel.to_owned(), user.map(str::to_owned))
+}
+
+async fn join_presence(server: &Server, channel: &str, user: &str) -> Pusher {
+    let mut client = Pusher::open(&server.url(&format!("/app/{KEY}?protocol=7"))).await;
+    let data = json!({"user_id": user}).to_string();
+    let auth = channel_auth(KEY, SECRET, &client.socket_id, channel, Some(&data));
+    let ok = client.subscribe(channel, Some(&auth), Some(&data)).await;
+    assert_eq!(
+        ok["event"], "pusher_internal:subscription_succeeded",
+        "{ok}"
+    );
+    client
+}
+
+const PATIENCE: Duration = Duration::from_secs(15);
+
+#[tokio::test]
+async fn arrivals_and_leaves_are_signed_pusher_webhooks_after_the_delay() {
+    let receiver = Receiver::start(0).await;
+    let server = Server::start(config(json!([{"url": receiver.url}]), 300)).await;
+    let mut ann = join_presence(&server, "presence-a", "ann").await;
+    let events = receiver.wait_for(PATIENCE, |e| e.len() >= 2).await;
+    assert_eq!(
+        events,
+        [
+            event("channel_occupied", "presence-a", None),
+            event("member_added", "presence-a", Some("ann"))
+        ]
+    );
+    // Pusher's format: time_ms, events; the key and the body's signature.
+    let request = &receiver.received()[0];
+    assert_eq!(request.headers["content-type"], "application/json");
+    assert_eq!(request.headers["x-pusher-key"], KEY);
+    assert_eq!(
+        request.headers["x-pusher-signature"],
+        sign(SECRET, request.body.as_bytes())
+    );
+    assert!(request.json()["time_ms"].as_u64().unwrap() > 1_700_000_000_000);
+
+    // A client event names its event, data, socket and user.
+    let mut bob = join_presence(&server, "presence-a", "bob").await;
+    bob.send(&json!({"event": "client-hi", "channel": "presence-a", "data": {"x": 1}}))
+        .await;
+    ann.next_of("client-hi").await;
+    let events = receiver.wait_for(PATIENCE, |e| e.len() >= 4).await;
+    assert_eq!(
+        events[2..],
+        [
+            event("member_added", "presence-a", Some("bob")),
+            event("client_event", "presence-a", Some("bob"))
+        ]
+    );
+    let client_event = receiver
+        .received()
+        .iter()
+        .flat_map(|r| r.json()["events"].as_array().cloned().unwrap_or_default())
+        .find(|e| e["name"] == "client_event")
+        .unwrap();
+    assert_eq!(
+        (
+            client_event["event"].as_str(),
+            client_event["data"].as_str(),
+            client_event["socket_id"].as_str()
+        ),
+        (
+            Some("client-hi"),
+            Some(r#"{"x":1}"#),
+            Some(bob.socket_id.as_str())
+        )
+    );
+
+    // Ann reloads within the delay: nothing is told. Then Bob and Ann go for good.
+    ann.socket.close(None).await.unwrap();
+    let _ann_again = join_presence(&server, "presence-a", "ann").await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        receiver.events().len(),
+        4,
+        "a reload within the delay is not told: {:?}",
+        receiver.events()
+    );
+    bob.socket.close(None).await.unwrap();
+    drop(_ann_again);
+    let events = receiver.wait_for(PATIENCE, |e| e.len() >= 7).await;
+    let mut leaves = events[4..].to_vec();
+    leaves[..2].sort();
+    assert_eq!(
+        leaves,
+        [
+            event("member_removed", "presence-a", Some("ann")),
+            event("member_removed", "presence-a", Some("bob")),
+            event("channel_vacated", "presence-a", None),
+        ]
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn every_door_is_told_and_a_failing_receiver_gets_each_event_once() {
+    // The first three requests fail: the batch is sent again until it is taken.
+    let receiver = Receiver::start(3).await;
+    let only_rooms = Receiver::start(0).await;
+    let hooks = json!([
+        {"url": receiver.url},
+        {"url": only_rooms.url, "event_types": ["channel_occupied"]},
+    ]);
+    let server = Server::start(config(hooks, 0)).await;
+    let (room, _) = Room::join(&server.url("/room/lobby?name=rita")).await;
+    let events = receiver
+        .wait_for(Duration::from_secs(20), |e| e.len() >= 2)
+        .await;
+    assert_eq!(
+        events,
+        [
+            event("channel_occupied", "lobby", None),
+            event("member_added", "lobby", Some("rita"))
+        ]
+    );
+    let statuses: Vec<u16> = receiver.received().iter().map(|r| r.status).collect();
+    assert_eq!(
+        statuses,
+        [500, 500, 500, 200],
+        "three failures, then the one success"
+    );
+    assert_eq!(
+        only_rooms.wait_for(PATIENCE, |e| !e.is_empty()).await,
+        [event("channel_occupied", "lobby", None)]
+    );
+    drop(room);
+    let events = receiver.wait_for(PATIENCE, |e| e.len() >= 4).await;
+    assert_eq!(
+        events[2..],
+        [
+            event("member_removed", "lobby", Some("rita")),
+            event("channel_vacated", "lobby", None)
+        ]
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        only_rooms.events().len(),
+        1,
+        "the filter keeps the other events out"
+    );
+    assert_eq!(receiver.events().len(), 4, "each event once");
+    server.stop().await;
+}
