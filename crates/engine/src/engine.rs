@@ -342,6 +342,9 @@ struct State {
     members: HashMap<u64, Member>,
     /// Connections per user (when the channel keeps presence): a user counts once.
     users: BTreeMap<Arc<str>, usize>,
+    /// What members said of themselves on joining (a Pusher presence member's
+    /// `user_info`), for the users present here or on other nodes.
+    infos: HashMap<Arc<str>, Arc<RawValue>>,
     /// The id of the last publication delivered (everything up to it is stored).
     broadcast_id: u64,
     epoch: Arc<str>,
@@ -466,12 +469,25 @@ impl Channel {
         );
     }
 
-    /// A join or leave another node announced.
-    pub(crate) fn remote_presence(&self, joined: bool, user: &str) {
+    /// A join or leave another node announced (a join with what the member said of
+    /// itself).
+    pub(crate) fn remote_presence(&self, joined: bool, user: &str, info: Option<Box<RawValue>>) {
+        let user: Arc<str> = Arc::from(user);
+        {
+            let mut state = self.state();
+            match info {
+                Some(info) if joined => {
+                    state.infos.insert(user.clone(), Arc::from(info));
+                }
+                _ if !joined => {
+                    state.infos.remove(&user);
+                }
+                _ => {}
+            }
+        }
         if !(self.options.presence && self.options.join_leave) {
             return;
         }
-        let user: Arc<str> = Arc::from(user);
         let item = if joined {
             Outbound::Join(user.clone())
         } else {
@@ -523,10 +539,13 @@ impl Channel {
 
     /// One connection of `user` left; true when its leave is to be announced here.
     fn leave(&self, state: &mut State, user: &Arc<str>) -> bool {
-        self.options.presence
-            && leave_user(state, user)
-            && self.backend.left(&self.name, user)
-            && self.options.join_leave
+        let announce =
+            self.options.presence && leave_user(state, user) && self.backend.left(&self.name, user);
+        if announce {
+            // Gone everywhere (a cluster says so with its leave, to every node).
+            state.infos.remove(user);
+        }
+        announce && self.options.join_leave
     }
 }
 
@@ -695,6 +714,7 @@ impl Engine {
                     state: Mutex::new(State {
                         members: HashMap::new(),
                         users: BTreeMap::new(),
+                        infos: HashMap::new(),
                         broadcast_id: position.last_id,
                         epoch: Arc::from(position.epoch.as_str()),
                     }),
@@ -734,11 +754,58 @@ impl Engine {
             .await
     }
 
+    /// Like [`Engine::subscribe_in`], for a member that says something of itself
+    /// (`info`, any JSON: a Pusher presence member's `user_info`), which every node's
+    /// [`Engine::member_info`] then gives while the user is present.
+    pub async fn subscribe_member(
+        &self,
+        inbox: &Inbox,
+        channel: &str,
+        user: &str,
+        info: Option<Box<RawValue>>,
+        resume: Resume,
+    ) -> Result<Subscription, EngineError> {
+        let info = info.map(Arc::from);
+        self.join_with(
+            channel,
+            user,
+            info,
+            resume,
+            Queue::Shared(inbox.waker()),
+            None,
+        )
+        .await
+    }
+
+    /// What `user`, present in `channel`, said of itself on joining, where this node
+    /// knows it (it has members in the channel).
+    pub fn member_info(&self, channel: &str, user: &str) -> Option<Arc<RawValue>> {
+        self.inner
+            .channel_now(channel)?
+            .state()
+            .infos
+            .get(user)
+            .cloned()
+    }
+
     /// A new member. An anonymous one (user `""`) counts in no presence.
     async fn join(
         &self,
         channel: &str,
         user: &str,
+        resume: Resume,
+        queue: Queue,
+        events: Option<mpsc::Receiver<Outbound>>,
+    ) -> Result<Subscription, EngineError> {
+        self.join_with(channel, user, None, resume, queue, events)
+            .await
+    }
+
+    async fn join_with(
+        &self,
+        channel: &str,
+        user: &str,
+        info: Option<Arc<RawValue>>,
         resume: Resume,
         queue: Queue,
         events: Option<mpsc::Receiver<Outbound>>,
@@ -762,6 +829,10 @@ impl Engine {
                 *count += 1;
                 *count == 1
             };
+            if let (true, Some(info)) = (counted, &info) {
+                // The latest connection's word is the member's.
+                state.infos.insert(user.clone(), info.clone());
+            }
             state.members.insert(
                 id,
                 Member {
@@ -804,8 +875,23 @@ impl Engine {
             ended,
         };
         if counted {
-            match self.inner.backend.joined(&channel, &user, first).await {
+            match self
+                .inner
+                .backend
+                .joined(&channel, &user, info.as_ref(), first)
+                .await
+            {
                 Ok(joined) => {
+                    if !joined.infos.is_empty() {
+                        let mut state = channel.state();
+                        for (other, said) in joined.infos {
+                            if *other != *user {
+                                state
+                                    .infos
+                                    .insert(Arc::from(other.as_str()), Arc::from(said));
+                            }
+                        }
+                    }
                     members.extend(joined.others);
                     members.sort();
                     members.dedup();

@@ -648,3 +648,47 @@ async fn every_door_shares_the_first_apps_channels_and_other_apps_keep_their_own
     assert!(pusher.quiet_for(Duration::from_millis(300)).await.is_ok());
     server.stop().await;
 }
+
+#[tokio::test]
+async fn members_user_info_reaches_every_node_of_a_cluster() {
+    let Some(redis) = switchboard_test_support::redis::RedisServer::start(
+        switchboard_test_support::redis::Persistence::None,
+    )
+    .await
+    else {
+        return;
+    };
+    let node = || config(json!({"redis": redis.url(), "data_dir": null}));
+    let (one, two) = (Server::start(node()).await, Server::start(node()).await);
+    let mut ann = open(&one).await;
+    join(&mut ann, "presence-cluster", Some(&member("ann", "Ann"))).await;
+    // Bob, on the other node, gets Ann's user_info in his member list.
+    let mut bob = open(&two).await;
+    let ok = join(&mut bob, "presence-cluster", Some(&member("bob", "Bob"))).await;
+    let presence = &data_of(&ok)["presence"];
+    assert_eq!(presence["hash"]["ann"]["name"], "Ann", "{ok}");
+    assert_eq!(presence["count"], 2);
+    // Ann, on the first node, gets Bob's with his join; and Carol's on the other node.
+    let added = ann.next_of("pusher_internal:member_added").await;
+    assert_eq!(
+        data_of(&added),
+        json!({"user_id": "bob", "user_info": {"name": "Bob"}})
+    );
+    let mut carol = open(&one).await;
+    join(
+        &mut carol,
+        "presence-cluster",
+        Some(&member("carol", "Carol")),
+    )
+    .await;
+    let added = bob.next_of("pusher_internal:member_added").await;
+    assert_eq!(
+        data_of(&added),
+        json!({"user_id": "carol", "user_info": {"name": "Carol"}})
+    );
+    drop(carol);
+    let removed = bob.next_of("pusher_internal:member_removed").await;
+    assert_eq!(data_of(&removed), json!({"user_id": "carol"}));
+    one.stop().await;
+    two.stop().await;
+}

@@ -377,6 +377,7 @@ impl Backend for LocalBackend {
         &'a self,
         channel: &'a Arc<Channel>,
         user: &'a Arc<str>,
+        _info: Option<&'a Arc<serde_json::value::RawValue>>,
         first: bool,
     ) -> BoxFuture<'a, Result<Joined, StoreError>> {
         if first {
@@ -385,6 +386,7 @@ impl Backend for LocalBackend {
         // This node's members are everyone.
         ready(Ok(Joined {
             others: Vec::new(),
+            infos: Vec::new(),
             announce: true,
         }))
         .boxed()

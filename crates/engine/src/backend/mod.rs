@@ -43,6 +43,8 @@ pub(crate) struct Job {
 pub(crate) struct Joined {
     /// Users present on other nodes (the engine knows this node's).
     pub(crate) others: Vec<String>,
+    /// What present users said of themselves, where they did.
+    pub(crate) infos: Vec<(String, Box<serde_json::value::RawValue>)>,
     /// Whether the engine announces the join to this node's members itself (a cluster
     /// announces it through every node, once).
     pub(crate) announce: bool,
@@ -113,11 +115,13 @@ pub(crate) trait Backend: Send + Sync + std::fmt::Debug + 'static {
         from: Option<&'a str>,
         nonce: &'a str,
     ) -> BoxFuture<'a, Result<Option<Publication>, StoreError>>;
-    /// A connection of `user` joined `channel` (`first`: its first on this node).
+    /// A connection of `user` joined `channel` (`first`: its first on this node),
+    /// saying `info` of itself.
     fn joined<'a>(
         &'a self,
         channel: &'a Arc<Channel>,
         user: &'a Arc<str>,
+        info: Option<&'a Arc<serde_json::value::RawValue>>,
         first: bool,
     ) -> BoxFuture<'a, Result<Joined, StoreError>>;
     /// The last connection of `user` on this node left; true when the engine announces

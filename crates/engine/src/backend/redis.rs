@@ -18,6 +18,11 @@
 //!   `M{id}\n{epoch}\n{record}` a stored publication, `P{join|leave}\n{user}` presence,
 //!   `T{node}\n{user}\n{0|1}` typing, `B{node}\n{bytes}` binary data.
 //! - `P:presence:{ch}`: a hash from user to the number of nodes it is on.
+//! - `P:pinfo:{ch}`: a hash from user to what it said of itself on joining (JSON).
+//! - `P:occupied`: a hash from channel to the number of nodes with members in it
+//!   (with hooks on).
+//! - `P:hooks`, `P:hooks:pending`, `P:hooks:leased`, `P:hooks:seq`: the hooks queue
+//!   (`crate::hooks`): hooks due, leaves waiting out their delay, hooks taken.
 //! - `P:notices`: notices for every node's doors (the Centrifugo server API's
 //!   `subscribe`, `unsubscribe` and `disconnect`), opaque to the engine.
 //! - `P:rooms`: the set of channels with someone in them.
@@ -152,6 +157,7 @@ enum Incoming {
     Presence {
         joined: bool,
         user: String,
+        info: Option<Box<RawValue>>,
     },
     Typing {
         node: String,
@@ -250,9 +256,11 @@ return {'1', tostring(id)}
 /// Presence, atomically. ARGV: mode (join, leave, sync, reap), prefix, node, hooks
 /// (`1`: record them), then `channel \n user` entries. A join or leave publishes only
 /// when the user's first node joins or last node leaves. An entry with no user is the
-/// node's occupancy of the channel (it has members there). `sync` makes the node's
-/// entries exactly the ones given (after an outage); `reap` removes a node whose
-/// `alive` key is gone. A join returns the channel's users. With hooks, every first
+/// node's occupancy of the channel (it has members there). A join may add what the
+/// member says of itself (`info`, JSON, kept in `pinfo:{ch}` while the user is present
+/// and carried in the `Pjoin` message). `sync` makes the node's entries exactly the
+/// ones given (after an outage); `reap` removes a node whose `alive` key is gone. A
+/// join returns the channel's users, each followed by its info (or an empty string). With hooks, every first
 /// join and last leave of a user or of the channel's occupancy is recorded once, here:
 /// arrivals in the `hooks` list, leaves in the `hooks:pending` set (by when they
 /// happened, until they are due), where an arrival of the same user or occupancy
@@ -283,7 +291,7 @@ local function departed(kind, room, user)
   if not hooks then return end
   redis.call('ZADD', prefix .. ':hooks:pending', now_ms(), kind .. '\n' .. room .. '\n' .. user)
 end
-local function join(entry)
+local function join(entry, info)
   if redis.call('SADD', mine, entry) == 0 then return end
   local room, user = split(entry)
   if user == '' then
@@ -292,9 +300,10 @@ local function join(entry)
     end
     return
   end
+  if info ~= '' then redis.call('HSET', prefix .. ':pinfo:' .. room, user, info) end
   if redis.call('HINCRBY', prefix .. ':presence:' .. room, user, 1) == 1 then
     redis.call('SADD', prefix .. ':rooms', room)
-    redis.call('PUBLISH', prefix .. ':room:' .. room, 'Pjoin\n' .. user)
+    redis.call('PUBLISH', prefix .. ':room:' .. room, 'Pjoin\n' .. user .. '\n' .. info)
     arrived('member_added', 'member_removed', room, user)
   end
 end
@@ -311,15 +320,21 @@ local function leave(entry)
   local hash = prefix .. ':presence:' .. room
   if redis.call('HINCRBY', hash, user, -1) <= 0 then
     redis.call('HDEL', hash, user)
+    redis.call('HDEL', prefix .. ':pinfo:' .. room, user)
     if redis.call('HLEN', hash) == 0 then redis.call('SREM', prefix .. ':rooms', room) end
     redis.call('PUBLISH', prefix .. ':room:' .. room, 'Pleave\n' .. user)
     departed('member_removed', room, user)
   end
 end
 if mode == 'join' then
-  join(ARGV[5])
+  join(ARGV[5], ARGV[6] or '')
   local room = split(ARGV[5])
-  return redis.call('HKEYS', prefix .. ':presence:' .. room)
+  local present = {}
+  for _, user in ipairs(redis.call('HKEYS', prefix .. ':presence:' .. room)) do
+    table.insert(present, user)
+    table.insert(present, redis.call('HGET', prefix .. ':pinfo:' .. room, user) or '')
+  end
+  return present
 elseif mode == 'leave' then
   leave(ARGV[5])
 elseif mode == 'sync' then
@@ -328,7 +343,7 @@ elseif mode == 'sync' then
   for _, entry in ipairs(redis.call('SMEMBERS', mine)) do
     if not want[entry] then leave(entry) end
   end
-  for i = 5, #ARGV do join(ARGV[i]) end
+  for i = 5, #ARGV do join(ARGV[i], '') end
 elseif mode == 'reap' then
   if redis.call('EXISTS', prefix .. ':alive:' .. node) == 1 then return {} end
   for _, entry in ipairs(redis.call('SMEMBERS', mine)) do leave(entry) end
@@ -396,6 +411,8 @@ enum Op {
     Join {
         channel: Arc<str>,
         user: Arc<str>,
+        /// What the member says of itself (JSON).
+        info: Option<String>,
         reply: oneshot::Sender<Result<Vec<String>, StoreError>>,
     },
     Leave {
@@ -649,29 +666,47 @@ impl Backend for RedisBackend {
         &'a self,
         channel: &'a Arc<Channel>,
         user: &'a Arc<str>,
+        info: Option<&'a Arc<RawValue>>,
         first: bool,
     ) -> BoxFuture<'a, Result<Joined, StoreError>> {
         async move {
             // The join itself comes back from Redis, once, through every node.
-            let others = if first {
+            let (others, infos) = if first {
                 let (reply, answer) = oneshot::channel();
                 self.node.op(Op::Join {
                     channel: channel.name.clone(),
                     user: user.clone(),
+                    info: info.map(|i| i.get().to_owned()),
                     reply,
                 });
                 // Bounded: presence work queued behind a Redis that does not answer
                 // must not hold the subscriber (its presence is told when Redis is back).
-                match tokio::time::timeout(2 * RESPONSE_TIMEOUT, answer).await {
+                let present = match tokio::time::timeout(2 * RESPONSE_TIMEOUT, answer).await {
                     Ok(Ok(result)) => result?,
                     Ok(Err(_)) => return Err(StoreError::Unavailable("the cluster stopped")),
                     Err(_) => return Err(StoreError::Unavailable("presence timed out")),
+                };
+                // Each user followed by what it said of itself (or nothing).
+                let mut users = Vec::with_capacity(present.len() / 2);
+                let mut infos = Vec::new();
+                for pair in present.chunks(2) {
+                    users.push(pair[0].clone());
+                    if let Some(Ok(info)) = pair
+                        .get(1)
+                        .filter(|i| !i.is_empty())
+                        .map(|i| RawValue::from_string(i.clone()))
+                    {
+                        infos.push((pair[0].clone(), info));
+                    }
                 }
+                users.sort();
+                (users, infos)
             } else {
-                self.node.members(&channel.name).await?
+                (self.node.members(&channel.name).await?, Vec::new())
             };
             Ok(Joined {
                 others,
+                infos,
                 announce: false,
             })
         }
@@ -1395,10 +1430,17 @@ impl Node {
                 }
             }
             b'P' => {
-                let (action, user) = split(rest)?;
+                let (action, rest) = split(rest)?;
+                // `user`, or `user \n info` (a join saying something of itself).
+                let (user, info) = match split(&rest) {
+                    Some((user, info)) => (user, info),
+                    None => (rest, Vec::new()),
+                };
+                let info = text(info).and_then(|info| RawValue::from_string(info).ok());
                 Incoming::Presence {
                     joined: action == b"join",
                     user: text(user)?,
+                    info,
                 }
             }
             b'T' => {
@@ -1440,7 +1482,9 @@ impl Node {
                 self.fill_gap(&channel, id - 1).await;
                 channel.broadcast(&Arc::new(Delivery::new(publication)));
             }
-            Incoming::Presence { joined, user } => channel.remote_presence(joined, &user),
+            Incoming::Presence { joined, user, info } => {
+                channel.remote_presence(joined, &user, info)
+            }
             Incoming::Typing {
                 node,
                 user,
@@ -1465,15 +1509,11 @@ async fn presence_worker(node: Arc<Node>, mut ops: mpsc::UnboundedReceiver<Op>) 
             Op::Join {
                 channel,
                 user,
+                info,
                 reply,
             } => {
-                let result = node
-                    .presence_call("join", &[entry(&channel, &user)])
-                    .await
-                    .map(|mut users| {
-                        users.sort();
-                        users
-                    });
+                let entries = [entry(&channel, &user), info.unwrap_or_default()];
+                let result = node.presence_call("join", &entries).await;
                 let failed = result.as_ref().err().map(ToString::to_string);
                 // The subscriber may have gone; presence was told regardless.
                 let _ = reply.send(result);

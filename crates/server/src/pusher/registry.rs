@@ -1,6 +1,6 @@
-//! This node's Pusher connections: how many subscribe to each channel, the members of
-//! presence channels with their `user_info`, and the signed-in users' connections (for
-//! `terminate_connections`, which reaches every node as a notice).
+//! This node's Pusher connections: how many subscribe to each channel, and the
+//! signed-in users' connections (for `terminate_connections`, which reaches every node
+//! as a notice). Presence and its `user_info` are the engine's.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -8,22 +8,9 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 use switchboard_engine::InboxWaker;
 use tokio::sync::broadcast;
 use tracing::warn;
-
-#[derive(Debug, Default)]
-struct Member {
-    connections: usize,
-    info: Option<Arc<RawValue>>,
-}
-
-#[derive(Debug, Default)]
-struct Channel {
-    subscriptions: usize,
-    members: HashMap<String, Member>,
-}
 
 /// What ends a connection from outside: a flag and its inbox's waker.
 #[derive(Debug, Clone)]
@@ -53,8 +40,8 @@ impl Terminator {
 
 #[derive(Debug, Default)]
 struct Inner {
-    /// By engine channel.
-    channels: HashMap<String, Channel>,
+    /// Subscriptions by engine channel.
+    channels: HashMap<String, usize>,
     /// Signed-in connections by app id and user id, then socket id.
     users: HashMap<(String, String), HashMap<String, Terminator>>,
 }
@@ -123,20 +110,13 @@ impl Registry {
     /// Subscriptions to `channel` here.
     pub(crate) fn subscriptions(&self, channel: &str) -> usize {
         let inner = self.inner.lock().expect("registry lock");
-        inner.channels.get(channel).map_or(0, |c| c.subscriptions)
+        inner.channels.get(channel).copied().unwrap_or(0)
     }
 
     /// The engine channels with subscriptions here.
     pub(crate) fn channels(&self) -> Vec<String> {
         let inner = self.inner.lock().expect("registry lock");
         inner.channels.keys().cloned().collect()
-    }
-
-    /// The `user_info` of `user` in presence channel `channel`, when a connection here
-    /// gave one.
-    pub(crate) fn info(&self, channel: &str, user: &str) -> Option<Arc<RawValue>> {
-        let inner = self.inner.lock().expect("registry lock");
-        inner.channels.get(channel)?.members.get(user)?.info.clone()
     }
 }
 
@@ -145,8 +125,8 @@ impl Registry {
 pub(crate) struct Registration {
     registry: Arc<Registry>,
     socket_id: String,
-    /// Its subscriptions: engine channel, and the presence member it is there.
-    channels: HashMap<String, Option<String>>,
+    /// Its subscriptions' engine channels.
+    channels: std::collections::HashSet<String>,
     signed_in: Option<(String, String)>,
 }
 
@@ -155,38 +135,21 @@ impl Registration {
         Self {
             registry,
             socket_id: socket_id.to_owned(),
-            channels: HashMap::new(),
+            channels: std::collections::HashSet::new(),
             signed_in: None,
         }
     }
 
-    /// Subscribed to `channel`, as `member` with `info` on a presence channel.
-    pub(crate) fn subscribed(
-        &mut self,
-        channel: &str,
-        member: Option<(&str, Option<Box<RawValue>>)>,
-    ) {
-        if self.channels.contains_key(channel) {
-            return;
+    pub(crate) fn subscribed(&mut self, channel: &str) {
+        if self.channels.insert(channel.to_owned()) {
+            let mut inner = self.registry.inner.lock().expect("registry lock");
+            *inner.channels.entry(channel.to_owned()).or_default() += 1;
         }
-        let mut inner = self.registry.inner.lock().expect("registry lock");
-        let entry = inner.channels.entry(channel.to_owned()).or_default();
-        entry.subscriptions += 1;
-        if let Some((user, info)) = &member {
-            let present = entry.members.entry((*user).to_owned()).or_default();
-            present.connections += 1;
-            // The latest connection's info is the member's.
-            if let Some(info) = info {
-                present.info = Some(Arc::from(info.clone()));
-            }
-        }
-        self.channels
-            .insert(channel.to_owned(), member.map(|(user, _)| user.to_owned()));
     }
 
     pub(crate) fn unsubscribed(&mut self, channel: &str) {
-        if let Some(member) = self.channels.remove(channel) {
-            self.registry.forget(channel, member.as_deref());
+        if self.channels.remove(channel) {
+            self.registry.forget(channel);
         }
     }
 
@@ -209,30 +172,21 @@ impl Registration {
 }
 
 impl Registry {
-    fn forget(&self, channel: &str, member: Option<&str>) {
+    fn forget(&self, channel: &str) {
         let mut inner = self.inner.lock().expect("registry lock");
-        let Some(entry) = inner.channels.get_mut(channel) else {
-            return;
-        };
-        entry.subscriptions = entry.subscriptions.saturating_sub(1);
-        if let Some(user) = member {
-            if let Some(present) = entry.members.get_mut(user) {
-                present.connections = present.connections.saturating_sub(1);
-                if present.connections == 0 {
-                    entry.members.remove(user);
-                }
+        if let Some(count) = inner.channels.get_mut(channel) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                inner.channels.remove(channel);
             }
-        }
-        if entry.subscriptions == 0 {
-            inner.channels.remove(channel);
         }
     }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        for (channel, member) in std::mem::take(&mut self.channels) {
-            self.registry.forget(&channel, member.as_deref());
+        for channel in std::mem::take(&mut self.channels) {
+            self.registry.forget(&channel);
         }
         if let Some(key) = self.signed_in.take() {
             let mut inner = self.registry.inner.lock().expect("registry lock");
@@ -251,33 +205,20 @@ mod tests {
     use super::*;
     use switchboard_engine::Inbox;
 
-    fn raw(json: &str) -> Option<Box<RawValue>> {
-        Some(RawValue::from_string(json.to_owned()).unwrap())
-    }
-
     #[test]
-    fn counts_subscriptions_and_members_until_connections_go() {
+    fn counts_subscriptions_until_connections_go() {
         let registry = Arc::new(Registry::default());
         let mut one = Registration::new(registry.clone(), "1.1");
         let mut two = Registration::new(registry.clone(), "1.2");
-        one.subscribed("presence-a", Some(("7", raw(r#"{"n":1}"#))));
-        one.subscribed("presence-a", Some(("7", raw(r#"{"n":9}"#))));
-        two.subscribed("presence-a", Some(("7", None)));
-        two.subscribed("b", None);
+        one.subscribed("presence-a");
+        one.subscribed("presence-a");
+        two.subscribed("presence-a");
+        two.subscribed("b");
         assert_eq!(registry.subscriptions("presence-a"), 2);
-        assert_eq!(
-            registry.info("presence-a", "7").unwrap().get(),
-            r#"{"n":1}"#
-        );
         one.unsubscribed("presence-a");
         assert_eq!(registry.subscriptions("presence-a"), 1);
-        assert!(
-            registry.info("presence-a", "7").is_some(),
-            "two's connection is still there"
-        );
         drop(two);
         assert_eq!(registry.subscriptions("presence-a"), 0);
-        assert!(registry.info("presence-a", "7").is_none());
         assert!(registry.channels().is_empty());
     }
 

@@ -317,8 +317,10 @@ impl Session {
                 if **user == *sub.user {
                     return Ok(());
                 }
-                let engine = self.app.engine_channel(&sub.channel);
-                let info = self.state.pusher_registry.info(&engine, user);
+                let info = self
+                    .state
+                    .engine
+                    .member_info(sub.subscription.channel(), user);
                 proto::member_added(&sub.channel, user, info.as_deref())
             }
             Outbound::Leave(user) if sub.kind == ChannelKind::Presence => {
@@ -560,24 +562,19 @@ impl Session {
             Some((user, _)) => user.clone(),
             None => self.user.clone().unwrap_or_default(),
         };
-        // In the registry before the engine announces the join, so the join can give
-        // the member's info.
-        self.registration.subscribed(
-            &engine,
-            member
-                .as_ref()
-                .map(|(user, info)| (user.as_str(), info.clone())),
-        );
+        self.registration.subscribed(&engine);
         let resume = Resume {
             since: None,
             epoch: None,
             // This protocol recovers nothing: live events only.
             recent: Some(0),
         };
+        // A presence member's user_info goes with its join, to every node.
+        let info = member.as_ref().and_then(|(_, info)| info.clone());
         let subscribed = self
             .state
             .engine
-            .subscribe_in(&self.inbox, &engine, &user, resume)
+            .subscribe_member(&self.inbox, &engine, &user, info, resume)
             .await;
         let mut subscription = match subscribed {
             Ok(subscription) => subscription,
@@ -603,7 +600,7 @@ impl Session {
             let members: Vec<String> = subscription.members().to_vec();
             let infos: Vec<Option<Arc<RawValue>>> = members
                 .iter()
-                .map(|user| self.state.pusher_registry.info(&engine, user))
+                .map(|user| self.state.engine.member_info(&engine, user))
                 .collect();
             let list = proto::Members {
                 members: members
