@@ -3,9 +3,11 @@
 # for, unchanged: Centrifugo's centrifuge-js (npm `centrifuge`) in Node, JSON and Protobuf
 # builds (scripts/sdk/centrifuge.test.mjs), and its browser bundles in Debian's Chromium
 # (scripts/sdk/browser.test.mjs); Pusher's `pusher` server library checking Switchboard's
-# webhooks (scripts/sdk/pusher-webhooks.test.mjs); then the Python tests
-# (scripts/sdk/python/run.sh). Installs what it needs: the npm packages (npm ci), Chromium
-# and redis-server from Debian.
+# webhooks (scripts/sdk/pusher-webhooks.test.mjs); pusher-js and the `pusher` server
+# library against the Pusher door (scripts/sdk/pusher.test.mjs), and Laravel Echo over
+# pusher-js's browser bundle in Chromium (scripts/sdk/pusher-browser.test.mjs); then the
+# Python tests (scripts/sdk/python/run.sh). Installs what it needs: the npm packages
+# (npm ci), Chromium and redis-server from Debian.
 #
 # Environment:
 #   SWITCHBOARD_BIN   server binary to test (default: builds target/release/switchboard)
@@ -35,7 +37,7 @@ log "$(/usr/bin/chromium --version 2>/dev/null || echo chromium), $(node --versi
 
 # Both suites run whatever the other gives; any failure fails the script.
 status=0
-(cd scripts/sdk && node --test --test-reporter=spec centrifuge.test.mjs browser.test.mjs pusher-webhooks.test.mjs) || status=$?
+(cd scripts/sdk && node --test --test-reporter=spec centrifuge.test.mjs browser.test.mjs pusher-webhooks.test.mjs pusher.test.mjs pusher-browser.test.mjs) || status=$?
 
 if [[ -f scripts/sdk/python/run.sh ]]; then
     log "the Python SDK (scripts/sdk/python/run.sh)"

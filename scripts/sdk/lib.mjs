@@ -315,7 +315,7 @@ export async function api(server, method, body) {
   return answer.result;
 }
 
-/** Polls `check` until it returns a truthy value; fails naming `what`. */
+/** Polls `check` until it returns a truthy value; fails naming `what` (a string, or a function giving one then). */
 export async function eventually(what, check, timeout = 20000) {
   const deadline = Date.now() + timeout;
   let last;
@@ -326,7 +326,7 @@ export async function eventually(what, check, timeout = 20000) {
     } catch (error) {
       last = error;
     }
-    if (Date.now() > deadline) throw new Error(`never: ${what} (last: ${last?.stack ?? JSON.stringify(last)})`);
+    if (Date.now() > deadline) throw new Error(`never: ${typeof what === 'function' ? what() : what} (last: ${last?.stack ?? JSON.stringify(last)})`);
     await sleep(100);
   }
 }

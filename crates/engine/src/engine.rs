@@ -451,7 +451,9 @@ impl Channel {
         let users = std::mem::take(&mut state.users);
         for user in users.keys() {
             // Nobody is left here to be told.
-            self.backend.left(&self.name, user);
+            if self.backend.left(&self.name, user) {
+                state.infos.remove(user);
+            }
         }
         if occupied {
             self.backend.occupancy(&self.name, false);

@@ -103,7 +103,9 @@ pub async fn run(
     crate::metrics::install();
     let auth = Arc::new(crate::auth::Auth::from_config(&config)?);
     let pusher_apps = Arc::new(crate::pusher::Apps::from_config(&config)?);
-    if config.apps.is_empty() {
+    if pusher_apps.is_empty() {
+        info!("the Pusher door is off: tokens or an API key are set and [[apps]] is not");
+    } else if config.apps.is_empty() {
         warn!(
             "open mode: the Pusher door's app is id 1, key app-key, secret app-secret; set [[apps]] in the config for your own"
         );

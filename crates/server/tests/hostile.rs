@@ -2628,18 +2628,23 @@ fn pusher_cases() -> Vec<PusherCase> {
             none(0),
         ),
         pusher_case(
-            "25 refusals in a row end the connection",
+            "25 refusals in a row end the connection (4100: reconnect after a backoff)",
             |_| (0..25).map(|_| ptext_raw("[]")).collect(),
-            Close(4301),
+            Close(4100),
         ),
         pusher_case(
-            "a flood of 1 000 subscribes",
+            "a flood of 1 000 subscribes: 8 taken, the rest over capacity",
             |_| {
                 (0..1000)
                     .map(|i| psubscribe(&format!("flood-{i}"), None, None))
                     .collect()
             },
-            Close(4301),
+            Errors(vec![Some(4100); 992]),
+        ),
+        pusher_case(
+            "a public channel named like a limited one (#admin)",
+            |_| vec![psubscribe("#admin", None, None)],
+            none(1),
         ),
         pusher_case(
             "a sign-in with a forged signature",

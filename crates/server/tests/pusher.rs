@@ -334,15 +334,21 @@ async fn client_events_reach_the_others_but_not_their_sender() {
         wave["user_id"], "1",
         "a presence channel names the sender: {wave}"
     );
-    // Nothing came back to Ann (her ping is answered first).
-    ann.send(&json!({"event": "pusher:ping"})).await;
-    let next = ann.next().await;
-    assert!(
-        next["event"] == "pusher_internal:member_added" || next["event"] == "pusher:pong",
-        "{next}"
-    );
-    if next["event"] != "pusher:pong" {
-        assert_eq!(ann.next().await["event"], "pusher:pong");
+    // Nothing came back to Ann: the next events she gets are ones published after both.
+    trigger(
+        &server,
+        json!({"name": "marker", "channels": ["private-chat", "presence-team"], "data": "{}"}),
+    )
+    .await;
+    loop {
+        let next = ann.next().await;
+        assert!(
+            !next["event"].as_str().unwrap().starts_with("client-"),
+            "echoed to its sender: {next}"
+        );
+        if next["event"] == "marker" && next["channel"] == "presence-team" {
+            break;
+        }
     }
 
     // Refused elsewhere, the connection staying.
@@ -691,4 +697,81 @@ async fn members_user_info_reaches_every_node_of_a_cluster() {
     assert_eq!(data_of(&removed), json!({"user_id": "carol"}));
     one.stop().await;
     two.stop().await;
+}
+
+#[tokio::test]
+async fn a_server_with_tokens_serves_no_open_app_and_no_public_channels_of_the_first() {
+    // Tokens and no [[apps]]: no app with the well-known secret.
+    let closed: Config =
+        serde_json::from_value(json!({"jwt_secret": "s3cret", "api_key": "k"})).unwrap();
+    let server = Server::start(closed).await;
+    let mut client = Pusher {
+        socket: switchboard_net::connect(
+            &server.url("/app/app-key?protocol=7"),
+            Default::default(),
+        )
+        .await
+        .unwrap()
+        .socket,
+        socket_id: String::new(),
+    };
+    assert_eq!(client.next().await["data"]["code"], 4001);
+    let (status, _) = http::raw(
+        &server.address.to_string(),
+        "GET",
+        "/apps/1/channels",
+        "",
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 404);
+    server.stop().await;
+
+    // Tokens and apps: the first app's channels are the rooms', which want tokens, so
+    // its public channels are refused; private ones and another app's public ones are not.
+    let server = Server::start(config(json!({"jwt_secret": "s3cret", "api_key": "k"}))).await;
+    let mut client = open(&server).await;
+    let refused = client.subscribe("lobby", None, None).await;
+    assert_eq!(
+        (refused["event"].as_str(), &refused["data"]["code"]),
+        (Some("pusher:error"), &json!(4009)),
+        "{refused}"
+    );
+    assert_eq!(
+        join(&mut client, "private-lobby", None).await["event"],
+        "pusher_internal:subscription_succeeded"
+    );
+    let mut other = Pusher::open(&url(&server, "other-key")).await;
+    assert_eq!(
+        other.subscribe("lobby", None, None).await["event"],
+        "pusher_internal:subscription_succeeded"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_signed_in_user_joins_presence_without_channel_data() {
+    let server = Server::start(config(json!({}))).await;
+    let mut ann = open(&server).await;
+    let user_data = json!({"id": "ann", "user_info": {"name": "Ann"}}).to_string();
+    let auth = user_auth(KEY, SECRET, &ann.socket_id, &user_data);
+    ann.send(&json!({"event": "pusher:signin", "data": {"auth": auth, "user_data": user_data}}))
+        .await;
+    ann.next_of("pusher:signin_success").await;
+    // The auth response had no channel_data: the signature is over socket:channel.
+    let ok = join(&mut ann, "presence-signed", None).await;
+    let presence = &data_of(&ok)["presence"];
+    assert_eq!(
+        (&presence["ids"], &presence["hash"]["ann"]["name"]),
+        (&json!(["ann"]), &json!("Ann")),
+        "{ok}"
+    );
+    // Without a sign-in that is refused.
+    let mut bob = open(&server).await;
+    assert_eq!(
+        join(&mut bob, "presence-signed", None).await["event"],
+        "pusher:error"
+    );
+    server.stop().await;
 }

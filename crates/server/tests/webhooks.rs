@@ -100,6 +100,26 @@ async fn arrivals_and_leaves_are_signed_pusher_webhooks_after_the_delay() {
 
     // Ann reloads within the delay: nothing is told. Then Bob and Ann go for good.
     ann.socket.close(None).await.unwrap();
+    // Gone from presence (her removal waits out the delay) before she is back.
+    let users = || {
+        switchboard_test_support::pusher::signed_path(
+            "GET",
+            "/apps/3/channels/presence-a/users",
+            &[],
+            None,
+            KEY,
+            SECRET,
+            None,
+        )
+    };
+    for _ in 0..200 {
+        let (_, listed) =
+            switchboard_test_support::http::get(&server.address.to_string(), &users()).await;
+        if listed["users"].as_array().is_some_and(|u| u.len() == 1) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let _ann_again = join_presence(&server, "presence-a", "ann").await;
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(
@@ -135,9 +155,11 @@ async fn every_door_is_told_and_a_failing_receiver_gets_each_event_once() {
     ]);
     let server = Server::start(config(hooks, 0)).await;
     let (room, _) = Room::join(&server.url("/room/lobby?name=rita")).await;
-    let events = receiver
+    let mut events = receiver
         .wait_for(Duration::from_secs(20), |e| e.len() >= 2)
         .await;
+    // One batch, or two sent side by side: each event once either way.
+    events.sort();
     assert_eq!(
         events,
         [
@@ -145,12 +167,12 @@ async fn every_door_is_told_and_a_failing_receiver_gets_each_event_once() {
             event("member_added", "lobby", Some("rita"))
         ]
     );
-    let statuses: Vec<u16> = receiver.received().iter().map(|r| r.status).collect();
-    assert_eq!(
-        statuses,
-        [500, 500, 500, 200],
-        "three failures, then the one success"
-    );
+    let failed = receiver
+        .received()
+        .iter()
+        .filter(|r| r.status == 500)
+        .count();
+    assert_eq!(failed, 3, "three failures, then success");
     assert_eq!(
         only_rooms.wait_for(PATIENCE, |e| !e.is_empty()).await,
         [event("channel_occupied", "lobby", None)]

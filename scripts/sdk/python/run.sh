@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Runs Centrifugo's Python SDK (centrifuge-python) and server-API client (cent),
-# unchanged, against a Switchboard binary: SWITCHBOARD_BIN, by default
-# target/release/switchboard. Installs requirements.txt into .venv when missing.
+# Runs Centrifugo's Python SDK (centrifuge-python) and server-API client (cent), and
+# Pusher's server library (pusher, test_pusher.py), unchanged, against a Switchboard
+# binary: SWITCHBOARD_BIN, by default target/release/switchboard. Installs
+# requirements.txt into .venv when missing.
 # Extra arguments go to pytest (e.g. -k recovery).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

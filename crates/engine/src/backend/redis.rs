@@ -353,28 +353,42 @@ end
 return {}
 ";
 
-/// Hooks, atomically. ARGV: mode, prefix, then:
-/// - `promote`, then `name`, `json` pairs: each delayed change still pending moves to
-///   the `hooks` list as `json` (once, whichever node promotes it);
-/// - `take`, now (ms), lease (ms), max: leased hooks whose lease ran out go back to the
-///   front of the list; then up to `max` from the front are leased until now + lease
-///   and returned;
-/// - `keep`, until (ms), ticket: a leased hook's lease is renewed;
+/// Hooks, atomically, on Redis's clock (`TIME`), whatever the nodes' clocks say.
+/// ARGV: mode, prefix, then:
+/// - `promote`, then `name`, `delay` (ms) pairs: each delayed change still pending and
+///   due (the time it happened plus its delay is past) moves to the `hooks` list, once,
+///   whichever node promotes it, in the order given;
+/// - `take`, lease (ms), max: leased hooks whose lease ran out go back to the front of
+///   the list; then up to `max` from the front are leased for `lease` and returned;
+/// - `keep`, lease (ms), ticket: a leased hook's lease is renewed;
 /// - `done`, ticket: a leased hook leaves;
 /// - `record`, json: a door's hook joins the list.
 const HOOKS: &str = r"
 local mode, prefix = ARGV[1], ARGV[2]
 local list, leased = prefix .. ':hooks', prefix .. ':hooks:leased'
+local pending = prefix .. ':hooks:pending'
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if mode == 'promote' then
   for i = 3, #ARGV, 2 do
-    if redis.call('ZREM', prefix .. ':hooks:pending', ARGV[i]) == 1 then
+    local name, delay = ARGV[i], tonumber(ARGV[i + 1])
+    local at = redis.call('ZSCORE', pending, name)
+    if at and tonumber(at) + delay <= now then
+      redis.call('ZREM', pending, name)
+      local first = string.find(name, '\n', 1, true)
+      local second = string.find(name, '\n', first + 1, true)
+      local hook = {kind = string.sub(name, 1, first - 1),
+                    channel = string.sub(name, first + 1, second - 1),
+                    time_ms = tonumber(at)}
+      local user = string.sub(name, second + 1)
+      if user ~= '' then hook.user = user end
       local id = redis.call('INCR', prefix .. ':hooks:seq')
-      redis.call('RPUSH', list, id .. '\n' .. ARGV[i + 1])
+      redis.call('RPUSH', list, id .. '\n' .. cjson.encode(hook))
     end
   end
   return {}
 elseif mode == 'take' then
-  local now, lease, max = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+  local lease, max = tonumber(ARGV[3]), tonumber(ARGV[4])
   local expired = redis.call('ZRANGEBYSCORE', leased, '-inf', now)
   for i = #expired, 1, -1 do
     redis.call('ZREM', leased, expired[i])
@@ -385,7 +399,7 @@ elseif mode == 'take' then
   for _, item in ipairs(taken) do redis.call('ZADD', leased, now + lease, item) end
   return taken
 elseif mode == 'keep' then
-  redis.call('ZADD', leased, 'XX', tonumber(ARGV[3]), ARGV[4])
+  redis.call('ZADD', leased, 'XX', now + tonumber(ARGV[3]), ARGV[4])
   return {}
 elseif mode == 'done' then
   redis.call('ZREM', leased, ARGV[3])
@@ -757,7 +771,6 @@ impl Backend for RedisBackend {
             let mut call = self.node.hook_script.prepare_invoke();
             call.arg("take")
                 .arg(&self.node.prefix)
-                .arg(crate::hooks::now_ms())
                 .arg(lease.as_millis() as u64)
                 .arg(max.max(1));
             let items: Vec<String> = self
@@ -799,7 +812,7 @@ impl Backend for RedisBackend {
             let mut call = self.node.hook_script.prepare_invoke();
             call.arg("keep")
                 .arg(&self.node.prefix)
-                .arg(crate::hooks::now_ms() + lease.as_millis() as u64)
+                .arg(lease.as_millis() as u64)
                 .arg(&taken.ticket);
             let _: Vec<String> = self
                 .node
@@ -1162,34 +1175,33 @@ impl Node {
         self.noted(call.invoke_async(&mut self.conn.clone()).await)
     }
 
-    /// Moves the delayed changes that are due to the hooks list.
+    /// Moves the delayed changes that are due to the hooks list (Redis decides which
+    /// are due, on its clock; a node only says how long each one's channel waits).
     async fn promote_hooks(&self) -> Result<(), StoreError> {
         let Some(config) = &self.hooks else {
             return Ok(());
         };
-        let pending: Vec<(String, u64)> = self.noted(
+        let mut pending: Vec<(String, u64)> = self.noted(
             self.conn
                 .clone()
                 .zrangebyscore_withscores(format!("{}:hooks:pending", self.prefix), "-inf", "+inf")
                 .await,
         )?;
-        let now = crate::hooks::now_ms();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        // Oldest first; a vacancy after the removals of the same moment.
+        pending.sort_by_key(|(name, at)| (*at, name.starts_with("channel_vacated")));
         let mut call = self.hook_script.prepare_invoke();
         call.arg("promote").arg(&self.prefix);
-        let mut due = 0;
-        for (name, at) in pending {
-            let Some(hook) = crate::hooks::parse_pending(&name, at) else {
+        for (name, _) in &pending {
+            let Some(hook) = crate::hooks::parse_pending(name, 0) else {
                 continue;
             };
-            if at + crate::hooks::delay_ms(config, &hook.channel) <= now {
-                call.arg(&name)
-                    .arg(serde_json::to_string(&hook).expect("hooks serialize"));
-                due += 1;
-            }
+            call.arg(name)
+                .arg(crate::hooks::delay_ms(config, &hook.channel));
         }
-        if due > 0 {
-            let _: Vec<String> = self.noted(call.invoke_async(&mut self.conn.clone()).await)?;
-        }
+        let _: Vec<String> = self.noted(call.invoke_async(&mut self.conn.clone()).await)?;
         Ok(())
     }
 

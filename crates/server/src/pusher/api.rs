@@ -173,7 +173,7 @@ fn check_signature(
         .and_then(|t| t.parse::<i64>().ok())
         .ok_or("Missing or malformed auth_timestamp")?;
     let now = now_secs();
-    if (now - timestamp).abs() > TIMESTAMP_WINDOW_SECS {
+    if now.abs_diff(timestamp) > TIMESTAMP_WINDOW_SECS.unsigned_abs() {
         return Err(format!(
             "Timestamp expired: Given timestamp ({timestamp}) not within {TIMESTAMP_WINDOW_SECS} seconds of server time ({now})"
         ));

@@ -45,6 +45,11 @@ pub(crate) struct App {
 }
 
 impl App {
+    /// Whether its channels are the other doors' too (the first app's).
+    pub(crate) fn shares_rooms(&self) -> bool {
+        self.scope.is_empty()
+    }
+
     /// The engine channel of this app's `channel`.
     pub(crate) fn engine_channel(&self, channel: &str) -> String {
         match channel.strip_prefix(USER_CHANNEL_PREFIX) {
@@ -83,10 +88,15 @@ pub struct AppsError(String);
 
 impl Apps {
     pub(crate) fn from_config(config: &Config) -> Result<Self, AppsError> {
-        let configured = if config.apps.is_empty() {
-            vec![PusherApp::new("1", "app-key", "app-secret")]
-        } else {
-            config.apps.clone()
+        let open = config.jwt_secret.is_none()
+            && config.jwt_public_key_file.is_none()
+            && config.api_key.is_none();
+        let configured = match (config.apps.is_empty(), open) {
+            // Open mode only: a server that wants tokens or an API key does not serve an
+            // app whose secret everyone knows.
+            (true, true) => vec![PusherApp::new("1", "app-key", "app-secret")],
+            (true, false) => Vec::new(),
+            (false, _) => config.apps.clone(),
         };
         let mut apps = Vec::new();
         let mut by_key = HashMap::new();
@@ -130,6 +140,11 @@ impl Apps {
             by_key,
             by_id,
         })
+    }
+
+    /// Whether no app is served (a server with tokens or an API key and no `[[apps]]`).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.apps.is_empty()
     }
 
     pub(crate) fn by_key(&self, key: &str) -> Option<&Arc<App>> {
@@ -242,5 +257,8 @@ pub(crate) mod errors {
     pub(crate) const SLOW: Code = (4201, "Slow consumer: reconnect");
     pub(crate) const NO_PONG: Code = (4201, "Pong reply not received");
     pub(crate) const RATE_LIMITED: Code = (4301, "Client event rejected due to rate limit");
+    /// What closes a connection that keeps sending what is refused: the libraries
+    /// reconnect after a backoff (they never do after 4000-4099 or 4300-4399).
+    pub(crate) const TOO_MANY_REFUSALS: Code = (4100, "Too many refused messages: slow down");
     pub(crate) const TERMINATED: Code = (4009, "Connections of this user were terminated");
 }

@@ -160,6 +160,9 @@ impl Registration {
         if let Some(old) = self.signed_in.take() {
             if let Some(connections) = inner.users.get_mut(&old) {
                 connections.remove(&self.socket_id);
+                if connections.is_empty() {
+                    inner.users.remove(&old);
+                }
             }
         }
         inner

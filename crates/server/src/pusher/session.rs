@@ -92,8 +92,9 @@ struct Session {
     app: Arc<App>,
     state: AppState,
     socket_id: String,
-    /// The signed-in user's id.
+    /// The signed-in user's id, and the `user_info` of its `user_data`.
     user: Option<String>,
+    user_info: Option<Box<RawValue>>,
     inbox: Inbox,
     terminator: Terminator,
     /// Subscriptions by key (what tags their events in the inbox).
@@ -160,6 +161,7 @@ impl Session {
             app,
             socket_id,
             user: None,
+            user_info: None,
             inbox,
             terminator,
             subs: HashMap::new(),
@@ -377,7 +379,7 @@ impl Session {
     async fn strike(&mut self) -> Step {
         self.strikes += 1;
         if self.strikes > self.state.config.rate_limit_strikes {
-            return Err(Some(errors::RATE_LIMITED));
+            return Err(Some(errors::TOO_MANY_REFUSALS));
         }
         Ok(())
     }
@@ -461,7 +463,8 @@ impl Session {
                 .await;
         }
         if self.subs.len() >= self.state.config.max_subscriptions_per_connection {
-            self.strike().await?;
+            // Not a strike: an app with many channels is not misbehaving, and closing
+            // it would only bring it back with the same subscribes.
             return self
                 .refuse(
                     Some(errors::OVER_CAPACITY.0),
@@ -477,6 +480,19 @@ impl Session {
         let options = self.state.engine.options(&engine).clone();
         let mut member = None;
         match kind {
+            ChannelKind::Public if self.app.shares_rooms() && self.state.auth.requires_tokens() => {
+                // The first app's channels are every door's, and this server wants a
+                // token to join them: a public channel would let anyone in.
+                self.strike().await?;
+                return self
+                    .refuse(
+                        Some(errors::UNAUTHORIZED.0),
+                        &format!(
+                            "{channel}: this server wants tokens for its channels, so this app's public channels are off; use private- or presence- channels"
+                        ),
+                    )
+                    .await;
+            }
             ChannelKind::Public => {}
             ChannelKind::User => {
                 let owner = &channel[proto::USER_CHANNEL_PREFIX.len()..];
@@ -491,18 +507,21 @@ impl Session {
                 }
             }
             ChannelKind::Private | ChannelKind::Encrypted | ChannelKind::Presence => {
-                let data = (kind == ChannelKind::Presence).then_some(channel_data.as_deref());
-                let signed = match (&auth, data) {
-                    (None, _) | (_, Some(None)) => false,
-                    (Some(auth), data) => proto::channel_auth_valid(
+                // A presence subscription signs its channel_data, or (a signed-in
+                // user's, whose auth response had none) only the channel.
+                let data = channel_data
+                    .as_deref()
+                    .filter(|_| kind == ChannelKind::Presence);
+                let signed = auth.as_deref().is_some_and(|auth| {
+                    proto::channel_auth_valid(
                         &self.app.config.key,
                         &self.app.config.secret,
                         &self.socket_id,
                         &channel,
-                        data.flatten(),
+                        data,
                         auth,
-                    ),
-                };
+                    )
+                });
                 if !signed {
                     self.strike().await?;
                     metrics::counter!("switchboard_pusher_auth_failures_total").increment(1);
@@ -530,8 +549,13 @@ impl Session {
                             )
                             .await;
                     }
-                    let data = channel_data.as_deref().unwrap_or_default();
-                    match proto::user_id_of(data, "user_id") {
+                    let given = match (data, &self.user) {
+                        (Some(data), _) => proto::user_id_of(data, "user_id"),
+                        // Signed in: the member is the user, with its user_info.
+                        (None, Some(user)) => Some((user.clone(), self.user_info.clone())),
+                        (None, None) => None,
+                    };
+                    match given {
                         Some((user, info)) if switchboard_engine::valid_user_name(&user) => {
                             member = Some((user, info));
                         }
@@ -540,7 +564,7 @@ impl Session {
                             return self
                                 .refuse(
                                     None,
-                                    &format!("{channel}: channel_data needs a user_id (a string or number of 1-64 characters)"),
+                                    &format!("{channel}: channel_data needs a user_id (a string or number of 1-64 characters), or the connection a sign-in"),
                                 )
                                 .await;
                         }
@@ -558,9 +582,13 @@ impl Session {
                 .await;
         }
         self.strikes = 0;
-        let user = match &member {
-            Some((user, _)) => user.clone(),
-            None => self.user.clone().unwrap_or_default(),
+        // Who the subscription counts as: the presence member, or on the personal
+        // channel its user; elsewhere nobody (this protocol has no presence there, and
+        // a member there would be told to webhooks as one).
+        let user = match (&member, kind) {
+            (Some((user, _)), _) => user.clone(),
+            (None, ChannelKind::User) => self.user.clone().unwrap_or_default(),
+            (None, _) => String::new(),
         };
         self.registration.subscribed(&engine);
         let resume = Resume {
@@ -629,7 +657,8 @@ impl Session {
     }
 
     async fn on_signin(&mut self, auth: &str, user_data: &str) -> Step {
-        let app = &self.app.config;
+        let app = self.app.clone();
+        let app = &app.config;
         let valid = proto::user_auth_valid(&app.key, &app.secret, &self.socket_id, user_data, auth);
         let user = proto::user_id_of(user_data, "id")
             .map(|(id, _)| id)
@@ -639,9 +668,15 @@ impl Session {
             return Err(Some(errors::UNAUTHORIZED));
         };
         self.strikes = 0;
+        let info = proto::user_id_of(user_data, "id").and_then(|(_, info)| info);
+        if let Some(old) = self.user.take().filter(|old| *old != user) {
+            // Signed in as someone else now: the old user's channel goes.
+            self.unsubscribe(&format!("{}{old}", proto::USER_CHANNEL_PREFIX));
+        }
         self.registration
             .signed_in(&app.id, &user, self.terminator.clone());
         self.user = Some(user);
+        self.user_info = info;
         self.write(&proto::signin_success(user_data)).await
     }
 

@@ -3,11 +3,12 @@
 //! [...]}` with `X-Pusher-Key`, `X-Pusher-Signature` (the HMAC-SHA256 hex of the body
 //! with the app's secret) and `Content-Type: application/json`.
 //!
-//! One task per node takes due hooks in batches, groups them by app and URL (keeping
-//! the events each URL asked for), and posts each group until it is answered with a 2xx,
-//! retrying with a doubling backoff up to [`ATTEMPTS`] times while it keeps the hooks'
-//! lease. Only then are the hooks done with: a node that dies before leaves them to
-//! another node (in a cluster their queue is in Redis).
+//! One task per node takes due hooks in batches (up to [`IN_FLIGHT`] batches at once),
+//! groups them by app and URL (keeping the events each URL asked for), and posts each
+//! group until it is answered with a 2xx, retrying with a doubling backoff up to
+//! [`ATTEMPTS`] times while it keeps the hooks' lease. Only then are the hooks done
+//! with: a node that dies before leaves them to another node (in a cluster their queue
+//! is in Redis).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -93,12 +94,21 @@ fn event_of(taken: &Taken, channel: &str) -> Value {
     event
 }
 
+/// Batches sent at once: a receiver that does not answer holds up its own batches'
+/// retries, not every other webhook.
+const IN_FLIGHT: usize = 8;
+
 /// Runs until shutdown: takes due hooks and sends them.
 pub(crate) async fn run(engine: Engine, apps: Arc<Apps>, shutdown: Shutdown) {
-    let client = Client::new();
+    let client = Arc::new(Client::new());
+    let permits = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
     let stopping = shutdown.stopping();
     tokio::pin!(stopping);
     loop {
+        let permit = tokio::select! {
+            () = &mut stopping => return,
+            permit = permits.clone().acquire_owned() => permit.expect("the semaphore stays open"),
+        };
         let taken = tokio::select! {
             () = &mut stopping => return,
             taken = engine.take_hooks(BATCH, LEASE) => taken,
@@ -114,23 +124,32 @@ pub(crate) async fn run(engine: Engine, apps: Arc<Apps>, shutdown: Shutdown) {
             metrics::gauge!("switchboard_webhooks_queue").set(waiting as f64);
         }
         if taken.is_empty() {
+            drop(permit);
             tokio::select! {
                 () = &mut stopping => return,
                 () = tokio::time::sleep(POLL) => {}
             }
             continue;
         }
-        let batch = send_batch(&client, &engine, &apps, &taken);
-        tokio::select! {
-            // The lease runs out; another node (or this one, restarted) sends them.
-            () = &mut stopping => return,
-            () = batch => {}
-        }
-        for hook in &taken {
-            if let Err(cause) = engine.hook_sent(hook).await {
-                warn!(%cause, "a sent hook could not be marked done; it may be sent again");
+        let (engine, apps, client, shutdown) = (
+            engine.clone(),
+            apps.clone(),
+            client.clone(),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            let _permit = permit;
+            tokio::select! {
+                // The lease runs out; another node (or this one, restarted) sends them.
+                () = shutdown.stopping() => return,
+                () = send_batch(&client, &engine, &apps, &taken) => {}
             }
-        }
+            for hook in &taken {
+                if let Err(cause) = engine.hook_sent(hook).await {
+                    warn!(%cause, "a sent hook could not be marked done; it may be sent again");
+                }
+            }
+        });
     }
 }
 
