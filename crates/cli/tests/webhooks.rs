@@ -10,8 +10,7 @@ mod support;
 
 use std::time::Duration;
 
-use serde_json::json;
-use switchboard_test_support::pusher::{channel_auth, Pusher};
+use switchboard_test_support::pusher::Pusher;
 use switchboard_test_support::redis::{Persistence, RedisServer};
 use switchboard_test_support::room::Room;
 use switchboard_test_support::webhook::Receiver;
@@ -26,15 +25,14 @@ fn event(name: &str, channel: &str, user: Option<&str>) -> (String, String, Opti
 }
 
 async fn join_presence(node: &str, channel: &str, user: &str) -> Pusher {
-    let mut client = Pusher::open(&format!("ws://{node}/app/{KEY}?protocol=7")).await;
-    let data = json!({"user_id": user}).to_string();
-    let auth = channel_auth(KEY, SECRET, &client.socket_id, channel, Some(&data));
-    let ok = client.subscribe(channel, Some(&auth), Some(&data)).await;
-    assert_eq!(
-        ok["event"], "pusher_internal:subscription_succeeded",
-        "{ok}"
-    );
-    client
+    Pusher::join_presence(
+        &format!("ws://{node}/app/{KEY}?protocol=7"),
+        KEY,
+        SECRET,
+        channel,
+        user,
+    )
+    .await
 }
 
 #[tokio::test]

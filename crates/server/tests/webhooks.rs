@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use switchboard_protocol::pusher::sign;
 use switchboard_server::Config;
-use switchboard_test_support::pusher::{channel_auth, Pusher};
+use switchboard_test_support::pusher::Pusher;
 use switchboard_test_support::room::Room;
 use switchboard_test_support::webhook::Receiver;
 
@@ -30,15 +30,14 @@ fn event(name: &str, channel: &str, user: Option<&str>) -> (String, String, Opti
 }
 
 async fn join_presence(server: &Server, channel: &str, user: &str) -> Pusher {
-    let mut client = Pusher::open(&server.url(&format!("/app/{KEY}?protocol=7"))).await;
-    let data = json!({"user_id": user}).to_string();
-    let auth = channel_auth(KEY, SECRET, &client.socket_id, channel, Some(&data));
-    let ok = client.subscribe(channel, Some(&auth), Some(&data)).await;
-    assert_eq!(
-        ok["event"], "pusher_internal:subscription_succeeded",
-        "{ok}"
-    );
-    client
+    Pusher::join_presence(
+        &server.url(&format!("/app/{KEY}?protocol=7")),
+        KEY,
+        SECRET,
+        channel,
+        user,
+    )
+    .await
 }
 
 const PATIENCE: Duration = Duration::from_secs(15);

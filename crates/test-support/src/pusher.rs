@@ -112,6 +112,26 @@ impl Pusher {
         }
     }
 
+    /// Opens `url` and joins presence channel `channel` as `user` (no `user_info`),
+    /// signed with the app's `key` and `secret`.
+    pub async fn join_presence(
+        url: &str,
+        key: &str,
+        secret: &str,
+        channel: &str,
+        user: &str,
+    ) -> Self {
+        let mut client = Self::open(url).await;
+        let data = json!({ "user_id": user }).to_string();
+        let auth = channel_auth(key, secret, &client.socket_id, channel, Some(&data));
+        let ok = client.subscribe(channel, Some(&auth), Some(&data)).await;
+        assert_eq!(
+            ok["event"], "pusher_internal:subscription_succeeded",
+            "{ok}"
+        );
+        client
+    }
+
     /// Whether nothing arrives within `wait`.
     pub async fn quiet_for(&mut self, wait: Duration) -> Result<(), Value> {
         match tokio::time::timeout(wait, self.socket.recv()).await {
