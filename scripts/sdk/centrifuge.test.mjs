@@ -238,7 +238,7 @@ for (const build of BUILDS) {
     async function threeInPresence(t) {
       const defer = cleanup(t);
       const server = await startServer({ defer });
-      const channel = unique('presence');
+      const channel = unique('members');
       const alice1 = await connect(build, server.wsUrl, { defer, token: connectionToken('alice', { info: { name: 'Alice' } }) });
       const alice2 = await connect(build, server.wsUrl, { defer, token: connectionToken('alice', { info: { name: 'Alice' } }) });
       const bob = await connect(build, server.wsUrl, { defer, token: connectionToken('bob', { info: { name: 'Bob' } }) });
