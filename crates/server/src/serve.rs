@@ -106,7 +106,9 @@ pub async fn run(
     if pusher_apps.is_empty() {
         info!("the Pusher door is off: tokens or an API key are set and [[apps]] is not");
     } else if config.apps.is_empty() {
-        warn!(
+        // Said at start, as the other open-mode defaults are; not a warning (the soak
+        // and operators read warnings as something gone wrong).
+        info!(
             "open mode: the Pusher door's app is id 1, key app-key, secret app-secret; set [[apps]] in the config for your own"
         );
     }
