@@ -340,13 +340,10 @@ async fn channel_info(
     let engine = app.engine_channel(channel);
     let mut info = Map::new();
     if wanted.contains("user_count") {
-        let users = state.engine.presence(&engine).await.map_err(|_| {
-            refusal(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "presence is unavailable; retry",
-            )
-        })?;
-        info.insert("user_count".into(), users.len().into());
+        info.insert(
+            "user_count".into(),
+            user_count(state, &engine).await?.into(),
+        );
     }
     if wanted.contains("subscription_count") {
         info.insert(
@@ -355,6 +352,17 @@ async fn channel_info(
         );
     }
     Ok(info)
+}
+
+/// The users present in engine channel `engine`, everywhere.
+async fn user_count(state: &AppState, engine: &str) -> Result<usize, Refused> {
+    let users = state.engine.presence(engine).await.map_err(|_| {
+        refusal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "presence is unavailable; retry",
+        )
+    })?;
+    Ok(users.len())
 }
 
 fn app_of(request: &Request) -> std::sync::Arc<App> {
@@ -558,14 +566,13 @@ async fn channel(
         Err(refused) => return refused.into_response(),
     };
     let engine = app.engine_channel(&name);
-    let users = match state.engine.presence(&engine).await {
-        Ok(users) => users.len(),
-        Err(_) => {
-            return refused(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "presence is unavailable; retry",
-            )
-        }
+    // Presence is read once: for user_count, when asked, and for occupied.
+    let users = match info.get("user_count").and_then(Value::as_u64) {
+        Some(users) => users as usize,
+        None => match user_count(&state, &engine).await {
+            Ok(users) => users,
+            Err(refused) => return refused.into_response(),
+        },
     };
     let occupied = users > 0 || state.pusher_registry.subscriptions(&engine) > 0;
     info.insert("occupied".into(), occupied.into());
