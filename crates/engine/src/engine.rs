@@ -394,6 +394,25 @@ impl Channel {
         self.state().users.keys().map(|u| u.to_string()).collect()
     }
 
+    /// Takes `position` as where a channel with no members here stands (a node that
+    /// stops hearing a channel when its last member leaves reads it again before the
+    /// next use): nobody is cut off, and what members said of themselves is forgotten
+    /// (a joiner reads it afresh).
+    pub(crate) fn refresh_idle(&self, position: &Position) {
+        let mut state = self.state();
+        if !state.members.is_empty() {
+            return;
+        }
+        if *state.epoch == *position.epoch {
+            // A publication heard meanwhile may be newer than what was read.
+            state.broadcast_id = state.broadcast_id.max(position.last_id);
+        } else {
+            state.epoch = Arc::from(position.epoch.as_str());
+            state.broadcast_id = position.last_id;
+        }
+        state.infos.clear();
+    }
+
     /// Delivers a stored publication and records it as delivered, under one lock: a
     /// member joining now either reads it from the store or receives it, never both.
     pub(crate) fn broadcast(&self, delivery: &Arc<Delivery>) {
@@ -701,6 +720,13 @@ impl Engine {
 
     async fn channel(&self, name: &str) -> Result<Arc<Channel>, EngineError> {
         if let Some(channel) = self.inner.channel_now(name) {
+            if self.inner.backend.follows_idle() || channel.occupied() {
+                return Ok(channel);
+            }
+            // Nobody here: this node has not heard the channel since its last member
+            // left, so where it stands is read again.
+            let position = self.inner.backend.open(name).await?;
+            channel.refresh_idle(&position);
             return Ok(channel);
         }
         let position = self.inner.backend.open(name).await?;

@@ -39,6 +39,10 @@ pub struct Config {
     pub redis_prefix: String,
     /// Seconds a node that stopped answering keeps its users in member lists.
     pub presence_expiry_secs: u64,
+    /// Milliseconds within which a node notices that Redis stopped answering (a silent
+    /// link as much as a closed one): `/healthz` then answers 503 and messages are
+    /// refused with `unavailable` until it answers again.
+    pub redis_timeout_ms: u64,
     /// Largest WebSocket message in a room (1009 beyond it).
     pub room_max_message: usize,
     /// Longest chat text, in characters (an `error` event beyond it).
@@ -183,6 +187,7 @@ impl Default for Config {
             redis: None,
             redis_prefix: "switchboard".into(),
             presence_expiry_secs: 15,
+            redis_timeout_ms: 3000,
             room_max_message: 64 * 1024,
             max_text_chars: 4096,
             channels: ChannelOptions::default(),

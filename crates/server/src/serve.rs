@@ -178,7 +178,8 @@ async fn engine(
     if let Some(url) = &config.redis {
         let redis = RedisConfig::new(url.clone())
             .with_prefix(config.redis_prefix.clone())
-            .with_presence_expiry(Duration::from_secs(config.presence_expiry_secs.max(1)));
+            .with_presence_expiry(Duration::from_secs(config.presence_expiry_secs.max(1)))
+            .with_timeout(Duration::from_millis(config.redis_timeout_ms.max(100)));
         let engine = Engine::redis(redis, engine_config).await?;
         info!(redis = %url, "channel history and presence in Redis, shared with the other nodes");
         return Ok(engine);

@@ -316,6 +316,11 @@ impl Backend for LocalBackend {
         .boxed()
     }
 
+    fn follows_idle(&self) -> bool {
+        // Every stored batch comes back to the engine, whoever is in the channel.
+        true
+    }
+
     fn opened(&self, _channel: &Arc<Channel>) {
         // Publications are numbered here: none can arrive before the channel exists.
     }

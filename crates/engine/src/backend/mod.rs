@@ -5,8 +5,8 @@
 //! what other nodes must hear. [`local`] is the single node (a [`crate::store::Store`]
 //! written by one thread, which hands each stored batch back for delivery); [`redis`]
 //! shares channels with other nodes over Redis (each publication one script call,
-//! delivered to every node through Pub/Sub). Neither knows a door; the engine has no
-//! branch for either.
+//! delivered through Pub/Sub to every node with members in its channel). Neither knows
+//! a door; the engine has no branch for either.
 
 use std::sync::{Arc, Weak};
 
@@ -86,6 +86,10 @@ pub(crate) trait Backend: Send + Sync + std::fmt::Debug + 'static {
     fn start(&self, sink: Sink);
     /// Where `channel`'s stream stands (and its epoch, made if it has none).
     fn open<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<Position, StoreError>>;
+    /// Whether a channel with no members here still receives its publications, so its
+    /// position stays current (a single node). A Redis node hears only the channels it
+    /// has members in: a channel without any is read afresh before it is used.
+    fn follows_idle(&self) -> bool;
     /// `channel` was just made here from the position `open` gave: a backend whose
     /// publications arrive on their own (Redis) checks that none came in between.
     fn opened(&self, channel: &Arc<Channel>);

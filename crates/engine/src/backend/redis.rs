@@ -14,7 +14,8 @@
 //! - `P:nonces:{ch}`: a hash from `from \n nonce` (`from` empty for the server) to the id;
 //!   `P:nonce-times:{ch}`: a sorted set of the same fields by when they were taken, so
 //!   the post script forgets nonces older than `nonce_ttl` a few at a time.
-//! - `P:room:{ch}`: the channel's Pub/Sub channel. Payloads start with a kind byte:
+//! - `P:room:{ch}`: the channel's Pub/Sub channel, subscribed to by the nodes with
+//!   members in the channel, while they have some. Payloads start with a kind byte:
 //!   `M{id}\n{epoch}\n{record}` a stored publication, `P{join|leave}\n{user}` presence,
 //!   `T{node}\n{user}\n{0|1}` typing, `B{node}\n{bytes}` binary data.
 //! - `P:presence:{ch}`: a hash from user to the number of nodes it is on.
@@ -35,6 +36,7 @@
 //! stored. Presence changes are scripts too; a node that stops renewing its `alive` key
 //! is reaped by the others, which publish the leaves of its users.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
@@ -65,6 +67,9 @@ pub struct RedisConfig {
     pub prefix: String,
     /// How long a node that stopped answering keeps its users in the member lists.
     pub presence_expiry: Duration,
+    /// How soon a node notices that Redis stopped answering: every command waits at
+    /// most two thirds of it, and both connections are probed every third of it.
+    pub timeout: Duration,
 }
 
 impl RedisConfig {
@@ -73,6 +78,7 @@ impl RedisConfig {
             url: url.into(),
             prefix: "switchboard".into(),
             presence_expiry: Duration::from_secs(15),
+            timeout: Duration::from_secs(3),
         }
     }
 
@@ -83,6 +89,11 @@ impl RedisConfig {
 
     pub fn with_presence_expiry(mut self, expiry: Duration) -> Self {
         self.presence_expiry = expiry;
+        self
+    }
+
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
         self
     }
 }
@@ -413,8 +424,8 @@ end
 return {}
 ";
 
-/// Redis commands wait at most this long for an answer.
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Channels subscribed to in one command.
+const SUBSCRIBE_CHUNK: usize = 2000;
 
 /// Times a channel is read again when catching up after a new subscription fails.
 const CATCH_UP_TRIES: u32 = 10;
@@ -458,6 +469,8 @@ struct Node {
     id: String,
     prefix: String,
     expiry: Duration,
+    /// How long a command waits for its answer (two thirds of the configured timeout).
+    patience: Duration,
     client: redis::Client,
     conn: ConnectionManager,
     up: AtomicBool,
@@ -469,8 +482,19 @@ struct Node {
     renew: Script,
     /// Set when a presence change may not have reached Redis.
     resync: AtomicBool,
+    /// A resync is queued for the presence worker.
+    resync_queued: AtomicBool,
+    /// The subscription connection is subscribed and caught up.
+    listening: AtomicBool,
     sink: OnceLock<Sink>,
     ops: mpsc::UnboundedSender<Op>,
+    /// Channels whose occupancy here changed: the listener subscribes to a channel's
+    /// Pub/Sub channel while it has members here, and only then.
+    watch: mpsc::UnboundedSender<Arc<str>>,
+    /// The channels the subscription connection has confirmed, and a tick each time
+    /// they change.
+    heard: Mutex<HashSet<Arc<str>>>,
+    heard_changed: tokio::sync::watch::Sender<()>,
     clock: Clock,
     nonce_ttl: Duration,
     replay_page: usize,
@@ -491,7 +515,7 @@ pub(crate) struct RedisBackend {
     /// Stops the node's tasks.
     cancel: CancellationToken,
     /// The queues, until `start` hands them to the tasks.
-    queues: Mutex<Option<(mpsc::UnboundedReceiver<Op>, mpsc::Receiver<Job>)>>,
+    queues: Mutex<Option<Queues>>,
     max_batch: usize,
 }
 
@@ -513,6 +537,12 @@ fn entry(channel: &str, user: &str) -> String {
 
 type Entries = Vec<(String, Vec<Vec<u8>>)>;
 
+type Queues = (
+    mpsc::UnboundedReceiver<Op>,
+    mpsc::Receiver<Job>,
+    mpsc::UnboundedReceiver<Arc<str>>,
+);
+
 impl RedisBackend {
     /// Connects (failing at once when Redis cannot be reached).
     pub(crate) async fn connect(
@@ -520,9 +550,10 @@ impl RedisBackend {
         config: &EngineConfig,
     ) -> Result<Self, StoreError> {
         let client = redis::Client::open(redis.url.as_str())?;
+        let patience = (redis.timeout * 2 / 3).max(Duration::from_millis(50));
         let manager = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(RESPONSE_TIMEOUT))
-            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_connection_timeout(Some(patience))
+            .set_response_timeout(Some(patience))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
         let conn = client.get_connection_manager_with_config(manager).await?;
@@ -531,11 +562,13 @@ impl RedisBackend {
             format!("{:016x}", rand::rngs::StdRng::from_os_rng().next_u64())
         };
         let (ops, ops_rx) = mpsc::unbounded_channel();
+        let (watch, watch_rx) = mpsc::unbounded_channel();
         let (posts, posts_rx) = mpsc::channel(config.write_queue.max(1));
         let node = Arc::new(Node {
             id,
             prefix: redis.prefix.clone(),
             expiry: redis.presence_expiry,
+            patience,
             client,
             conn,
             up: AtomicBool::new(true),
@@ -545,8 +578,13 @@ impl RedisBackend {
             open: Script::new(OPEN),
             renew: Script::new(RENEW),
             resync: AtomicBool::new(false),
+            resync_queued: AtomicBool::new(false),
+            listening: AtomicBool::new(false),
             sink: OnceLock::new(),
             ops,
+            watch,
+            heard: Mutex::new(HashSet::new()),
+            heard_changed: tokio::sync::watch::channel(()).0,
             clock: config.clock.clone(),
             nonce_ttl: config.nonce_ttl,
             replay_page: config.replay_page.max(1),
@@ -557,7 +595,7 @@ impl RedisBackend {
             node,
             posts,
             cancel: CancellationToken::new(),
-            queues: Mutex::new(Some((ops_rx, posts_rx))),
+            queues: Mutex::new(Some((ops_rx, posts_rx, watch_rx))),
             max_batch: config.max_batch.max(1),
         })
     }
@@ -565,7 +603,7 @@ impl RedisBackend {
 
 impl Backend for RedisBackend {
     fn start(&self, sink: Sink) {
-        let Some((ops, posts)) = self.queues.lock().expect("queues lock").take() else {
+        let Some((ops, posts, watch)) = self.queues.lock().expect("queues lock").take() else {
             return;
         };
         if self.node.sink.set(sink).is_err() {
@@ -574,6 +612,8 @@ impl Backend for RedisBackend {
         let interval = (self.node.expiry / 3).max(Duration::from_millis(100));
         tokio::spawn(presence_worker(self.node.clone(), ops));
         tokio::spawn(heartbeat(self.node.clone(), self.cancel.clone(), interval));
+        let probe = (self.node.patience / 2).max(Duration::from_millis(20));
+        tokio::spawn(watchdog(self.node.clone(), self.cancel.clone(), probe));
         // Its own thread, like the writer's on a single node: delivering a publication
         // to a channel's members then never waits in the run queue behind those
         // members' writes, so while they are busy, publications pile up in their queues
@@ -589,7 +629,7 @@ impl Backend for RedisBackend {
                 {
                     Ok(runtime) => {
                         runtime.spawn(poster(node.clone(), posts, max_batch));
-                        runtime.block_on(listener(node, cancel));
+                        runtime.block_on(listener(node, cancel, watch));
                     }
                     Err(cause) => error!(%cause, "starting the cluster listener failed"),
                 }
@@ -601,19 +641,14 @@ impl Backend for RedisBackend {
         self.node.open(channel).boxed()
     }
 
-    fn opened(&self, channel: &Arc<Channel>) {
-        // A publication that reached this node between `open` and the channel's making
-        // found no channel and was dropped: read where the stream stands once more.
-        let (node, channel) = (self.node.clone(), channel.clone());
-        tokio::spawn(async move {
-            let seen = channel.broadcast_id();
-            match node.open(&channel.name).await {
-                Ok(position) => node.resume(&channel, position, seen).await,
-                Err(cause) => {
-                    warn!(%cause, channel = %channel.name, "checking a new channel's position failed")
-                }
-            }
-        });
+    fn follows_idle(&self) -> bool {
+        // Only channels with members here are subscribed to.
+        false
+    }
+
+    fn opened(&self, _channel: &Arc<Channel>) {
+        // Its first member has it subscribed to, and the subscription, once confirmed,
+        // reads where the stream stands (what was published in between is filled in).
     }
 
     fn publish(&self, job: Job) -> BoxFuture<'_, Result<(), EngineError>> {
@@ -695,7 +730,7 @@ impl Backend for RedisBackend {
                 });
                 // Bounded: presence work queued behind a Redis that does not answer
                 // must not hold the subscriber (its presence is told when Redis is back).
-                let present = match tokio::time::timeout(2 * RESPONSE_TIMEOUT, answer).await {
+                let present = match tokio::time::timeout(3 * self.node.patience, answer).await {
                     Ok(Ok(result)) => result?,
                     Ok(Err(_)) => return Err(StoreError::Unavailable("the cluster stopped")),
                     Err(_) => return Err(StoreError::Unavailable("presence timed out")),
@@ -737,6 +772,8 @@ impl Backend for RedisBackend {
     }
 
     fn occupancy(&self, channel: &Arc<str>, occupied: bool) {
+        // The listener ends only with the engine.
+        let _ = self.node.watch.send(channel.clone());
         if self.node.hooks.is_some() {
             self.node.op(Op::Occupy {
                 channel: channel.clone(),
@@ -861,7 +898,8 @@ impl Backend for RedisBackend {
     }
 
     fn health(&self) -> Option<bool> {
-        Some(self.node.is_up())
+        // Commands answer and the subscription hears: both, or the node cannot serve.
+        Some(self.node.is_up() && self.node.listening.load(Ordering::Relaxed))
     }
 
     fn depart(&self) -> BoxFuture<'_, ()> {
@@ -896,6 +934,36 @@ impl Node {
         let _ = self.ops.send(op);
     }
 
+    /// The channels the subscription connection now hears.
+    fn set_heard(&self, heard: HashSet<Arc<str>>) {
+        self.change_heard(|now| *now = heard);
+    }
+
+    fn change_heard(&self, change: impl FnOnce(&mut HashSet<Arc<str>>)) {
+        let count = {
+            let mut heard = self.heard.lock().expect("heard lock");
+            change(&mut heard);
+            heard.len()
+        };
+        metrics::gauge!("switchboard_redis_subscriptions").set(count as f64);
+        self.heard_changed.send_replace(());
+    }
+
+    /// Waits (bounded) until this node hears `channel`, so that what a presence change
+    /// publishes there reaches this node's members too.
+    async fn hearing(&self, channel: &Arc<str>) {
+        let mut changed = self.heard_changed.subscribe();
+        let deadline = tokio::time::Instant::now() + self.patience;
+        while !self.heard.lock().expect("heard lock").contains(channel) {
+            if tokio::time::timeout_at(deadline, changed.changed())
+                .await
+                .map_or(true, |r| r.is_err())
+            {
+                return;
+            }
+        }
+    }
+
     /// Whether the last exchange with Redis worked.
     fn is_up(&self) -> bool {
         self.up.load(Ordering::Relaxed)
@@ -908,7 +976,23 @@ impl Node {
         if !up {
             metrics::counter!("switchboard_redis_errors_total").increment(1);
         }
+        match (was, up) {
+            (true, false) => warn!("Redis does not answer; local clients stay connected"),
+            (false, true) => {
+                info!("Redis answers again");
+                // Presence changes may have been lost meanwhile, or reaped by others.
+                self.resync.store(true, Ordering::Relaxed);
+            }
+            _ => {}
+        }
         was != up
+    }
+
+    /// Queues a resync of this node's presence if one is due and none is queued.
+    fn resync_if_needed(&self) {
+        if self.resync.load(Ordering::Relaxed) && !self.resync_queued.swap(true, Ordering::AcqRel) {
+            self.op(Op::Resync);
+        }
     }
 
     fn noted<T>(&self, result: redis::RedisResult<T>) -> Result<T, StoreError> {
@@ -926,11 +1010,6 @@ impl Node {
 
     fn key(&self, kind: &str, channel: &str) -> String {
         key(&self.prefix, kind, channel)
-    }
-
-    /// The pattern every channel's Pub/Sub channel matches.
-    fn pattern(&self) -> String {
-        format!("{}:room:*", self.prefix)
     }
 
     /// The Pub/Sub channel of notices for every node's doors.
@@ -1375,12 +1454,11 @@ impl Node {
         }
     }
 
-    /// Channels with members here take where their stream stands now: a new epoch
+    /// `channels` take where their stream stands now: a new epoch
     /// resets them, else they receive what was stored after their last delivery. Just
     /// after Redis came back, the command connection may still be reconnecting: a
     /// channel that could not be read is tried again, a few times.
-    async fn catch_up(&self) {
-        let mut channels = self.sink().map_or_else(Vec::new, Sink::channels);
+    async fn catch_up(&self, mut channels: Vec<Arc<Channel>>) {
         for attempt in 1..=CATCH_UP_TRIES {
             let mut failed = Vec::new();
             for channel in channels {
@@ -1524,6 +1602,8 @@ async fn presence_worker(node: Arc<Node>, mut ops: mpsc::UnboundedReceiver<Op>) 
                 info,
                 reply,
             } => {
+                // Its join, published in the channel, is for this node's members too.
+                node.hearing(&channel).await;
                 let entries = [entry(&channel, &user), info.unwrap_or_default()];
                 let result = node.presence_call("join", &entries).await;
                 let failed = result.as_ref().err().map(ToString::to_string);
@@ -1563,6 +1643,7 @@ async fn presence_worker(node: Arc<Node>, mut ops: mpsc::UnboundedReceiver<Op>) 
                 Ok(())
             }
             Op::Resync => {
+                node.resync_queued.store(false, Ordering::Release);
                 if node.stopped() {
                     return;
                 }
@@ -1595,8 +1676,7 @@ async fn presence_worker(node: Arc<Node>, mut ops: mpsc::UnboundedReceiver<Op>) 
     }
 }
 
-/// Renews this node's heartbeat, reaps nodes whose heartbeat expired, and asks for a
-/// resync once Redis answers after an outage.
+/// Renews this node's heartbeat and reaps nodes whose heartbeat expired.
 async fn heartbeat(node: Arc<Node>, cancel: CancellationToken, interval: Duration) {
     loop {
         tokio::select! {
@@ -1606,45 +1686,68 @@ async fn heartbeat(node: Arc<Node>, cancel: CancellationToken, interval: Duratio
         if node.stopped() {
             return;
         }
-        let was_up = node.is_up();
-        match node.heartbeat().await {
-            Ok(()) => {
-                if !was_up {
-                    info!("Redis answers again");
-                    node.resync.store(true, Ordering::Relaxed);
-                }
-                if node.resync.load(Ordering::Relaxed) {
-                    node.op(Op::Resync);
-                }
-                match node.reap().await {
-                    Ok(0) => {}
-                    Ok(nodes) => info!(nodes, "removed the presence of nodes that stopped"),
-                    Err(cause) => warn!(%cause, "checking for stopped nodes failed"),
-                }
+        if node.heartbeat().await.is_ok() {
+            node.resync_if_needed();
+            match node.reap().await {
+                Ok(0) => {}
+                Ok(nodes) => info!(nodes, "removed the presence of nodes that stopped"),
+                Err(cause) => warn!(%cause, "checking for stopped nodes failed"),
             }
-            Err(cause) if was_up => {
-                warn!(%cause, "Redis does not answer; local clients stay connected")
-            }
-            Err(_) => {}
         }
     }
 }
 
-/// Receives every channel's Pub/Sub channel and hands what arrives to this node's
-/// members. After each (re)subscription, channels catch up from the stored history, so
-/// a publication made while the subscription was down is still delivered, in order.
-async fn listener(node: Arc<Node>, cancel: CancellationToken) {
+/// Asks Redis for a `PING` every `interval` on the command connection, so a link that
+/// went silent is noticed within the timeout even when nothing else is sent, and a
+/// link that answers again has the node's presence told again at once.
+async fn watchdog(node: Arc<Node>, cancel: CancellationToken, interval: Duration) {
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        if node.stopped() {
+            return;
+        }
+        let pong: redis::RedisResult<String> =
+            redis::cmd("PING").query_async(&mut node.conn.clone()).await;
+        if node.noted(pong).is_ok() {
+            node.resync_if_needed();
+        }
+    }
+}
+
+/// Receives the Pub/Sub channels of the channels with members here, and this node's
+/// notices, and hands what arrives to this node's members. A channel is subscribed to
+/// when it gets its first member here and left when it loses its last one; once a
+/// subscription is confirmed, the channel catches up from the stored history, so what
+/// was published before it took effect is still delivered, in order. After each
+/// reconnection every occupied channel is subscribed to again and catches up.
+async fn listener(
+    node: Arc<Node>,
+    cancel: CancellationToken,
+    mut watch: mpsc::UnboundedReceiver<Arc<str>>,
+) {
     use futures_util::StreamExt;
 
     let mut backoff = Duration::from_millis(100);
     let mut first = true;
     loop {
+        // What changed before now is in the occupancy read below.
+        while watch.try_recv().is_ok() {}
+        let occupied: Vec<Arc<Channel>> = node
+            .sink()
+            .map_or_else(Vec::new, Sink::channels)
+            .into_iter()
+            .filter(|channel| channel.occupied())
+            .collect();
+        let names: Vec<Arc<str>> = occupied.iter().map(|c| c.name.clone()).collect();
         let subscribed = tokio::select! {
             () = cancel.cancelled() => return,
-            subscribed = subscribe(&node) => subscribed,
+            subscribed = subscribe(&node, &names) => subscribed,
         };
-        let pubsub = match subscribed {
-            Ok(pubsub) => pubsub,
+        let (mut pubsub, mut messages) = match subscribed {
+            Ok(pubsub) => pubsub.split(),
             Err(cause) => {
                 if node.set_up(false) {
                     warn!(%cause, "cannot subscribe to Redis; retrying");
@@ -1664,17 +1767,50 @@ async fn listener(node: Arc<Node>, cancel: CancellationToken) {
         if !first {
             info!("subscribed to Redis again");
             node.resync.store(true, Ordering::Relaxed);
+            node.resync_if_needed();
         }
-        node.catch_up().await;
+        node.set_heard(names.into_iter().collect());
+        node.catch_up(occupied).await;
+        node.listening.store(true, Ordering::Relaxed);
         first = false;
-        let mut messages = pubsub.into_on_message();
         let notices = node.notices();
+        // A subscription connection gets no answers to wait for: it is asked for a
+        // `PING` every third of the timeout, so silence is noticed as soon as on the
+        // command connection.
+        let mut probe = tokio::time::interval((node.patience / 2).max(Duration::from_millis(20)));
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let message = tokio::select! {
                 () = cancel.cancelled() => return,
+                _ = probe.tick() => {
+                    match confirmed(node.patience, pubsub.ping::<redis::Value>()).await {
+                        Ok(_) => continue,
+                        Err(cause) => {
+                            warn!(%cause, "the Redis subscription went silent; subscribing again");
+                            break;
+                        }
+                    }
+                }
+                changed = watch.recv() => {
+                    let Some(changed) = changed else { return };
+                    let mut changed = vec![changed];
+                    while let Ok(more) = watch.try_recv() {
+                        changed.push(more);
+                    }
+                    match follow(&node, &mut pubsub, changed).await {
+                        Ok(()) => continue,
+                        Err(cause) => {
+                            warn!(%cause, "changing Redis subscriptions failed; subscribing again");
+                            break;
+                        }
+                    }
+                }
                 message = messages.next() => message,
             };
-            let Some(message) = message else { break };
+            let Some(message) = message else {
+                warn!("lost the Redis subscription; subscribing again");
+                break;
+            };
             if node.stopped() {
                 return;
             }
@@ -1690,19 +1826,85 @@ async fn listener(node: Arc<Node>, cancel: CancellationToken) {
                 node.on_incoming(&channel, incoming).await;
             }
         }
+        node.listening.store(false, Ordering::Relaxed);
         node.set_up(false);
-        warn!("lost the Redis subscription; subscribing again");
+        node.set_heard(HashSet::new());
     }
 }
 
-async fn subscribe(node: &Node) -> Result<redis::aio::PubSub, StoreError> {
+/// Brings the subscriptions of `changed` channels in line with their occupancy now:
+/// subscribes to those with members here (each then catches up, in a task of its own),
+/// leaves those without.
+async fn follow(
+    node: &Arc<Node>,
+    pubsub: &mut redis::aio::PubSubSink,
+    changed: Vec<Arc<str>>,
+) -> Result<(), StoreError> {
+    let sink = node.sink();
+    let (mut join, mut leave) = (Vec::new(), Vec::new());
+    {
+        let heard = node.heard.lock().expect("heard lock");
+        let mut seen = HashSet::new();
+        for name in changed {
+            if !seen.insert(name.clone()) {
+                continue;
+            }
+            let channel = sink.and_then(|sink| sink.channel(&name));
+            match channel.filter(|channel| channel.occupied()) {
+                Some(channel) if !heard.contains(&name) => join.push(channel),
+                None if heard.contains(&name) => leave.push(name),
+                _ => {}
+            }
+        }
+    }
+    if !leave.is_empty() {
+        let keys: Vec<String> = leave.iter().map(|name| node.key("room", name)).collect();
+        confirmed(node.patience, pubsub.unsubscribe(keys)).await?;
+        node.change_heard(|heard| {
+            for name in &leave {
+                heard.remove(name);
+            }
+        });
+    }
+    if !join.is_empty() {
+        let keys: Vec<String> = join.iter().map(|c| node.key("room", &c.name)).collect();
+        confirmed(node.patience, pubsub.subscribe(keys)).await?;
+        node.change_heard(|heard| heard.extend(join.iter().map(|c| c.name.clone())));
+        for channel in join {
+            let node = node.clone();
+            tokio::spawn(async move { node.catch_up(vec![channel]).await });
+        }
+    }
+    Ok(())
+}
+
+/// What the subscription connection answered, within `patience`.
+async fn confirmed<T>(
+    patience: Duration,
+    call: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(patience, call).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(StoreError::Unavailable(
+            "the Redis subscription connection did not answer",
+        )),
+    }
+}
+
+async fn subscribe(node: &Node, channels: &[Arc<str>]) -> Result<redis::aio::PubSub, StoreError> {
     let connect = async {
         let mut pubsub = node.client.get_async_pubsub().await?;
-        pubsub.psubscribe(node.pattern()).await?;
         pubsub.subscribe(node.notices()).await?;
+        // A few thousand to a command, however many channels there are.
+        for chunk in channels.chunks(SUBSCRIBE_CHUNK) {
+            let keys: Vec<String> = chunk.iter().map(|name| node.key("room", name)).collect();
+            pubsub.subscribe(keys).await?;
+        }
         Ok::<_, redis::RedisError>(pubsub)
     };
-    match tokio::time::timeout(RESPONSE_TIMEOUT, connect).await {
+    let commands = 1 + channels.len().div_ceil(SUBSCRIBE_CHUNK);
+    let bound = node.patience * u32::try_from(commands).unwrap_or(u32::MAX);
+    match tokio::time::timeout(bound, connect).await {
         Ok(result) => Ok(result?),
         Err(_) => Err(StoreError::Unavailable("subscribing to Redis timed out")),
     }

@@ -1,0 +1,225 @@
+//! Per-channel subscriptions over Redis, measured with Redis's own counters: a node
+//! subscribes to a channel's Pub/Sub channel while it has members there and only then,
+//! so Redis sends each message once per node that needs it (`PUBSUB NUMSUB`,
+//! `CLIENT LIST`'s `sub=` and the `total_net_output_bytes` of `INFO stats`), and a
+//! node that just subscribed misses nothing published around its subscription.
+
+use std::time::Duration;
+
+use serde_json::json;
+use switchboard_server::Config;
+use switchboard_test_support::http;
+use switchboard_test_support::redis::{Persistence, RedisServer};
+use switchboard_test_support::relay::Relay;
+use switchboard_test_support::room::Room;
+
+mod support;
+use support::Server;
+
+fn node(redis: &RedisServer) -> Config {
+    serde_json::from_value(json!({
+        "redis": redis.url(),
+        "presence_expiry_secs": 3,
+        "rate_limit_per_sec": 100000.0,
+        "rate_limit_burst": 100000,
+        "handshakes_per_ip_per_sec": 100000.0,
+        "handshake_burst_per_ip": 100000,
+    }))
+    .expect("a valid config")
+}
+
+async fn nodes(redis: &RedisServer, count: usize) -> Vec<Server> {
+    let mut servers = Vec::new();
+    for _ in 0..count {
+        servers.push(Server::start(node(redis)).await);
+    }
+    servers
+}
+
+/// How many clients subscribe to `channel`, as Redis counts them.
+fn numsub(redis: &RedisServer, channel: &str) -> u64 {
+    let answer = redis.cli(&["PUBSUB", "NUMSUB", channel]);
+    answer
+        .lines()
+        .nth(1)
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("PUBSUB NUMSUB answered {answer:?}"))
+}
+
+/// The `sub=` count of every client that subscribes to anything, sorted.
+fn subscriptions_per_client(redis: &RedisServer) -> Vec<u64> {
+    let mut counts: Vec<u64> = redis
+        .cli(&["CLIENT", "LIST"])
+        .lines()
+        .filter_map(|line| {
+            let sub = line.split(' ').find_map(|f| f.strip_prefix("sub="))?;
+            let psub = line.split(' ').find_map(|f| f.strip_prefix("psub="))?;
+            let total = sub.parse::<u64>().ok()? + psub.parse::<u64>().ok()?;
+            (total > 0).then_some(total)
+        })
+        .collect();
+    counts.sort_unstable();
+    counts
+}
+
+fn output_bytes(redis: &RedisServer) -> u64 {
+    let info = redis.cli(&["INFO", "stats"]);
+    info.lines()
+        .find_map(|line| line.strip_prefix("total_net_output_bytes:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no total_net_output_bytes in {info}"))
+}
+
+/// Waits until `check` holds (bounded), so a subscription change Redis has not applied
+/// yet is waited for rather than raced.
+async fn eventually(what: &str, check: impl Fn() -> bool) {
+    for _ in 0..200 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{what} did not come to hold");
+}
+
+async fn post(server: &Server, room: &str, text: &str) -> u64 {
+    let path = format!("/api/rooms/{room}/messages");
+    let (status, answer) =
+        http::post(&server.address.to_string(), &path, &json!({"text": text})).await;
+    assert_eq!(status, 201, "{answer}");
+    answer["message"]["id"].as_u64().expect("an id")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_sends_a_message_once_to_the_one_node_with_members_and_others_hear_only_notices() {
+    let Some(redis) = RedisServer::start(Persistence::None).await else {
+        return;
+    };
+    let servers = nodes(&redis, 4).await;
+    let room = "switchboard:room:lobby";
+    // Nobody anywhere: each node holds its notices channel and nothing else.
+    eventually("four clients with one subscription each", || {
+        subscriptions_per_client(&redis) == [1, 1, 1, 1]
+    })
+    .await;
+    assert_eq!(numsub(&redis, room), 0);
+
+    // Two members, both on node 0.
+    let (mut ann, _) = Room::join(&servers[0].url("/room/lobby?name=ann")).await;
+    let (mut bob, _) = Room::join(&servers[0].url("/room/lobby?name=bob")).await;
+    eventually("node 0 subscribed to the room", || {
+        numsub(&redis, room) == 1
+    })
+    .await;
+    assert_eq!(subscriptions_per_client(&redis), [1, 1, 1, 2]);
+    assert_eq!(numsub(&redis, "switchboard:notices"), 4);
+
+    // 200 messages of 1,000 characters, published through node 3, which has no member there.
+    let text = "x".repeat(1000);
+    let before = output_bytes(&redis);
+    let mut last = 0;
+    for _ in 0..200 {
+        last = post(&servers[3], "lobby", &text).await;
+    }
+    let sent = output_bytes(&redis) - before;
+    assert_eq!(ann.ids_upto(last).await.len(), 200);
+    assert_eq!(bob.ids_upto(last).await.len(), 200);
+    // Once per message is 200 × 1,000 bytes plus framing and the publisher's small replies;
+    // four nodes hearing every message would be four times that.
+    let payload = 200 * 1000;
+    eprintln!(
+        "Redis sent {sent} bytes for {payload} bytes of messages ({:.2}x)",
+        sent as f64 / payload as f64
+    );
+    assert!(sent >= payload, "{sent} bytes sent for {payload}");
+    assert!(
+        sent < payload * 3 / 2,
+        "{sent} bytes sent for {payload}: more than once per message"
+    );
+
+    // The last member leaves: node 0 leaves the room's channel too.
+    drop(ann);
+    drop(bob);
+    eventually("node 0 left the room's channel", || {
+        numsub(&redis, room) == 0
+    })
+    .await;
+    assert_eq!(subscriptions_per_client(&redis), [1, 1, 1, 1]);
+
+    // Back later: node 0, which stopped hearing the room, reads where it stands again
+    // (a joiner is not told an id it left behind), and elsewhere what was published
+    // meanwhile is recovered from history.
+    let missed = post(&servers[3], "lobby", "while nobody was here").await;
+    let (cat, welcome) = Room::join(&servers[0].url("/room/lobby?name=cat")).await;
+    assert_eq!(welcome["lastId"], missed, "{welcome}");
+    drop(cat);
+    let path = format!("/room/lobby?name=ann&since={last}");
+    let (mut ann, welcome) = Room::join(&servers[2].url(&path)).await;
+    assert_eq!(welcome["lastId"], missed, "{welcome}");
+    assert_eq!(ann.ids_upto(missed).await, [missed]);
+    eventually("node 2 subscribed", || numsub(&redis, room) == 1).await;
+    let next = post(&servers[1], "lobby", "live again").await;
+    assert_eq!(ann.ids_upto(next).await, [next]);
+
+    drop(ann);
+    for server in servers {
+        server.stop().await;
+    }
+}
+
+/// A joiner on a node whose link to Redis is slow, while another node publishes: every
+/// publication after the one its welcome names arrives, once and in order, those made
+/// in the moment between its join reading the channel and its node's subscription
+/// taking effect (stretched here to 100 ms by the relay) included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_just_subscribed_misses_nothing_published_around_its_subscription() {
+    let Some(redis) = RedisServer::start(Persistence::None).await else {
+        return;
+    };
+    let port: u16 = redis.url().rsplit(':').next().unwrap().parse().unwrap();
+    let relay = Relay::start(([127, 0, 0, 1], port).into()).await;
+    let mut slow = node(&redis);
+    slow.redis = Some(relay.url("redis"));
+    let servers = [Server::start(slow).await, Server::start(node(&redis)).await];
+    relay.set_delay(Duration::from_millis(50));
+    let publisher = servers[1].address.to_string();
+    for round in 0..6u64 {
+        let room = format!("race-{round}");
+        let burst = {
+            let (publisher, room) = (publisher.clone(), room.clone());
+            tokio::spawn(async move {
+                let mut last = 0;
+                // About 120 ms: it ends after the joiner read the channel (50 ms after
+                // its start) and before its subscription takes effect (100 ms later).
+                for n in 0..24 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    let path = format!("/api/rooms/{room}/messages");
+                    let body = json!({"text": format!("m{n}")});
+                    let (status, answer) = http::post(&publisher, &path, &body).await;
+                    assert_eq!(status, 201, "{answer}");
+                    last = answer["message"]["id"].as_u64().unwrap();
+                }
+                last
+            })
+        };
+        // Joins at a different point of the burst each round.
+        tokio::time::sleep(Duration::from_millis(round * 8)).await;
+        let url = servers[0].url(&format!("/room/{room}?name=ann"));
+        let (mut ann, welcome) = Room::join(&url).await;
+        let from = welcome["lastId"].as_u64().unwrap_or(0);
+        let last = burst.await.unwrap();
+        if from < last {
+            // The recent backlog up to `from`, then everything after it: one run of ids.
+            let ids = ann.ids_upto(last).await;
+            let want: Vec<u64> = (ids[0]..=last).collect();
+            assert!(
+                ids[0] <= from + 1,
+                "round {round}: joined after {from}: {ids:?}"
+            );
+            assert_eq!(ids, want, "round {round}: joined after {from}");
+        }
+    }
+    for server in servers {
+        server.stop().await;
+    }
+}
