@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Fan-out through a cluster: one Switchboard node on Redis, then two (subscribers spread
 # over both, the publisher on the first), with a standalone node for reference; and the
-# Redis commands each published message costs (from INFO commandstats).
+# Redis commands each published message costs (from INFO commandstats). Then, at one
+# fixed publish rate every setup holds (FIXED_RATE, default 100/s), the node's own CPU
+# per delivery (user + system, from /proc) alone, on one Redis and on three standalone
+# Redis shards, rounds alternating, with each setup's ratio to the node alone.
 #
 #   scripts/cluster-bench.sh [SUBSCRIBERS] [RATES]
+#   FIXED_RATE=100 ROUNDS=3 scripts/cluster-bench.sh 2000
 #
 # Needs redis-server and a release build (cargo build --release). Loopback only; nodes
 # and Redis share core 0, the load runs on core 1.
@@ -79,3 +83,54 @@ fanout "one node on Redis" "ws://127.0.0.1:$B/room/bench1"
 
 C="$(free_port)"; node "$C" --redis "$REDIS"
 fanout "two nodes on Redis" "ws://127.0.0.1:$B/room/bench2" --also "ws://127.0.0.1:$C/room/bench2"
+
+# The fixed-rate comparison: the same node binary, fresh each round, alone and on Redis.
+FIXED_RATE="${FIXED_RATE:-100}"
+ROUNDS="${ROUNDS:-3}"
+SHARD_URLS=()
+for _ in 1 2 3; do
+    port="$(free_port)"
+    taskset -c 0 redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no \
+        --dir "$WORK" >/dev/null &
+    PIDS+=($!)
+    wait_port "$port"
+    SHARD_URLS+=(--redis "redis://127.0.0.1:$port")
+done
+fixed() { # fixed LABEL [serve args...]: one step at FIXED_RATE; the path of its JSON
+    local label="$1"; shift
+    local port pid
+    port="$(free_port)"
+    taskset -c 0 "$BIN" serve --listen "127.0.0.1:$port" --memory --workers 1 \
+        --config "$WORK/bench.toml" "$@" 2>"$WORK/fixed-$port.log" &
+    pid=$!
+    wait_port "$port"
+    taskset -c 1 "$BIN" bench fanout "ws://127.0.0.1:$port/room/fixed-$RANDOM" \
+        --subscribers "$SUBSCRIBERS" --rates "$FIXED_RATE" --step-secs 5 \
+        --p99-bound-ms 250 --server-pid "$pid" --json > "$WORK/fixed-$label-$port.json"
+    kill "$pid"; wait "$pid" 2>/dev/null || true
+    echo "$WORK/fixed-$label-$port.json"
+}
+: > "$WORK/fixed.list"
+for round in $(seq 1 "$ROUNDS"); do
+    echo "alone $(fixed alone)" >> "$WORK/fixed.list"
+    echo "one-redis $(fixed one-redis --redis "$REDIS")" >> "$WORK/fixed.list"
+    echo "three-shards $(fixed three-shards "${SHARD_URLS[@]}")" >> "$WORK/fixed.list"
+done
+python3 - "$WORK/fixed.list" "$FIXED_RATE" "$SUBSCRIBERS" <<'EOF'
+import json, statistics, sys
+runs = {}
+for line in open(sys.argv[1]):
+    label, path = line.split()
+    step = json.load(open(path))["steps"][0]
+    cpu = (step.get("server_user_us") or 0) + (step.get("server_system_us") or 0)
+    runs.setdefault(label, []).append((cpu, step["p99_ms"], step["held"], step["delivered"], step["expected"]))
+rounds = len(runs["alone"])
+print(f"\nnode CPU per delivery at {sys.argv[2]} publishes/s to {sys.argv[3]} subscribers (median of {rounds} rounds):")
+alone = statistics.median(r[0] for r in runs["alone"])
+for label in ("alone", "one-redis", "three-shards"):
+    cpu = statistics.median(r[0] for r in runs[label])
+    p99 = statistics.median(r[1] for r in runs[label])
+    held = all(r[2] for r in runs[label])
+    lost = sum(r[4] - r[3] for r in runs[label])
+    print(f"  {label:13} {cpu:6.2f} us  ({cpu / alone:.2f}x alone)  p99 {p99:.1f} ms  held {held}  undelivered {lost}")
+EOF

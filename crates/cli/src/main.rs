@@ -34,7 +34,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the server.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Connect to a WebSocket URL: stdin lines go out as text, received messages come out
     /// on stdout, one per line.
     Connect(connect::ConnectArgs),
@@ -75,12 +75,10 @@ fn main() -> ExitCode {
     }
 
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Command::Serve(serve::ServeArgs {
-        workers: Some(workers),
-        ..
-    }) = &cli.command
-    {
-        builder.worker_threads((*workers).max(1));
+    if let Command::Serve(args) = &cli.command {
+        if let Some(workers) = args.workers {
+            builder.worker_threads(workers.max(1));
+        }
     }
     let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
@@ -91,7 +89,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve(args) => serve::run(args).await,
+            Command::Serve(args) => serve::run(*args).await,
             Command::Connect(args) => connect::run(args).await,
             // Run above, before the runtime.
             Command::Bench(_) => Ok(()),

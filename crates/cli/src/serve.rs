@@ -25,9 +25,19 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "SWITCHBOARD_MEMORY")]
     memory: bool,
     /// Join a cluster over this Redis (redis://HOST:PORT): rooms, history and presence
-    /// are shared with every node on it.
-    #[arg(long, env = "SWITCHBOARD_REDIS")]
-    redis: Option<String>,
+    /// are shared with every node on it. Given several times (or comma-separated),
+    /// standalone servers that share the channels between them.
+    #[arg(long, env = "SWITCHBOARD_REDIS", value_delimiter = ',')]
+    redis: Vec<String>,
+    /// Join a cluster over this Redis Cluster (any of its nodes, comma-separated, as
+    /// seeds): each channel on the shard that owns its hash slot.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_REDIS_CLUSTER",
+        value_delimiter = ',',
+        conflicts_with = "redis"
+    )]
+    redis_cluster: Vec<String>,
     /// Require a JWT signed with this HS256 secret to join rooms.
     #[arg(long, env = "SWITCHBOARD_JWT_SECRET", hide_env_values = true)]
     jwt_secret: Option<String>,
@@ -101,8 +111,11 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     } else if !file_has_data_dir && !file_memory {
         config = config.with_data_dir(Some(PathBuf::from("./switchboard-data")));
     }
-    if let Some(url) = args.redis {
-        config = config.with_redis(Some(url));
+    if !args.redis.is_empty() {
+        config = config.with_redis_shards(args.redis);
+    }
+    if !args.redis_cluster.is_empty() {
+        config = config.with_redis_cluster(args.redis_cluster);
     }
     if let Some(secret) = args.jwt_secret {
         config = config.with_jwt_secret(Some(secret));

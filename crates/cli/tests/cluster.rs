@@ -1,5 +1,7 @@
-//! Three `switchboard serve --redis` nodes on one Redis: one room across them, a node
-//! killed with SIGKILL under load, and a Redis restart.
+//! Three `switchboard serve --redis` nodes on one Redis, and again on three standalone
+//! Redis servers that share the channels between them (`--redis` three times): one room
+//! across the nodes, a node killed with SIGKILL under load, and a restart of the Redis
+//! that holds the room.
 //!
 //! Needs `redis-server` (Debian's package). Without it the test says so and passes
 //! locally; with `CI=true` it fails (`switchboard_test_support::redis`).
@@ -119,13 +121,26 @@ async fn wait_acknowledged(client: &RoomClient, who: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_share_a_room_through_a_killed_node_and_a_redis_restart() {
+    three_nodes(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_on_three_redis_shards_share_a_room_through_a_killed_node_and_a_restart() {
+    three_nodes(3).await;
+}
+
+async fn three_nodes(shards: usize) {
     const ROOM: &str = "cluster";
     const EACH: usize = 300;
     const EXPIRY_SECS: u64 = 6;
     let dir = tempfile::tempdir().unwrap();
-    let Some(mut redis) = RedisServer::start(Persistence::AppendOnly).await else {
-        return;
-    };
+    let mut servers = Vec::new();
+    for _ in 0..shards {
+        let Some(redis) = RedisServer::start(Persistence::AppendOnly).await else {
+            return;
+        };
+        servers.push(redis);
+    }
     let config = dir.path().join("node.toml");
     std::fs::write(
         &config,
@@ -134,9 +149,12 @@ async fn three_nodes_share_a_room_through_a_killed_node_and_a_redis_restart() {
         ),
     )
     .unwrap();
-    let url = redis.url();
     let config = config.to_str().unwrap();
-    let node_args = ["--memory", "--redis", &url, "--config", config];
+    let mut node_args = vec!["--memory".to_owned(), "--config".into(), config.into()];
+    for redis in &servers {
+        node_args.extend(["--redis".into(), redis.url()]);
+    }
+    let node_args: Vec<&str> = node_args.iter().map(String::as_str).collect();
     let (mut n1, a1) = support::serve_with("127.0.0.1:0", &node_args).await;
     let (_n2, a2) = support::serve_with("127.0.0.1:0", &node_args).await;
     let (_n3, a3) = support::serve_with("127.0.0.1:0", &node_args).await;
@@ -217,7 +235,14 @@ async fn three_nodes_share_a_room_through_a_killed_node_and_a_redis_restart() {
                 "the killed node's user stayed {gone:?} (expiry {EXPIRY_SECS} s)"
             );
             eprintln!("dave left the member list {gone:?} after his node was killed");
-            // Redis restarts: the nodes report it, keep their clients, and recover.
+            // The Redis that holds the room restarts: the nodes report it, keep their
+            // clients, and recover.
+            let key = format!("switchboard:{{{ROOM}}}:seq");
+            let holders: Vec<usize> = (0..servers.len())
+                .filter(|&i| servers[i].cli(&["EXISTS", &key]) == "1")
+                .collect();
+            assert_eq!(holders.len(), 1, "the room's keys are on {holders:?}");
+            let redis = &mut servers[holders[0]];
             redis.stop().await;
             let deadline = Instant::now() + Duration::from_secs(10);
             while healthz_status(&a3).await != Some(503) {

@@ -130,25 +130,6 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Reads a pending set's name back.
-pub(crate) fn parse_pending(name: &str, time_ms: u64) -> Option<Hook> {
-    let mut parts = name.splitn(3, '\n');
-    let kind = match parts.next()? {
-        "channel_vacated" => HookKind::ChannelVacated,
-        "member_removed" => HookKind::MemberRemoved,
-        _ => return None,
-    };
-    let channel = parts.next()?.to_owned();
-    let user = parts.next()?;
-    Some(Hook {
-        kind,
-        channel,
-        user: (!user.is_empty()).then(|| user.to_owned()),
-        time_ms,
-        detail: None,
-    })
-}
-
 /// Most hooks the queue holds: beyond, new ones are dropped (and counted), so a backend
 /// that never answers does not take the memory.
 pub(crate) const MAX_QUEUED: usize = 100_000;
@@ -296,23 +277,5 @@ mod tests {
             [(HookKind::MemberRemoved, Some("bob"))]
         );
         assert_eq!(kinds(&hooks.take(10)), [(HookKind::ChannelVacated, None)]);
-    }
-
-    #[test]
-    fn pending_names_read_back() {
-        // As the presence script writes them.
-        let hook = parse_pending("member_removed\npresence-a\n7", 5).unwrap();
-        assert_eq!(
-            (
-                hook.kind,
-                hook.channel.as_str(),
-                hook.user.as_deref(),
-                hook.time_ms
-            ),
-            (HookKind::MemberRemoved, "presence-a", Some("7"), 5)
-        );
-        let vacated = parse_pending("channel_vacated\nc\n", 1).unwrap();
-        assert_eq!(vacated.user, None);
-        assert!(parse_pending("member_added\na\nb", 1).is_none());
     }
 }

@@ -25,7 +25,7 @@ pub mod options;
 mod recovery;
 pub mod store;
 
-pub use backend::redis::RedisConfig;
+pub use backend::redis::{RedisConfig, RedisTopology};
 pub use backend::Outcome;
 pub use engine::{
     Clock, Delivery, Draft, Ended, Engine, EngineConfig, EngineError, Format, Inbox, InboxWaker,

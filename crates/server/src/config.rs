@@ -32,9 +32,15 @@ pub struct Config {
     pub echo_max_message: usize,
     /// Where room history is stored (SQLite, `history.sqlite3`); `None` keeps it in memory.
     pub data_dir: Option<std::path::PathBuf>,
-    /// `redis://HOST:PORT`: share rooms, history and presence with the other nodes on
-    /// this Redis (history then lives there, not in `data_dir`).
-    pub redis: Option<String>,
+    /// `redis://HOST:PORT`, or a list of them: share rooms, history and presence with
+    /// the other nodes on this Redis (history then lives there, not in `data_dir`); with
+    /// several standalone servers, each channel lives on one of them (rendezvous
+    /// hashing of its name, whatever their order).
+    #[serde(deserialize_with = "one_or_many")]
+    pub redis: Vec<String>,
+    /// Nodes of a Redis Cluster (any reachable ones): the cluster shares the channels
+    /// instead, each on the shard that owns its hash slot. Not with `redis`.
+    pub redis_cluster: Vec<String>,
     /// The start of every Redis key and channel, so clusters can share one Redis.
     pub redis_prefix: String,
     /// Seconds a node that stopped answering keeps its users in member lists.
@@ -43,6 +49,12 @@ pub struct Config {
     /// link as much as a closed one): `/healthz` then answers 503 and messages are
     /// refused with `unavailable` until it answers again.
     pub redis_timeout_ms: u64,
+    /// Replicas that must confirm a message (Redis `WAIT`) before it is published and
+    /// acknowledged, so a failover cannot take back what a client was told is stored;
+    /// 0: none. Unconfirmed in time: refused with `unavailable` (sent again).
+    pub redis_wait_replicas: usize,
+    /// Milliseconds a message waits for those replicas.
+    pub redis_wait_timeout_ms: u64,
     /// Largest WebSocket message in a room (1009 beyond it).
     pub room_max_message: usize,
     /// Longest chat text, in characters (an `error` event beyond it).
@@ -184,10 +196,13 @@ impl Default for Config {
             tls_key: None,
             echo_max_message: 16 << 20,
             data_dir: None,
-            redis: None,
+            redis: Vec::new(),
+            redis_cluster: Vec::new(),
             redis_prefix: "switchboard".into(),
             presence_expiry_secs: 15,
             redis_timeout_ms: 3000,
+            redis_wait_replicas: 0,
+            redis_wait_timeout_ms: 1000,
             room_max_message: 64 * 1024,
             max_text_chars: 4096,
             channels: ChannelOptions::default(),
@@ -260,7 +275,19 @@ impl Config {
 
     /// Stores room history in SQLite under `dir` (`None`: in memory).
     pub fn with_redis(mut self, url: Option<String>) -> Self {
-        self.redis = url;
+        self.redis = url.into_iter().collect();
+        self
+    }
+
+    /// Shares channels over these standalone Redis servers.
+    pub fn with_redis_shards(mut self, urls: Vec<String>) -> Self {
+        self.redis = urls;
+        self
+    }
+
+    /// Shares channels over the Redis Cluster these nodes belong to.
+    pub fn with_redis_cluster(mut self, seeds: Vec<String>) -> Self {
+        self.redis_cluster = seeds;
         self
     }
 
@@ -352,4 +379,18 @@ impl Config {
             .with_pong_timeout(Duration::from_secs(self.pong_timeout_secs.max(1)))
             .with_close_timeout(Duration::from_secs(self.close_timeout_secs.max(1)))
     }
+}
+
+/// A string or a list of strings.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match serde::Deserialize::deserialize(deserializer)? {
+        OneOrMany::One(one) => vec![one],
+        OneOrMany::Many(many) => many,
+    })
 }

@@ -18,7 +18,7 @@ use tower::ServiceExt;
 use tracing::{debug, info, warn};
 
 use switchboard_engine::{
-    Engine, EngineConfig, MemoryStore, Namespaces, RedisConfig, SqliteStore, Store,
+    Engine, EngineConfig, MemoryStore, Namespaces, RedisConfig, RedisTopology, SqliteStore, Store,
 };
 
 use crate::config::Config;
@@ -45,6 +45,8 @@ pub enum Error {
     Tls(#[from] switchboard_net::tls::TlsError),
     #[error("TLS needs both tls_cert and tls_key")]
     TlsHalf,
+    #[error("redis and redis_cluster were both given: a node uses one or the other")]
+    RedisTwice,
 }
 
 /// What every request handler can reach.
@@ -175,13 +177,28 @@ async fn engine(
     engine_config.outbound_queue = config.outbound_queue;
     engine_config.nonce_ttl = Duration::from_secs(config.nonce_ttl_secs.max(1));
     engine_config.hooks = hooks;
-    if let Some(url) = &config.redis {
-        let redis = RedisConfig::new(url.clone())
+    let topology = match (config.redis.is_empty(), config.redis_cluster.is_empty()) {
+        (true, true) => None,
+        (false, true) => Some(RedisTopology::Standalone(config.redis.clone())),
+        (true, false) => Some(RedisTopology::Cluster(config.redis_cluster.clone())),
+        (false, false) => return Err(Error::RedisTwice),
+    };
+    if let Some(topology) = topology {
+        let said = match &topology {
+            RedisTopology::Standalone(urls) => urls.join(", "),
+            RedisTopology::Cluster(seeds) => format!("the Redis Cluster of {}", seeds.join(", ")),
+            _ => String::new(),
+        };
+        let redis = RedisConfig::with_topology(topology)
             .with_prefix(config.redis_prefix.clone())
             .with_presence_expiry(Duration::from_secs(config.presence_expiry_secs.max(1)))
-            .with_timeout(Duration::from_millis(config.redis_timeout_ms.max(100)));
+            .with_timeout(Duration::from_millis(config.redis_timeout_ms.max(100)))
+            .with_wait_replicas(
+                config.redis_wait_replicas,
+                Duration::from_millis(config.redis_wait_timeout_ms.max(1)),
+            );
         let engine = Engine::redis(redis, engine_config).await?;
-        info!(redis = %url, "channel history and presence in Redis, shared with the other nodes");
+        info!(redis = %said, "channel history and presence in Redis, shared with the other nodes");
         return Ok(engine);
     }
     let store: Arc<dyn Store> = match &config.data_dir {

@@ -508,8 +508,8 @@ async fn ids_that_went_back_under_the_same_epoch_renew_it() {
     // Redis comes back without its last two writes (a restart from an append-only
     // file synced once a second, say), the epoch key intact: its ids went back.
     let redis = nodes.redis.as_ref().unwrap();
-    redis.cli(&["SET", "switchboard:seq:lobby", "1"]);
-    redis.cli(&["DEL", "switchboard:history:lobby"]);
+    redis.cli(&["SET", "switchboard:{lobby}:seq", "1"]);
+    redis.cli(&["DEL", "switchboard:{lobby}:history"]);
     redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
     // The nodes subscribe again and catch up: the history is not what members were
     // told, so the epoch is renewed and they resume.
@@ -537,7 +537,7 @@ async fn ids_go_on_above_the_stored_history_when_the_counter_was_lost() {
         .redis
         .as_ref()
         .unwrap()
-        .cli(&["DEL", "switchboard:seq:lobby"]);
+        .cli(&["DEL", "switchboard:{lobby}:seq"]);
     assert_eq!(nodes.post(1, "lobby", json!({"text": "m4"})).await, 4);
     let (status, history) = http::get(&nodes.address(0), "/api/rooms/lobby/messages").await;
     assert_eq!(status, 200);

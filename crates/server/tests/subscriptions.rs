@@ -1,15 +1,16 @@
 //! Per-channel subscriptions over Redis, measured with Redis's own counters: a node
 //! subscribes to a channel's Pub/Sub channel while it has members there and only then,
-//! so Redis sends each message once per node that needs it (`PUBSUB NUMSUB`,
-//! `CLIENT LIST`'s `sub=` and the `total_net_output_bytes` of `INFO stats`), and a
-//! node that just subscribed misses nothing published around its subscription.
+//! so Redis sends each message once per node that needs it (`PUBSUB NUMSUB`, or
+//! `PUBSUB SHARDNUMSUB` on a Redis Cluster, `CLIENT LIST`'s `sub=` and the
+//! `total_net_output_bytes` of `INFO stats`), and a node that just subscribed misses
+//! nothing published around its subscription.
 
 use std::time::Duration;
 
 use serde_json::json;
 use switchboard_server::Config;
 use switchboard_test_support::http;
-use switchboard_test_support::redis::{Persistence, RedisServer};
+use switchboard_test_support::redis::{Persistence, RedisCluster, RedisServer};
 use switchboard_test_support::relay::Relay;
 use switchboard_test_support::room::Room;
 
@@ -63,7 +64,10 @@ fn subscriptions_per_client(redis: &RedisServer) -> Vec<u64> {
 }
 
 fn output_bytes(redis: &RedisServer) -> u64 {
-    let info = redis.cli(&["INFO", "stats"]);
+    output_bytes_of(&redis.cli(&["INFO", "stats"]))
+}
+
+fn output_bytes_of(info: &str) -> u64 {
     info.lines()
         .find_map(|line| line.strip_prefix("total_net_output_bytes:"))
         .and_then(|n| n.trim().parse().ok())
@@ -96,7 +100,7 @@ async fn redis_sends_a_message_once_to_the_one_node_with_members_and_others_hear
         return;
     };
     let servers = nodes(&redis, 4).await;
-    let room = "switchboard:room:lobby";
+    let room = "switchboard:{lobby}:room";
     // Nobody anywhere: each node holds its notices channel and nothing else.
     eventually("four clients with one subscription each", || {
         subscriptions_per_client(&redis) == [1, 1, 1, 1]
@@ -112,7 +116,7 @@ async fn redis_sends_a_message_once_to_the_one_node_with_members_and_others_hear
     })
     .await;
     assert_eq!(subscriptions_per_client(&redis), [1, 1, 1, 2]);
-    assert_eq!(numsub(&redis, "switchboard:notices"), 4);
+    assert_eq!(numsub(&redis, "switchboard:{%control}:notices"), 4);
 
     // 200 messages of 1,000 characters, published through node 3, which has no member there.
     let text = "x".repeat(1000);
@@ -179,7 +183,7 @@ async fn a_node_that_just_subscribed_misses_nothing_published_around_its_subscri
     let port: u16 = redis.url().rsplit(':').next().unwrap().parse().unwrap();
     let relay = Relay::start(([127, 0, 0, 1], port).into()).await;
     let mut slow = node(&redis);
-    slow.redis = Some(relay.url("redis"));
+    slow.redis = vec![relay.url("redis")];
     let servers = [Server::start(slow).await, Server::start(node(&redis)).await];
     relay.set_delay(Duration::from_millis(50));
     let publisher = servers[1].address.to_string();
@@ -219,6 +223,81 @@ async fn a_node_that_just_subscribed_misses_nothing_published_around_its_subscri
             assert_eq!(ids, want, "round {round}: joined after {from}");
         }
     }
+    for server in servers {
+        server.stop().await;
+    }
+}
+
+/// The same on a Redis Cluster: the room's messages go out with `SPUBLISH` on the shard
+/// that owns its slot, to the one node with members there, once each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_redis_cluster_the_owning_shard_sends_a_message_once_to_the_one_node_with_members() {
+    let Some(cluster) = RedisCluster::start(3, 5000).await else {
+        return;
+    };
+    let config = || -> Config {
+        serde_json::from_value(json!({
+            "redis_cluster": cluster.urls(),
+            "presence_expiry_secs": 3,
+            "rate_limit_per_sec": 100000.0,
+            "rate_limit_burst": 100000,
+            "handshakes_per_ip_per_sec": 100000.0,
+            "handshake_burst_per_ip": 100000,
+        }))
+        .expect("a valid config")
+    };
+    let mut servers = Vec::new();
+    for _ in 0..4 {
+        servers.push(Server::start(config()).await);
+    }
+    let room = "switchboard:{lobby}:room";
+    let owner = cluster.master_of(room).expect("a master for the room");
+    let shard_subscribers = |port: u16| -> u64 {
+        let answer = cluster.cli(port, &["PUBSUB", "SHARDNUMSUB", room]);
+        answer
+            .lines()
+            .nth(1)
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let (mut ann, _) = Room::join(&servers[0].url("/room/lobby?name=ann")).await;
+    eventually("node 0 subscribed to the room's shard channel", || {
+        shard_subscribers(owner) == 1
+    })
+    .await;
+    let text = "x".repeat(1000);
+    // Bytes to clients: all that the shard sent but what it sent its replica.
+    let to_clients = || {
+        let stats = cluster.cli(owner, &["INFO", "stats"]);
+        let replicated = stats
+            .lines()
+            .find_map(|line| line.strip_prefix("total_net_repl_output_bytes:"))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .expect("total_net_repl_output_bytes");
+        output_bytes_of(&stats) - replicated
+    };
+    let before = to_clients();
+    let mut last = 0;
+    for _ in 0..200 {
+        last = post(&servers[3], "lobby", &text).await;
+    }
+    let sent = to_clients() - before;
+    assert_eq!(ann.ids_upto(last).await.len(), 200);
+    let payload = 200 * 1000;
+    eprintln!(
+        "the owning shard sent {sent} bytes to clients for {payload} bytes of messages ({:.2}x)",
+        sent as f64 / payload as f64
+    );
+    assert!(sent >= payload, "{sent} bytes sent for {payload}");
+    assert!(
+        sent < payload * 3 / 2,
+        "{sent} bytes sent for {payload}: more than once per message"
+    );
+    drop(ann);
+    eventually("node 0 left the room's shard channel", || {
+        shard_subscribers(owner) == 0
+    })
+    .await;
     for server in servers {
         server.stop().await;
     }

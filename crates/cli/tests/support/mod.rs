@@ -32,8 +32,17 @@ pub(crate) async fn serve_with(listen: &str, extra: &[&str]) -> (Child, String) 
     })
     .await
     .unwrap();
-    // Keep draining the log so the server never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    // Keep draining the log so the server never blocks on a full pipe (shown with
+    // SWITCHBOARD_TEST_LOGS=1, when a test needs looking into).
+    let show = std::env::var_os("SWITCHBOARD_TEST_LOGS").is_some();
+    let name = address.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if show {
+                eprintln!("[{name}] {line}");
+            }
+        }
+    });
     (child, address)
 }
 

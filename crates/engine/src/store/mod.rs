@@ -25,6 +25,9 @@ pub enum StoreError {
     Redis(#[from] redis::RedisError),
     #[error("{0}")]
     Unavailable(&'static str),
+    /// A call that failed, said as it failed (when one failure answers several calls).
+    #[error("{0}")]
+    Refused(String),
     #[error("creating the data directory {path}: {source}")]
     DataDir {
         path: String,
