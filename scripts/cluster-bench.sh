@@ -3,11 +3,13 @@
 # over both, the publisher on the first), with a standalone node for reference; and the
 # Redis commands each published message costs (from INFO commandstats). Then, at one
 # fixed publish rate every setup holds (FIXED_RATE, default 100/s), the node's own CPU
-# per delivery (user + system, from /proc) alone, on one Redis and on three standalone
-# Redis shards, rounds alternating, with each setup's ratio to the node alone.
+# per delivery (user + system, from /proc) alone, on one Redis, on three standalone
+# Redis shards and on a Redis Cluster of three masters, rounds alternating, with each
+# setup's ratio to the node alone.
 #
 #   scripts/cluster-bench.sh [SUBSCRIBERS] [RATES]
 #   FIXED_RATE=100 ROUNDS=3 scripts/cluster-bench.sh 2000
+#   FIXED_ONLY=1 scripts/cluster-bench.sh 2000     # the fixed-rate comparison alone
 #
 # Needs redis-server and a release build (cargo build --release). Loopback only; nodes
 # and Redis share core 0, the load runs on core 1.
@@ -75,6 +77,7 @@ if published and delta.get("publish"):
 EOF
 }
 
+if [[ -z "${FIXED_ONLY:-}" ]]; then
 A="$(free_port)"; node "$A"
 fanout "one node, no Redis" "ws://127.0.0.1:$A/room/bench"
 
@@ -83,6 +86,7 @@ fanout "one node on Redis" "ws://127.0.0.1:$B/room/bench1"
 
 C="$(free_port)"; node "$C" --redis "$REDIS"
 fanout "two nodes on Redis" "ws://127.0.0.1:$B/room/bench2" --also "ws://127.0.0.1:$C/room/bench2"
+fi
 
 # The fixed-rate comparison: the same node binary, fresh each round, alone and on Redis.
 FIXED_RATE="${FIXED_RATE:-100}"
@@ -96,6 +100,25 @@ for _ in 1 2 3; do
     wait_port "$port"
     SHARD_URLS+=(--redis "redis://127.0.0.1:$port")
 done
+# A Redis Cluster of three masters (no replicas: the comparison is the node's work), on
+# ports whose bus port (+10000) is free too.
+CLUSTER_NODES=()
+while ((${#CLUSTER_NODES[@]} < 3)); do
+    port="$(free_port)"
+    ((port < 55000)) || continue
+    (echo > "/dev/tcp/127.0.0.1/$((port + 10000))") 2>/dev/null && continue
+    mkdir -p "$WORK/cluster-$port"
+    taskset -c 0 redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no \
+        --cluster-enabled yes --cluster-config-file nodes.conf --dir "$WORK/cluster-$port" >/dev/null &
+    PIDS+=($!)
+    wait_port "$port"
+    CLUSTER_NODES+=("127.0.0.1:$port")
+done
+redis-cli --cluster create "${CLUSTER_NODES[@]}" --cluster-yes >/dev/null
+until redis-cli -h 127.0.0.1 -p "${CLUSTER_NODES[0]#*:}" CLUSTER INFO | grep -q cluster_state:ok; do sleep 0.2; done
+CLUSTER_SEEDS="$(printf 'redis://%s,' "${CLUSTER_NODES[@]}")"
+CLUSTER_SEEDS="${CLUSTER_SEEDS%,}"
+
 fixed() { # fixed LABEL [serve args...]: one step at FIXED_RATE; the path of its JSON
     local label="$1"; shift
     local port pid
@@ -115,6 +138,7 @@ for round in $(seq 1 "$ROUNDS"); do
     echo "alone $(fixed alone)" >> "$WORK/fixed.list"
     echo "one-redis $(fixed one-redis --redis "$REDIS")" >> "$WORK/fixed.list"
     echo "three-shards $(fixed three-shards "${SHARD_URLS[@]}")" >> "$WORK/fixed.list"
+    echo "redis-cluster $(fixed redis-cluster --redis-cluster "$CLUSTER_SEEDS")" >> "$WORK/fixed.list"
 done
 python3 - "$WORK/fixed.list" "$FIXED_RATE" "$SUBSCRIBERS" <<'EOF'
 import json, statistics, sys
@@ -127,7 +151,7 @@ for line in open(sys.argv[1]):
 rounds = len(runs["alone"])
 print(f"\nnode CPU per delivery at {sys.argv[2]} publishes/s to {sys.argv[3]} subscribers (median of {rounds} rounds):")
 alone = statistics.median(r[0] for r in runs["alone"])
-for label in ("alone", "one-redis", "three-shards"):
+for label in ("alone", "one-redis", "three-shards", "redis-cluster"):
     cpu = statistics.median(r[0] for r in runs[label])
     p99 = statistics.median(r[1] for r in runs[label])
     held = all(r[2] for r in runs[label])

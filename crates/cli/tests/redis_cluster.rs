@@ -358,10 +358,14 @@ async fn three_nodes_on_a_redis_cluster_through_a_master_killed_and_a_node_kille
         .flat_map(|i| [format!("ann-{i:03}"), format!("cat-{i:03}")])
         .collect();
     let mut sequences = Vec::new();
-    for handle in seen {
+    for (who, handle) in ["ann", "cat", "dan"].into_iter().zip(seen) {
         let (got, typists) = handle.await.unwrap();
+        // Bob typed on node 2; Ann is on node 1, Cat and Dan on node 3.
+        assert!(
+            typists.iter().any(|u| u == "bob"),
+            "{who} never saw bob typing: {typists:?}"
+        );
         sequences.push(got);
-        let _ = typists;
     }
     eprintln!(
         "room readers done: {:?}",

@@ -460,6 +460,15 @@ impl Channel {
         self.cut_all(&mut state, MISSED);
     }
 
+    /// Delivery goes on from `upto` without what came before it, which its members
+    /// never had a claim to: they joined as the node started hearing the channel, and
+    /// what was published in that moment is not kept (a channel with little or no
+    /// history).
+    pub(crate) fn pass_over(&self, upto: u64) {
+        let mut state = self.state();
+        state.broadcast_id = state.broadcast_id.max(upto);
+    }
+
     /// Cuts every member off for `reason`.
     fn cut_all(&self, state: &mut State, reason: u8) {
         let occupied = !state.members.is_empty();
@@ -1126,6 +1135,11 @@ impl Engine {
     /// Channels with users in them and how many each has (on every node of a cluster).
     pub async fn channels(&self) -> Result<Vec<(String, usize)>, EngineError> {
         Ok(self.inner.backend.channels().await?)
+    }
+
+    /// Channels with members, anonymous ones included, on any node of a cluster, sorted.
+    pub async fn occupied_channels(&self) -> Result<Vec<String>, EngineError> {
+        Ok(self.inner.backend.occupied().await?)
     }
 
     /// Channels with users on this node now.

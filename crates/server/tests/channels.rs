@@ -581,3 +581,62 @@ async fn wait_healthy(nodes: &Nodes) {
         }
     }
 }
+
+/// A Redis written by a version before hash tags (`switchboard:seq:lobby` and the like):
+/// the first node of this version renames the room's keys in place, so its ids, epoch
+/// and history carry on, and a resume from before the upgrade is recovered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_of_the_first_layout_are_renamed_and_resumes_carry_on() {
+    let Some(redis) = RedisServer::start(Persistence::None).await else {
+        return;
+    };
+    let record = |n: u32| {
+        json!({"from": "ann", "text": format!("m{n}"), "timestamp": "2026-12-01T00:00:00.000Z"})
+            .to_string()
+    };
+    for n in 1..=3u32 {
+        let id = format!("{n}-0");
+        redis.cli(&[
+            "XADD",
+            "switchboard:history:lobby",
+            &id,
+            "m",
+            &record(n),
+            "t",
+            "1",
+        ]);
+    }
+    redis.cli(&["SET", "switchboard:seq:lobby", "3"]);
+    redis.cli(&["SET", "switchboard:epoch:lobby", "e-before"]);
+    redis.cli(&["HSET", "switchboard:nonces:lobby", "ann\nn3", "3"]);
+    redis.cli(&["SADD", "switchboard:rooms", "lobby"]);
+    let server = Server::start(config(json!({"redis": redis.url()}))).await;
+    // Healthy once it has joined the cluster, migration done, and subscribed.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while http::get(&server.address.to_string(), "/healthz").await.0 != 200 {
+        assert!(tokio::time::Instant::now() < deadline, "never healthy");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(redis.cli(&["GET", "switchboard:{%control}:layout"]), "2");
+    assert_eq!(redis.cli(&["EXISTS", "switchboard:seq:lobby"]), "0");
+    assert_eq!(redis.cli(&["EXISTS", "switchboard:rooms"]), "0");
+    assert_eq!(redis.cli(&["GET", "switchboard:{lobby}:seq"]), "3");
+    let url = server.url("/room/lobby?name=ann&since=1&epoch=e-before");
+    let (mut ann, welcome) = Room::join(&url).await;
+    assert_eq!(
+        (&welcome["epoch"], &welcome["lastId"], &welcome["recovered"]),
+        (&json!("e-before"), &json!(3), &json!(true)),
+        "{welcome}"
+    );
+    let texts: Vec<Value> = [ann.next_of("message").await, ann.next_of("message").await]
+        .into_iter()
+        .map(|m| m["text"].clone())
+        .collect();
+    assert_eq!(texts, [json!("m2"), json!("m3")]);
+    // The nonce carried over too: sent again, it is the stored message, not a new one.
+    ann.send(json!({"type": "message", "text": "m3", "nonce": "n3"}))
+        .await;
+    assert_eq!(ann.next_of("message").await["id"], 3);
+    assert_eq!(ann.say("m4").await, 4);
+    server.stop().await;
+}

@@ -695,6 +695,45 @@ async fn members_user_info_reaches_every_node_of_a_cluster() {
     drop(carol);
     let removed = bob.next_of("pusher_internal:member_removed").await;
     assert_eq!(data_of(&removed), json!({"user_id": "carol"}));
+    // A public channel with an (anonymous) subscriber on one node is occupied, and
+    // listed, on the other.
+    let mut dan = open(&one).await;
+    let ok = dan.subscribe("quiet-public", None, None).await;
+    assert_eq!(
+        ok["event"], "pusher_internal:subscription_succeeded",
+        "{ok}"
+    );
+    let path = format!("/apps/{APP}/channels/quiet-public");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = api(&two, "GET", &path, &[], None).await;
+        assert_eq!(status, 200, "{body}");
+        if body["occupied"] == true {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never occupied on the other node: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, body) = api(&two, "GET", &format!("/apps/{APP}/channels"), &[], None).await;
+    assert_eq!(status, 200, "{body}");
+    let listed: Vec<&String> = body["channels"].as_object().unwrap().keys().collect();
+    assert_eq!(listed, ["presence-cluster", "quiet-public"], "{body}");
+    drop(dan);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, body) = api(&two, "GET", &path, &[], None).await;
+        if body["occupied"] == false {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still occupied: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     one.stop().await;
     two.stop().await;
 }

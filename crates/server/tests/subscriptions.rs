@@ -302,3 +302,55 @@ async fn on_a_redis_cluster_the_owning_shard_sends_a_message_once_to_the_one_nod
         server.stop().await;
     }
 }
+
+/// A channel that keeps no history, published to all the time from another node: a
+/// joiner behind a slow link is not cut off for what was published while its node
+/// subscribed (nothing could give it that; it joined as it happened).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joiner_on_a_channel_without_history_is_not_cut_off_for_the_moment_it_joined_in() {
+    let Some(redis) = RedisServer::start(Persistence::None).await else {
+        return;
+    };
+    let port: u16 = redis.url().rsplit(':').next().unwrap().parse().unwrap();
+    let relay = Relay::start(([127, 0, 0, 1], port).into()).await;
+    let with_ticker = |url: String| -> Config {
+        let mut config = node(&redis);
+        config.redis = vec![url];
+        config.namespaces =
+            serde_json::from_value(json!({"ticker": {"history_size": 0}})).expect("a namespace");
+        config
+    };
+    let servers = [
+        Server::start(with_ticker(relay.url("redis"))).await,
+        Server::start(with_ticker(redis.url())).await,
+    ];
+    relay.set_delay(Duration::from_millis(50));
+    let publisher = servers[1].address.to_string();
+    let publishing = tokio::spawn(async move {
+        for n in 0..4000 {
+            let body = json!({"text": format!("tick {n}")});
+            let (status, answer) =
+                http::post(&publisher, "/api/rooms/ticker:btc/messages", &body).await;
+            assert_eq!(status, 201, "{answer}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    for round in 0..4 {
+        let url = servers[0].url("/room/ticker:btc?name=ann");
+        let (mut ann, welcome) = Room::join(&url).await;
+        // Live ticks arrive, and the connection stays (a cut would close it with 4009).
+        let first = ann.next_of("message").await;
+        assert!(first["id"].as_u64().unwrap() > welcome["lastId"].as_u64().unwrap());
+        for _ in 0..5 {
+            let event = ann.next_of("message").await;
+            assert_eq!(event["type"], "message", "round {round}: {event}");
+        }
+        drop(ann);
+        // Its node leaves the channel before the next round joins it again.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    publishing.abort();
+    for server in servers {
+        server.stop().await;
+    }
+}

@@ -471,6 +471,17 @@ impl Backend for LocalBackend {
         ready(Ok(active)).boxed()
     }
 
+    fn occupied(&self) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
+        let channels = self.sink.get().map_or_else(Vec::new, Sink::channels);
+        let mut occupied: Vec<String> = channels
+            .iter()
+            .filter(|channel| channel.occupied())
+            .map(|channel| channel.name.to_string())
+            .collect();
+        occupied.sort();
+        ready(Ok(occupied)).boxed()
+    }
+
     fn health(&self) -> Option<bool> {
         None
     }

@@ -162,6 +162,8 @@ pub(crate) trait Backend: Send + Sync + std::fmt::Debug + 'static {
     fn members<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<Vec<String>, StoreError>>;
     /// Channels with users in them, everywhere, with how many each has, sorted.
     fn channels(&self) -> BoxFuture<'_, Result<Vec<(String, usize)>, StoreError>>;
+    /// Channels with members (anonymous ones included) on any node, sorted.
+    fn occupied(&self) -> BoxFuture<'_, Result<Vec<String>, StoreError>>;
     /// `None` when there is nothing to be cut off from; else whether it answers.
     fn health(&self) -> Option<bool>;
     /// Leaves the other nodes before shutting down (bounded).

@@ -467,22 +467,28 @@ struct ChannelsQuery {
     info: Option<String>,
 }
 
-/// This app's occupied channels (here: with subscribers on this node, or with users
-/// anywhere in the cluster), by their names in this protocol.
+/// This app's occupied channels (with subscribers on any node of the cluster), by their
+/// names in this protocol, with how many users each has.
 async fn occupied(state: &AppState, app: &App) -> Result<BTreeMap<String, usize>, Refused> {
-    let mut occupied: BTreeMap<String, usize> = BTreeMap::new();
-    let with_users = state.engine.channels().await.map_err(|_| {
+    let unavailable = |_| {
         refusal(
             StatusCode::SERVICE_UNAVAILABLE,
             "channels are unavailable; retry",
         )
-    })?;
+    };
+    let mut occupied: BTreeMap<String, usize> = BTreeMap::new();
+    let with_users = state.engine.channels().await.map_err(unavailable)?;
     for (engine, users) in with_users {
         if let Some(name) = app.pusher_channel(&engine) {
             occupied.insert(name, users);
         }
     }
-    for engine in state.pusher_registry.channels() {
+    let with_members = state
+        .engine
+        .occupied_channels()
+        .await
+        .map_err(unavailable)?;
+    for engine in with_members {
         if let Some(name) = app.pusher_channel(&engine) {
             occupied.entry(name).or_insert(0);
         }
@@ -574,7 +580,18 @@ async fn channel(
             Err(refused) => return refused.into_response(),
         },
     };
-    let occupied = users > 0 || state.pusher_registry.subscriptions(&engine) > 0;
+    let occupied = users > 0
+        || state.pusher_registry.subscriptions(&engine) > 0
+        || match state.engine.occupied_channels().await {
+            // Subscribers on another node of the cluster.
+            Ok(occupied) => occupied.binary_search(&engine).is_ok(),
+            Err(_) => {
+                return refused(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "channels are unavailable; retry",
+                )
+            }
+        };
     info.insert("occupied".into(), occupied.into());
     Json(Value::Object(info)).into_response()
 }

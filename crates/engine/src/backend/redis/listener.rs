@@ -178,7 +178,7 @@ async fn shard_listener(
             node.resync_if_needed();
         }
         ear.set_heard(names.into_iter().collect());
-        node.catch_up(occupied).await;
+        node.catch_up(occupied, false).await;
         ear.listening.store(true, Ordering::Relaxed);
         first = false;
         // A subscription connection gets no answers to wait for: it is asked for a
@@ -285,8 +285,17 @@ async fn cluster(
                 while let Ok(more) = watch.try_recv() {
                     changed.push(more);
                 }
+                let again = changed.clone();
                 if let Err(cause) = follow(&node, ear, Subscriber::Cluster(&mut conn), changed).await {
-                    warn!(%cause, "changing Redis Cluster subscriptions failed");
+                    // A shard failing over: the same changes are tried again shortly.
+                    warn!(%cause, "changing Redis Cluster subscriptions failed; trying again");
+                    let node = node.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        for name in again {
+                            node.ears[0].watch(&name);
+                        }
+                    });
                 }
             }
             push = pushes.recv() => {
@@ -367,7 +376,17 @@ async fn follow(
     });
     for channel in join {
         let node = node.clone();
-        tokio::spawn(async move { node.catch_up(vec![channel]).await });
+        // Its members all joined just now (it had none): what was published while the
+        // subscription took effect is theirs if the history keeps it.
+        node.fresh
+            .lock()
+            .expect("fresh lock")
+            .insert(channel.name.clone());
+        tokio::spawn(async move {
+            let name = channel.name.clone();
+            node.catch_up(vec![channel], true).await;
+            node.fresh.lock().expect("fresh lock").remove(&name);
+        });
     }
     Ok(())
 }
@@ -469,7 +488,7 @@ impl Node {
                 };
                 if let Some(channel) = self.sink().and_then(|sink| sink.channel(&channel)) {
                     let node = self.clone();
-                    tokio::spawn(async move { node.catch_up(vec![channel]).await });
+                    tokio::spawn(async move { node.catch_up(vec![channel], false).await });
                 }
             }
             PushKind::Disconnection => {
@@ -482,16 +501,15 @@ impl Node {
     /// Delivers, from the stored history, what `channel` has after its last delivery up
     /// to `upto`. What cannot be read (trimmed meanwhile, or Redis did not answer) cuts
     /// the channel's members off to resume, rather than leaving them a silent hole.
-    async fn fill_gap(&self, channel: &Arc<Channel>, upto: u64) {
-        if let Err(cause) = self.try_fill_gap(channel, upto).await {
-            warn!(%cause, channel = %channel.name, "reading missed messages failed");
-            channel.skip_to(upto);
-        }
-    }
-
-    /// Like [`Node::fill_gap`], but a read that fails is said, not acted on (the caller
-    /// may hold what comes after the gap and try again).
-    async fn try_fill_gap(&self, channel: &Arc<Channel>, upto: u64) -> Result<(), StoreError> {
+    /// A read that fails is said, not acted on (the caller may hold what comes after the
+    /// gap and try again). `fresh`: a hole the history no longer keeps is passed over
+    /// rather than cutting the members off (see [`Node::catch_up`]).
+    async fn try_fill_gap(
+        &self,
+        channel: &Arc<Channel>,
+        upto: u64,
+        fresh: bool,
+    ) -> Result<(), StoreError> {
         loop {
             let after = channel.broadcast_id();
             if after >= upto {
@@ -508,7 +526,11 @@ impl Node {
             let ids: Vec<u64> = page.iter().map(|p| p.id).collect();
             if ids.is_empty() || !crate::recovery::continues(after, &ids) {
                 // Not kept any more: a hole nothing can fill.
-                channel.skip_to(upto);
+                if fresh {
+                    channel.pass_over(upto);
+                } else {
+                    channel.skip_to(upto);
+                }
                 return Ok(());
             }
             for publication in page {
@@ -520,14 +542,16 @@ impl Node {
     /// `channels` take where their stream stands now: a new epoch
     /// resets them, else they receive what was stored after their last delivery. Just
     /// after Redis came back, the command connection may still be reconnecting: a
-    /// channel that could not be read is tried again, a few times.
-    async fn catch_up(&self, mut channels: Vec<Arc<Channel>>) {
+    /// channel that could not be read is tried again, a few times. `fresh`: channels
+    /// whose members all joined as their subscription was made, which are not cut off
+    /// for what the history no longer keeps from that moment.
+    async fn catch_up(&self, mut channels: Vec<Arc<Channel>>, fresh: bool) {
         for attempt in 1..=CATCH_UP_TRIES {
             let mut failed = Vec::new();
             for channel in channels {
                 let seen = channel.broadcast_id();
                 match self.open(&channel.name).await {
-                    Ok(position) => self.resume(&channel, position, seen).await,
+                    Ok(position) => self.resume(&channel, position, seen, fresh).await,
                     Err(cause) if attempt == CATCH_UP_TRIES => {
                         warn!(%cause, channel = %channel.name, "catching up after the subscription failed")
                     }
@@ -548,7 +572,19 @@ impl Node {
     /// `seen` is the channel's last delivered id from before `position` was read:
     /// publications delivered while it was read are newer than it, not a sign that the
     /// ids went back.
-    async fn resume(&self, channel: &Arc<Channel>, mut position: Position, seen: u64) {
+    async fn resume(&self, channel: &Arc<Channel>, mut position: Position, seen: u64, fresh: bool) {
+        if *position.epoch == *channel.epoch() && position.last_id < seen && self.waits() {
+            // The confirmed watermark may lag what was confirmed (its own write is not
+            // waited for): the ids went back only if the counter did.
+            let counter: Option<u64> = self
+                .conn(&channel.name)
+                .get(self.key("seq", &channel.name))
+                .await
+                .unwrap_or(None);
+            if counter.is_some_and(|counter| counter >= seen) {
+                position.last_id = seen;
+            }
+        }
         if *position.epoch == *channel.epoch() && position.last_id < seen {
             match self.renew(&channel.name, &position.epoch).await {
                 Ok(epoch) => position.epoch = epoch,
@@ -559,7 +595,10 @@ impl Node {
             }
         }
         if !channel.reposition(&position) {
-            self.fill_gap(channel, position.last_id).await;
+            if let Err(cause) = self.try_fill_gap(channel, position.last_id, fresh).await {
+                warn!(%cause, channel = %channel.name, "reading missed messages failed");
+                channel.skip_to(position.last_id);
+            }
         }
     }
 
@@ -638,7 +677,12 @@ impl Node {
         }
         // Published in id order; a gap means the subscription dropped some, or a
         // publication that waits for its replicas was overtaken.
-        self.try_fill_gap(channel, id - 1).await?;
+        let fresh = self
+            .fresh
+            .lock()
+            .expect("fresh lock")
+            .contains(&channel.name);
+        self.try_fill_gap(channel, id - 1, fresh).await?;
         channel.broadcast(&Arc::new(Delivery::new(publication.clone())));
         Ok(())
     }

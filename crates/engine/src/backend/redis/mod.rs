@@ -34,8 +34,9 @@
 //! - `P:{%control}:nodes`: the set of nodes; `P:{%control}:alive:{node}` expires unless
 //!   the node's heartbeat renews it; `P:{%control}:node:{node}`: the channels the node
 //!   has presence in (so a node that stopped is reaped channel by channel).
-//! - `P:{%control}:rooms`: the channels with users in them; `P:{%control}:hooks`: the
-//!   channels with hooks waiting.
+//! - `P:{%control}:rooms`: the channels with users in them; `P:{%control}:occupied`:
+//!   the channels with members on some node (anonymous ones count);
+//!   `P:{%control}:hooks`: the channels with hooks waiting.
 //! - `P:{%control}:notices`: the Pub/Sub channel of notices for every node's doors (the
 //!   Centrifugo server API's `subscribe`, `unsubscribe` and `disconnect`, Pusher's
 //!   `terminate_connections`), opaque to the engine.
@@ -320,6 +321,10 @@ struct Node {
     /// Per channel, publications that arrived after a gap that could not be read yet,
     /// with their epochs, in order.
     held: Mutex<HashMap<Arc<str>, Held>>,
+    /// Channels just subscribed to whose catch-up has not finished: their members all
+    /// joined as the subscription was made, and a hole from that moment the history no
+    /// longer keeps is passed over, not a reason to cut them off.
+    fresh: Mutex<HashSet<Arc<str>>>,
     sink: OnceLock<Sink>,
     ops: mpsc::UnboundedSender<Op>,
     clock: Clock,
@@ -471,6 +476,7 @@ impl RedisBackend {
             entered: Mutex::new(HashSet::new()),
             ears,
             held: Mutex::new(HashMap::new()),
+            fresh: Mutex::new(HashSet::new()),
             sink: OnceLock::new(),
             ops,
             clock: config.clock.clone(),
@@ -681,12 +687,12 @@ impl Backend for RedisBackend {
 
     fn occupancy(&self, channel: &Arc<str>, occupied: bool) {
         self.node.ear(channel).watch(channel);
-        if self.node.hooks.is_some() {
-            self.node.op(Op::Occupy {
-                channel: channel.clone(),
-                occupied,
-            });
-        }
+        // Counted in Redis whether or not hooks are: the cluster's list of occupied
+        // channels (Pusher's `GET /channels`) comes from it.
+        self.node.op(Op::Occupy {
+            channel: channel.clone(),
+            occupied,
+        });
     }
 
     fn record_hook(&self, hook: crate::Hook) -> BoxFuture<'_, Result<(), StoreError>> {
@@ -765,6 +771,10 @@ impl Backend for RedisBackend {
 
     fn channels(&self) -> BoxFuture<'_, Result<Vec<(String, usize)>, StoreError>> {
         self.node.channels().boxed()
+    }
+
+    fn occupied(&self) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
+        self.node.occupied().boxed()
     }
 
     fn health(&self) -> Option<bool> {
@@ -877,6 +887,11 @@ impl Node {
         }
     }
 
+    /// Whether publications wait for replicas.
+    fn waits(&self) -> bool {
+        self.wait_replicas > 0
+    }
+
     /// Which shard holds `channel` (0 in a Redis Cluster, which routes by itself).
     fn shard_of(&self, channel: &str) -> usize {
         match &self.backing {
@@ -978,9 +993,24 @@ impl Node {
                     outcomes[at] = Err(StoreError::Refused(cause.clone()));
                 }
             };
-            let mut replies = match self.noted(replies) {
-                Ok(replies) => replies,
+            let mut replies = match replies {
+                Ok(replies) => {
+                    self.set_up(true);
+                    replies
+                }
+                // A slot that moved (a failover, a resharding) answers MOVED or ASK,
+                // which fails the pipeline: one plain command to the channel has the
+                // connection learn where the slot is now, and the senders send again.
+                Err(cause) if cluster && cause.redirect_node().is_some() => {
+                    self.reroute(&jobs[members[0]].channel.name).await;
+                    refused(&mut outcomes, cause.to_string());
+                    continue;
+                }
                 Err(cause) => {
+                    let cause = self.noted::<()>(Err(cause)).unwrap_err();
+                    if cluster {
+                        self.reroute(&jobs[members[0]].channel.name).await;
+                    }
                     refused(&mut outcomes, cause.to_string());
                     continue;
                 }

@@ -21,6 +21,10 @@ pub(super) struct Presence {
     pub(super) node_empty: bool,
     /// Hooks were recorded.
     pub(super) recorded: bool,
+    /// The channel got its first node with members.
+    pub(super) taken: bool,
+    /// The channel lost its last node with members.
+    pub(super) vacated: bool,
     /// For a join: the channel's users, each followed by its info (or "").
     pub(super) present: Vec<String>,
 }
@@ -57,17 +61,19 @@ impl Node {
         }
         let mut answer: Vec<String> =
             self.noted(call.invoke_async(&mut self.conn(channel)).await)?;
-        if answer.len() < 4 {
+        if answer.len() < 6 {
             return Err(StoreError::Unavailable(
                 "an unexpected answer from the presence script",
             ));
         }
-        let present = answer.split_off(4);
+        let present = answer.split_off(6);
         let presence = Presence {
             filled: answer[0] == "1",
             emptied: answer[1] == "1",
             node_empty: answer[2] == "1",
             recorded: answer[3] == "1",
+            taken: answer[4] == "1",
+            vacated: answer[5] == "1",
             present,
         };
         self.after_presence(id, channel, &presence).await?;
@@ -104,6 +110,14 @@ impl Node {
             // A join elsewhere may have added it just before the removal.
             self.list_if_occupied(channel).await?;
         }
+        let occupied = self.control_key("occupied");
+        if presence.taken {
+            let _: () = self.noted(control.sadd(&occupied, channel).await)?;
+        } else if presence.vacated {
+            let _: () = self.noted(control.srem(&occupied, channel).await)?;
+            // A node taking it elsewhere may have added it just before the removal.
+            self.list_if_occupied(channel).await?;
+        }
         if presence.recorded {
             let _: () = self.noted(control.sadd(self.control_key("hooks"), channel).await)?;
         }
@@ -120,18 +134,46 @@ impl Node {
         Ok(())
     }
 
-    /// Lists `channel` among the channels with users if it has any.
+    /// Lists `channel` among the channels with users if it has any, and among the
+    /// occupied ones if some node has members there.
     async fn list_if_occupied(&self, channel: &str) -> Result<(), StoreError> {
-        let users: usize =
-            self.noted(self.conn(channel).hlen(self.key("presence", channel)).await)?;
+        let mut conn = self.conn(channel);
+        let users: usize = self.noted(conn.hlen(self.key("presence", channel)).await)?;
+        let holders: Option<i64> = self.noted(conn.get(self.key("occupancy", channel)).await)?;
+        let mut control = self.control_conn();
         if users > 0 {
-            let _: () = self.noted(
-                self.control_conn()
-                    .sadd(self.control_key("rooms"), channel)
-                    .await,
-            )?;
+            let _: () = self.noted(control.sadd(self.control_key("rooms"), channel).await)?;
+        }
+        if holders.unwrap_or(0) > 0 {
+            let _: () = self.noted(control.sadd(self.control_key("occupied"), channel).await)?;
+        }
+        // Hooks it recorded before it could index them.
+        let hooks = self.hook_count(channel).await?;
+        if hooks.get(1).map(String::as_str) == Some("1") {
+            let _: () = self.noted(control.sadd(self.control_key("hooks"), channel).await)?;
         }
         Ok(())
+    }
+
+    /// Channels with members on some node, sorted (each checked against its own count:
+    /// the list may keep a channel whose last node stopped between its script and the
+    /// list's update).
+    pub(super) async fn occupied(&self) -> Result<Vec<String>, StoreError> {
+        let names: Vec<String> = self.noted(
+            self.control_conn()
+                .smembers(self.control_key("occupied"))
+                .await,
+        )?;
+        let mut occupied = Vec::with_capacity(names.len());
+        for name in names {
+            let holders: Option<i64> =
+                self.noted(self.conn(&name).get(self.key("occupancy", &name)).await)?;
+            if holders.unwrap_or(0) > 0 {
+                occupied.push(name);
+            }
+        }
+        occupied.sort();
+        Ok(occupied)
     }
 
     /// Makes this node's presence in Redis exactly `entries` (`(channel, user)` pairs,
@@ -259,10 +301,15 @@ impl Node {
                 // The stopped node may have filled the channel and stopped before
                 // listing it.
                 self.list_if_occupied(channel).await?;
+                let _: () = self.noted(self.control_conn().srem(&list, channel).await)?;
             }
+            // Channels it listed meanwhile (it may still run, silent) are reaped at the
+            // next pass; the node is forgotten once none is left.
             let mut control = self.control_conn();
-            let _: () = self.noted(control.del(&list).await)?;
-            let _: () = self.noted(control.srem(self.control_key("nodes"), node).await)?;
+            let left: usize = self.noted(control.scard(&list).await)?;
+            if left == 0 {
+                let _: () = self.noted(control.srem(self.control_key("nodes"), node).await)?;
+            }
             reaped += 1;
         }
         Ok(reaped)
@@ -271,12 +318,11 @@ impl Node {
     /// Every channel and user with a connection on this node.
     pub(super) fn local_presence(&self) -> Vec<(String, String)> {
         let channels = self.sink().map_or_else(Vec::new, Sink::channels);
-        let hooks = self.hooks.is_some();
         channels
             .iter()
             .flat_map(|channel| {
-                // Its occupancy here, when hooks count it.
-                let occupied = (hooks && channel.occupied()).then(String::new);
+                // Its occupancy here (the empty user).
+                let occupied = channel.occupied().then(String::new);
                 channel
                     .users()
                     .into_iter()
@@ -442,6 +488,13 @@ pub(super) async fn worker(node: Arc<Node>, mut ops: mpsc::UnboundedReceiver<Op>
                 node.resync_queued.store(false, Ordering::Release);
                 if node.stopped() {
                     return;
+                }
+                // First whether this node was taken for stopped meanwhile (then it
+                // tells its presence under a new name, never under one being reaped).
+                if let Err(cause) = node.heartbeat(false).await {
+                    warn!(%cause, "a presence resync waits for Redis");
+                    node.resync.store(true, Ordering::Relaxed);
+                    continue;
                 }
                 let entries = node.local_presence();
                 match node.sync(&entries).await {

@@ -125,16 +125,18 @@ return {'1', tostring(id), epoch}
 /// where an arrival of the same user or occupancy cancels a leave still waiting and is
 /// itself not recorded.
 ///
-/// Returns, first, four flags: whether the channel got its first user, whether it lost
+/// Returns, first, six flags: whether the channel got its first user, whether it lost
 /// its last, whether this node has no entries here any more, whether hooks were
-/// recorded; then, for a join, the channel's users, each followed by its info (or an
-/// empty string).
+/// recorded, whether the channel got its first node with members, whether it lost its
+/// last; then, for a join, the channel's users, each followed by its info (or an empty
+/// string).
 pub(super) const PRESENCE: &str = r"
 local mode, hooks, publish, room, name = ARGV[1], ARGV[2] == '1', ARGV[3], ARGV[4], ARGV[5]
 local presence, pinfo, mine, occupancy = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local list, pending, seq = KEYS[5], KEYS[6], KEYS[7]
 local recorded = false
 local before = redis.call('HLEN', presence)
+local held = tonumber(redis.call('GET', occupancy) or 0)
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -207,11 +209,14 @@ elseif mode == 'reap' then
   redis.call('DEL', mine)
 end
 local after = redis.call('HLEN', presence)
+local holds = tonumber(redis.call('GET', occupancy) or 0)
 local flags = {
   (before == 0 and after > 0) and '1' or '0',
   (before > 0 and after == 0) and '1' or '0',
   redis.call('SCARD', mine) == 0 and '1' or '0',
   recorded and '1' or '0',
+  (held <= 0 and holds > 0) and '1' or '0',
+  (held > 0 and holds <= 0) and '1' or '0',
 }
 for _, item in ipairs(present) do table.insert(flags, item) end
 return flags
