@@ -11,13 +11,15 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use switchboard_client::{connect, Backoff, Event, Events, Options, RoomClient, State};
+use switchboard_client::{connect, Backoff, Event, Events, Options, State};
 use switchboard_test_support::http;
 use switchboard_test_support::redis::{Persistence, RedisServer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::Child;
 use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
+
+use support::{members, wait_acknowledged};
 
 fn signal(child: &Child, signal: &str) {
     let pid = child.id().unwrap().to_string();
@@ -50,14 +52,6 @@ async fn balancer(backends: Vec<String>) -> String {
         }
     });
     address
-}
-
-async fn members(node: &str, room: &str) -> Option<Vec<String>> {
-    let (status, body) =
-        http::request(node, "GET", &format!("/api/rooms/{room}/members"), "", None).await?;
-    (status == 200)
-        .then(|| serde_json::from_value(body["members"].clone()).ok())
-        .flatten()
 }
 
 /// Posts a message over the HTTP API and returns the status.
@@ -105,18 +99,6 @@ fn collect(mut events: Events, count: usize) -> JoinHandle<Seen> {
         }
         (seen, typists)
     })
-}
-
-async fn wait_acknowledged(client: &RoomClient, who: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while client.queued() > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "{who}: {} messages never acknowledged",
-            client.queued()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

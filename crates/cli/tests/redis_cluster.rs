@@ -15,7 +15,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use switchboard_client::{connect, Backoff, Event, Events, Options, RoomClient, State};
+use switchboard_client::{connect, Backoff, Event, Events, Options, State};
 use switchboard_protocol::centrifuge::{Command, Encoding, SubscribeRequest};
 use switchboard_test_support::centrifuge::Centrifuge;
 use switchboard_test_support::http;
@@ -25,6 +25,8 @@ use tokio::process::Child;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
+
+use support::{members, wait_acknowledged};
 
 const ROOM: &str = "busy";
 const EXPIRY_SECS: u64 = 6;
@@ -36,14 +38,6 @@ fn kill(child: &Child) {
         .status()
         .unwrap();
     assert!(status.success());
-}
-
-async fn members(node: &str, room: &str) -> Option<Vec<String>> {
-    let (status, body) =
-        http::request(node, "GET", &format!("/api/rooms/{room}/members"), "", None).await?;
-    (status == 200)
-        .then(|| serde_json::from_value(body["members"].clone()).ok())
-        .flatten()
 }
 
 /// Waits until every node in `nodes` lists exactly `want` in the room.
@@ -101,18 +95,6 @@ fn collect_until(
         }
         (seen, typists)
     })
-}
-
-async fn wait_acknowledged(client: &RoomClient, who: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while client.queued() > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "{who}: {} messages never acknowledged",
-            client.queued()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// The room's stored history, read through `node`.

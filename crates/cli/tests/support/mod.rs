@@ -1,5 +1,5 @@
 //! Running the binary: `switchboard serve` on a free (or given) port, and a command
-//! fed its standard input.
+//! fed its standard input; what the cluster tests ask of their nodes and clients.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -80,4 +80,34 @@ pub(crate) fn succeeded(output: std::process::Output) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8(output.stdout).unwrap()
+}
+
+/// The room's member list as `node`'s HTTP API gives it (`None` when it does not answer).
+#[allow(dead_code)] // The cluster tests' alone.
+pub(crate) async fn members(node: &str, room: &str) -> Option<Vec<String>> {
+    let (status, body) = switchboard_test_support::http::request(
+        node,
+        "GET",
+        &format!("/api/rooms/{room}/members"),
+        "",
+        None,
+    )
+    .await?;
+    (status == 200)
+        .then(|| serde_json::from_value(body["members"].clone()).ok())
+        .flatten()
+}
+
+/// Waits (at most a minute) until every message `client` sent was acknowledged.
+#[allow(dead_code)] // The cluster tests' alone.
+pub(crate) async fn wait_acknowledged(client: &switchboard_client::RoomClient, who: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while client.queued() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{who}: {} messages never acknowledged",
+            client.queued()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

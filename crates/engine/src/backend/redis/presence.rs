@@ -102,21 +102,19 @@ impl Node {
         presence: &Presence,
     ) -> Result<(), StoreError> {
         let mut control = self.control_conn();
-        let rooms = self.control_key("rooms");
-        if presence.filled {
-            let _: () = self.noted(control.sadd(&rooms, channel).await)?;
-        } else if presence.emptied {
-            let _: () = self.noted(control.srem(&rooms, channel).await)?;
-            // A join elsewhere may have added it just before the removal.
-            self.list_if_occupied(channel).await?;
-        }
-        let occupied = self.control_key("occupied");
-        if presence.taken {
-            let _: () = self.noted(control.sadd(&occupied, channel).await)?;
-        } else if presence.vacated {
-            let _: () = self.noted(control.srem(&occupied, channel).await)?;
-            // A node taking it elsewhere may have added it just before the removal.
-            self.list_if_occupied(channel).await?;
+        // The channels with users, and those with members on some node.
+        for (list, added, removed) in [
+            ("rooms", presence.filled, presence.emptied),
+            ("occupied", presence.taken, presence.vacated),
+        ] {
+            let list = self.control_key(list);
+            if added {
+                let _: () = self.noted(control.sadd(&list, channel).await)?;
+            } else if removed {
+                let _: () = self.noted(control.srem(&list, channel).await)?;
+                // A change elsewhere may have added it just before the removal.
+                self.list_if_occupied(channel).await?;
+            }
         }
         if presence.recorded {
             let _: () = self.noted(control.sadd(self.control_key("hooks"), channel).await)?;
