@@ -11,15 +11,14 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use switchboard_client::{connect, Backoff, Event, Events, Options, State};
+use switchboard_client::{connect, Backoff, Options};
 use switchboard_test_support::http;
 use switchboard_test_support::redis::{Persistence, RedisServer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::Child;
-use tokio::task::JoinHandle;
-use tokio::time::{timeout, Instant};
+use tokio::time::Instant;
 
-use support::{members, wait_acknowledged};
+use support::{collect, members, wait_acknowledged};
 
 fn signal(child: &Child, signal: &str) {
     let pid = child.id().unwrap().to_string();
@@ -75,32 +74,6 @@ async fn http_get(node: &str, path: &str) -> Option<String> {
     (status == 200).then_some(body)
 }
 
-type Seen = (Vec<(u64, String, String)>, Vec<String>);
-
-/// Every message a client receives, in order, until it has `count`, and who it was told
-/// started typing.
-fn collect(mut events: Events, count: usize) -> JoinHandle<Seen> {
-    tokio::spawn(async move {
-        let mut seen = Vec::new();
-        let mut typists = Vec::new();
-        while seen.len() < count {
-            match timeout(Duration::from_secs(60), events.recv()).await {
-                Ok(Some(Event::Message(m))) => {
-                    seen.push((m.id, m.from.unwrap_or_default(), m.text.unwrap_or_default()))
-                }
-                Ok(Some(Event::Typing {
-                    user,
-                    is_typing: true,
-                })) => typists.push(user),
-                Ok(Some(Event::State(State::Closed { reason, .. }))) => panic!("closed: {reason}"),
-                Ok(Some(_)) => {}
-                Ok(None) | Err(_) => break,
-            }
-        }
-        (seen, typists)
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_share_a_room_through_a_killed_node_and_a_redis_restart() {
     three_nodes(1).await;
@@ -154,8 +127,8 @@ async fn three_nodes(shards: usize) {
     let erin_lb = balancer(vec![a2.clone(), a3.clone()]).await;
     let (bob, bob_events) = connect(&room_url(&a2), options("bob")).await.unwrap();
     let (carol, carol_events) = connect(&room_url(&a3), options("carol")).await.unwrap();
-    let bob_seen = collect(bob_events, 2 * EACH);
-    let carol_seen = collect(carol_events, 2 * EACH);
+    let bob_seen = collect("bob", bob_events, 2 * EACH, false);
+    let carol_seen = collect("carol", carol_events, 2 * EACH, false);
     let (dave, _dave_events) = connect(&room_url(&a1), options("dave").with_reconnect(false))
         .await
         .unwrap();
@@ -163,8 +136,8 @@ async fn three_nodes(shards: usize) {
         .await
         .unwrap();
     let (erin, erin_events) = connect(&room_url(&erin_lb), options("erin")).await.unwrap();
-    let alice_seen = collect(alice_events, 2 * EACH);
-    let erin_seen = collect(erin_events, 2 * EACH);
+    let alice_seen = collect("alice", alice_events, 2 * EACH, false);
+    let erin_seen = collect("erin", erin_events, 2 * EACH, false);
 
     // Every node sees the same members.
     let everyone: Vec<String> = ["alice", "bob", "carol", "dave", "erin"]

@@ -15,7 +15,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use switchboard_client::{connect, Backoff, Event, Events, Options, State};
+use switchboard_client::{connect, Backoff, Options};
 use switchboard_protocol::centrifuge::{Command, Encoding, SubscribeRequest};
 use switchboard_test_support::centrifuge::Centrifuge;
 use switchboard_test_support::http;
@@ -24,9 +24,9 @@ use switchboard_test_support::redis::RedisCluster;
 use tokio::process::Child;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio::time::{timeout, Instant};
+use tokio::time::Instant;
 
-use support::{members, wait_acknowledged};
+use support::{collect, members, wait_acknowledged};
 
 const ROOM: &str = "busy";
 const EXPIRY_SECS: u64 = 6;
@@ -58,44 +58,6 @@ async fn until_members(nodes: &[&str], want: &[&str], bound: Duration) -> Durati
 }
 
 type Seen = Vec<(u64, String, String)>;
-
-/// Every message a room client receives, in order, until it has `count`; and whether it
-/// was told someone started typing.
-fn collect(who: &'static str, events: Events, count: usize) -> JoinHandle<(Seen, Vec<String>)> {
-    collect_until(who, events, count, false)
-}
-
-/// Like [`collect`]; with `first_connection`, only until the client loses its first
-/// connection (one whose node is killed, and which it cannot get back).
-fn collect_until(
-    who: &'static str,
-    mut events: Events,
-    count: usize,
-    first_connection: bool,
-) -> JoinHandle<(Seen, Vec<String>)> {
-    tokio::spawn(async move {
-        let mut seen = Vec::new();
-        let mut typists = Vec::new();
-        while seen.len() < count {
-            match timeout(Duration::from_secs(60), events.recv()).await {
-                Ok(Some(Event::Message(m))) => {
-                    seen.push((m.id, m.from.unwrap_or_default(), m.text.unwrap_or_default()))
-                }
-                Ok(Some(Event::Typing {
-                    user,
-                    is_typing: true,
-                })) => typists.push(user),
-                Ok(Some(Event::State(State::Closed { reason, .. }))) => {
-                    panic!("{who} closed after {} messages: {reason}", seen.len())
-                }
-                Ok(Some(Event::State(State::Reconnecting { .. }))) if first_connection => break,
-                Ok(Some(_)) => {}
-                Ok(None) | Err(_) => break,
-            }
-        }
-        (seen, typists)
-    })
-}
 
 /// The room's stored history, read through `node`.
 async fn history(node: &str) -> Seen {
@@ -262,9 +224,9 @@ async fn three_nodes_on_a_redis_cluster_through_a_master_killed_and_a_node_kille
         ("dan", dan_events),
     ]
     .into_iter()
-    .map(|(who, events)| collect(who, events, total))
+    .map(|(who, events)| collect(who, events, total, false))
     .collect();
-    let bob_seen = collect_until("bob", bob_events, total, true);
+    let bob_seen = collect("bob", bob_events, total, true);
     let centrifuge = centrifuge_reader(vec![a3.clone(), a1.clone()], total);
     let pusher = pusher_reader(a1.clone(), total);
     let everyone = ["ann", "bob", "cat", "dan"];
@@ -412,7 +374,7 @@ async fn three_nodes_on_a_redis_cluster_through_a_master_killed_and_a_node_kille
     let (dan, dan_events) = connect(&room_url(&a1), options("dan").with_since(Some(last)))
         .await
         .unwrap();
-    let (again, _) = collect("dan", dan_events, 5).await.unwrap();
+    let (again, _) = collect("dan", dan_events, 5, false).await.unwrap();
     assert_eq!(again.iter().map(|m| m.0).collect::<Vec<_>>(), missed);
     for client in [&ann, &cat, &dan, &bob] {
         client.close().await;

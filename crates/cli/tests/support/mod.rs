@@ -111,3 +111,43 @@ pub(crate) async fn wait_acknowledged(client: &switchboard_client::RoomClient, w
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// What a room client received: each message's id, sender and text, in order.
+#[allow(dead_code)] // The cluster tests' alone.
+pub(crate) type Messages = Vec<(u64, String, String)>;
+
+/// Every message a room client receives, in order, until it has `count` (or nothing came
+/// for a minute), and who it was told started typing; with `first_connection`, only
+/// until it loses its first connection (one whose node is killed, and which it cannot
+/// get back). Panics when the client gives up.
+#[allow(dead_code)] // The cluster tests' alone.
+pub(crate) fn collect(
+    who: &'static str,
+    mut events: switchboard_client::Events,
+    count: usize,
+    first_connection: bool,
+) -> tokio::task::JoinHandle<(Messages, Vec<String>)> {
+    use switchboard_client::{Event, State};
+    tokio::spawn(async move {
+        let mut seen = Vec::new();
+        let mut typists = Vec::new();
+        while seen.len() < count {
+            match tokio::time::timeout(Duration::from_secs(60), events.recv()).await {
+                Ok(Some(Event::Message(m))) => {
+                    seen.push((m.id, m.from.unwrap_or_default(), m.text.unwrap_or_default()))
+                }
+                Ok(Some(Event::Typing {
+                    user,
+                    is_typing: true,
+                })) => typists.push(user),
+                Ok(Some(Event::State(State::Closed { reason, .. }))) => {
+                    panic!("{who} closed after {} messages: {reason}", seen.len())
+                }
+                Ok(Some(Event::State(State::Reconnecting { .. }))) if first_connection => break,
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => break,
+            }
+        }
+        (seen, typists)
+    })
+}

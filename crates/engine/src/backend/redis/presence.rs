@@ -132,6 +132,11 @@ impl Node {
         Ok(())
     }
 
+    /// The members of the cluster's own set `kind`.
+    async fn control_list(&self, kind: &str) -> Result<Vec<String>, StoreError> {
+        self.noted(self.control_conn().smembers(self.control_key(kind)).await)
+    }
+
     /// Lists `channel` among the channels with users if it has any, and among the
     /// occupied ones if some node has members there.
     async fn list_if_occupied(&self, channel: &str) -> Result<(), StoreError> {
@@ -157,11 +162,7 @@ impl Node {
     /// the list may keep a channel whose last node stopped between its script and the
     /// list's update).
     pub(super) async fn occupied(&self) -> Result<Vec<String>, StoreError> {
-        let names: Vec<String> = self.noted(
-            self.control_conn()
-                .smembers(self.control_key("occupied"))
-                .await,
-        )?;
+        let names: Vec<String> = self.control_list("occupied").await?;
         let mut occupied = Vec::with_capacity(names.len());
         for name in names {
             let holders: Option<i64> =
@@ -183,11 +184,7 @@ impl Node {
         for (channel, user) in entries {
             wanted.entry(channel).or_default().push(user);
         }
-        let listed: Vec<String> = self.noted(
-            self.control_conn()
-                .smembers(self.control_key(&format!("node:{id}")))
-                .await,
-        )?;
+        let listed: Vec<String> = self.control_list(&format!("node:{id}")).await?;
         for channel in &listed {
             wanted.entry(channel).or_default();
         }
@@ -210,11 +207,7 @@ impl Node {
 
     /// Channels with users in them, on any node, with how many users each has.
     pub(super) async fn channels(&self) -> Result<Vec<(String, usize)>, StoreError> {
-        let names: Vec<String> = self.noted(
-            self.control_conn()
-                .smembers(self.control_key("rooms"))
-                .await,
-        )?;
+        let names: Vec<String> = self.control_list("rooms").await?;
         let mut channels = Vec::with_capacity(names.len());
         for name in names {
             let users: usize =
@@ -277,11 +270,7 @@ impl Node {
     /// returns how many.
     pub(super) async fn reap(&self) -> Result<usize, StoreError> {
         let me = self.id();
-        let nodes: Vec<String> = self.noted(
-            self.control_conn()
-                .smembers(self.control_key("nodes"))
-                .await,
-        )?;
+        let nodes: Vec<String> = self.control_list("nodes").await?;
         let mut reaped = 0;
         for node in nodes.iter().filter(|n| ***n != *me) {
             let alive: bool = self.noted(
@@ -382,11 +371,7 @@ impl Node {
         let Some(config) = &self.hooks else {
             return Ok(Vec::new());
         };
-        let mut channels: Vec<String> = self.noted(
-            self.control_conn()
-                .smembers(self.control_key("hooks"))
-                .await,
-        )?;
+        let mut channels: Vec<String> = self.control_list("hooks").await?;
         channels.sort();
         let lease = lease.as_millis().to_string();
         let mut taken = Vec::new();
@@ -410,11 +395,7 @@ impl Node {
 
     /// Hooks waiting in every channel, delayed ones included.
     pub(super) async fn hooks_waiting(&self) -> Result<usize, StoreError> {
-        let channels: Vec<String> = self.noted(
-            self.control_conn()
-                .smembers(self.control_key("hooks"))
-                .await,
-        )?;
+        let channels: Vec<String> = self.control_list("hooks").await?;
         let mut waiting = 0;
         for channel in channels {
             let answer = self.hook_count(&channel).await?;
