@@ -11,6 +11,8 @@ use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
+use crate::relay::Relay;
+
 /// What Redis keeps across a restart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Persistence {
@@ -146,6 +148,10 @@ pub struct RedisCluster {
 struct ClusterNode {
     port: u16,
     child: Option<Child>,
+    /// The relay its clients reach it through, when the cluster is relayed: the node
+    /// announces the relay's port, so a client that follows the cluster's own map goes
+    /// through the relay too.
+    relay: Option<Relay>,
 }
 
 /// A port that is free with its cluster bus port (port + 10000).
@@ -172,6 +178,18 @@ impl RedisCluster {
     /// `node_timeout_ms` is its `cluster-node-timeout` (how soon a silent master is
     /// failed over).
     pub async fn start(masters: usize, node_timeout_ms: u64) -> Option<Self> {
+        Self::start_with(masters, node_timeout_ms, false).await
+    }
+
+    /// A cluster as [`RedisCluster::start`] whose every node is reached through a
+    /// [`Relay`] (its announced address), so a test can silence the links of one client
+    /// process to the whole cluster ([`RedisCluster::silence_process`]) while the others,
+    /// and the nodes among themselves, go on.
+    pub async fn start_relayed(masters: usize, node_timeout_ms: u64) -> Option<Self> {
+        Self::start_with(masters, node_timeout_ms, true).await
+    }
+
+    async fn start_with(masters: usize, node_timeout_ms: u64, relayed: bool) -> Option<Self> {
         RedisServer::start(Persistence::None).await?;
         let dir = tempfile::tempdir().expect("a directory for the cluster");
         let mut cluster = Self {
@@ -184,7 +202,16 @@ impl RedisCluster {
             ports.push(cluster_port(&ports));
         }
         for &port in &ports {
-            cluster.nodes.push(ClusterNode { port, child: None });
+            let relay = if relayed {
+                Some(Relay::start(([127, 0, 0, 1], port).into()).await)
+            } else {
+                None
+            };
+            cluster.nodes.push(ClusterNode {
+                port,
+                child: None,
+                relay,
+            });
         }
         for index in 0..cluster.nodes.len() {
             cluster.run(index, node_timeout_ms).await;
@@ -211,7 +238,14 @@ impl RedisCluster {
         let port = self.nodes[index].port;
         let dir = self.dir.path().join(port.to_string());
         std::fs::create_dir_all(&dir).expect("a node directory");
-        let child = Command::new("redis-server")
+        let mut command = Command::new("redis-server");
+        if let Some(relay) = &self.nodes[index].relay {
+            let bus = (port + 10_000).to_string();
+            command
+                .args(["--cluster-announce-port", &relay.address.port().to_string()])
+                .args(["--cluster-announce-bus-port", &bus]);
+        }
+        let child = command
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .args(["--cluster-enabled", "yes"])
@@ -272,7 +306,7 @@ impl RedisCluster {
         let nodes = cli(port, &["CLUSTER", "NODES"]);
         let id = nodes
             .lines()
-            .find(|l| l.contains(&format!(":{master}@")))
+            .find(|l| l.contains(&format!(":{}@", self.announced_port(master))))
             .and_then(|l| l.split(' ').next())
             .unwrap_or_default()
             .to_owned();
@@ -289,7 +323,8 @@ impl RedisCluster {
                     .parse()
                     .ok()
             })
-            .map(|p: u16| format!("{p}:\n{}", self.log(p)))
+            .map(|p: u16| self.own_port(p))
+            .map(|p| format!("{p}:\n{}", self.log(p)))
             .collect::<Vec<_>>()
             .join("\n")
     }
@@ -306,12 +341,47 @@ impl RedisCluster {
             .map(|n| n.port)
     }
 
-    /// Every node's URL (any of them is a seed).
+    /// Every node's URL, as the cluster announces it (any of them is a seed).
     pub fn urls(&self) -> Vec<String> {
         self.nodes
             .iter()
-            .map(|n| format!("redis://127.0.0.1:{}", n.port))
+            .map(|n| match &n.relay {
+                Some(relay) => relay.url("redis"),
+                None => format!("redis://127.0.0.1:{}", n.port),
+            })
             .collect()
+    }
+
+    /// Silences every link process `pid` has, or opens, to any node of a relayed
+    /// cluster ([`Relay::silence_process`]).
+    pub fn silence_process(&self, pid: u32) {
+        for relay in self.nodes.iter().filter_map(|n| n.relay.as_ref()) {
+            relay.silence_process(pid);
+        }
+    }
+
+    /// Every relay forwards again.
+    pub fn speak(&self) {
+        for relay in self.nodes.iter().filter_map(|n| n.relay.as_ref()) {
+            relay.speak();
+        }
+    }
+
+    /// The port the cluster announces for the node on `port` (its relay's, if any).
+    fn announced_port(&self, port: u16) -> u16 {
+        self.nodes
+            .iter()
+            .find(|n| n.port == port)
+            .and_then(|n| n.relay.as_ref())
+            .map_or(port, |r| r.address.port())
+    }
+
+    /// The node's own port for a port the cluster announces (a relay's).
+    fn own_port(&self, announced: u16) -> u16 {
+        self.nodes
+            .iter()
+            .find(|n| n.relay.as_ref().map(|r| r.address.port()) == Some(announced))
+            .map_or(announced, |n| n.port)
     }
 
     /// The port of the master that now serves `key`'s slot (`None` while none does: a
@@ -336,7 +406,8 @@ impl RedisCluster {
             });
             if serves {
                 let address = fields[1].split('@').next().expect("an address");
-                return address.rsplit(':').next().and_then(|p| p.parse().ok());
+                let announced = address.rsplit(':').next().and_then(|p| p.parse().ok());
+                return announced.map(|port| self.own_port(port));
             }
         }
         None
