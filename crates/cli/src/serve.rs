@@ -60,6 +60,14 @@ pub(crate) struct ServeArgs {
     /// 0: no limit [default: 100]
     #[arg(long, env = "SWITCHBOARD_HANDSHAKE_RATE_PER_IP")]
     handshake_rate_per_ip: Option<f64>,
+    /// A proxy (address or CIDR range) whose X-Forwarded-For or Forwarded header names
+    /// the client; given several times or comma-separated.
+    #[arg(long, env = "SWITCHBOARD_TRUSTED_PROXIES", value_delimiter = ',')]
+    trusted_proxy: Vec<String>,
+    /// Connections from the trusted proxies start with a PROXY protocol header
+    /// (HAProxy, AWS NLB) naming the client.
+    #[arg(long, env = "SWITCHBOARD_PROXY_PROTOCOL")]
+    proxy_protocol: bool,
     /// Runtime worker threads [default: one per core]
     #[arg(long, env = "SWITCHBOARD_WORKERS")]
     pub(crate) workers: Option<usize>,
@@ -138,6 +146,12 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(rate) = args.handshake_rate_per_ip {
         config.handshakes_per_ip_per_sec = rate;
         config.handshake_burst_per_ip = (rate * 2.0).ceil() as u32;
+    }
+    if !args.trusted_proxy.is_empty() {
+        config.trusted_proxies = args.trusted_proxy;
+    }
+    if args.proxy_protocol {
+        config.proxy_protocol = true;
     }
     if let Some(secs) = args.drain_timeout {
         config = config.with_drain_timeout(std::time::Duration::from_secs(secs));

@@ -12,11 +12,14 @@
 //!   its SDKs send and the replies and pushes they read.
 //! - [`pusher`] is the Pusher Channels protocol (version 7): its messages, and the
 //!   signatures of channel and user authorisation, HTTP API requests and webhooks.
+//! - [`proxy`] is who a client is behind a proxy: the PROXY protocol header, the
+//!   `Forwarded` and `X-Forwarded-For` headers, and the address ranges trusted to send them.
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 pub mod centrifuge;
+pub mod proxy;
 pub mod pusher;
 pub mod room;
 

@@ -20,6 +20,16 @@ pub struct Config {
     pub handshakes_per_ip_per_sec: f64,
     /// New connections one IP address may open in a burst.
     pub handshake_burst_per_ip: u32,
+    /// Proxies (addresses or CIDR ranges, `10.0.0.0/8`, `::1`) whose `Forwarded` or
+    /// `X-Forwarded-For` header names the client: the nearest address there that is not
+    /// one of them is the client for the per-address limits, logs and metrics, and a
+    /// connection from one of them is counted per request once its head is read. Empty:
+    /// every connection is its own client and those headers are ignored.
+    pub trusted_proxies: Vec<String>,
+    /// Connections from `trusted_proxies` start with a PROXY protocol header (version 1
+    /// or 2: HAProxy, AWS NLB) that names the client; one without it is refused, and so
+    /// is one from any other address that sends one.
+    pub proxy_protocol: bool,
     /// Largest request head (request line and headers) in bytes; larger ones get 431.
     /// At least 8 KiB.
     pub max_header_bytes: usize,
@@ -214,6 +224,8 @@ impl Default for Config {
             jwt_public_key_file: None,
             api_key: None,
             allowed_origins: Vec::new(),
+            trusted_proxies: Vec::new(),
+            proxy_protocol: false,
             typing_expiry_ms: 5000,
             rate_limit_per_sec: 20.0,
             rate_limit_burst: 40,

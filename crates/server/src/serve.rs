@@ -2,7 +2,7 @@
 //! rate per address, the request-head limits, and graceful shutdown.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +25,9 @@ use crate::config::Config;
 use crate::limits::{IpSlot, PerIp, Refusal};
 use crate::routes::router;
 use crate::shutdown::Shutdown;
+use switchboard_protocol::proxy::{
+    forwarded_client, parse_proxy_header, Cidr, ProxyError, ProxyHeader,
+};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -47,6 +50,12 @@ pub enum Error {
     TlsHalf,
     #[error("redis and redis_cluster were both given: a node uses one or the other")]
     RedisTwice,
+    #[error("trusted_proxies: {0}")]
+    TrustedProxies(String),
+    #[error(
+        "proxy_protocol needs trusted_proxies: the addresses whose PROXY headers are believed"
+    )]
+    ProxyProtocolAlone,
 }
 
 /// What every request handler can reach.
@@ -86,12 +95,68 @@ impl AppState {
     }
 }
 
-/// Held for as long as a connection (HTTP, then WebSocket) is open: its place under
-/// the server's cap and under its address's.
+/// Held for as long as a request (and the WebSocket or stream it becomes) is open: its
+/// connection's place under the server's cap and under its address's, and for a
+/// request relayed by a trusted proxy, its client's place.
 #[derive(Debug, Clone)]
-pub(crate) struct ConnectionSlot(
-    #[allow(dead_code)] pub(crate) Arc<(OwnedSemaphorePermit, Option<IpSlot>)>,
-);
+pub(crate) struct ConnectionSlot {
+    #[allow(dead_code)]
+    connection: Arc<(OwnedSemaphorePermit, Option<IpSlot>)>,
+    #[allow(dead_code)]
+    client: Option<Arc<IpSlot>>,
+}
+
+/// The client a request came from: the connection's peer, or the address a PROXY
+/// header or a trusted proxy's `Forwarded`/`X-Forwarded-For` named.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClientAddress(pub(crate) IpAddr);
+
+/// Which peers may say who the client is, and how.
+#[derive(Debug)]
+struct Proxies {
+    trusted: Vec<Cidr>,
+    /// Trusted peers start with a PROXY protocol header.
+    protocol: bool,
+}
+
+impl Proxies {
+    fn from_config(config: &Config) -> Result<Self, Error> {
+        let trusted = config
+            .trusted_proxies
+            .iter()
+            .map(|range| range.parse::<Cidr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(Error::TrustedProxies)?;
+        if config.proxy_protocol && trusted.is_empty() {
+            return Err(Error::ProxyProtocolAlone);
+        }
+        Ok(Self {
+            trusted,
+            protocol: config.proxy_protocol,
+        })
+    }
+
+    fn trusts(&self, ip: IpAddr) -> bool {
+        self.trusted.iter().any(|range| range.contains(ip))
+    }
+
+    /// The client of a request that came over a connection from `peer`.
+    fn client_of<B>(&self, request: &http::Request<B>, peer: IpAddr) -> IpAddr {
+        let values = |name: http::header::HeaderName| {
+            request
+                .headers()
+                .get_all(name)
+                .iter()
+                .filter_map(|value| value.to_str().ok())
+        };
+        forwarded_client(
+            peer,
+            values(http::header::FORWARDED),
+            values(http::HeaderName::from_static("x-forwarded-for")),
+            |ip| self.trusts(ip),
+        )
+    }
+}
 
 /// Serves on `listener` until `shutdown` completes, then closes every WebSocket with
 /// 1001 and waits up to the drain timeout for connections to finish.
@@ -102,6 +167,7 @@ pub async fn run(
 ) -> Result<(), Error> {
     let address = listener.local_addr()?;
     let tls = tls_acceptor(&config)?;
+    let proxies = Proxies::from_config(&config)?;
     crate::metrics::install();
     let auth = Arc::new(crate::auth::Auth::from_config(&config)?);
     let pusher_apps = Arc::new(crate::pusher::Apps::from_config(&config)?);
@@ -146,7 +212,7 @@ pub async fn run(
         state.engine.notices(),
     ));
     let scheme = if tls.is_some() { "https" } else { "http" };
-    let acceptor = Acceptor::new(&state, tls);
+    let acceptor = Arc::new(Acceptor::new(&state, tls, proxies));
     info!("listening on {scheme}://{address}");
     acceptor.run(listener, shutdown).await;
     drain(&state).await;
@@ -224,10 +290,11 @@ struct Acceptor {
     tls: Option<TlsAcceptor>,
     refusals: Refusals,
     handshake_timeout: Duration,
+    proxies: Arc<Proxies>,
 }
 
 impl Acceptor {
-    fn new(state: &AppState, tls: Option<TlsAcceptor>) -> Self {
+    fn new(state: &AppState, tls: Option<TlsAcceptor>, proxies: Proxies) -> Self {
         let config = &state.config;
         Self {
             state: state.clone(),
@@ -241,11 +308,12 @@ impl Acceptor {
             refusals: Refusals::new(tls.clone()),
             tls,
             handshake_timeout: Duration::from_secs(config.handshake_timeout_secs.max(1)),
+            proxies: Arc::new(proxies),
         }
     }
 
     /// Accepts until `shutdown` completes.
-    async fn run(&self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+    async fn run(self: &Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         loop {
             let (stream, peer) = tokio::select! {
@@ -263,19 +331,82 @@ impl Acceptor {
             if let Err(error) = stream.set_nodelay(true) {
                 debug!(cause = %error, %peer, "set_nodelay failed");
             }
-            match self.admit(peer) {
-                Ok(slot) => self.serve(stream, peer, slot),
-                Err(why) => self.refusals.answer(&self.state, stream, peer, why),
+            if self.proxies.protocol {
+                // Who the client is comes in the connection's first bytes.
+                let this = self.clone();
+                self.state.spawn(async move {
+                    if let Some((stream, client)) = this.proxy_header(stream, peer).await {
+                        this.take(stream, client);
+                    }
+                });
+            } else {
+                self.take(stream, peer);
             }
         }
     }
 
-    /// A place under the server's cap and under the address's limits, or why not.
-    fn admit(&self, peer: SocketAddr) -> Result<ConnectionSlot, Refused> {
+    /// Admits the connection of `client` (its peer, or whom its PROXY header named) and
+    /// serves it, or answers why not.
+    fn take(&self, stream: TcpStream, client: SocketAddr) {
+        match self.admit(client.ip()) {
+            Ok(slot) => self.serve(stream, client, slot),
+            Err(why) => self.refusals.answer(&self.state, stream, client, why),
+        }
+    }
+
+    /// Reads a PROXY protocol header off a connection from `peer` (within the handshake
+    /// timeout): the client it names, or the peer itself when an untrusted peer sends
+    /// none. A trusted peer without one, an untrusted peer with one and a malformed
+    /// header are answered 400 and `None` is returned.
+    async fn proxy_header(
+        &self,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+    ) -> Option<(TcpStream, SocketAddr)> {
+        let read =
+            tokio::time::timeout(self.handshake_timeout, read_proxy_header(&mut stream)).await;
+        let trusted = self.proxies.trusts(peer.ip());
+        let refusal = match read {
+            Err(_) | Ok(Err(ProxyRead::Gone)) => {
+                debug!(%peer, "connection closed or timed out before its first bytes");
+                return None;
+            }
+            Ok(Ok(Some(ProxyHeader::Proxied { source, .. }))) if trusted => {
+                return Some((stream, source))
+            }
+            Ok(Ok(Some(ProxyHeader::Unknown))) if trusted => return Some((stream, peer)),
+            Ok(Ok(None)) if !trusted => return Some((stream, peer)),
+            Ok(Ok(None)) => {
+                "a connection from a trusted proxy must start with a PROXY protocol header\n"
+                    .to_owned()
+            }
+            Ok(Ok(Some(_))) => {
+                "a PROXY protocol header from an address that is not a trusted proxy\n".to_owned()
+            }
+            Ok(Err(ProxyRead::Malformed(error))) => format!("{error}\n"),
+        };
+        metrics::counter!("switchboard_connections_refused_total", "reason" => "proxy_header")
+            .increment(1);
+        debug!(%peer, reason = refusal.trim_end(), "connection refused");
+        let tls = self.tls.as_ref();
+        let _ = tokio::time::timeout(ANSWER_TIMEOUT, async move {
+            if let Some(stream) = secure(stream, peer, tls, ANSWER_TIMEOUT).await {
+                refuse(stream, "400 Bad Request", &refusal).await;
+            }
+        })
+        .await;
+        None
+    }
+
+    /// A place under the server's cap and under the address's limits, or why not. A
+    /// trusted proxy is not limited as one client: each request it relays is admitted
+    /// for the client it names once the request's head is read.
+    fn admit(&self, ip: IpAddr) -> Result<ConnectionSlot, Refused> {
         let ip_slot = self
             .per_ip
             .as_ref()
-            .map(|limits| limits.admit(peer.ip(), std::time::Instant::now()))
+            .filter(|_| !self.proxies.trusts(ip))
+            .map(|limits| limits.admit(ip, std::time::Instant::now()))
             .transpose()
             .map_err(Refused::PerIp)?;
         let permit = self
@@ -283,7 +414,10 @@ impl Acceptor {
             .clone()
             .try_acquire_owned()
             .map_err(|_| Refused::Capacity)?;
-        Ok(ConnectionSlot(Arc::new((permit, ip_slot))))
+        Ok(ConnectionSlot {
+            connection: Arc::new((permit, ip_slot)),
+            client: None,
+        })
     }
 
     /// Serves one admitted connection: TLS, then HTTP/1.1 with upgrades, until it ends
@@ -293,6 +427,8 @@ impl Acceptor {
         let state = self.state.clone();
         let tls = self.tls.clone();
         let handshake_timeout = self.handshake_timeout;
+        let proxies = self.proxies.clone();
+        let per_ip = self.per_ip.clone();
         self.state.spawn(async move {
             // One budget for the TLS handshake and the request head together.
             let accepted = tokio::time::Instant::now();
@@ -302,10 +438,36 @@ impl Acceptor {
             let head_timeout = handshake_timeout
                 .saturating_sub(accepted.elapsed())
                 .max(Duration::from_millis(100));
+            let relayed = proxies.trusts(peer.ip());
             let service = hyper::service::service_fn(
                 move |mut request: http::Request<hyper::body::Incoming>| {
-                    request.extensions_mut().insert(slot.clone());
-                    app.clone().oneshot(request)
+                    let mut slot = slot.clone();
+                    let client = if relayed {
+                        proxies.client_of(&request, peer.ip())
+                    } else {
+                        peer.ip()
+                    };
+                    let admitted = match (&per_ip, relayed) {
+                        (Some(limits), true) => limits
+                            .admit(client, std::time::Instant::now())
+                            .map(|client| slot.client = Some(Arc::new(client))),
+                        _ => Ok(()),
+                    };
+                    request.extensions_mut().insert(slot);
+                    request.extensions_mut().insert(ClientAddress(client));
+                    let app = app.clone();
+                    async move {
+                        if let Err(refusal) = admitted {
+                            metrics::counter!(
+                                "switchboard_connections_refused_total",
+                                "reason" => refusal.label()
+                            )
+                            .increment(1);
+                            debug!(%client, reason = refusal.label(), "request refused");
+                            return Ok(refused_request(refusal));
+                        }
+                        app.oneshot(request).await
+                    }
                 },
             );
             let connection = http1::Builder::new()
@@ -481,4 +643,61 @@ async fn refuse(mut stream: impl AsyncRead + AsyncWrite + Unpin, status: &str, b
     }
     let mut sink = [0u8; 1024];
     while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+}
+
+/// The answer to a request a trusted proxy relayed for a client over its limits.
+fn refused_request(refusal: Refusal) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    (
+        http::StatusCode::TOO_MANY_REQUESTS,
+        [(http::header::RETRY_AFTER, "1")],
+        refusal.message(),
+    )
+        .into_response()
+}
+
+/// Why no PROXY header could be read.
+#[derive(Debug)]
+enum ProxyRead {
+    /// The connection closed first.
+    Gone,
+    Malformed(ProxyError),
+}
+
+/// The PROXY header at the start of `stream`, consumed (`None`, and nothing consumed,
+/// when the connection starts otherwise). The bytes are peeked until the header is
+/// whole, so what follows it stays in the socket for TLS or HTTP.
+async fn read_proxy_header(stream: &mut TcpStream) -> Result<Option<ProxyHeader>, ProxyRead> {
+    let mut buffer = vec![0u8; 256];
+    let mut seen = 0;
+    loop {
+        let peeked = stream
+            .peek(&mut buffer)
+            .await
+            .map_err(|_| ProxyRead::Gone)?;
+        if peeked == 0 {
+            return Err(ProxyRead::Gone);
+        }
+        match parse_proxy_header(&buffer[..peeked]) {
+            Ok((header, taken)) => {
+                let mut header_bytes = vec![0u8; taken];
+                stream
+                    .read_exact(&mut header_bytes)
+                    .await
+                    .map_err(|_| ProxyRead::Gone)?;
+                return Ok(Some(header));
+            }
+            Err(ProxyError::Absent) => return Ok(None),
+            Err(ProxyError::Incomplete(needed)) => {
+                if needed > buffer.len() {
+                    buffer.resize(needed, 0);
+                } else if peeked == seen {
+                    // Nothing new since the last look: wait a little for the rest.
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                seen = peeked;
+            }
+            Err(error) => return Err(ProxyRead::Malformed(error)),
+        }
+    }
 }

@@ -12,9 +12,9 @@ use hyper_util::rt::TokioIo;
 use switchboard_net::{Stream, WebSocket};
 use switchboard_wire::deflate::negotiate;
 use switchboard_wire::handshake::{validate_request, HandshakeError, UpgradeRequest};
-use tracing::{debug, error};
+use tracing::{debug, error, Instrument};
 
-use crate::serve::{AppState, ConnectionSlot};
+use crate::serve::{AppState, ClientAddress, ConnectionSlot};
 
 /// Validates `request` as a WebSocket upgrade. On success answers 101 and runs
 /// `session` on the connection once hyper hands the stream over; otherwise answers with
@@ -77,38 +77,46 @@ where
         .as_ref()
         .and_then(|d| negotiate(&upgrade.extensions, d));
     let slot = request.extensions_mut().remove::<ConnectionSlot>();
+    // The session's logs name the client (behind a trusted proxy, the one it named).
+    let span = match request.extensions().get::<ClientAddress>() {
+        Some(ClientAddress(client)) => tracing::info_span!("connection", %client),
+        None => tracing::Span::none(),
+    };
     let on_upgrade = hyper::upgrade::on(&mut request);
     let accept = HeaderValue::from_str(&upgrade.accept).expect("base64 is a valid header value");
     let extensions = deflate.as_ref().map(|(_, header)| {
         HeaderValue::from_str(header).expect("extension header is built from tokens")
     });
     let params = deflate.map(|(params, _)| params);
-    state.spawn(async move {
-        let _slot = slot;
-        let upgraded = match on_upgrade.await {
-            Ok(upgraded) => upgraded,
-            Err(cause) => {
-                debug!(%cause, "client left before the upgrade completed");
-                return;
+    state.spawn(
+        async move {
+            let _slot = slot;
+            let upgraded = match on_upgrade.await {
+                Ok(upgraded) => upgraded,
+                Err(cause) => {
+                    debug!(%cause, "client left before the upgrade completed");
+                    return;
+                }
+            };
+            match upgraded.downcast::<TokioIo<Stream>>() {
+                Ok(parts) => {
+                    let socket =
+                        WebSocket::server(parts.io.into_inner(), &parts.read_buf, config, params);
+                    // The leftover bytes are copied: hyper's whole read buffer goes now, not
+                    // when the session ends.
+                    drop(parts.read_buf);
+                    metrics::counter!("switchboard_connections_total").increment(1);
+                    metrics::gauge!("switchboard_connections").increment(1.0);
+                    // Boxed: the session owns the socket, and a future that moved it in
+                    // could keep room for it twice.
+                    Box::pin(session(socket, upgrade)).await;
+                    metrics::gauge!("switchboard_connections").decrement(1.0);
+                }
+                Err(_) => error!("upgraded connection is not a server stream"),
             }
-        };
-        match upgraded.downcast::<TokioIo<Stream>>() {
-            Ok(parts) => {
-                let socket =
-                    WebSocket::server(parts.io.into_inner(), &parts.read_buf, config, params);
-                // The leftover bytes are copied: hyper's whole read buffer goes now, not
-                // when the session ends.
-                drop(parts.read_buf);
-                metrics::counter!("switchboard_connections_total").increment(1);
-                metrics::gauge!("switchboard_connections").increment(1.0);
-                // Boxed: the session owns the socket, and a future that moved it in
-                // could keep room for it twice.
-                Box::pin(session(socket, upgrade)).await;
-                metrics::gauge!("switchboard_connections").decrement(1.0);
-            }
-            Err(_) => error!("upgraded connection is not a server stream"),
         }
-    });
+        .instrument(span),
+    );
     let mut response = Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(header::UPGRADE, "websocket")

@@ -1662,6 +1662,119 @@ async fn hostile_input_gets_exact_answers_and_the_room_keeps_chatting() {
     server.stop().await;
 }
 
+/// PROXY protocol headers sent to a server that expects them only from `10.0.0.0/8`
+/// (the tests connect from 127.0.0.1, an untrusted address).
+fn proxy_protocol_cases() -> Vec<Case> {
+    use Expect::*;
+    let request = handshake(&room_target(), &[], &[]);
+    let with = |prefix: &[u8]| [prefix, &request].concat();
+    let mut v2 = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    v2.extend_from_slice(&[
+        0x21, 0x11, 0, 12, 203, 0, 113, 1, 127, 0, 0, 1, 0x9c, 0x40, 0, 80,
+    ]);
+    let mut v2_endless = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    v2_endless.extend_from_slice(&[0x21, 0x11, 0xff, 0xff, 1, 2, 3]);
+    let long = format!("PROXY TCP4 {}\r\n", "1".repeat(200));
+    vec![
+        case(
+            "PROXY v1 header from an untrusted address",
+            Action::Http(with(b"PROXY TCP4 203.0.113.1 127.0.0.1 40000 80\r\n")),
+            Status(400),
+        ),
+        case(
+            "PROXY v2 header from an untrusted address",
+            Action::Http(with(&v2)),
+            Status(400),
+        ),
+        case(
+            "PROXY header with an address of the wrong family",
+            Action::Http(with(b"PROXY TCP4 ::1 127.0.0.1 1 2\r\n")),
+            Status(400),
+        ),
+        case(
+            "PROXY v1 header longer than 107 bytes",
+            Action::Http(with(long.as_bytes())),
+            Status(400),
+        ),
+        case(
+            "half a PROXY header, then silence",
+            Action::Stall(b"PROXY TCP4 203.0.113.1 127.0".to_vec()),
+            SilentHangUp(STALL_LIMIT),
+        ),
+        case(
+            "PROXY v2 header announcing 65,535 bytes, then silence",
+            Action::Stall(v2_endless),
+            SilentHangUp(STALL_LIMIT),
+        ),
+    ]
+}
+
+/// Forwarding headers from a trusted proxy that name nobody usable: the connection is
+/// served as the proxy's own.
+fn forwarded_cases() -> Vec<Case> {
+    use Expect::*;
+    let hops = format!("X-Forwarded-For: {}", vec!["10.9.9.9"; 500].join(", "));
+    let forwarded = format!(
+        "Forwarded: {}",
+        vec!["for=unknown;by=_hidden"; 200].join(", ")
+    );
+    vec![
+        case(
+            "X-Forwarded-For of garbage",
+            ws_with(
+                &["X-Forwarded-For: <script>, ;;, [::1"],
+                text(&say("garbage hops")),
+            ),
+            Broadcast(Who::Itself),
+        ),
+        case(
+            "X-Forwarded-For with 500 trusted hops",
+            ws_with(&[&hops], text(&say("many hops"))),
+            Broadcast(Who::Itself),
+        ),
+        case(
+            "Forwarded naming 200 unknown hops",
+            ws_with(&[&forwarded], text(&say("unknown hops"))),
+            Broadcast(Who::Itself),
+        ),
+        case(
+            "Forwarded with a quoted port-only value",
+            ws_with(&["Forwarded: for=\":80\""], text(&say("port only"))),
+            Broadcast(Who::Itself),
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn hostile_proxy_headers_get_exact_answers_and_the_room_keeps_chatting() {
+    for (settings, cases) in [
+        (
+            json!({"trusted_proxies": ["10.0.0.0/8"], "proxy_protocol": true}),
+            proxy_protocol_cases(),
+        ),
+        (
+            json!({"trusted_proxies": ["127.0.0.1", "10.0.0.0/8"]}),
+            forwarded_cases(),
+        ),
+    ] {
+        let mut config = config();
+        let table: Config = serde_json::from_value(settings).unwrap();
+        config.trusted_proxies = table.trusted_proxies;
+        config.proxy_protocol = table.proxy_protocol;
+        let server = Server::start(config).await;
+        let mut canary = Canary::join(
+            server.address,
+            ("CanaryA", "name=CanaryA".into()),
+            "name=CanaryB",
+        )
+        .await;
+        run_matrix(&server, &mut canary, cases).await;
+        members_settle(server.address, None, &["CanaryA", "CanaryB"]).await;
+        canary.leave().await;
+        server.stop().await;
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Identity with tokens.
 
