@@ -1,7 +1,10 @@
 // Switchboard's chat page: the room protocol over one WebSocket, with reconnection
 // (exponential backoff, full jitter), resume after the last id seen, and messages sent
-// again with their nonce until the room acknowledges them. Every text shown goes
-// through textContent: nothing received is ever parsed as HTML.
+// again with their nonce until the room acknowledges them. Where a WebSocket cannot be
+// opened (the browser has none, or something between refuses the upgrade while the
+// server answers HTTP), the same protocol goes over HTTP: the room's events as
+// Server-Sent Events, the page's events as POSTs. Every text shown goes through
+// textContent: nothing received is ever parsed as HTML.
 'use strict';
 
 (() => {
@@ -42,7 +45,10 @@
     name: '',
     room: '',
     me: '',
-    ws: null,
+    conn: null, // the open connection: {transport, close(), send(event), extensions}
+    // 'websocket', or 'events' once a WebSocket could not be opened (for this page).
+    transport: typeof WebSocket === 'function' ? 'websocket' : 'events',
+    upgradesRefused: 0, // WebSockets that did not open while the server answered HTTP
     welcomed: false,
     leaving: false,
     lastId: null, // the last message id shown: the resume point
@@ -112,8 +118,8 @@
     clearTimeout(state.retryTimer);
     clearInterval(state.countdown);
     stopTyping();
-    if (state.ws) state.ws.close(1000, 'left');
-    state.ws = null;
+    if (state.conn) state.conn.close();
+    state.conn = null;
     view.chat.hidden = true;
     view.join.hidden = false;
     document.title = 'Switchboard';
@@ -129,38 +135,133 @@
     view.status.textContent = text;
   }
 
-  function connect() {
-    clearTimeout(state.retryTimer);
-    clearInterval(state.countdown);
+  function roomUrl(scheme) {
     const params = new URLSearchParams({ name: state.name });
     const since = state.lastId ?? state.joinedAt;
     if (since !== null) params.set('since', String(since));
     if (since !== null && state.epoch) params.set('epoch', state.epoch);
-    const scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
-    const url = `${scheme}//${location.host}/room/${encodeURIComponent(state.room)}?${params}`;
+    return `${scheme}//${location.host}/room/${encodeURIComponent(state.room)}?${params}`;
+  }
+
+  function connect() {
+    clearTimeout(state.retryTimer);
+    clearInterval(state.countdown);
     setStatus(state.attempt ? 'reconnecting' : 'connecting',
       state.attempt ? `reconnecting… (attempt ${state.attempt})` : 'connecting…');
-    const ws = new WebSocket(url);
-    state.ws = ws;
     state.welcomed = false;
-    ws.addEventListener('message', (event) => {
-      if (state.ws !== ws || typeof event.data !== 'string') return;
-      let data;
-      try {
-        data = JSON.parse(event.data);
-      } catch {
+    if (state.transport === 'events') connectEvents();
+    else connectWebSocket();
+  }
+
+  function received(conn, text) {
+    if (state.conn !== conn || typeof text !== 'string') return;
+    let data;
+    try {
+      data = JSON.parse(text);
+    } catch {
+      return;
+    }
+    if (data.type === 'welcome') onWelcome(data);
+    else onEvent(data);
+  }
+
+  function lost(conn, event) {
+    if (state.conn !== conn) return;
+    state.conn = null;
+    state.welcomed = false;
+    onClosed(event);
+  }
+
+  function connectWebSocket() {
+    const ws = new WebSocket(roomUrl(location.protocol === 'https:' ? 'wss:' : 'ws:'));
+    let opened = false;
+    const conn = {
+      transport: 'websocket',
+      close: () => ws.close(1000, 'left'),
+      send: (event) => {
+        if (ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify(event));
+      },
+      get extensions() {
+        return ws.extensions;
+      },
+    };
+    state.conn = conn;
+    ws.addEventListener('open', () => {
+      opened = true;
+      state.upgradesRefused = 0;
+    });
+    ws.addEventListener('message', (event) => received(conn, event.data));
+    // An error is always followed by a close.
+    ws.addEventListener('close', async (event) => {
+      if (state.conn !== conn) return;
+      const refused = !opened && !state.leaving && (await serverAnswers());
+      if (state.conn !== conn) return;
+      if (refused && ++state.upgradesRefused >= 2) {
+        // Twice the server answered HTTP but no WebSocket opened (once could be a
+        // server just coming back): something between refuses the upgrade. The room
+        // goes over HTTP from now on.
+        state.transport = 'events';
+        state.conn = null;
+        notice('WebSocket is unavailable here: connecting over HTTP streaming instead.');
+        connect();
         return;
       }
-      if (data.type === 'welcome') onWelcome(data);
-      else onEvent(data);
+      lost(conn, event);
     });
-    // An error is always followed by a close.
-    ws.addEventListener('close', (event) => {
-      if (state.ws !== ws) return;
-      state.ws = null;
-      state.welcomed = false;
-      onClosed(event);
-    });
+  }
+
+  async function serverAnswers() {
+    try {
+      await fetch('/healthz', { cache: 'no-store' });
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  function connectEvents() {
+    const source = new EventSource(roomUrl(location.protocol));
+    const conn = {
+      transport: 'events',
+      close: () => source.close(),
+      send: (event) => post(conn, event),
+      extensions: '',
+    };
+    state.conn = conn;
+    source.onmessage = (event) => received(conn, event.data);
+    // The page resumes by itself (with since and epoch), with its own backoff.
+    source.onerror = () => {
+      source.close();
+      lost(conn, {});
+    };
+  }
+
+  async function post(conn, event) {
+    const params = new URLSearchParams({ name: state.name });
+    const url = `/room/${encodeURIComponent(state.room)}/events?${params}`;
+    let answer;
+    try {
+      const response = await fetch(url, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify(event),
+      });
+      answer = response.status === 202 && event.type !== 'message' ? null : await response.json();
+    } catch {
+      // Not sent: a message stays pending and goes again after the next welcome.
+      return;
+    }
+    if (state.conn !== conn || !answer) return;
+    if (answer.type === 'error') {
+      onError(answer);
+    } else if (answer.type === 'message' && state.lastId !== null && answer.id <= state.lastId) {
+      // A retried message stored before, already shown: acknowledged.
+      const index = state.pending.findIndex((p) => p.nonce === answer.nonce);
+      if (index >= 0) {
+        state.pending[index].el.remove();
+        state.pending.splice(index, 1);
+      }
+    }
   }
 
   function onWelcome(welcome) {
@@ -179,13 +280,15 @@
     state.welcomed = true;
     state.connectedAt = Date.now();
     view.meName.textContent = welcome.user;
-    document.body.dataset.extensions = state.ws ? state.ws.extensions : '';
+    document.body.dataset.extensions = state.conn ? state.conn.extensions : '';
+    document.body.dataset.transport = state.transport;
     state.members = new Set(welcome.members);
     for (const member of welcome.members) state.before.delete(member);
     setTimeout(() => state.before.clear(), STABLE_MS);
     renderMembers();
     clearTyping();
-    setStatus('connected', 'connected');
+    setStatus('connected', state.transport === 'events'
+      ? 'connected over HTTP streaming (WebSocket unavailable)' : 'connected');
     if (resumedAfter === null) {
       notice(`You joined #${welcome.room} as ${welcome.user}.`);
     } else if (welcome.recovered === false || otherEpoch || wentBack) {
@@ -226,13 +329,11 @@
 
   // Back online: no reason to wait out the backoff.
   window.addEventListener('online', () => {
-    if (!state.ws && !state.leaving && state.room) connect();
+    if (!state.conn && !state.leaving && state.room) connect();
   });
 
   function send(event) {
-    if (state.ws && state.welcomed && state.ws.readyState === WebSocket.OPEN) {
-      state.ws.send(JSON.stringify(event));
-    }
+    if (state.conn && state.welcomed) state.conn.send(event);
   }
 
   // ---- room events ----

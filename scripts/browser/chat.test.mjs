@@ -1,6 +1,8 @@
 // The chat page end to end in Debian's Chromium (playwright-core): two people chat
 // both ways, see each other typing and in the member list, ride out a server restart and
-// a network outage without losing or repeating a message, and markup stays text.
+// a network outage without losing or repeating a message, and markup stays text; and
+// pages that cannot open a WebSocket (none in the browser, or upgrades refused on the
+// way) chat over HTTP streaming beside one that can, through a restart.
 //
 // Needs SWITCHBOARD_BIN (scripts/browser.sh builds it). Screenshots go to
 // reports/browser/ (BROWSER_REPORTS elsewhere).
@@ -255,5 +257,119 @@ test('two people chat in the browser through a restart and an outage', async () 
     (await bob.locator('#typing').textContent()) === 'alice is typing…');
   await alice.screenshot({ path: path.join(REPORTS, 'chat-desktop.png') });
   await bob.screenshot({ path: path.join(REPORTS, 'chat-phone.png') });
+  assert.deepEqual(errors, [], 'no script errors on the pages');
+});
+
+/** A relay that refuses every WebSocket upgrade (403) and passes plain HTTP on. */
+async function startUpgradeRefusingRelay(target) {
+  const port = Number(target.slice(target.lastIndexOf(':') + 1));
+  const sockets = new Set();
+  const server = net.createServer((client) => {
+    sockets.add(client);
+    client.on('close', () => sockets.delete(client));
+    client.on('error', () => client.destroy());
+    client.once('data', (first) => {
+      if (/^upgrade:\s*websocket/im.test(first.toString('latin1'))) {
+        client.end('HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\nconnection: close\r\n\r\n');
+        return;
+      }
+      const upstream = net.connect(port, '127.0.0.1');
+      sockets.add(upstream);
+      upstream.on('error', () => client.destroy());
+      client.on('close', () => upstream.destroy());
+      upstream.on('close', () => client.destroy());
+      upstream.write(first);
+      client.pipe(upstream);
+      upstream.pipe(client);
+    });
+  });
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  cleanups.push(() => new Promise((resolve) => {
+    for (const s of sockets) s.destroy();
+    server.close(resolve);
+  }));
+  return `http://127.0.0.1:${server.address().port}`;
+}
+
+test('without WebSocket the page chats over HTTP streaming through a restart', async () => {
+  const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'switchboard-browser-'));
+  cleanups.push(() => fs.rmSync(dataDir, { recursive: true, force: true }));
+  let server = await startServer('127.0.0.1:0', dataDir);
+  const address = server.address;
+  const refusing = await startUpgradeRefusingRelay(address);
+  const browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS, headless: true });
+  cleanups.push(() => browser.close());
+  const errors = [];
+  const open = async (init) => {
+    const page = await (await browser.newContext()).newPage();
+    page.on('pageerror', (error) => errors.push(error));
+    if (init) await page.addInitScript(init);
+    return page;
+  };
+  // Erin's browser has no WebSocket; Frank's upgrades are refused on the way; Gus has
+  // WebSocket and uses it.
+  const erin = await open(() => {
+    delete window.WebSocket;
+  });
+  const frank = await open();
+  const gus = await open();
+  await erin.goto(`http://${address}/?room=fallback&name=erin`);
+  await frank.goto(`${refusing}/?room=fallback&name=frank`);
+  await gus.goto(`http://${address}/?room=fallback&name=gus`);
+  const transport = (page) => page.evaluate(() => document.body.dataset.transport);
+  const pages = { erin, frank, gus };
+  for (const page of Object.values(pages)) {
+    await eventually('connected', async () => (await status(page)) === 'connected');
+    await eventually('all three listed', async () => (await members(page)).join() === 'erin,frank,gus');
+  }
+  assert.equal(await transport(erin), 'events');
+  assert.equal(await transport(frank), 'events');
+  assert.equal(await transport(gus), 'websocket');
+  assert.match(await erin.locator('#status').textContent(), /HTTP streaming/);
+
+  // Both ways, and typing over HTTP.
+  await erin.getByLabel('Message').pressSequentially('from erin');
+  await eventually('erin typing, on gus\'s page', async () =>
+    (await gus.locator('#typing').textContent()) === 'erin is typing…');
+  await erin.getByLabel('Message').press('Enter');
+  await gus.getByLabel('Message').fill('from gus');
+  await gus.getByLabel('Message').press('Enter');
+  await frank.getByLabel('Message').fill('from frank');
+  await frank.getByLabel('Message').press('Enter');
+  for (const page of Object.values(pages)) {
+    for (const [from, text] of [['erin', 'from erin'], ['gus', 'from gus'], ['frank', 'from frank']]) {
+      await eventually(`${text} shown`, () => hasMessage(page, from, text));
+    }
+  }
+
+  // The server restarts; Erin writes while it is down, Gus's message comes while the
+  // HTTP pages are still reconnecting.
+  await server.stop();
+  for (const page of [erin, frank]) {
+    await eventually('reconnecting', async () => (await status(page)) === 'reconnecting');
+  }
+  await erin.getByLabel('Message').fill('erin while down');
+  await erin.getByLabel('Message').press('Enter');
+  server = await startServer(address, dataDir);
+  for (const page of Object.values(pages)) {
+    await eventually('back after the restart', async () => (await status(page)) === 'connected');
+  }
+  await gus.getByLabel('Message').fill('gus after the restart');
+  await gus.getByLabel('Message').press('Enter');
+  for (const [name, page] of Object.entries(pages)) {
+    await eventually('erin\'s waiting message', () => hasMessage(page, 'erin', 'erin while down'));
+    await eventually('gus\'s later message', () => hasMessage(page, 'gus', 'gus after the restart'));
+    const messages = await shown(page);
+    assertOnceInOrder(messages, name);
+    assert.deepEqual(messages.map((m) => m.text).sort(),
+      ['erin while down', 'from erin', 'from frank', 'from gus', 'gus after the restart'],
+      `${name}: ${JSON.stringify(messages)}`);
+  }
+  await eventually('erin\'s message acknowledged', async () =>
+    (await erin.locator('#messages .message.pending').count()) === 0);
+  assert.equal(await transport(erin), 'events');
+  assert.equal(await transport(gus), 'websocket');
+  await frank.screenshot({ path: path.join(REPORTS, 'chat-over-http-streaming.png') });
   assert.deepEqual(errors, [], 'no script errors on the pages');
 });

@@ -965,6 +965,31 @@ impl Engine {
             .await
     }
 
+    /// Tells `channel`'s members, here and on the other nodes, that `user` is typing (or
+    /// stopped), for a client that has no member here to send it through (one that
+    /// posts its events over HTTP). Not stored. The caller stops it when it expires.
+    pub async fn typing(
+        &self,
+        channel: &str,
+        user: &str,
+        is_typing: bool,
+    ) -> Result<(), EngineError> {
+        if !self.options(channel).typing {
+            return Err(EngineError::Forbidden(
+                "typing indicators are off in this channel",
+            ));
+        }
+        let channel = self.channel(channel).await?;
+        let user: Arc<str> = Arc::from(user);
+        let item = Outbound::Typing {
+            user: user.clone(),
+            is_typing,
+        };
+        channel.deliver(|_, m| m.user != user, item);
+        channel.backend.typing(&channel.name, &user, is_typing);
+        Ok(())
+    }
+
     async fn submit(
         &self,
         channel: &Arc<Channel>,

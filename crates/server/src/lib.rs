@@ -17,6 +17,7 @@ mod limits;
 mod metrics;
 mod pusher;
 mod room;
+mod room_http;
 mod routes;
 mod serve;
 mod shutdown;

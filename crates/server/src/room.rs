@@ -37,17 +37,17 @@ pub const SLOW_CONSUMER: CloseCode = CloseCode(4008);
 pub const HISTORY_RESET: CloseCode = CloseCode(4009);
 
 /// The room protocol's slot in each publication's encoding cache.
-const ROOM_JSON: Format = Format(0);
+pub(crate) const ROOM_JSON: Format = Format(0);
 
 /// Longest `epoch` a resume may name.
-const MAX_EPOCH: usize = 64;
+pub(crate) const MAX_EPOCH: usize = 64;
 
-fn bad_request(message: String) -> Response {
+pub(crate) fn bad_request(message: String) -> Response {
     (StatusCode::BAD_REQUEST, format!("{message}\n")).into_response()
 }
 
 /// The resume point a room URL asks for.
-fn resume_of(query: &HashMap<String, String>) -> Result<Resume, &'static str> {
+pub(crate) fn resume_of(query: &HashMap<String, String>) -> Result<Resume, &'static str> {
     let since = match query.get("since").map(|s| s.parse::<u64>()) {
         None => None,
         // Ids are stored as SQLite integers.
@@ -67,52 +67,64 @@ fn resume_of(query: &HashMap<String, String>) -> Result<Resume, &'static str> {
     })
 }
 
+/// Who may join `channel` with this request's identity (`name` or `token` in `query`,
+/// or the `Authorization` header): the user, or the status and text to refuse with.
+pub(crate) fn admit(
+    state: &AppState,
+    channel: &str,
+    query: &HashMap<String, String>,
+    headers: &http::HeaderMap,
+) -> Result<String, (StatusCode, String)> {
+    if !names::valid_channel(channel) {
+        return Err((StatusCode::BAD_REQUEST, format!("{CHANNEL_RULE}\n")));
+    }
+    let refused = |status: StatusCode, message: String| {
+        metrics::counter!("switchboard_handshake_failures_total", "reason" => "auth").increment(1);
+        Err((status, format!("{message}\n")))
+    };
+    let name = match crate::auth::identify(&state.auth, channel, query, headers) {
+        Ok(name) => name,
+        Err(why) => return refused(why.status, why.message),
+    };
+    if !names::may_subscribe(channel, &name) {
+        return refused(
+            StatusCode::FORBIDDEN,
+            format!("room {channel} is for other users"),
+        );
+    }
+    if names::needs_signature(channel) {
+        return refused(
+            StatusCode::FORBIDDEN,
+            format!(
+                "room {channel} is a private or presence channel: join it through the Pusher door (/app/KEY) with the app's signature"
+            ),
+        );
+    }
+    if state.engine.options(channel).subscribe_token {
+        // Its subscribers need a subscription token, which only the Centrifugo door
+        // checks.
+        return refused(
+            StatusCode::FORBIDDEN,
+            format!(
+                "room {channel} takes subscription tokens: join it through /connection/websocket"
+            ),
+        );
+    }
+    Ok(name)
+}
+
 pub(crate) async fn room(
     State(state): State<AppState>,
     Path(channel): Path<String>,
     Query(query): Query<HashMap<String, String>>,
     request: Request,
 ) -> Response {
-    if !names::valid_channel(&channel) {
-        return bad_request(CHANNEL_RULE.into());
-    }
-    let name = match crate::auth::identify(&state.auth, &channel, &query, request.headers()) {
+    let name = match admit(&state, &channel, &query, request.headers()) {
         Ok(name) => name,
-        Err(refused) => {
-            metrics::counter!("switchboard_handshake_failures_total", "reason" => "auth")
-                .increment(1);
-            return (refused.status, format!("{}\n", refused.message)).into_response();
-        }
+        Err(refusal) => return refusal.into_response(),
     };
-    if !names::may_subscribe(&channel, &name) {
-        metrics::counter!("switchboard_handshake_failures_total", "reason" => "auth").increment(1);
-        return (
-            StatusCode::FORBIDDEN,
-            format!("room {channel} is for other users\n"),
-        )
-            .into_response();
-    }
-    if names::needs_signature(&channel) {
-        metrics::counter!("switchboard_handshake_failures_total", "reason" => "auth").increment(1);
-        return (
-            StatusCode::FORBIDDEN,
-            format!(
-                "room {channel} is a private or presence channel: join it through the Pusher door (/app/KEY) with the app's signature\n"
-            ),
-        )
-            .into_response();
-    }
-    if state.engine.options(&channel).subscribe_token {
-        // Its subscribers need a subscription token, which only the Centrifugo door
-        // checks.
-        metrics::counter!("switchboard_handshake_failures_total", "reason" => "auth").increment(1);
-        return (
-            StatusCode::FORBIDDEN,
-            format!(
-                "room {channel} takes subscription tokens: join it through /connection/websocket\n"
-            ),
-        )
-            .into_response();
+    if crate::room_http::wants_event_stream(request.headers()) {
+        return crate::room_http::stream(state, channel, name, &query, request).await;
     }
     let resume = match resume_of(&query) {
         Ok(resume) => resume,
@@ -162,7 +174,7 @@ impl RateLimit {
 }
 
 /// An event in the room protocol.
-fn frame_of(item: &Outbound) -> (OpCode, Bytes) {
+pub(crate) fn frame_of(item: &Outbound) -> (OpCode, Bytes) {
     let text = match item {
         Outbound::Publication { delivery, .. } | Outbound::Ack(delivery) => {
             delivery.encoded(ROOM_JSON, room::message)

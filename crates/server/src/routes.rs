@@ -2,7 +2,7 @@
 
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use http::StatusCode;
 
@@ -31,6 +31,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/app/{key}", get(crate::pusher::websocket))
         .route("/echo", get(echo))
         .route("/room/{room}", get(crate::room::room))
+        .route("/room/{room}/events", post(crate::room_http::post_event))
         .route("/", get(crate::web::index))
         .route("/assets/app.js", get(crate::web::script))
         .route("/assets/style.css", get(crate::web::style))

@@ -78,6 +78,8 @@ pub(crate) struct AppState {
     pub(crate) pusher_apps: Arc<crate::pusher::Apps>,
     /// The Pusher door's connections on this node.
     pub(crate) pusher_registry: Arc<crate::pusher::Registry>,
+    /// What the room protocol over HTTP keeps of its posters.
+    pub(crate) room_posters: Arc<crate::room_http::Posters>,
 }
 
 impl AppState {
@@ -194,6 +196,7 @@ pub async fn run(
         centrifuge_clients: Arc::default(),
         pusher_apps,
         pusher_registry: Arc::default(),
+        room_posters: Arc::default(),
     };
     tokio::spawn(crate::pusher::apply_notices(
         state.pusher_registry.clone(),

@@ -1651,15 +1651,89 @@ async fn hostile_input_gets_exact_answers_and_the_room_keeps_chatting() {
         "name=CanaryB",
     )
     .await;
-    let cases: Vec<Case> = [handshake_cases(), frame_cases(), room_cases()]
-        .into_iter()
-        .flatten()
-        .collect();
+    let cases: Vec<Case> = [
+        handshake_cases(),
+        frame_cases(),
+        room_cases(),
+        http_fallback_cases(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     assert!(cases.len() >= 28);
     run_matrix(&server, &mut canary, cases).await;
     members_settle(server.address, None, &["CanaryA", "CanaryB"]).await;
     canary.leave().await;
     server.stop().await;
+}
+
+/// The room protocol over HTTP (Server-Sent Events and posted events).
+fn http_fallback_cases() -> Vec<Case> {
+    use Expect::*;
+    let stream = |extra: &str| {
+        format!(
+            "GET /room/{ROOM}?name=Streamer HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n{extra}\r\n"
+        )
+        .into_bytes()
+    };
+    let post = |body: &[u8]| {
+        let mut bytes = format!(
+            "POST /room/{ROOM}/events?name=Poster HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        bytes.extend_from_slice(body);
+        bytes
+    };
+    let huge_id = format!("Last-Event-ID: {}:1\r\n", "e".repeat(6000));
+    let big = format!(r#"{{"type":"message","text":"{}"}}"#, "x".repeat(300_000));
+    vec![
+        case(
+            "event stream with a 6,000-byte Last-Event-ID",
+            Action::Http(stream(&huge_id)),
+            Status(400),
+        ),
+        case(
+            "event stream with a Last-Event-ID that is not EPOCH:ID",
+            Action::Http(stream("Last-Event-ID: 12\r\n")),
+            Status(400),
+        ),
+        case(
+            "event stream with a negative Last-Event-ID",
+            Action::Http(stream("Last-Event-ID: e:-1\r\n")),
+            Status(400),
+        ),
+        case(
+            "posted event that is not JSON",
+            Action::Http(post(b"{not json")),
+            Status(400),
+        ),
+        case(
+            "posted event that is not UTF-8",
+            Action::Http(post(b"\xff\xfe\xfd")),
+            Status(400),
+        ),
+        case(
+            "posted event of an unknown type",
+            Action::Http(post(br#"{"type":"leave-everyone"}"#)),
+            Status(400),
+        ),
+        case(
+            "posted event larger than a room message",
+            Action::Http(post(big.as_bytes())),
+            Status(413),
+        ),
+        case(
+            "posted event without a name",
+            Action::Http(
+                format!(
+                    "POST /room/{ROOM}/events HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{{}}"
+                )
+                .into_bytes(),
+            ),
+            Status(400),
+        ),
+    ]
 }
 
 /// PROXY protocol headers sent to a server that expects them only from `10.0.0.0/8`

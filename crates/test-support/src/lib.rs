@@ -2,7 +2,7 @@
 //! their own on a free port ([`redis`]), plain HTTP/1.1 requests ([`http`]), and room
 //! connections whose events are read as JSON ([`room`]), Centrifugo-protocol
 //! connections with replies matched to their commands ([`centrifuge`]), and Pusher-protocol
-//! connections with HTTP API requests signed as its libraries sign them ([`pusher`]), a webhook receiver ([`webhook`]), and a TCP relay that adds latency, goes silent or cuts its links ([`relay`]).
+//! connections with HTTP API requests signed as its libraries sign them ([`pusher`]), a webhook receiver ([`webhook`]), Server-Sent Events streams ([`sse`]), and a TCP relay that adds latency, goes silent or cuts its links ([`relay`]).
 
 pub mod centrifuge;
 pub mod http;
@@ -10,4 +10,5 @@ pub mod pusher;
 pub mod redis;
 pub mod relay;
 pub mod room;
+pub mod sse;
 pub mod webhook;
