@@ -235,7 +235,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
                     self.read_size *= 2;
                 }
                 self.reads = self.reads.wrapping_add(1);
-                self.ping_sent = None;
+                if self.ping_sent.take().is_some() {
+                    // Answered: the timer waited for the pong timeout; the next ping is
+                    // due one interval of quiet from now, not after that timeout.
+                    if let (Some(timer), Some(after)) =
+                        (self.timer.as_mut(), first_wake(&self.config))
+                    {
+                        timer.as_mut().reset(Instant::now() + after);
+                    }
+                }
                 Ok(())
             }
             Err(error) => {

@@ -134,6 +134,51 @@ async fn a_silent_peer_is_dropped_and_a_live_one_is_kept() {
 }
 
 #[tokio::test]
+async fn a_peer_that_answers_is_pinged_again_after_each_quiet_interval() {
+    // A pong long before the pong timeout: the next ping comes one quiet interval
+    // later, so a proxy between never sees the link idle for longer than about two.
+    let config = Config::default()
+        .with_ping_interval(Some(Duration::from_millis(50)))
+        .with_pong_timeout(Duration::from_secs(30));
+    let (listener, url) = bind().await;
+    let server = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let (mut socket, _) = accept(stream, config).await.unwrap();
+        let _ = tokio::time::timeout(Duration::from_millis(1500), socket.recv()).await;
+    });
+    let mut peer = TcpStream::connect(url.trim_start_matches("ws://").trim_end_matches("/echo"))
+        .await
+        .unwrap();
+    peer.write_all(b"GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        .await
+        .unwrap();
+    let mut received = Vec::new();
+    let mut pings = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    let mut chunk = [0u8; 1024];
+    while let Ok(Ok(read)) = tokio::time::timeout_at(deadline, peer.read(&mut chunk)).await {
+        if read == 0 {
+            break;
+        }
+        received.extend_from_slice(&chunk[..read]);
+        if let Some(end) = received.windows(4).position(|w| w == b"\r\n\r\n") {
+            if received.starts_with(b"HTTP/1.1 101") {
+                received.drain(..end + 4);
+            }
+        }
+        // Each empty ping (0x89 0x00) is answered with an empty masked pong.
+        while received.starts_with(&[0x89, 0x00]) {
+            received.drain(..2);
+            pings += 1;
+            peer.write_all(&[0x8a, 0x80, 0, 0, 0, 0]).await.unwrap();
+        }
+    }
+    server.abort();
+    // About one every 50-100 ms; before each answer reset the timer, one in all.
+    assert!(pings >= 5, "{pings} pings in a second");
+}
+
+#[tokio::test]
 async fn bad_handshakes_get_their_status() {
     let (listener, _) = bind().await;
     let address = listener.local_addr().unwrap();

@@ -49,6 +49,14 @@ impl Room {
             .expect("an open connection")
     }
 
+    /// Reads (answering pings, as any client does) for `quiet`; panics if anything
+    /// comes or the connection ends meanwhile.
+    pub async fn stays_quiet(&mut self, quiet: std::time::Duration) {
+        if let Ok(got) = tokio::time::timeout(quiet, self.socket.recv()).await {
+            panic!("expected nothing for {quiet:?}, got {got:?}");
+        }
+    }
+
     /// The next event of `kind`, skipping others (presence, typing).
     pub async fn next_of(&mut self, kind: &str) -> Value {
         loop {
