@@ -248,7 +248,13 @@
       });
       answer = response.status === 202 && event.type !== 'message' ? null : await response.json();
     } catch {
-      // Not sent: a message stays pending and goes again after the next welcome.
+      // Not sent (or not answered in JSON): a pending message goes again in a second,
+      // and after the next welcome if the stream is lost meanwhile.
+      if (event.type === 'message') {
+        setTimeout(() => {
+          if (state.pending.some((p) => p.nonce === event.nonce)) send(event);
+        }, 1000);
+      }
       return;
     }
     if (state.conn !== conn || !answer) return;

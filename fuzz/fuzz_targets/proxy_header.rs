@@ -17,7 +17,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use libfuzzer_sys::fuzz_target;
 use switchboard_protocol::proxy::{
-    forwarded_client, parse_proxy_header, starts_proxy_header, Cidr, ProxyError, ProxyHeader,
+    forwarded_client, parse_proxy_header, starts_proxy_header, Cidr, ForwardingHeader, ProxyError,
+    ProxyHeader,
 };
 
 fn v1(source: SocketAddr, destination: SocketAddr) -> Option<String> {
@@ -75,7 +76,12 @@ fn check_forwarded(text: &str) {
     let peer = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let lines: Vec<&str> = text.split('\n').collect();
     let everyone = |_: IpAddr| true;
-    let client = forwarded_client(peer, lines.iter().copied(), lines.iter().copied(), everyone);
+    let header = if text.len() % 2 == 0 {
+        ForwardingHeader::XForwardedFor
+    } else {
+        ForwardingHeader::Forwarded
+    };
+    let client = forwarded_client(peer, header, lines.iter().copied(), everyone);
     // Every address the text spells, in any of the forms proxies write.
     let spelled: Vec<IpAddr> = text
         .split(|c: char| !(c.is_ascii_hexdigit() || c == ':' || c == '.'))
@@ -93,11 +99,11 @@ fn check_forwarded(text: &str) {
     );
     let nobody = |_: IpAddr| false;
     assert_eq!(
-        forwarded_client(peer, lines.iter().copied(), lines.iter().copied(), nobody),
+        forwarded_client(peer, header, lines.iter().copied(), nobody),
         peer
     );
     let some = |ip: IpAddr| ranges.iter().any(|r| r.contains(ip)) || ip == peer;
-    let _ = forwarded_client(peer, lines.iter().copied(), lines.iter().copied(), some);
+    let _ = forwarded_client(peer, header, lines.iter().copied(), some);
 }
 
 fuzz_target!(|data: &[u8]| {

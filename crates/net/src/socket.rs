@@ -238,6 +238,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
                 if self.ping_sent.take().is_some() {
                     // Answered: the timer waited for the pong timeout; the next ping is
                     // due one interval of quiet from now, not after that timeout.
+                    self.reads_seen = self.reads;
+                    self.last_read = Instant::now();
                     if let (Some(timer), Some(after)) =
                         (self.timer.as_mut(), first_wake(&self.config))
                     {

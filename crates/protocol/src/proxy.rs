@@ -233,36 +233,50 @@ impl Cidr {
     }
 }
 
+/// Which header a trusted proxy writes the client into. Only that one is read: a proxy
+/// passes the other on as the client sent it, so reading both would let a client name
+/// itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardingHeader {
+    /// `X-Forwarded-For: client, proxy1, ...` (nginx, HAProxy, most load balancers).
+    XForwardedFor,
+    /// `Forwarded: for=client, for=proxy1` (RFC 7239).
+    Forwarded,
+}
+
+impl ForwardingHeader {
+    /// The header's name, in lower case.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::XForwardedFor => "x-forwarded-for",
+            Self::Forwarded => "forwarded",
+        }
+    }
+}
+
 /// The client a request came from, when `peer` (the connection's address) is a proxy
-/// that `trusted` says may tell: walking the hops the request's `Forwarded` headers
-/// name (or, without one, its `X-Forwarded-For` headers) from the nearest, the first
-/// address that is not a trusted proxy. A hop that names no address (`unknown`, an
-/// obfuscated name, something malformed) ends the walk at the hop before it, so a
-/// client cannot hide behind garbage; every hop trusted means the farthest is the
-/// client. `peer` itself when it is not trusted.
+/// that `trusted` says may tell: walking the hops the request's `header` lines name
+/// from the nearest, the first address that is not a trusted proxy. A hop that names
+/// no address (`unknown`, an obfuscated name, something malformed) ends the walk at the
+/// hop before it, so a client cannot hide behind garbage; every hop trusted means the
+/// farthest is the client. `peer` itself when it is not trusted.
 pub fn forwarded_client<'a>(
     peer: IpAddr,
-    forwarded: impl IntoIterator<Item = &'a str>,
-    x_forwarded_for: impl IntoIterator<Item = &'a str>,
+    header: ForwardingHeader,
+    lines: impl IntoIterator<Item = &'a str>,
     trusted: impl Fn(IpAddr) -> bool,
 ) -> IpAddr {
     if !trusted(peer) {
         return peer;
     }
-    let forwarded: Vec<Option<IpAddr>> = forwarded
+    let hops: Vec<Option<IpAddr>> = lines
         .into_iter()
         .flat_map(|line| line.split(','))
-        .map(forwarded_for)
+        .map(|hop| match header {
+            ForwardingHeader::Forwarded => forwarded_for(hop),
+            ForwardingHeader::XForwardedFor => node_address(hop),
+        })
         .collect();
-    let hops = if forwarded.is_empty() {
-        x_forwarded_for
-            .into_iter()
-            .flat_map(|line| line.split(','))
-            .map(node_address)
-            .collect()
-    } else {
-        forwarded
-    };
     let mut client = peer;
     for hop in hops.iter().rev() {
         let Some(hop) = *hop else {
@@ -480,43 +494,53 @@ mod tests {
         let trusted = |ip: IpAddr| proxies.iter().any(|p| p.contains(ip));
         let ip = |text: &str| text.parse::<IpAddr>().unwrap();
         let local = ip("127.0.0.1");
-        let client = |forwarded: &[&str], xff: &[&str]| {
+        let xff = |lines: &[&str]| {
             forwarded_client(
                 local,
-                forwarded.iter().copied(),
-                xff.iter().copied(),
+                ForwardingHeader::XForwardedFor,
+                lines.iter().copied(),
+                trusted,
+            )
+        };
+        let forwarded = |lines: &[&str]| {
+            forwarded_client(
+                local,
+                ForwardingHeader::Forwarded,
+                lines.iter().copied(),
                 trusted,
             )
         };
         // A client's own header on the left is passed over: the proxy appended the truth.
-        assert_eq!(client(&[], &["6.6.6.6, 203.0.113.7"]), ip("203.0.113.7"));
+        assert_eq!(xff(&["6.6.6.6, 203.0.113.7"]), ip("203.0.113.7"));
         assert_eq!(
-            client(&[], &["6.6.6.6", "203.0.113.7, 10.1.1.1"]),
+            xff(&["6.6.6.6", "203.0.113.7, 10.1.1.1"]),
             ip("203.0.113.7")
         );
-        assert_eq!(client(&[], &["203.0.113.7:4711"]), ip("203.0.113.7"));
-        // Forwarded is preferred; its quoted IPv6 form with a port is read.
+        assert_eq!(xff(&["203.0.113.7:4711"]), ip("203.0.113.7"));
+        // Forwarded's quoted IPv6 form with a port is read.
         assert_eq!(
-            client(&["for=\"[2001:db8::17]:4711\";proto=https"], &["6.6.6.6"]),
+            forwarded(&["for=\"[2001:db8::17]:4711\";proto=https"]),
             ip("2001:db8::17")
         );
         assert_eq!(
-            client(&["for=198.51.100.1, For=10.0.0.2;by=10.0.0.3"], &[]),
+            forwarded(&["for=198.51.100.1, For=10.0.0.2;by=10.0.0.3"]),
             ip("198.51.100.1")
         );
         // Nothing readable past a hop: the hop before it.
-        assert_eq!(
-            client(&[], &["203.0.113.7, garbage, 10.0.0.9"]),
-            ip("10.0.0.9")
-        );
-        assert_eq!(client(&["for=unknown"], &[]), local);
-        assert_eq!(client(&[], &[]), local);
+        assert_eq!(xff(&["203.0.113.7, garbage, 10.0.0.9"]), ip("10.0.0.9"));
+        assert_eq!(forwarded(&["for=unknown"]), local);
+        assert_eq!(xff(&[]), local);
         // Every hop trusted: the farthest.
-        assert_eq!(client(&[], &["10.0.0.5, 10.0.0.6"]), ip("10.0.0.5"));
+        assert_eq!(xff(&["10.0.0.5, 10.0.0.6"]), ip("10.0.0.5"));
         // An address that is not a trusted proxy tells nothing.
         let stranger = ip("203.0.113.50");
         assert_eq!(
-            forwarded_client(stranger, [], ["1.1.1.1"], trusted),
+            forwarded_client(
+                stranger,
+                ForwardingHeader::XForwardedFor,
+                ["1.1.1.1"],
+                trusted
+            ),
             stranger
         );
     }

@@ -26,6 +26,10 @@ pub struct Config {
     /// connection from one of them is counted per request once its head is read. Empty:
     /// every connection is its own client and those headers are ignored.
     pub trusted_proxies: Vec<String>,
+    /// The header the trusted proxies write the client into: `x-forwarded-for` (nginx,
+    /// HAProxy, most load balancers) or `forwarded` (RFC 7239). Only that one is read,
+    /// since a proxy passes the other on as the client wrote it.
+    pub forwarded_header: String,
     /// Connections from `trusted_proxies` start with a PROXY protocol header (version 1
     /// or 2: HAProxy, AWS NLB) that names the client; one without it is refused, and so
     /// is one from any other address that sends one.
@@ -225,6 +229,7 @@ impl Default for Config {
             api_key: None,
             allowed_origins: Vec::new(),
             trusted_proxies: Vec::new(),
+            forwarded_header: "x-forwarded-for".to_owned(),
             proxy_protocol: false,
             typing_expiry_ms: 5000,
             rate_limit_per_sec: 20.0,

@@ -36,6 +36,24 @@ pub(crate) fn wants_event_stream(headers: &HeaderMap) -> bool {
         .any(|value| value.contains("text/event-stream"))
 }
 
+/// The refusal of a request from a page whose origin `allowed_origins` does not list
+/// (as the WebSocket upgrade refuses it).
+fn foreign_origin(state: &AppState, headers: &HeaderMap) -> Option<Response> {
+    let allowed = &state.config.allowed_origins;
+    let origin = headers.get(header::ORIGIN)?.to_str().unwrap_or_default();
+    if allowed.is_empty() || allowed.iter().any(|a| a == origin) {
+        return None;
+    }
+    metrics::counter!("switchboard_handshake_failures_total", "reason" => "origin").increment(1);
+    Some(
+        (
+            StatusCode::FORBIDDEN,
+            format!("origin {origin} is not allowed\n"),
+        )
+            .into_response(),
+    )
+}
+
 /// Where a stream resumes: the `Last-Event-ID` an EventSource sends when it reconnects
 /// (an id this stream gave, `EPOCH:ID`), else the query's `since` and `epoch`.
 fn resume_point(headers: &HeaderMap, query: &HashMap<String, String>) -> Result<Resume, String> {
@@ -70,6 +88,9 @@ pub(crate) async fn stream(
     query: &HashMap<String, String>,
     request: axum::extract::Request,
 ) -> Response {
+    if let Some(refused) = foreign_origin(&state, request.headers()) {
+        return refused;
+    }
     let resume = match resume_point(request.headers(), query) {
         Ok(resume) => resume,
         Err(message) => return bad_request(message),
@@ -134,7 +155,16 @@ fn put_event(out: &mut BytesMut, id: Option<(&str, u64)>, data: &[u8]) {
         out.put_u8(b'\n');
     }
     out.put_slice(b"data: ");
+    // JSON keeps line breaks only as whitespace between tokens (inside strings they are
+    // escaped), and data stored as it was sent may have some: as spaces they cannot
+    // end the field.
+    let start = out.len();
     out.put_slice(data);
+    for byte in &mut out[start..] {
+        if matches!(*byte, b'\n' | b'\r') {
+            *byte = b' ';
+        }
+    }
     out.put_slice(b"\n\n");
 }
 
@@ -161,14 +191,14 @@ impl EventStream {
                     while let Some(more) = self.subscription.try_recv() {
                         self.put(&mut out, &more);
                     }
-                    if !out.is_empty() && self.events.send(out.freeze()).await.is_err() {
+                    if !out.is_empty() && !self.push(out.freeze()).await {
                         return;
                     }
                     ping.reset();
                 }
                 _ = ping.tick() => {
                     // A comment: nothing for the client, traffic for every proxy between.
-                    if self.events.send(Bytes::from_static(b": ping\n\n")).await.is_err() {
+                    if !self.push(Bytes::from_static(b": ping\n\n")).await {
                         return;
                     }
                 }
@@ -199,7 +229,7 @@ impl EventStream {
                     warn!(%cause, "reading room history failed");
                     let error = room::error("unavailable", "history unavailable; reconnect", None);
                     put_event(&mut out, None, &error);
-                    let _ = self.events.send(out.freeze()).await;
+                    self.push(out.freeze()).await;
                     return false;
                 }
             };
@@ -224,6 +254,19 @@ impl EventStream {
             }
         }
         out.is_empty() || self.events.send(out.freeze()).await.is_ok()
+    }
+
+    /// Hands `chunk` to the response body. False when the stream is over: the client
+    /// left, the server is shutting down, or the client took none of it for
+    /// `pong_timeout_secs` (as a WebSocket peer that stops answering is dropped).
+    async fn push(&self, chunk: Bytes) -> bool {
+        let patience = Duration::from_secs(self.state.config.pong_timeout_secs.max(1));
+        tokio::select! {
+            sent = tokio::time::timeout(patience, self.events.send(chunk)) => {
+                matches!(sent, Ok(Ok(())))
+            }
+            () = self.state.shutdown.stopping() => false,
+        }
     }
 
     fn put(&self, out: &mut BytesMut, item: &Outbound) {
@@ -256,7 +299,7 @@ impl EventStream {
         };
         let mut out = BytesMut::new();
         put_event(&mut out, None, &room::error(code, message, None));
-        let _ = self.events.send(out.freeze()).await;
+        self.push(out.freeze()).await;
     }
 }
 
@@ -312,6 +355,9 @@ pub(crate) async fn post_event(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if let Some(refused) = foreign_origin(&state, &headers) {
+        return refused;
+    }
     let user = match admit(&state, &channel, &query, &headers) {
         Ok(user) => user,
         Err(refused) => return refused.into_response(),

@@ -26,7 +26,8 @@ use crate::limits::{IpSlot, PerIp, Refusal};
 use crate::routes::router;
 use crate::shutdown::Shutdown;
 use switchboard_protocol::proxy::{
-    forwarded_client, parse_proxy_header, Cidr, ProxyError, ProxyHeader,
+    forwarded_client, parse_proxy_header, Cidr, ForwardingHeader, ProxyError, ProxyHeader,
+    V2_SIGNATURE,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +109,15 @@ pub(crate) struct ConnectionSlot {
     client: Option<Arc<IpSlot>>,
 }
 
+impl ConnectionSlot {
+    fn new(permit: OwnedSemaphorePermit, ip_slot: Option<IpSlot>) -> Self {
+        Self {
+            connection: Arc::new((permit, ip_slot)),
+            client: None,
+        }
+    }
+}
+
 /// The client a request came from: the connection's peer, or the address a PROXY
 /// header or a trusted proxy's `Forwarded`/`X-Forwarded-For` named.
 #[derive(Debug, Clone, Copy)]
@@ -119,6 +129,8 @@ struct Proxies {
     trusted: Vec<Cidr>,
     /// Trusted peers start with a PROXY protocol header.
     protocol: bool,
+    /// The header trusted proxies name the client in.
+    header: ForwardingHeader,
 }
 
 impl Proxies {
@@ -132,9 +144,19 @@ impl Proxies {
         if config.proxy_protocol && trusted.is_empty() {
             return Err(Error::ProxyProtocolAlone);
         }
+        let header = match config.forwarded_header.to_ascii_lowercase().as_str() {
+            "x-forwarded-for" => ForwardingHeader::XForwardedFor,
+            "forwarded" => ForwardingHeader::Forwarded,
+            other => {
+                return Err(Error::TrustedProxies(format!(
+                    "forwarded_header must be \"x-forwarded-for\" or \"forwarded\", not {other:?}"
+                )))
+            }
+        };
         Ok(Self {
             trusted,
             protocol: config.proxy_protocol,
+            header,
         })
     }
 
@@ -144,19 +166,12 @@ impl Proxies {
 
     /// The client of a request that came over a connection from `peer`.
     fn client_of<B>(&self, request: &http::Request<B>, peer: IpAddr) -> IpAddr {
-        let values = |name: http::header::HeaderName| {
-            request
-                .headers()
-                .get_all(name)
-                .iter()
-                .filter_map(|value| value.to_str().ok())
-        };
-        forwarded_client(
-            peer,
-            values(http::header::FORWARDED),
-            values(http::HeaderName::from_static("x-forwarded-for")),
-            |ip| self.trusts(ip),
-        )
+        let lines = request
+            .headers()
+            .get_all(self.header.name())
+            .iter()
+            .filter_map(|value| value.to_str().ok());
+        forwarded_client(peer, self.header, lines, |ip| self.trusts(ip))
     }
 }
 
@@ -334,26 +349,45 @@ impl Acceptor {
             if let Err(error) = stream.set_nodelay(true) {
                 debug!(cause = %error, %peer, "set_nodelay failed");
             }
-            if self.proxies.protocol {
-                // Who the client is comes in the connection's first bytes.
-                let this = self.clone();
-                self.state.spawn(async move {
-                    if let Some((stream, client)) = this.proxy_header(stream, peer).await {
-                        this.take(stream, client);
-                    }
-                });
-            } else {
-                self.take(stream, peer);
+            // The server's cap, and an untrusted peer's own limits, before a byte is read.
+            let (permit, ip_slot) = match self.admit(peer.ip()) {
+                Ok(parts) => parts,
+                Err(why) => {
+                    self.refusals.answer(&self.state, stream, peer, why);
+                    continue;
+                }
+            };
+            if !self.proxies.protocol {
+                self.serve(stream, peer, ConnectionSlot::new(permit, ip_slot));
+                continue;
             }
-        }
-    }
-
-    /// Admits the connection of `client` (its peer, or whom its PROXY header named) and
-    /// serves it, or answers why not.
-    fn take(&self, stream: TcpStream, client: SocketAddr) {
-        match self.admit(client.ip()) {
-            Ok(slot) => self.serve(stream, client, slot),
-            Err(why) => self.refusals.answer(&self.state, stream, client, why),
+            // Who the client is comes in the connection's first bytes.
+            let this = self.clone();
+            self.state.spawn(async move {
+                let Some((stream, client)) = this.proxy_header(stream, peer).await else {
+                    return;
+                };
+                // A trusted proxy's client is limited as itself, now that it is known.
+                let ip_slot = match (&this.per_ip, ip_slot) {
+                    (Some(limits), None) if client != peer && !this.proxies.trusts(client.ip()) => {
+                        match limits.admit(client.ip(), std::time::Instant::now()) {
+                            Ok(slot) => Some(slot),
+                            Err(why) => {
+                                drop(permit);
+                                this.refusals.answer(
+                                    &this.state,
+                                    stream,
+                                    client,
+                                    Refused::PerIp(why),
+                                );
+                                return;
+                            }
+                        }
+                    }
+                    (_, ip_slot) => ip_slot,
+                };
+                this.serve(stream, client, ConnectionSlot::new(permit, ip_slot));
+            });
         }
     }
 
@@ -366,9 +400,12 @@ impl Acceptor {
         mut stream: TcpStream,
         peer: SocketAddr,
     ) -> Option<(TcpStream, SocketAddr)> {
-        let read =
-            tokio::time::timeout(self.handshake_timeout, read_proxy_header(&mut stream)).await;
         let trusted = self.proxies.trusts(peer.ip());
+        let read = tokio::time::timeout(
+            self.handshake_timeout,
+            read_proxy_header(&mut stream, trusted),
+        )
+        .await;
         let refusal = match read {
             Err(_) | Ok(Err(ProxyRead::Gone)) => {
                 debug!(%peer, "connection closed or timed out before its first bytes");
@@ -404,7 +441,7 @@ impl Acceptor {
     /// A place under the server's cap and under the address's limits, or why not. A
     /// trusted proxy is not limited as one client: each request it relays is admitted
     /// for the client it names once the request's head is read.
-    fn admit(&self, ip: IpAddr) -> Result<ConnectionSlot, Refused> {
+    fn admit(&self, ip: IpAddr) -> Result<(OwnedSemaphorePermit, Option<IpSlot>), Refused> {
         let ip_slot = self
             .per_ip
             .as_ref()
@@ -417,10 +454,7 @@ impl Acceptor {
             .clone()
             .try_acquire_owned()
             .map_err(|_| Refused::Capacity)?;
-        Ok(ConnectionSlot {
-            connection: Arc::new((permit, ip_slot)),
-            client: None,
-        })
+        Ok((permit, ip_slot))
     }
 
     /// Serves one admitted connection: TLS, then HTTP/1.1 with upgrades, until it ends
@@ -670,7 +704,12 @@ enum ProxyRead {
 /// The PROXY header at the start of `stream`, consumed (`None`, and nothing consumed,
 /// when the connection starts otherwise). The bytes are peeked until the header is
 /// whole, so what follows it stays in the socket for TLS or HTTP.
-async fn read_proxy_header(stream: &mut TcpStream) -> Result<Option<ProxyHeader>, ProxyRead> {
+/// From an untrusted peer, bytes that begin one are answered at once (as a header,
+/// unread): nothing is held for them.
+async fn read_proxy_header(
+    stream: &mut TcpStream,
+    trusted: bool,
+) -> Result<Option<ProxyHeader>, ProxyRead> {
     let mut buffer = vec![0u8; 256];
     let mut seen = 0;
     loop {
@@ -680,6 +719,10 @@ async fn read_proxy_header(stream: &mut TcpStream) -> Result<Option<ProxyHeader>
             .map_err(|_| ProxyRead::Gone)?;
         if peeked == 0 {
             return Err(ProxyRead::Gone);
+        }
+        let bytes = &buffer[..peeked];
+        if !trusted && (bytes.starts_with(b"PROXY ") || bytes.starts_with(&V2_SIGNATURE)) {
+            return Ok(Some(ProxyHeader::Unknown));
         }
         match parse_proxy_header(&buffer[..peeked]) {
             Ok((header, taken)) => {

@@ -1,6 +1,7 @@
 //! Behind a proxy: with `trusted_proxies`, the per-address limits count the client a
-//! trusted proxy names in `X-Forwarded-For` or `Forwarded` (per request, once its head
-//! is read), and ignore those headers from anyone else; with `proxy_protocol`, they
+//! trusted proxy names in `X-Forwarded-For` (or, with `forwarded_header = "forwarded"`,
+//! in `Forwarded`; only that one is read), per request once its head is read, and ignore
+//! those headers from anyone else; with `proxy_protocol`, they
 //! count the client a trusted peer's PROXY header (version 1 or 2) names, a trusted
 //! peer without one is refused, and so is a PROXY header from an untrusted address.
 
@@ -100,11 +101,9 @@ async fn a_trusted_proxy_names_the_client_that_the_limits_count() {
     // (and the proxy, 127.0.0.1, is not limited as one client: it holds more than two).
     let (bob, text, _c) = upgrade(&server, b"", "X-Forwarded-For: 203.0.113.2\r\n").await;
     assert_eq!(bob, 101, "{text}");
-    let forwarded = "Forwarded: for=203.0.113.3;proto=http\r\n";
-    let (cat, _, _d) = upgrade(&server, b"", forwarded).await;
-    let (cat_again, _, _e) = upgrade(&server, b"", forwarded).await;
-    let (cat_third, _, _) = upgrade(&server, b"", forwarded).await;
-    assert_eq!((cat, cat_again, cat_third), (101, 101, 429));
+    // Forwarded is not the header this server reads: a client's own is no name.
+    let (claimed, _, _) = upgrade(&server, b"", "Forwarded: for=203.0.113.1\r\n").await;
+    assert_eq!(claimed, 101, "counted as the proxy, not as Ann");
     // A client's own header on the left is passed over: the proxy's entry on the right
     // (here a second trusted hop, then Ann) decides.
     let (forged, _, _) = upgrade(
@@ -114,6 +113,29 @@ async fn a_trusted_proxy_names_the_client_that_the_limits_count() {
     )
     .await;
     assert_eq!(forged, 429);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_proxy_that_writes_forwarded_names_the_client_there() {
+    let server = Server::start(config(json!({
+        "trusted_proxies": ["127.0.0.1"],
+        "forwarded_header": "forwarded",
+    })))
+    .await;
+    let cat = "Forwarded: for=203.0.113.3;proto=http\r\n";
+    let (first, _, _a) = upgrade(&server, b"", cat).await;
+    let (second, _, _b) = upgrade(&server, b"", cat).await;
+    let (third, _, _) = upgrade(&server, b"", cat).await;
+    assert_eq!((first, second, third), (101, 101, 429));
+    // X-Forwarded-For is then the one a client could have written.
+    let (dan, _, _c) = upgrade(
+        &server,
+        b"",
+        "Forwarded: for=\"[2001:db8::1]:80\"\r\nX-Forwarded-For: 203.0.113.3\r\n",
+    )
+    .await;
+    assert_eq!(dan, 101);
     server.stop().await;
 }
 
