@@ -62,37 +62,52 @@ async function startServer(listen, dataDir) {
   return { address, stop };
 }
 
-/** A TCP relay in front of the server that can cut every connection and refuse new ones. */
-async function startRelay(target) {
-  const [host, port] = [target.slice(0, target.lastIndexOf(':')), Number(target.slice(target.lastIndexOf(':') + 1))];
+/**
+ * A TCP server on a free loopback port whose connections `onClient(client, track)`
+ * handles (`track` keeps a socket to be destroyed at cleanup); resolves with it.
+ */
+async function listenRelay(onClient) {
   const sockets = new Set();
-  let blocked = false;
-  const server = net.createServer((client) => {
-    if (blocked) {
-      client.resetAndDestroy();
-      return;
-    }
-    const upstream = net.connect(port, host);
-    const end = () => {
-      for (const s of [client, upstream]) {
-        sockets.delete(s);
-        s.destroy();
-      }
-    };
-    for (const s of [client, upstream]) {
-      sockets.add(s);
-      s.on('error', end);
-      s.on('close', end);
-    }
-    client.pipe(upstream);
-    upstream.pipe(client);
-  });
+  const track = (socket) => {
+    sockets.add(socket);
+    socket.on('close', () => sockets.delete(socket));
+    return socket;
+  };
+  const server = net.createServer((client) => onClient(track(client), track));
   server.listen(0, '127.0.0.1');
   await once(server, 'listening');
   cleanups.push(() => new Promise((resolve) => {
     for (const s of sockets) s.destroy();
     server.close(resolve);
   }));
+  return { server, sockets };
+}
+
+/** Joins two sockets both ways; either one closing or failing ends both. */
+function pipeBoth(client, upstream) {
+  const end = () => {
+    client.destroy();
+    upstream.destroy();
+  };
+  for (const s of [client, upstream]) {
+    s.on('error', end);
+    s.on('close', end);
+  }
+  client.pipe(upstream);
+  upstream.pipe(client);
+}
+
+/** A TCP relay in front of the server that can cut every connection and refuse new ones. */
+async function startRelay(target) {
+  const [host, port] = [target.slice(0, target.lastIndexOf(':')), Number(target.slice(target.lastIndexOf(':') + 1))];
+  let blocked = false;
+  const { server, sockets } = await listenRelay((client, track) => {
+    if (blocked) {
+      client.resetAndDestroy();
+      return;
+    }
+    pipeBoth(client, track(net.connect(port, host)));
+  });
   return {
     url: `http://127.0.0.1:${server.address().port}`,
     block() {
@@ -263,32 +278,18 @@ test('two people chat in the browser through a restart and an outage', async () 
 /** A relay that refuses every WebSocket upgrade (403) and passes plain HTTP on. */
 async function startUpgradeRefusingRelay(target) {
   const port = Number(target.slice(target.lastIndexOf(':') + 1));
-  const sockets = new Set();
-  const server = net.createServer((client) => {
-    sockets.add(client);
-    client.on('close', () => sockets.delete(client));
+  const { server } = await listenRelay((client, track) => {
     client.on('error', () => client.destroy());
     client.once('data', (first) => {
       if (/^upgrade:\s*websocket/im.test(first.toString('latin1'))) {
         client.end('HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\nconnection: close\r\n\r\n');
         return;
       }
-      const upstream = net.connect(port, '127.0.0.1');
-      sockets.add(upstream);
-      upstream.on('error', () => client.destroy());
-      client.on('close', () => upstream.destroy());
-      upstream.on('close', () => client.destroy());
+      const upstream = track(net.connect(port, '127.0.0.1'));
       upstream.write(first);
-      client.pipe(upstream);
-      upstream.pipe(client);
+      pipeBoth(client, upstream);
     });
   });
-  server.listen(0, '127.0.0.1');
-  await once(server, 'listening');
-  cleanups.push(() => new Promise((resolve) => {
-    for (const s of sockets) s.destroy();
-    server.close(resolve);
-  }));
   return `http://127.0.0.1:${server.address().port}`;
 }
 

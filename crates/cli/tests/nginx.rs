@@ -18,7 +18,6 @@ use serde_json::json;
 use switchboard_test_support::http;
 use switchboard_test_support::room::Room;
 use switchboard_test_support::sse::EventStream;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::process::{Child, Command};
 
@@ -131,23 +130,7 @@ async fn upgrade_from(from: [u8; 4], address: &str, headers: &str) -> (u16, TcpS
     let socket = TcpSocket::new_v4().unwrap();
     socket.bind(SocketAddr::new(IpAddr::from(from), 0)).unwrap();
     let mut stream = socket.connect(address.parse().unwrap()).await.unwrap();
-    let request = format!(
-        "GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{headers}\r\n"
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match stream.read(&mut byte).await {
-            Ok(1) => head.push(byte[0]),
-            _ => break,
-        }
-    }
-    let status = String::from_utf8_lossy(&head)
-        .get(9..12)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
+    let (status, _) = http::upgrade_echo(&mut stream, b"", headers).await;
     (status, stream)
 }
 

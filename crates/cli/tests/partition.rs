@@ -70,8 +70,7 @@ async fn a_node_behind_a_silent_link_to_redis_says_so_refuses_and_comes_back_who
     let Some(redis) = RedisServer::start(Persistence::None).await else {
         return;
     };
-    let port: u16 = redis.url().rsplit(':').next().unwrap().parse().unwrap();
-    let relay = Relay::start(([127, 0, 0, 1], port).into()).await;
+    let relay = Relay::start(redis.address()).await;
     let dir = tempfile::tempdir().unwrap();
     let config = config(&dir);
     let through_relay = relay.url("redis");

@@ -154,6 +154,19 @@ pub(crate) async fn room(
     })
 }
 
+/// The `welcome` event for a member that just joined, whatever carries it.
+pub(crate) fn welcome(subscription: &Subscription, state: &AppState) -> Bytes {
+    room::welcome(&room::Welcome {
+        room: subscription.channel().to_owned(),
+        user: subscription.user().to_owned(),
+        members: subscription.members().to_vec(),
+        last_id: subscription.last_id(),
+        epoch: subscription.epoch().to_owned(),
+        recovered: subscription.recovered(),
+        limits: Some(state.config.limits()),
+    })
+}
+
 /// A connection's events per second, and how often in a row it went over.
 struct RateLimit {
     bucket: TokenBucket,
@@ -246,16 +259,8 @@ impl Session {
     /// the client reconnects with `since` and misses nothing. False when the session
     /// is over.
     async fn greet(&mut self) -> bool {
+        let welcome = welcome(&self.subscription, &self.state);
         let subscription = &mut self.subscription;
-        let welcome = room::welcome(&room::Welcome {
-            room: subscription.channel().to_owned(),
-            user: subscription.user().to_owned(),
-            members: subscription.members().to_vec(),
-            last_id: subscription.last_id(),
-            epoch: subscription.epoch().to_owned(),
-            recovered: subscription.recovered(),
-            limits: Some(self.state.config.limits()),
-        });
         let mut history_failed = None;
         let result: Result<(), switchboard_net::Error> = async {
             self.socket.feed_frame(OpCode::Text, &welcome).await?;

@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use crate::room::{admit, bad_request, frame_of, resume_of, MAX_EPOCH};
+use crate::room::{admit, bad_request, frame_of, resume_of, welcome, MAX_EPOCH};
 use crate::serve::{AppState, ConnectionSlot};
 
 /// Whether a request to `/room/{room}` asks for the event stream.
@@ -208,16 +208,8 @@ impl EventStream {
 
     /// The welcome, then the backlog page by page. False when the stream is over.
     async fn greet(&mut self) -> bool {
+        let welcome = welcome(&self.subscription, &self.state);
         let subscription = &mut self.subscription;
-        let welcome = room::welcome(&room::Welcome {
-            room: subscription.channel().to_owned(),
-            user: subscription.user().to_owned(),
-            members: subscription.members().to_vec(),
-            last_id: subscription.last_id(),
-            epoch: subscription.epoch().to_owned(),
-            recovered: subscription.recovered(),
-            limits: Some(self.state.config.limits()),
-        });
         let mut out = BytesMut::new();
         // An EventSource that loses the stream tries again after a second.
         out.put_slice(b"retry: 1000\n");

@@ -7,6 +7,7 @@
 
 use serde_json::json;
 use switchboard_server::Config;
+use switchboard_test_support::http;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -28,44 +29,10 @@ fn config(extra: serde_json::Value) -> Config {
     serde_json::from_value(base).expect("a valid config")
 }
 
-/// Sends `prefix` (a PROXY header, or nothing) and a WebSocket upgrade of `/echo` with
-/// `headers`; the answer's status, its text, and the connection (kept open: a WebSocket
-/// holds its client's place).
+/// `http::upgrade_echo` on a new connection to `server`; the connection is kept.
 async fn upgrade(server: &Server, prefix: &[u8], headers: &str) -> (u16, String, TcpStream) {
     let mut stream = TcpStream::connect(server.address).await.unwrap();
-    let request = format!(
-        "GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{headers}\r\n"
-    );
-    stream
-        .write_all(&[prefix, request.as_bytes()].concat())
-        .await
-        .unwrap();
-    let mut answer = Vec::new();
-    let mut byte = [0u8; 1];
-    // The head, then (for a refusal) its body up to the close.
-    while !answer.ends_with(b"\r\n\r\n") {
-        match stream.read(&mut byte).await {
-            Ok(1) => answer.push(byte[0]),
-            _ => break,
-        }
-    }
-    let head = String::from_utf8_lossy(&answer).into_owned();
-    let status: u16 = head.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let mut text = head.clone();
-    if status != 101 {
-        let length = head
-            .lines()
-            .find_map(|line| {
-                line.to_ascii_lowercase()
-                    .strip_prefix("content-length:")
-                    .map(|n| n.trim().parse::<usize>().unwrap())
-            })
-            .unwrap_or(0);
-        let mut body = vec![0u8; length];
-        stream.read_exact(&mut body).await.unwrap();
-        text.push_str(&String::from_utf8_lossy(&body));
-    }
+    let (status, text) = http::upgrade_echo(&mut stream, prefix, headers).await;
     (status, text, stream)
 }
 

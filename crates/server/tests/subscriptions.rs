@@ -180,8 +180,7 @@ async fn a_node_that_just_subscribed_misses_nothing_published_around_its_subscri
     let Some(redis) = RedisServer::start(Persistence::None).await else {
         return;
     };
-    let port: u16 = redis.url().rsplit(':').next().unwrap().parse().unwrap();
-    let relay = Relay::start(([127, 0, 0, 1], port).into()).await;
+    let relay = Relay::start(redis.address()).await;
     let mut slow = node(&redis);
     slow.redis = vec![relay.url("redis")];
     let servers = [Server::start(slow).await, Server::start(node(&redis)).await];
@@ -311,8 +310,7 @@ async fn a_joiner_on_a_channel_without_history_is_not_cut_off_for_the_moment_it_
     let Some(redis) = RedisServer::start(Persistence::None).await else {
         return;
     };
-    let port: u16 = redis.url().rsplit(':').next().unwrap().parse().unwrap();
-    let relay = Relay::start(([127, 0, 0, 1], port).into()).await;
+    let relay = Relay::start(redis.address()).await;
     let with_ticker = |url: String| -> Config {
         let mut config = node(&redis);
         config.redis = vec![url];

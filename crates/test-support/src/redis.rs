@@ -65,6 +65,11 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// Where it listens (for a relay in front of it).
+    pub fn address(&self) -> std::net::SocketAddr {
+        ([127, 0, 0, 1], self.port).into()
+    }
+
     /// Starts it (again, on the same port and directory) and waits until it accepts.
     pub async fn run(&mut self) {
         let mut command = Command::new("redis-server");
