@@ -7,14 +7,16 @@
 //!    (Protobuf), decode to the same commands.
 //! 3. A reply built from the frame's bytes (an error with a message, a publication
 //!    push whose data is JSON) reads back as it was written.
+//! 4. The frame read as a `POST /emulation` body never panics, and a request it gives,
+//!    encoded again, reads back the same.
 #![no_main]
 
 use std::collections::HashMap;
 
 use libfuzzer_sys::fuzz_target;
 use switchboard_protocol::centrifuge::{
-    decode_commands, decode_replies, encode_command, encode_reply, publication_push, Encoding,
-    Error, Publisher, Reply,
+    decode_commands, decode_emulation, decode_replies, encode_command, encode_emulation,
+    encode_reply, publication_push, Encoding, Error, Publisher, Reply,
 };
 
 const MAX: usize = 64;
@@ -69,4 +71,8 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!((&info.user, &info.client), (&text, &text));
     assert_eq!(info.conn_info, data);
     assert_eq!(publication.tags, tags);
+    if let Ok(request) = decode_emulation(encoding, frame) {
+        let again = encode_emulation(encoding, &request);
+        assert_eq!(decode_emulation(encoding, &again).expect("re-encoded"), request);
+    }
 });

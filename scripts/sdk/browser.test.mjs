@@ -75,6 +75,7 @@ function harness() {
       protobuf = isProtobuf;
       return typeof Centrifuge;
     },
+    /** `url`: a WebSocket URL, or a list of transports to try in turn. */
     async connect(name, url, token) {
       // eslint-disable-next-line no-undef
       const client = new Centrifuge(url, { token, timeout: 10000, minReconnectDelay: 100, maxReconnectDelay: 1000 });
@@ -595,6 +596,58 @@ for (const bundle of BUNDLES) {
       const back = await recoveredAfterThree(page, channel);
       assert.equal(back.epoch, epoch, JSON.stringify(back));
     });
+
+    for (const fallback of bundle.protobuf ? ['http_stream'] : ['http_stream', 'sse']) {
+      test(`B9b ${bundle.name}: without WebSocket the page falls back to ${fallback}, chats both ways and recovers across a restart`, TIMEOUT, async (t) => {
+        const defer = cleanup(t);
+        const dataDir = tempDir('switchboard-sdk-data-', defer);
+        let server = await startServer({ defer, store: { dataDir } });
+        const { port } = server;
+        const relay = await startRelay(port, defer);
+        const transports = [
+          { transport: 'websocket', endpoint: relay.wsUrl },
+          { transport: fallback, endpoint: `${relay.url}/connection/${fallback}` },
+        ];
+        // With WebSocket there, the same list opens a WebSocket.
+        const withWs = await openPage(defer, bundle, relay.url);
+        const bob = await T(withWs, 'connect', 'bob', transports, connectionToken('bob'));
+        assert.equal(bob.transport, 'websocket');
+        const page = await openPage(defer, bundle, relay.url);
+        await page.evaluate(() => { delete window.WebSocket; window.WebSocket = undefined; });
+        const alice = await T(page, 'connect', 'alice', transports, connectionToken('alice'));
+        assert.equal(alice.transport, fallback, 'no WebSocket in the page: the fallback');
+        const channel = unique(`b-${fallback}`);
+        const first = await T(page, 'subscribe', 'alice', channel);
+        assert.equal(first.recoverable, true);
+        await T(withWs, 'subscribe', 'bob', channel);
+        // Alice's publication goes out through /emulation, bob's over his WebSocket.
+        await T(page, 'publish', 'alice', channel, { n: 1, tag: 'live' });
+        await T(withWs, 'publish', 'bob', channel, { n: 2, tag: 'live' });
+        await publishMany(server, channel, 'api', 1);
+        const live = await exactly(page, 'live', 'alice', channel, 3);
+        assert.deepEqual(live.map((p) => p.offset), [1, 2, 3]);
+        assert.deepEqual(live.map((p) => p.info?.user ?? null), ['alice', 'bob', null]);
+        await exactly(withWs, 'live at bob', 'bob', channel, 3);
+
+        await shutdownUnder(page, 'alice', server, relay);
+        server = await startServer({ defer, port, store: { dataDir } });
+        await publishMany(server, channel, 'missed', 20);
+        relay.unblock();
+        await eventually('subscribed again', async () => (await T(page, 'subscribedEvents', 'alice', channel)).length >= 2, 30000);
+        const back = (await T(page, 'subscribedEvents', 'alice', channel))[1];
+        assert.equal(back.recovered, true, JSON.stringify(back));
+        const pubs = await exactly(page, 'recovered', 'alice', channel, 23);
+        assert.deepEqual(pubs.map((p) => p.offset), range(1, 23), 'nothing lost, nothing twice');
+        assert.deepEqual(pubs.slice(3).map((p) => p.data), range(1, 20).map((n) => ({ n, tag: 'missed' })));
+        const log = await T(page, 'log', 'alice');
+        assert.ok(log.filter((e) => e.event === 'connected').length >= 2, 'connected again');
+        // And both ways after it: bob reconnected on his own.
+        await T(page, 'publish', 'alice', channel, { n: 3, tag: 'after' });
+        const atBob = await exactly(withWs, 'after, at bob', 'bob', channel, 24);
+        assert.deepEqual(atBob.at(-1).data, { n: 3, tag: 'after' });
+        assert.deepEqual(page.errors, []);
+      });
+    }
 
     test(`B10 ${bundle.name}: after a restart of a --memory server: recovered false`, TIMEOUT, async (t) => {
       const defer = cleanup(t);

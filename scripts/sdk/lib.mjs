@@ -242,7 +242,9 @@ export async function startRedis(defer) {
 export async function startRelay(targetPort, defer) {
   const sockets = new Set();
   let blocked = false;
+  let next = 0;
   const relay = {
+    // One port, or several taken in turn, one per connection (no stickiness).
     target: targetPort,
     block() {
       blocked = true;
@@ -258,7 +260,8 @@ export async function startRelay(targetPort, defer) {
       client.resetAndDestroy();
       return;
     }
-    const upstream = net.connect(relay.target, '127.0.0.1');
+    const targets = [].concat(relay.target);
+    const upstream = net.connect(targets[next++ % targets.length], '127.0.0.1');
     const end = () => {
       for (const s of [client, upstream]) {
         sockets.delete(s);

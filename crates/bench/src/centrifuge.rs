@@ -575,11 +575,15 @@ pub(crate) struct MemoryArgs {
     json: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-enum Door {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Door {
+    /// The Centrifugo door over WebSocket.
     Centrifuge,
+    /// The room door over WebSocket.
     Room,
+    /// The room door over Server-Sent Events (`GET /room/bench`).
+    RoomSse,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -678,7 +682,8 @@ async fn memory_row(
                     }
                     anyhow::Ok(socket)
                 }
-                Door::Room => {
+                // The memory workload holds WebSockets (its doors are the first two).
+                Door::Room | Door::RoomSse => {
                     let url = format!("ws://{address}/room/mem-{}?name=u{i}", i % channels);
                     let mut socket = connect(&url, options).await?.socket;
                     fanout::wait_for(&mut socket, r#""type":"welcome""#).await?;
@@ -761,6 +766,7 @@ fn print_memory(args: &MemoryArgs, rows: &[MemoryRow]) -> anyhow::Result<()> {
         let door = match row.door {
             Door::Centrifuge => "Centrifugo (`/connection/websocket`)",
             Door::Room => "room (`/room/ROOM?name=N`)",
+            Door::RoomSse => "room over SSE",
         };
         println!(
             "| {door} | {} | {:.1} → {:.1} | {:.2} | {} |",
@@ -803,7 +809,10 @@ pub(crate) struct DoorFanoutArgs {
     /// their way (CPU is read once all arrived, or then).
     #[arg(long, default_value_t = 60.0)]
     grace_secs: f64,
-    /// The bar for this door's server CPU per delivery ÷ the room door's.
+    /// The door measured against the room door over WebSocket.
+    #[arg(long, value_enum, default_value = "centrifuge")]
+    door: Door,
+    /// The bar for that door's server CPU per delivery ÷ the room door's.
     #[arg(long, default_value_t = 1.15)]
     bar: f64,
     /// Run each server under `valgrind --tool=callgrind`, its dumps in this directory,
@@ -851,9 +860,9 @@ pub(crate) async fn door_fanout(args: DoorFanoutArgs) -> anyhow::Result<()> {
     for &rate in &args.rates {
         for round in 0..args.runs.max(1) {
             let order = if round % 2 == 0 {
-                [Door::Centrifuge, Door::Room]
+                [args.door, Door::Room]
             } else {
-                [Door::Room, Door::Centrifuge]
+                [Door::Room, args.door]
             };
             for door in order {
                 let run = door_fanout_run(&args, rate, round, door).await?;
@@ -928,7 +937,7 @@ async fn door_fanout_load(
             format!("ws://{}/connection/websocket", server.address),
             Target::Centrifuge,
         ),
-        Door::Room => (
+        Door::Room | Door::RoomSse => (
             format!("ws://{}/room/bench", server.address),
             Target::Switchboard,
         ),
@@ -946,6 +955,7 @@ async fn door_fanout_load(
         app_key: String::new(),
         app_secret: String::new(),
         json: false,
+        sse: door == Door::RoomSse,
         api: true,
         channel: "bench".into(),
         server_pid: Some(server.pid()?),
@@ -1013,6 +1023,7 @@ fn door_name(door: Door) -> &'static str {
     match door {
         Door::Centrifuge => "Centrifugo",
         Door::Room => "room",
+        Door::RoomSse => "room over SSE",
     }
 }
 
@@ -1029,13 +1040,7 @@ fn print_door_fanout(args: &DoorFanoutArgs, runs: &[DoorRun]) -> anyhow::Result<
     let summary: Vec<(f64, DoorMedians, DoorMedians)> = args
         .rates
         .iter()
-        .map(|&rate| {
-            (
-                rate,
-                medians(rate, Door::Centrifuge),
-                medians(rate, Door::Room),
-            )
-        })
+        .map(|&rate| (rate, medians(rate, args.door), medians(rate, Door::Room)))
         .collect();
     if args.json {
         let rates: Vec<serde_json::Value> = summary
@@ -1101,7 +1106,8 @@ fn print_door_fanout(args: &DoorFanoutArgs, runs: &[DoorRun]) -> anyhow::Result<
     }
     println!();
     println!(
-        "| rate (msg/s) | door | delivered / expected (all runs) | median p99 ms | median server busy | median server CPU per delivery, µs (user + system = total) | Centrifugo ÷ room |{}",
+        "| rate (msg/s) | door | delivered / expected (all runs) | median p99 ms | median server busy | median server CPU per delivery, µs (user + system = total) | {} ÷ room |{}",
+        door_name(args.door),
         if counted { " median instructions per delivery |" } else { "" }
     );
     println!(
@@ -1109,8 +1115,8 @@ fn print_door_fanout(args: &DoorFanoutArgs, runs: &[DoorRun]) -> anyhow::Result<
         if counted { "---:|" } else { "" }
     );
     for (rate, centrifuge, room) in &summary {
-        for (door, m) in [(Door::Centrifuge, centrifuge), (Door::Room, room)] {
-            let ratio = if door == Door::Centrifuge {
+        for (door, m) in [(args.door, centrifuge), (Door::Room, room)] {
+            let ratio = if door == args.door {
                 format!(
                     "{:.2}× (user {:.2}×, system {:.2}×)",
                     centrifuge.total_us / room.total_us,
@@ -1122,7 +1128,7 @@ fn print_door_fanout(args: &DoorFanoutArgs, runs: &[DoorRun]) -> anyhow::Result<
             };
             let instructions = match (counted, m.instructions) {
                 (false, _) => String::new(),
-                (true, Some(n)) if door == Door::Centrifuge => format!(
+                (true, Some(n)) if door == args.door => format!(
                     " {} ({:.2}×) |",
                     thousands(n),
                     n / room.instructions.unwrap_or(f64::NAN)
@@ -1148,8 +1154,9 @@ fn print_door_fanout(args: &DoorFanoutArgs, runs: &[DoorRun]) -> anyhow::Result<
         // Under valgrind the CPU times are valgrind's: the instructions are the figure.
         for (rate, centrifuge, room) in &summary {
             println!(
-                "{rate} msg/s: Centrifugo ÷ room, median instructions per delivery {:.2}× \
+                "{rate} msg/s: {} ÷ room, median instructions per delivery {:.2}× \
                  (CPU times under valgrind are not the bar's)",
+                door_name(args.door),
                 centrifuge.instructions.unwrap_or(f64::NAN) / room.instructions.unwrap_or(f64::NAN)
             );
         }
@@ -1158,7 +1165,8 @@ fn print_door_fanout(args: &DoorFanoutArgs, runs: &[DoorRun]) -> anyhow::Result<
     for (rate, centrifuge, room) in &summary {
         let ratio = centrifuge.total_us / room.total_us;
         println!(
-            "{rate} msg/s: Centrifugo ÷ room, median server CPU per delivery {ratio:.2}×; the bar ≤ {:.2}×: {}",
+            "{rate} msg/s: {} ÷ room, median server CPU per delivery {ratio:.2}×; the bar ≤ {:.2}×: {}",
+            door_name(args.door),
             args.bar,
             if ratio <= args.bar { "met" } else { "not met" }
         );

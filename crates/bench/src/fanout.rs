@@ -93,6 +93,10 @@ pub(crate) struct FanoutArgs {
     pub(crate) app_key: String,
     #[arg(long, default_value = "app-secret")]
     pub(crate) app_secret: String,
+    /// Subscribers read the room as Server-Sent Events (`GET /room/ROOM`, `Accept:
+    /// text/event-stream`) instead of over WebSocket (with `--target switchboard`).
+    #[arg(long)]
+    pub(crate) sse: bool,
     /// Print one JSON object instead of lines.
     #[arg(long)]
     pub(crate) json: bool,
@@ -255,12 +259,65 @@ fn with_query(url: &str, pair: &str) -> String {
     format!("{url}{separator}{pair}")
 }
 
+/// A subscriber's connection (moved once, into its task: its size does not matter).
+#[allow(clippy::large_enum_variant)]
+enum Subscriber {
+    WebSocket(WebSocket<Stream>),
+    /// A room's event stream: the request went as HTTP/1.0, so the rest of the
+    /// connection is the stream; what was read past the head so far.
+    EventStream(TcpStream, Vec<u8>),
+}
+
+/// Opens a room's event stream at `base` (`ws://HOST/room/ROOM`) and reads up to its
+/// welcome.
+async fn subscribe_sse(base: &str) -> anyhow::Result<Subscriber> {
+    let host = super::host_port(base);
+    let path = &base[base.find(host).map_or(0, |at| at + host.len())..];
+    let path = with_query(path, "name=viewer");
+    let mut stream = TcpStream::connect(host)
+        .await
+        .with_context(|| format!("connecting a subscriber to {host}"))?;
+    let request =
+        format!("GET {path} HTTP/1.0\r\nHost: {host}\r\nAccept: text/event-stream\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut buffer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !buffer.windows(9).any(|w| w == br#""welcome""#) {
+        let read = stream.read(&mut chunk).await?;
+        if read == 0 {
+            bail!(
+                "the server closed an event stream before its welcome: {}",
+                String::from_utf8_lossy(&buffer)
+            );
+        }
+        buffer.extend_from_slice(&chunk[..read]);
+    }
+    if !buffer.starts_with(b"HTTP/1.1 200") && !buffer.starts_with(b"HTTP/1.0 200") {
+        bail!(
+            "the event stream was refused: {}",
+            String::from_utf8_lossy(&buffer)
+        );
+    }
+    let end = buffer
+        .windows(2)
+        .rposition(|w| w == b"\n\n")
+        .map_or(0, |at| at + 2);
+    buffer.drain(..end);
+    Ok(Subscriber::EventStream(stream, buffer))
+}
+
 /// Opens a subscriber and waits until it is part of the room or channel.
-async fn subscribe(args: &FanoutArgs, i: usize) -> anyhow::Result<WebSocket<Stream>> {
+async fn subscribe(args: &FanoutArgs, i: usize) -> anyhow::Result<Subscriber> {
     let base = match i % (1 + args.also.len()) {
         0 => &args.url,
         n => &args.also[n - 1],
     };
+    if args.sse {
+        if args.target != Target::Switchboard {
+            bail!("--sse reads a Switchboard room (--target switchboard)");
+        }
+        return subscribe_sse(base).await;
+    }
     let url = match args.target {
         // One user for every subscriber (a dashboard's viewers under one account), so
         // setting up 10k subscribers does not add 10k² join events and welcome lists:
@@ -283,9 +340,9 @@ async fn subscribe(args: &FanoutArgs, i: usize) -> anyhow::Result<WebSocket<Stre
                 &[super::centrifuge::subscribe_command(2, &args.channel)],
             )
             .await?;
-            return Ok(socket);
+            return Ok(Subscriber::WebSocket(socket));
         }
-        Target::Broadcast => return Ok(socket),
+        Target::Broadcast => return Ok(Subscriber::WebSocket(socket)),
         Target::Pusher => "pusher:connection_established",
     };
     wait_for(&mut socket, ready).await?;
@@ -295,7 +352,7 @@ async fn subscribe(args: &FanoutArgs, i: usize) -> anyhow::Result<WebSocket<Stre
             .await?;
         wait_for(&mut socket, "pusher_internal:subscription_succeeded").await?;
     }
-    Ok(socket)
+    Ok(Subscriber::WebSocket(socket))
 }
 
 pub(super) async fn wait_for(socket: &mut WebSocket<Stream>, needle: &str) -> anyhow::Result<()> {
@@ -308,7 +365,13 @@ pub(super) async fn wait_for(socket: &mut WebSocket<Stream>, needle: &str) -> an
     }
 }
 
-async fn subscriber(mut socket: WebSocket<Stream>, shared: Arc<Shared>, target: Target) {
+async fn subscriber(subscriber: Subscriber, shared: Arc<Shared>, target: Target) {
+    let mut socket = match subscriber {
+        Subscriber::WebSocket(socket) => socket,
+        Subscriber::EventStream(stream, buffer) => {
+            return event_stream_subscriber(stream, buffer, shared).await;
+        }
+    };
     loop {
         match socket.recv().await {
             // The Centrifugo door's ping (an empty reply), answered with an empty command.
@@ -322,6 +385,24 @@ async fn subscriber(mut socket: WebSocket<Stream>, shared: Arc<Shared>, target: 
             Ok(Some(Message::Text(text))) => shared.observe(text.as_bytes()),
             Ok(Some(_)) => {}
             Ok(None) | Err(_) => break,
+        }
+    }
+    shared.closed.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Reads a room's event stream: each event (up to its blank line) is one message.
+async fn event_stream_subscriber(mut stream: TcpStream, mut buffer: Vec<u8>, shared: Arc<Shared>) {
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let mut start = 0;
+        while let Some(end) = buffer[start..].windows(2).position(|w| w == b"\n\n") {
+            shared.observe(&buffer[start..start + end]);
+            start += end + 2;
+        }
+        buffer.drain(..start);
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(read) => buffer.extend_from_slice(&chunk[..read]),
         }
     }
     shared.closed.fetch_add(1, Ordering::Relaxed);

@@ -155,7 +155,7 @@ pub struct Delivery {
 const NOTICES: usize = 1024;
 
 /// How many wire formats a [`Delivery`] caches.
-pub const FORMATS: usize = 4;
+pub const FORMATS: usize = 5;
 
 /// A door's wire format, as a slot in [`Delivery`]'s cache (`0..FORMATS`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1079,7 +1079,20 @@ impl Engine {
         Ok(self.inner.backend.notify_nodes(payload).await?)
     }
 
-    /// The notices any node sent from now on.
+    /// This node's address, fixed while the process runs: where [`Engine::post`] on any
+    /// node of the cluster reaches this one.
+    pub fn address(&self) -> &str {
+        self.inner.backend.address()
+    }
+
+    /// Sends `payload` to the doors of the node at `address` alone (through its
+    /// [`Engine::notices`]); false when no node there heard it (it stopped, or never
+    /// was).
+    pub async fn post(&self, address: &str, payload: Bytes) -> Result<bool, EngineError> {
+        Ok(self.inner.backend.post(address, payload).await?)
+    }
+
+    /// The notices any node sent from now on, and the posts to this node.
     pub fn notices(&self) -> tokio::sync::broadcast::Receiver<Bytes> {
         self.inner.notices.subscribe()
     }

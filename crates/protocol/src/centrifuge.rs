@@ -446,6 +446,10 @@ pub struct ConnectResult {
     #[prost(bool, tag = "8")]
     #[serde(skip_serializing_if = "is_false")]
     pub pong: bool,
+    /// The session an emulated transport's commands name (`POST /emulation`).
+    #[prost(string, tag = "9")]
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub session: String,
     #[prost(string, tag = "10")]
     #[serde(skip_serializing_if = "String::is_empty")]
     pub node: String,
@@ -605,6 +609,65 @@ pub fn decode_commands(
         }
     }
     Ok(commands)
+}
+
+/// A request to `POST /emulation`: commands for the session `session` on the node
+/// `node`, from a client whose server-to-client half is an HTTP stream or SSE.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct EmulationRequest {
+    #[prost(string, tag = "1")]
+    pub node: String,
+    #[prost(string, tag = "2")]
+    pub session: String,
+    /// The commands, as a frame of the session's encoding.
+    #[prost(bytes = "vec", tag = "3")]
+    pub data: Vec<u8>,
+}
+
+/// The JSON form: `data` is the frame as a string (commands one per line).
+#[derive(Deserialize)]
+struct JsonEmulationRequest {
+    #[serde(default)]
+    node: String,
+    #[serde(default)]
+    session: String,
+    data: String,
+}
+
+/// An emulation request's body: Protobuf when it came as `application/octet-stream`,
+/// else JSON.
+pub fn decode_emulation(encoding: Encoding, body: &[u8]) -> Result<EmulationRequest, Malformed> {
+    match encoding {
+        Encoding::Json => {
+            let request: JsonEmulationRequest = serde_json::from_slice(body)
+                .map_err(|e| Malformed(format!("not an emulation request: {e}")))?;
+            Ok(EmulationRequest {
+                node: request.node,
+                session: request.session,
+                data: request.data.into_bytes(),
+            })
+        }
+        Encoding::Protobuf => EmulationRequest::decode(body)
+            .map_err(|e| Malformed(format!("not an emulation request: {e}"))),
+    }
+}
+
+/// An emulation request's body in `encoding` (for clients and tests).
+pub fn encode_emulation(encoding: Encoding, request: &EmulationRequest) -> Bytes {
+    match encoding {
+        Encoding::Json => {
+            let data = String::from_utf8_lossy(&request.data);
+            Bytes::from(
+                serde_json::to_vec(&serde_json::json!({
+                    "node": request.node,
+                    "session": request.session,
+                    "data": data,
+                }))
+                .expect("requests serialize"),
+            )
+        }
+        Encoding::Protobuf => Bytes::from(request.encode_to_vec()),
+    }
 }
 
 /// One reply as a frame of its own.
@@ -867,5 +930,35 @@ mod tests {
         assert_eq!(&ping(Encoding::Json)[..], b"{}");
         let decoded = decode_replies(Encoding::Protobuf, &ping(Encoding::Protobuf)).unwrap();
         assert_eq!(decoded, vec![Reply::default()]);
+    }
+
+    #[test]
+    fn emulation_requests_carry_a_frame_in_either_encoding() {
+        // What centrifuge-js posts: the frame (commands one per line) as a JSON string.
+        let body = br#"{"session":"s1","node":"n1","data":"{\"id\":2,\"subscribe\":{\"channel\":\"c\"}}\n{}"}"#;
+        let request = decode_emulation(Encoding::Json, body).unwrap();
+        assert_eq!((&request.session[..], &request.node[..]), ("s1", "n1"));
+        let commands = decode_commands(Encoding::Json, &request.data, 8).unwrap();
+        assert_eq!(commands[0].subscribe.as_ref().unwrap().channel, "c");
+        assert!(is_pong(&commands[1]));
+        let again = decode_emulation(Encoding::Json, &encode_emulation(Encoding::Json, &request));
+        assert_eq!(again.unwrap(), request);
+
+        let frame = encode_command(Encoding::Protobuf, &commands[0]);
+        let request = EmulationRequest {
+            node: "n2".into(),
+            session: "s2".into(),
+            data: frame.to_vec(),
+        };
+        let body = encode_emulation(Encoding::Protobuf, &request);
+        assert_eq!(
+            decode_emulation(Encoding::Protobuf, &body).unwrap(),
+            request
+        );
+
+        for bad in [&b"{}"[..], b"[1]", b"{\"data\":7}", b"\xff"] {
+            assert!(decode_emulation(Encoding::Json, bad).is_err(), "{bad:?}");
+        }
+        assert!(decode_emulation(Encoding::Protobuf, &[0x1a, 0x05, 1]).is_err());
     }
 }

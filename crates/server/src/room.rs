@@ -38,6 +38,8 @@ pub const HISTORY_RESET: CloseCode = CloseCode(4009);
 
 /// The room protocol's slot in each publication's encoding cache.
 pub(crate) const ROOM_JSON: Format = Format(0);
+/// A room message as a whole Server-Sent Event (`id:` and `data:`), for event streams.
+pub(crate) const ROOM_SSE: Format = Format(4);
 
 /// Longest `epoch` a resume may name.
 pub(crate) const MAX_EPOCH: usize = 64;

@@ -24,7 +24,9 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use crate::room::{admit, bad_request, frame_of, resume_of, welcome, MAX_EPOCH};
+use crate::room::{
+    admit, bad_request, frame_of, resume_of, welcome, MAX_EPOCH, ROOM_JSON, ROOM_SSE,
+};
 use crate::serve::{AppState, ConnectionSlot};
 
 /// Whether a request to `/room/{room}` asks for the event stream.
@@ -38,7 +40,7 @@ pub(crate) fn wants_event_stream(headers: &HeaderMap) -> bool {
 
 /// The refusal of a request from a page whose origin `allowed_origins` does not list
 /// (as the WebSocket upgrade refuses it).
-fn foreign_origin(state: &AppState, headers: &HeaderMap) -> Option<Response> {
+pub(crate) fn foreign_origin(state: &AppState, headers: &HeaderMap) -> Option<Response> {
     let allowed = &state.config.allowed_origins;
     let origin = headers.get(header::ORIGIN)?.to_str().unwrap_or_default();
     if allowed.is_empty() || allowed.iter().any(|a| a == origin) {
@@ -262,17 +264,35 @@ impl EventStream {
     }
 
     fn put(&self, out: &mut BytesMut, item: &Outbound) {
-        let id = match item {
+        match item {
+            // A message's event is made once for every stream of the room.
             Outbound::Publication { delivery, .. } | Outbound::Ack(delivery) => {
-                Some(delivery.publication.id)
+                let epoch = self.subscription.epoch();
+                let make = |out: &mut BytesMut| {
+                    let data = delivery.encoded(ROOM_JSON, room::message);
+                    put_event(out, Some((epoch, delivery.publication.id)), &data);
+                };
+                let event = delivery.encoded(ROOM_SSE, |_| {
+                    let mut event = BytesMut::new();
+                    make(&mut event);
+                    event.freeze()
+                });
+                // Made for this stream's epoch (a stream of another one, about to be
+                // cut off, makes its own).
+                let ours = event
+                    .strip_prefix(b"id: ".as_slice())
+                    .and_then(|rest| rest.strip_prefix(epoch.as_bytes()))
+                    .is_some_and(|rest| rest.first() == Some(&b':'));
+                if ours {
+                    out.put_slice(&event);
+                } else {
+                    make(out);
+                }
             }
             // Server-Sent Events carry text: binary relays are for WebSocket members.
-            Outbound::Binary(_) => return,
-            _ => None,
-        };
-        let (_, data) = frame_of(item);
-        let epoch = self.subscription.epoch();
-        put_event(out, id.map(|id| (epoch, id)), &data);
+            Outbound::Binary(_) => {}
+            _ => put_event(out, None, &frame_of(item).1),
+        }
     }
 
     /// The engine cut this member off: an `error` event says why, and the stream ends

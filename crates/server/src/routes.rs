@@ -27,6 +27,18 @@ pub(crate) fn router(state: AppState) -> Router {
         .merge(api)
         .merge(crate::centrifuge::router(state.clone()))
         .route("/connection/websocket", get(crate::centrifuge::websocket))
+        .route(
+            "/connection/http_stream",
+            post(crate::centrifuge::http_stream).options(crate::centrifuge::http_stream),
+        )
+        .route(
+            "/connection/sse",
+            get(crate::centrifuge::sse).post(crate::centrifuge::sse),
+        )
+        .route(
+            "/emulation",
+            post(crate::centrifuge::emulation).options(crate::centrifuge::emulation),
+        )
         .merge(crate::pusher::router(state.clone()))
         .route("/app/{key}", get(crate::pusher::websocket))
         .route("/echo", get(echo))

@@ -75,6 +75,8 @@ pub(crate) struct AppState {
     pub(crate) kill: Shutdown,
     /// The Centrifugo door's connections on this node, for its server API.
     pub(crate) centrifuge_clients: Arc<crate::centrifuge::Clients>,
+    /// The Centrifugo door's emulated sessions on this node, for `/emulation`.
+    pub(crate) centrifuge_sessions: Arc<crate::centrifuge::Sessions>,
     /// The Pusher door's apps.
     pub(crate) pusher_apps: Arc<crate::pusher::Apps>,
     /// The Pusher door's connections on this node.
@@ -209,6 +211,7 @@ pub async fn run(
         tasks: TaskTracker::new(),
         kill: Shutdown::default(),
         centrifuge_clients: Arc::default(),
+        centrifuge_sessions: Arc::default(),
         pusher_apps,
         pusher_registry: Arc::default(),
         room_posters: Arc::default(),
@@ -227,6 +230,10 @@ pub async fn run(
     }
     tokio::spawn(crate::centrifuge::apply_notices(
         state.centrifuge_clients.clone(),
+        state.engine.notices(),
+    ));
+    tokio::spawn(crate::centrifuge::apply_posts(
+        state.clone(),
         state.engine.notices(),
     ));
     let scheme = if tls.is_some() { "https" } else { "http" };

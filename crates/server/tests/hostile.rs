@@ -2537,6 +2537,243 @@ async fn the_centrifugo_door_answers_hostile_input_exactly_and_keeps_delivering(
     server.stop().await;
 }
 
+// The Centrifugo door's HTTP transports: emulation requests for sessions that are not
+// the sender's or not there, of the wrong form, too large or unreadable, and opening
+// requests that cannot open. After every row an emulated canary session still takes
+// its posted commands and still gets the server API's publication.
+
+use switchboard_protocol::centrifuge::{encode_emulation, EmulationRequest};
+use switchboard_test_support::centrifuge::post_emulation;
+
+#[tokio::test]
+async fn emulation_requests_get_exact_refusals_and_the_session_keeps_delivering() {
+    let settings = json!({
+        "jwt_secret": String::from_utf8(SECRET.to_vec()).unwrap(),
+        "api_key": API_KEY,
+    });
+    let server = Server::start(serde_json::from_value(settings).unwrap()).await;
+    let address = server.address.to_string();
+    let (mut canary, reply) =
+        Centrifuge::connect_over_http(&address, Encoding::Json, false, &ticket("CanaryHttp")).await;
+    let client_id = reply.connect.expect("connected").client;
+    assert!(canary
+        .call(subscribe_to(CF_CHANNEL))
+        .await
+        .subscribe
+        .is_some());
+    let (session, node) = {
+        let stream = canary.http().unwrap();
+        (stream.session.clone(), stream.node.clone())
+    };
+    let forged = command(
+        Encoding::Json,
+        Command {
+            publish: Some(PublishRequest {
+                channel: CF_CHANNEL.into(),
+                data: br#"{"text":"forged"}"#.to_vec(),
+            }),
+            ..Command::default()
+        },
+    );
+    let request = |encoding: Encoding, session: &str, node: &str| {
+        encode_emulation(
+            encoding,
+            &EmulationRequest {
+                node: node.to_owned(),
+                session: session.to_owned(),
+                data: forged.clone(),
+            },
+        )
+        .to_vec()
+    };
+    let json = |text: &str| text.as_bytes().to_vec();
+    use Encoding::{Json, Protobuf};
+    let rows: Vec<(&str, Encoding, Vec<u8>, u16)> = vec![
+        (
+            "emulation for another connection's public client id",
+            Json,
+            request(Json, &client_id, &node),
+            410,
+        ),
+        (
+            "emulation for a session nobody has",
+            Json,
+            request(Json, &"a".repeat(32), &node),
+            410,
+        ),
+        (
+            "emulation for a session nobody has, Protobuf",
+            Protobuf,
+            request(Protobuf, &"b".repeat(32), &node),
+            410,
+        ),
+        (
+            "emulation with an empty session",
+            Json,
+            request(Json, "", &node),
+            400,
+        ),
+        (
+            "emulation with a 10,000-byte session",
+            Json,
+            request(Json, &"c".repeat(10_000), &node),
+            400,
+        ),
+        (
+            "emulation with an upper-case session",
+            Json,
+            request(Json, &session.to_uppercase(), &node),
+            400,
+        ),
+        (
+            "emulation with a path as the session",
+            Json,
+            request(Json, "../../../../etc/passwd", &node),
+            400,
+        ),
+        (
+            "emulation for a node nobody is",
+            Json,
+            request(Json, &session, "fedcba9876543210"),
+            404,
+        ),
+        (
+            "emulation with an empty node",
+            Json,
+            request(Json, &session, ""),
+            400,
+        ),
+        (
+            "emulation with a node that is no address",
+            Json,
+            request(Json, &session, "node\r\nx: y"),
+            400,
+        ),
+        (
+            "emulation that is not JSON",
+            Json,
+            json("{\"session\":"),
+            400,
+        ),
+        ("emulation that is a JSON array", Json, json("[1,2]"), 400),
+        (
+            "emulation whose data is not a string",
+            Json,
+            json(r#"{"session":"s","node":"n","data":[1]}"#),
+            400,
+        ),
+        (
+            "emulation that is not UTF-8",
+            Json,
+            vec![0xff, 0xfe, 0x7b],
+            400,
+        ),
+        (
+            "emulation that is no Protobuf",
+            Protobuf,
+            vec![0x0a, 0xff, 0xff, 0xff],
+            400,
+        ),
+        (
+            "emulation over 64 KiB",
+            Json,
+            vec![b' '; 64 * 1024 + 1],
+            413,
+        ),
+    ];
+    let count = rows.len();
+    let mut failures = Vec::new();
+    for (index, (name, encoding, body, want)) in rows.into_iter().enumerate() {
+        let (status, answer) = post_emulation(&address, encoding, &body).await;
+        eprintln!("{index:>3} {name:<58} {status}");
+        if status != want {
+            failures.push(format!("{name}: {status} {answer:?}, want {want}"));
+        }
+        canary_still_delivers(&server, &mut canary, index).await;
+    }
+    // Opening requests that cannot open a stream.
+    let opening: Vec<(&str, String, u16)> = vec![
+        (
+            "sse without cf_connect",
+            "GET /connection/sse HTTP/1.1\r\nHost: x\r\n\r\n".into(),
+            400,
+        ),
+        (
+            "http_stream as a GET",
+            "GET /connection/http_stream HTTP/1.1\r\nHost: x\r\n\r\n".into(),
+            405,
+        ),
+        (
+            "emulation as a GET",
+            "GET /emulation HTTP/1.1\r\nHost: x\r\n\r\n".into(),
+            405,
+        ),
+        (
+            "http_stream body over 64 KiB",
+            format!(
+                "POST /connection/http_stream HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{}",
+                64 * 1024 + 1,
+                " ".repeat(64 * 1024 + 1)
+            ),
+            413,
+        ),
+    ];
+    let count = count + opening.len();
+    for (index, (name, raw, want)) in opening.into_iter().enumerate() {
+        let mut stream = TcpStream::connect(server.address).await.unwrap();
+        stream.write_all(raw.as_bytes()).await.unwrap();
+        let mut head = [0u8; 12];
+        tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut head))
+            .await
+            .expect("an answer in time")
+            .unwrap();
+        let status: u16 = String::from_utf8_lossy(&head[9..12]).parse().unwrap_or(0);
+        eprintln!("{:>3} {name:<58} {status}", index + 100);
+        if status != want {
+            failures.push(format!("{name}: {status}, want {want}"));
+        }
+        canary_still_delivers(&server, &mut canary, index + 100).await;
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {count} rows failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    server.stop().await;
+}
+
+/// The emulated canary answers a posted ping and gets the API's next publication, the
+/// first it sees since the last one (nothing forged reached it).
+async fn canary_still_delivers(server: &Server, canary: &mut Centrifuge, index: usize) {
+    let reply = canary
+        .call(Command {
+            ping: Some(Default::default()),
+            ..Command::default()
+        })
+        .await;
+    assert!(reply.ping.is_some(), "row {index}: {reply:?}");
+    let text = format!("after {index}");
+    let headers = format!("X-API-Key: {API_KEY}\r\n");
+    let body = json!({"channel": CF_CHANNEL, "data": {"text": text}});
+    let (status, _) = switchboard_test_support::http::request(
+        &server.address.to_string(),
+        "POST",
+        "/api/publish",
+        &headers,
+        Some(&body),
+    )
+    .await
+    .expect("the API answers");
+    assert_eq!(status, 200);
+    let (_, _, data) = canary.publication().await;
+    assert_eq!(
+        data["text"],
+        text.as_str(),
+        "row {index}: the canary's next publication"
+    );
+}
+
 // The Pusher door: broken JSON, forged and misplaced signatures, client events where
 // they are not taken, oversized events, floods of subscribes and client events, bad
 // sign-ins, refused handshakes; and its HTTP API's bad requests. After every case a

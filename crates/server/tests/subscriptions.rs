@@ -95,15 +95,16 @@ async fn post(server: &Server, room: &str, text: &str) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_sends_a_message_once_to_the_one_node_with_members_and_others_hear_only_notices() {
+async fn redis_sends_a_message_once_to_the_one_node_with_members_and_others_hear_only_their_own() {
     let Some(redis) = RedisServer::start(Persistence::None).await else {
         return;
     };
     let servers = nodes(&redis, 4).await;
     let room = "switchboard:{lobby}:room";
-    // Nobody anywhere: each node holds its notices channel and nothing else.
-    eventually("four clients with one subscription each", || {
-        subscriptions_per_client(&redis) == [1, 1, 1, 1]
+    // Nobody anywhere: each node holds the notices channel and its own inbox (for
+    // posts addressed to it alone), nothing else.
+    eventually("four clients with two subscriptions each", || {
+        subscriptions_per_client(&redis) == [2, 2, 2, 2]
     })
     .await;
     assert_eq!(numsub(&redis, room), 0);
@@ -115,8 +116,10 @@ async fn redis_sends_a_message_once_to_the_one_node_with_members_and_others_hear
         numsub(&redis, room) == 1
     })
     .await;
-    assert_eq!(subscriptions_per_client(&redis), [1, 1, 1, 2]);
+    assert_eq!(subscriptions_per_client(&redis), [2, 2, 2, 3]);
     assert_eq!(numsub(&redis, "switchboard:{%control}:notices"), 4);
+    let inboxes = redis.cli(&["PUBSUB", "CHANNELS", "switchboard:{%control}:to:*"]);
+    assert_eq!(inboxes.lines().count(), 4, "one inbox per node: {inboxes}");
 
     // 200 messages of 1,000 characters, published through node 3, which has no member there.
     let text = "x".repeat(1000);
@@ -148,7 +151,7 @@ async fn redis_sends_a_message_once_to_the_one_node_with_members_and_others_hear
         numsub(&redis, room) == 0
     })
     .await;
-    assert_eq!(subscriptions_per_client(&redis), [1, 1, 1, 1]);
+    assert_eq!(subscriptions_per_client(&redis), [2, 2, 2, 2]);
 
     // Back later: node 0, which stopped hearing the room, reads where it stands again
     // (a joiner is not told an id it left behind), and elsewhere what was published

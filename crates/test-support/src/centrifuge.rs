@@ -1,14 +1,18 @@
 //! A Centrifugo-protocol connection for tests that look at the wire: commands sent and
-//! replies matched by id, pushes kept in order until asked for.
+//! replies matched by id, pushes kept in order until asked for. It goes over a
+//! WebSocket, or over an HTTP transport (`http_stream`, `sse`) with its commands posted
+//! to `/emulation`.
 
 use std::collections::VecDeque;
 use std::time::Duration;
 
 use switchboard_net::{connect, ClientOptions, Message, Stream, WebSocket};
 use switchboard_protocol::centrifuge::{
-    decode_replies, encode_command, Command, ConnectRequest, Encoding, Push, Reply,
-    PROTOBUF_SUBPROTOCOL,
+    decode_replies, encode_command, encode_emulation, Command, ConnectRequest, EmulationRequest,
+    Encoding, Push, Reply, PROTOBUF_SUBPROTOCOL,
 };
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 /// How long a test waits for a reply or a push.
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -26,10 +30,205 @@ pub fn connect_command(id: u32, token: &str) -> Command {
     }
 }
 
-/// One connection to `/connection/websocket`.
+/// An HTTP transport's response, read as it streams (the request went as HTTP/1.0,
+/// so the body is the stream itself, up to the close).
+#[derive(Debug)]
+pub struct HttpStream {
+    stream: TcpStream,
+    buffer: Vec<u8>,
+    sse: bool,
+    /// The server's address, where commands are posted.
+    pub address: String,
+    /// The answer's head (and for a refusal, its body).
+    pub head: String,
+    /// What the connect reply named, once read.
+    pub session: String,
+    pub node: String,
+}
+
+#[derive(Debug)]
+enum Link {
+    WebSocket(Box<WebSocket<Stream>>),
+    Http(HttpStream),
+}
+
+/// Posts `body` to `/emulation` at `address` (Protobuf as `application/octet-stream`);
+/// the status and the body.
+pub async fn post_emulation(address: &str, encoding: Encoding, body: &[u8]) -> (u16, String) {
+    let content_type = match encoding {
+        Encoding::Json => "application/json",
+        Encoding::Protobuf => "application/octet-stream",
+    };
+    let mut stream = TcpStream::connect(address).await.expect("the server");
+    let head = format!(
+        "POST /emulation HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.expect("sent");
+    stream.write_all(body).await.expect("sent");
+    let mut answer = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut answer))
+        .await
+        .expect("an answer in time")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let status = answer.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    (status, body)
+}
+
+impl HttpStream {
+    /// Opens `/connection/http_stream` (`sse`: false) or `/connection/sse` at `address`
+    /// with `first` (a frame of commands) as the opening request's body or its
+    /// `cf_connect`; the status is in the head.
+    pub async fn open(address: &str, encoding: Encoding, sse: bool, first: &[u8]) -> (Self, u16) {
+        let mut stream = TcpStream::connect(address).await.expect("the server");
+        if sse {
+            let connect: String = first
+                .iter()
+                .map(|&b| match b {
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => {
+                        char::from(b).to_string()
+                    }
+                    _ => format!("%{b:02X}"),
+                })
+                .collect();
+            let request = format!(
+                "GET /connection/sse?cf_connect={connect} HTTP/1.0\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n"
+            );
+            stream.write_all(request.as_bytes()).await.expect("sent");
+        } else {
+            let content_type = match encoding {
+                Encoding::Json => "application/json",
+                Encoding::Protobuf => "application/octet-stream",
+            };
+            let request = format!(
+                "POST /connection/http_stream HTTP/1.0\r\nHost: x\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+                first.len()
+            );
+            stream.write_all(request.as_bytes()).await.expect("sent");
+            stream.write_all(first).await.expect("sent");
+        }
+        let mut buffer = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let end = loop {
+            if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end;
+            }
+            let read = tokio::time::timeout(PATIENCE, stream.read(&mut chunk))
+                .await
+                .expect("an answer in time")
+                .expect("read");
+            assert!(
+                read > 0,
+                "closed before the head: {:?}",
+                String::from_utf8_lossy(&buffer)
+            );
+            buffer.extend_from_slice(&chunk[..read]);
+        };
+        let mut head = String::from_utf8_lossy(&buffer[..end]).into_owned();
+        let status = head.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+        buffer.drain(..end + 4);
+        if status != 200 {
+            let _ = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut buffer)).await;
+            head.push_str("\r\n\r\n");
+            head.push_str(&String::from_utf8_lossy(&buffer));
+        }
+        let stream = Self {
+            stream,
+            buffer,
+            sse,
+            address: address.to_owned(),
+            head,
+            session: String::new(),
+            node: String::new(),
+        };
+        (stream, status)
+    }
+
+    /// The frame of the next message on the stream; `None` once it ended.
+    async fn next_frame(&mut self, encoding: Encoding) -> Option<Vec<u8>> {
+        loop {
+            if let Some(frame) = self.take_frame(encoding) {
+                return Some(frame);
+            }
+            let mut chunk = [0u8; 8192];
+            let read = tokio::time::timeout(PATIENCE, self.stream.read(&mut chunk))
+                .await
+                .expect("a reply in time")
+                .ok()?;
+            if read == 0 {
+                return None;
+            }
+            self.buffer.extend_from_slice(&chunk[..read]);
+        }
+    }
+
+    fn take_frame(&mut self, encoding: Encoding) -> Option<Vec<u8>> {
+        if self.sse {
+            let end = self.buffer.windows(2).position(|w| w == b"\n\n")?;
+            let block: Vec<u8> = self.buffer.drain(..end + 2).collect();
+            let block = String::from_utf8_lossy(&block).into_owned();
+            let data: Vec<&str> = block
+                .lines()
+                .filter_map(|line| line.strip_prefix("data: "))
+                .collect();
+            return Some(data.join("\n").into_bytes());
+        }
+        match encoding {
+            Encoding::Json => {
+                let end = self.buffer.iter().position(|&b| b == b'\n')?;
+                let line: Vec<u8> = self.buffer.drain(..=end).collect();
+                Some(line)
+            }
+            Encoding::Protobuf => {
+                let mut rest = &self.buffer[..];
+                let length = prost_varint(&mut rest)?;
+                let header = self.buffer.len() - rest.len();
+                if rest.len() < length {
+                    return None;
+                }
+                Some(self.buffer.drain(..header + length).collect())
+            }
+        }
+    }
+
+    /// Posts `frame` (commands in `encoding`) for this stream's session.
+    pub async fn post(&self, encoding: Encoding, frame: &[u8]) -> (u16, String) {
+        let request = EmulationRequest {
+            node: self.node.clone(),
+            session: self.session.clone(),
+            data: frame.to_vec(),
+        };
+        post_emulation(
+            &self.address,
+            encoding,
+            &encode_emulation(encoding, &request),
+        )
+        .await
+    }
+}
+
+/// A varint at the front of `bytes` (advancing past it); `None` while incomplete.
+fn prost_varint(bytes: &mut &[u8]) -> Option<usize> {
+    let mut value = 0usize;
+    for (i, &byte) in bytes.iter().enumerate().take(10) {
+        value |= usize::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            *bytes = &bytes[i + 1..];
+            return Some(value);
+        }
+    }
+    None
+}
+
+/// One connection to `/connection/websocket`, or over an HTTP transport.
 #[derive(Debug)]
 pub struct Centrifuge {
-    pub socket: WebSocket<Stream>,
+    link: Link,
     pub encoding: Encoding,
     next_id: u32,
     pushes: VecDeque<Push>,
@@ -50,7 +249,7 @@ impl Centrifuge {
             .await
             .unwrap_or_else(|e| panic!("connecting to {url}: {e}"));
         Self {
-            socket: connected.socket,
+            link: Link::WebSocket(Box::new(connected.socket)),
             encoding,
             next_id: 0,
             pushes: VecDeque::new(),
@@ -64,6 +263,48 @@ impl Centrifuge {
         let mut client = Self::open(url, encoding).await;
         let reply = client.call(connect_command(0, token)).await;
         (client, reply)
+    }
+
+    /// Connects over `/connection/http_stream` (`sse`: false) or `/connection/sse` at
+    /// `address` with `token`; the connect reply (with its session and node kept for
+    /// the commands posted after).
+    pub async fn connect_over_http(
+        address: &str,
+        encoding: Encoding,
+        sse: bool,
+        token: &str,
+    ) -> (Self, Reply) {
+        let first = encode_command(encoding, &connect_command(1, token));
+        let (stream, status) = HttpStream::open(address, encoding, sse, &first).await;
+        assert_eq!(status, 200, "{}", stream.head);
+        let mut client = Self::from_http(stream, encoding);
+        client.next_id = 1;
+        let reply = client.reply_to(1).await;
+        if let (Link::Http(stream), Some(result)) = (&mut client.link, &reply.connect) {
+            stream.session.clone_from(&result.session);
+            stream.node.clone_from(&result.node);
+        }
+        (client, reply)
+    }
+
+    /// A connection over an HTTP transport's stream, opened already.
+    pub fn from_http(stream: HttpStream, encoding: Encoding) -> Self {
+        Self {
+            link: Link::Http(stream),
+            encoding,
+            next_id: 0,
+            pushes: VecDeque::new(),
+            replies: Vec::new(),
+            pings: 0,
+        }
+    }
+
+    /// The HTTP transport's stream, on an emulated connection.
+    pub fn http(&self) -> Option<&HttpStream> {
+        match &self.link {
+            Link::Http(stream) => Some(stream),
+            Link::WebSocket(_) => None,
+        }
     }
 
     /// Sends `command` with the next id and waits for its reply.
@@ -80,8 +321,17 @@ impl Centrifuge {
         self.send_raw(&frame).await;
     }
 
-    /// Sends `frame` as one message, text for JSON and binary for Protobuf.
+    /// Sends `frame` as one message, text for JSON and binary for Protobuf (on an HTTP
+    /// transport, one emulation request that must be answered 204).
     pub async fn send_raw(&mut self, frame: &[u8]) {
+        let socket = match &mut self.link {
+            Link::WebSocket(socket) => socket,
+            Link::Http(stream) => {
+                let (status, body) = stream.post(self.encoding, frame).await;
+                assert_eq!(status, 204, "emulation: {body}");
+                return;
+            }
+        };
         let message = match self.encoding {
             Encoding::Json => Message::Text(
                 String::from_utf8(frame.to_vec())
@@ -90,7 +340,7 @@ impl Centrifuge {
             ),
             Encoding::Protobuf => Message::Binary(frame.to_vec().into()),
         };
-        self.socket.send(&message).await.unwrap();
+        socket.send(&message).await.unwrap();
     }
 
     /// The reply with `id`; pushes and other replies met on the way are kept.
@@ -141,16 +391,25 @@ impl Centrifuge {
 
     /// The replies of the next message.
     async fn read(&mut self) -> Vec<Reply> {
-        let message = tokio::time::timeout(PATIENCE, self.socket.recv())
+        let socket = match &mut self.link {
+            Link::WebSocket(socket) => socket,
+            Link::Http(stream) => {
+                let frame = stream
+                    .next_frame(self.encoding)
+                    .await
+                    .expect("the stream ended before a reply");
+                return decode_replies(self.encoding, &frame)
+                    .expect("replies the protocol can read");
+            }
+        };
+        let message = tokio::time::timeout(PATIENCE, socket.recv())
             .await
             .expect("a reply in time")
             .expect("a readable connection")
             .unwrap_or_else(|| {
                 panic!(
                     "the server closed: {:?}",
-                    self.socket
-                        .peer_close()
-                        .map(|f| (f.code.0, f.reason.clone()))
+                    socket.peer_close().map(|f| (f.code.0, f.reason.clone()))
                 )
             });
         let bytes = match message {
@@ -161,14 +420,31 @@ impl Centrifuge {
         decode_replies(self.encoding, &bytes).expect("replies the protocol can read")
     }
 
-    /// Waits until the server closes; its close code and reason.
+    /// Waits until the server closes; its close code and reason (on an HTTP transport,
+    /// those of the `disconnect` push before the stream ends).
     pub async fn closed(&mut self) -> (u16, String) {
+        let socket = match &mut self.link {
+            Link::WebSocket(socket) => socket,
+            Link::Http(stream) => {
+                let mut disconnect = None;
+                while let Some(frame) = stream.next_frame(self.encoding).await {
+                    for reply in decode_replies(self.encoding, &frame).expect("replies") {
+                        if reply.id == 0 && reply.push.is_none() {
+                            self.pings += 1;
+                        }
+                        if let Some(d) = reply.push.and_then(|p| p.disconnect) {
+                            disconnect = Some((u16::try_from(d.code).unwrap_or(0), d.reason));
+                        }
+                    }
+                }
+                return disconnect.expect("a disconnect push before the stream ended");
+            }
+        };
         loop {
-            match tokio::time::timeout(PATIENCE, self.socket.recv()).await {
+            match tokio::time::timeout(PATIENCE, socket.recv()).await {
                 Ok(Ok(Some(_))) => continue,
                 Ok(Ok(None)) => {
-                    return self
-                        .socket
+                    return socket
                         .peer_close()
                         .map_or((1005, String::new()), |f| (f.code.0, f.reason.clone()))
                 }

@@ -89,6 +89,7 @@ pub(crate) struct LocalBackend {
     clock: Clock,
     nonce_ttl: Duration,
     hooks: Option<crate::hooks::LocalHooks>,
+    address: Arc<str>,
 }
 
 impl std::fmt::Debug for LocalBackend {
@@ -127,6 +128,7 @@ impl LocalBackend {
             clock: config.clock.clone(),
             nonce_ttl: config.nonce_ttl,
             hooks: config.hooks.clone().map(crate::hooks::LocalHooks::new),
+            address: super::random_address(),
         }
     }
 
@@ -345,6 +347,24 @@ impl Backend for LocalBackend {
             sink.notice(payload);
         }
         std::future::ready(Ok(())).boxed()
+    }
+
+    fn address(&self) -> &str {
+        &self.address
+    }
+
+    fn post<'a>(
+        &'a self,
+        address: &'a str,
+        payload: Bytes,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        let here = address == &*self.address;
+        if here {
+            if let Some(sink) = self.sink.get() {
+                sink.notice(payload);
+            }
+        }
+        std::future::ready(Ok(here)).boxed()
     }
 
     fn remove_history<'a>(

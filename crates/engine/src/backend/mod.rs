@@ -50,6 +50,15 @@ pub(crate) struct Joined {
     pub(crate) announce: bool,
 }
 
+/// A node's random address (16 hex digits).
+pub(crate) fn random_address() -> Arc<str> {
+    use rand::{RngCore, SeedableRng};
+    Arc::from(format!(
+        "{:016x}",
+        rand::rngs::StdRng::from_os_rng().next_u64()
+    ))
+}
+
 /// The engine as a backend sees it: channels to deliver into.
 #[derive(Clone, Debug)]
 pub(crate) struct Sink(pub(crate) Weak<Inner>);
@@ -106,6 +115,15 @@ pub(crate) trait Backend: Send + Sync + std::fmt::Debug + 'static {
     ) -> BoxFuture<'a, Result<Vec<Publication>, StoreError>>;
     /// Carries a notice to every node's engine, this one's included, once each.
     fn notify_nodes(&self, payload: Bytes) -> BoxFuture<'_, Result<(), StoreError>>;
+    /// This node's address for [`Backend::post`]: random, fixed while the process runs.
+    fn address(&self) -> &str;
+    /// Carries `payload` to the engine of the node at `address` alone, as a notice;
+    /// false when no node there heard it.
+    fn post<'a>(
+        &'a self,
+        address: &'a str,
+        payload: Bytes,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
     /// Removes `channel`'s publications up to `upto` (its ids and epoch stay).
     fn remove_history<'a>(
         &'a self,

@@ -5,12 +5,17 @@
 //! in one sequence (its id is this door's `offset`).
 //!
 //! - `session.rs`: one connection, from `connect` to its close.
+//! - `transport.rs`: what a session talks over: a WebSocket, or an emulated
+//!   connection (an HTTP stream or SSE one way, `POST /emulation` the other).
+//! - `emulation.rs`: the HTTP transports and `/emulation`, routed across a cluster.
 //! - `api.rs`: the server API.
 //! - `clients.rs`: this node's connections by user, for the server API.
 
 mod api;
 mod clients;
+mod emulation;
 mod session;
+mod transport;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -23,6 +28,7 @@ use switchboard_protocol::centrifuge::{self as proto, Encoding, PROTOBUF_SUBPROT
 
 pub(crate) use api::router;
 pub(crate) use clients::{apply_notices, Clients};
+pub(crate) use emulation::{apply_posts, emulation, http_stream, sse, Sessions};
 
 use crate::serve::AppState;
 use crate::upgrade::upgrade_with;
@@ -55,7 +61,11 @@ pub(crate) async fn websocket(State(state): State<AppState>, request: Request) -
         .with_ping_interval(None);
     let session_state = state.clone();
     upgrade_with(&state, request, config, subprotocol, move |socket, _| {
-        session::run(socket, encoding, session_state)
+        session::run(
+            transport::Transport::WebSocket(socket),
+            encoding,
+            session_state,
+        )
     })
 }
 

@@ -15,7 +15,7 @@ use serde_json::value::RawValue;
 use switchboard_engine::{names, Draft, Ended, EngineError, Inbox, Outbound, Resume, Subscription};
 use switchboard_net::bucket::TokenBucket;
 use switchboard_net::wire::OpCode;
-use switchboard_net::{CloseCode, CloseFrame, Message, Stream, WebSocket};
+use switchboard_net::Message;
 use switchboard_protocol::centrifuge::{
     self as proto, decode_commands, encode_reply, Command, Encoding, Reply,
 };
@@ -23,6 +23,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, warn};
 
 use super::clients::{Control, Mailbox, Registration};
+use super::transport::Transport;
 use super::{codes, disconnect, format_of, publication, push_of, unsubscribe, VERSION};
 use crate::auth::{verify, DoorClaims, TokenRefused};
 use crate::metrics::Counters;
@@ -63,16 +64,15 @@ type Disconnect = (u16, &'static str);
 type Failure = u32;
 
 /// Runs a connection to its end.
-pub(super) async fn run(socket: WebSocket<Stream>, encoding: Encoding, state: AppState) {
+pub(super) async fn run(transport: Transport, encoding: Encoding, state: AppState) {
     metrics::gauge!("switchboard_centrifuge_connections").increment(1.0);
-    let mut session = Session::new(socket, encoding, state);
+    let mut session = Session::new(transport, encoding, state);
     let ending = session.serve().await;
     session.drop_subscriptions();
     if let Some((code, reason)) = ending {
         metrics::counter!("switchboard_centrifuge_disconnects_total", "code" => code.to_string())
             .increment(1);
-        let frame = CloseFrame::new(CloseCode(code), reason);
-        if let Err(cause) = Box::pin(session.socket.close(Some(frame))).await {
+        if let Err(cause) = Box::pin(session.socket.close(encoding, (code, reason))).await {
             debug!(%cause, "centrifuge close handshake");
         }
     }
@@ -90,7 +90,7 @@ struct Sub {
 }
 
 struct Session {
-    socket: WebSocket<Stream>,
+    socket: Transport,
     encoding: Encoding,
     state: AppState,
     client: String,
@@ -201,7 +201,7 @@ fn client_id() -> String {
 }
 
 impl Session {
-    fn new(socket: WebSocket<Stream>, encoding: Encoding, state: AppState) -> Self {
+    fn new(socket: Transport, encoding: Encoding, state: AppState) -> Self {
         let config = &state.config;
         let limit = TokenBucket::new(
             config.commands_per_sec,
@@ -404,7 +404,13 @@ impl Session {
                 ping: u32::try_from(self.state.config.ping_interval_secs.max(1))
                     .unwrap_or(u32::MAX),
                 pong: true,
-                node: String::new(),
+                // An emulated connection's later commands name these.
+                session: self.socket.session().unwrap_or_default().to_owned(),
+                node: self
+                    .socket
+                    .session()
+                    .map(|_| self.state.engine.address().to_owned())
+                    .unwrap_or_default(),
             }),
             ..Reply::default()
         };
@@ -640,8 +646,8 @@ impl Session {
             }
             Control::Disconnect(code, reason) => {
                 self.flush().await?;
-                let frame = CloseFrame::new(CloseCode(code), reason);
-                if let Err(cause) = Box::pin(self.socket.close(Some(frame))).await {
+                let closing = self.socket.close(self.encoding, (code, &reason));
+                if let Err(cause) = Box::pin(closing).await {
                     debug!(%cause, "centrifuge close handshake");
                 }
                 return Err(None);

@@ -142,7 +142,11 @@ async fn shard_listener(
         Backing::Shards(shards) => shards[shard].client.clone(),
         Backing::Cluster { .. } => return,
     };
-    let notices = (shard == node.control).then(|| node.notices());
+    let own: Vec<String> = if shard == node.control {
+        vec![node.notices(), node.inbox()]
+    } else {
+        Vec::new()
+    };
     let mut backoff = Duration::from_millis(100);
     let mut first = true;
     loop {
@@ -152,7 +156,7 @@ async fn shard_listener(
         let names: Vec<Arc<str>> = occupied.iter().map(|c| c.name.clone()).collect();
         let subscribed = tokio::select! {
             () = cancel.cancelled() => return,
-            subscribed = subscribe(&node, &client, notices.as_deref(), &names) => subscribed,
+            subscribed = subscribe(&node, &client, &own, &names) => subscribed,
         };
         let (mut pubsub, mut messages) = match subscribed {
             Ok(pubsub) => pubsub.split(),
@@ -249,6 +253,7 @@ async fn cluster(
         let connected = async {
             let mut conn = subscriber.get_async_connection().await?;
             conn.ssubscribe(node.notices()).await?;
+            conn.ssubscribe(node.inbox()).await?;
             Ok::<_, redis::RedisError>(conn)
         };
         let connected = tokio::select! {
@@ -404,18 +409,19 @@ async fn confirmed<T>(
     }
 }
 
-/// A new subscription connection to one shard: the notices (where given) and
+/// A new subscription connection to one shard: the node's own Pub/Sub channels
+/// (`own`: the notices and its inbox, on the shard of the cluster's keys) and
 /// `channels`.
 async fn subscribe(
     node: &Node,
     client: &redis::Client,
-    notices: Option<&str>,
+    own: &[String],
     channels: &[Arc<str>],
 ) -> Result<redis::aio::PubSub, StoreError> {
     let connect = async {
         let mut pubsub = client.get_async_pubsub().await?;
-        if let Some(notices) = notices {
-            pubsub.subscribe(notices).await?;
+        if !own.is_empty() {
+            pubsub.subscribe(own).await?;
         }
         // A few thousand to a command, however many channels there are.
         for chunk in channels.chunks(SUBSCRIBE_CHUNK) {
@@ -445,7 +451,7 @@ const CATCH_UP_TRIES: u32 = 10;
 impl Node {
     /// What arrived on Pub/Sub channel `name`.
     async fn heard(self: &Arc<Self>, name: &str, payload: &[u8]) {
-        if name == self.notices() {
+        if name == self.notices() || name == self.inbox() {
             if let Some(sink) = self.sink.get() {
                 sink.notice(Bytes::copy_from_slice(payload));
             }

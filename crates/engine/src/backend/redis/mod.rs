@@ -39,7 +39,9 @@
 //!   `P:{%control}:hooks`: the channels with hooks waiting.
 //! - `P:{%control}:notices`: the Pub/Sub channel of notices for every node's doors (the
 //!   Centrifugo server API's `subscribe`, `unsubscribe` and `disconnect`, Pusher's
-//!   `terminate_connections`), opaque to the engine.
+//!   `terminate_connections`), opaque to the engine; `P:{%control}:to:{address}`: the
+//!   Pub/Sub channel of posts for one node's doors alone (the Centrifugo door's
+//!   emulation requests, routed to the node holding their session).
 //! - `P:{%control}:layout`: `2` once keys of the first layout (`P:seq:{ch}` and the
 //!   like, before channels had hash tags) were renamed ([`migrate`]).
 //!
@@ -291,6 +293,9 @@ struct Node {
     /// `alive` key expired while it ran), so the reaping of the old one cannot remove
     /// what it tells Redis under the new one.
     id: Mutex<Arc<str>>,
+    /// Where posts for this node go (see [`Node::inbox`]): unlike `id`, fixed for the
+    /// life of the process.
+    address: Arc<str>,
     prefix: String,
     expiry: Duration,
     /// How long a command waits for its answer (two thirds of the configured timeout).
@@ -374,11 +379,7 @@ struct Queues {
 }
 
 fn new_id() -> Arc<str> {
-    use rand::{RngCore, SeedableRng};
-    Arc::from(format!(
-        "{:016x}",
-        rand::rngs::StdRng::from_os_rng().next_u64()
-    ))
+    super::random_address()
 }
 
 impl RedisBackend {
@@ -457,6 +458,7 @@ impl RedisBackend {
             .collect();
         let node = Arc::new(Node {
             id: Mutex::new(new_id()),
+            address: new_id(),
             prefix: redis.prefix.clone(),
             expiry: redis.presence_expiry,
             patience,
@@ -595,6 +597,29 @@ impl Backend for RedisBackend {
                 .query_async(&mut self.node.control_conn())
                 .await;
             self.node.noted(sent).map(|_| ())
+        }
+        .boxed()
+    }
+
+    fn address(&self) -> &str {
+        &self.node.address
+    }
+
+    fn post<'a>(
+        &'a self,
+        address: &'a str,
+        payload: Bytes,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        async move {
+            let heard: redis::RedisResult<u64> = redis::cmd(self.node.publish_command())
+                .arg(topology::control_key(
+                    &self.node.prefix,
+                    &format!("to:{address}"),
+                ))
+                .arg(payload.as_ref())
+                .query_async(&mut self.node.control_conn())
+                .await;
+            self.node.noted(heard).map(|heard| heard > 0)
         }
         .boxed()
     }
@@ -876,6 +901,11 @@ impl Node {
     /// The Pub/Sub channel of notices for every node's doors.
     fn notices(&self) -> String {
         self.control_key("notices")
+    }
+
+    /// The Pub/Sub channel of posts for this node's doors alone.
+    fn inbox(&self) -> String {
+        self.control_key(&format!("to:{}", self.address))
     }
 
     /// `PUBLISH`, or in a Redis Cluster `SPUBLISH` (the message then crosses only the
