@@ -4,6 +4,12 @@
 #
 #   (a) server: kosoku -m fuzzingclient drives `switchboard serve` at /echo
 #       -> reports/server/index.json, compared with conformance/expected-server.json
+#   (a2) server over HTTP/2: the same cases reach /echo of a TLS `switchboard serve`
+#       through h2-bridge (crates/test-support), which opens each upgrade as an RFC 8441
+#       extended CONNECT stream of one HTTP/2 connection and passes the frames on
+#       unchanged -> reports/server-h2/index.json, compared with the same
+#       conformance/expected-server.json; the server's metrics must count the
+#       WebSockets as HTTP/2 ones
 #   (b) client: kosoku -m fuzzingserver is the peer that `switchboard connect --echo`
 #       connects to, once per case -> reports/client/index.json, compared with
 #       conformance/expected-client.json
@@ -18,7 +24,7 @@
 #                            517); only those are run and compared
 #   CONFORMANCE_UPDATE=1     rewrite the expected files from the reports (only the selected
 #                            cases when CONFORMANCE_CASES is set)
-#   CONFORMANCE_MODES        "server client" (default), or just one of them
+#   CONFORMANCE_MODES        "server server-h2 client" (default), or some of them
 #   CONFORMANCE_PARALLELISM  kosoku fuzzingclient -p (default 2)
 #   CONFORMANCE_CASE_TIMEOUT seconds for one `switchboard connect` (default 60)
 #   CONFORMANCE_RUN_TIMEOUT  seconds for the whole fuzzingclient run (default 1800)
@@ -31,7 +37,7 @@ KOSOKU_VERSION=0.1.0
 VENV="$ROOT/.venv"
 REPORTS="$ROOT/reports"
 CASES="${CONFORMANCE_CASES:-}"
-MODES="${CONFORMANCE_MODES:-server client}"
+MODES="${CONFORMANCE_MODES:-server server-h2 client}"
 PARALLELISM="${CONFORMANCE_PARALLELISM:-2}"
 CASE_TIMEOUT="${CONFORMANCE_CASE_TIMEOUT:-60}"
 RUN_TIMEOUT="${CONFORMANCE_RUN_TIMEOUT:-1800}"
@@ -92,6 +98,11 @@ else
     BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/switchboard"
 fi
 [[ -x "$BIN" ]] || die "switchboard binary $BIN not found or not executable"
+if [[ " $MODES " == *" server-h2 "* ]]; then
+    log "building h2-bridge (release)"
+    cargo build --release --quiet -p switchboard-test-support --bin h2-bridge
+    BRIDGE="${CARGO_TARGET_DIR:-$ROOT/target}/release/h2-bridge"
+fi
 
 # CONFORMANCE_CASES="1.*,2.*" -> kosoku -i '1.*' -i '2.*'
 INCLUDE=()
@@ -187,9 +198,13 @@ mkdir -p "$REPORTS"
 STATUS=0
 
 compare() { # compare LABEL AGENT_ARGS...
-    local label=$1
-    shift
-    local args=("$REPORTS/$label/index.json" "conformance/expected-$label.json" --label "$label" "$@")
+    compare_with "$1" "$@"
+}
+
+compare_with() { # compare_with LABEL EXPECTED_LABEL AGENT_ARGS...: LABEL's report against EXPECTED_LABEL's file
+    local label=$1 expected=$2
+    shift 2
+    local args=("$REPORTS/$label/index.json" "conformance/expected-$expected.json" --label "$label" "$@")
     if [[ -n "$CASES" ]]; then args+=(--cases "$CASES"); fi
     if [[ "${CONFORMANCE_UPDATE:-}" == 1 ]]; then args+=(--update); fi
     "$PY" "$ROOT/scripts/conformance_compare.py" "${args[@]}" || STATUS=1
@@ -222,6 +237,60 @@ run_server_mode() {
     kill "$spid" 2>/dev/null || true
     wait_exit "$spid" 10 || kill -9 "$spid" 2>/dev/null || true
     if [[ -f "$out/index.json" ]]; then compare server; fi
+}
+
+# ---------------------------------------------------------------- (a2) server over HTTP/2
+run_server_h2_mode() {
+    local port bport out="$REPORTS/server-h2" slog="$REPORTS/switchboard-serve-h2.log"
+    local blog="$REPORTS/h2-bridge.log" tls="$REPORTS/h2-tls" rc=0
+    port=$(free_port)
+    bport=$(free_port)
+    rm -rf "$out" "$tls"
+    mkdir -p "$tls"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \
+        -subj /CN=localhost -addext "subjectAltName=IP:127.0.0.1,DNS:localhost" \
+        -addext "basicConstraints=critical,CA:FALSE" \
+        -keyout "$tls/key.pem" -out "$tls/cert.pem" 2>/dev/null || die "openssl could not make a certificate"
+    log "starting $BIN serve --listen 127.0.0.1:$port over TLS (log: $slog)"
+    NO_COLOR=1 SWITCHBOARD_MAX_CONNECTIONS_PER_IP=0 SWITCHBOARD_HANDSHAKE_RATE_PER_IP=0 \
+        "$BIN" serve --listen "127.0.0.1:$port" --tls-cert "$tls/cert.pem" --tls-key "$tls/key.pem" >"$slog" 2>&1 &
+    local spid=$!
+    PIDS+=("$spid")
+    wait_for_log "$slog" 'listening on https://' "$spid" 30
+    "$BRIDGE" --listen "127.0.0.1:$bport" --to "127.0.0.1:$port" --ca "$tls/cert.pem" >"$blog" 2>&1 &
+    local bpid=$!
+    PIDS+=("$bpid")
+    wait_for_log "$blog" 'h2-bridge listening' "$bpid" 30
+
+    log "kosoku fuzzingclient -> ws://127.0.0.1:$bport/echo -> HTTP/2 streams of https://127.0.0.1:$port/echo ${CASES:+(cases: $CASES)}"
+    local t0=$SECONDS
+    run_child timeout -k 10 "$RUN_TIMEOUT" "$KOSOKU" -m fuzzingclient -p "$PARALLELISM" "${INCLUDE[@]}" \
+        -o "$out" "ws://127.0.0.1:$bport/echo" >"$REPORTS/kosoku-server-h2.log" 2>&1 || rc=$?
+    log "fuzzingclient over HTTP/2 finished in $((SECONDS - t0))s (exit $rc)"
+    if ((rc != 0 && rc != 1)) || [[ ! -f "$out/index.json" ]]; then
+        tail -n 20 "$REPORTS/kosoku-server-h2.log" >&2 || true
+        log "error: fuzzingclient run over HTTP/2 did not complete (exit $rc)"
+        STATUS=1
+    fi
+    local streams
+    streams=$("$PY" - "$port" "$tls/cert.pem" <<'PYEOF'
+import ssl, sys, urllib.request
+port, ca = sys.argv[1], sys.argv[2]
+context = ssl.create_default_context(cafile=ca)
+text = urllib.request.urlopen(f"https://localhost:{port}/metrics", context=context, timeout=10).read().decode()
+print(sum(float(l.split()[-1]) for l in text.splitlines()
+          if l.startswith('switchboard_websocket_connections_total{http="2"}')))
+PYEOF
+    ) || streams=0
+    log "the server counted $streams WebSockets over HTTP/2"
+    if ! "$PY" -c "import sys; sys.exit(0 if float('$streams') > 0 else 1)"; then
+        log "error: no WebSocket went over HTTP/2"
+        STATUS=1
+    fi
+    kill -0 "$spid" 2>/dev/null || { log "error: switchboard serve exited during the run"; STATUS=1; }
+    kill "$bpid" "$spid" 2>/dev/null || true
+    wait_exit "$spid" 10 || kill -9 "$spid" 2>/dev/null || true
+    if [[ -f "$out/index.json" ]]; then compare_with server-h2 server; fi
 }
 
 # ---------------------------------------------------------------- (b) client
@@ -291,8 +360,9 @@ PYEOF
 for mode in $MODES; do
     case "$mode" in
         server) run_server_mode ;;
+        server-h2) run_server_h2_mode ;;
         client) run_client_mode ;;
-        *) die "unknown mode '$mode' in CONFORMANCE_MODES (use server and/or client)" ;;
+        *) die "unknown mode '$mode' in CONFORMANCE_MODES (use server, server-h2 and/or client)" ;;
     esac
 done
 

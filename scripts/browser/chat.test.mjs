@@ -2,7 +2,8 @@
 // both ways, see each other typing and in the member list, ride out a server restart and
 // a network outage without losing or repeating a message, and markup stays text; and
 // pages that cannot open a WebSocket (none in the browser, or upgrades refused on the
-// way) chat over HTTP streaming beside one that can, through a restart.
+// way) chat over HTTP streaming beside one that can, through a restart; and over HTTPS
+// the page and its WebSockets go over HTTP/2.
 //
 // Needs SWITCHBOARD_BIN (scripts/browser.sh builds it). Screenshots go to
 // reports/browser/ (BROWSER_REPORTS elsewhere).
@@ -34,8 +35,8 @@ after(async () => {
 });
 
 /** Starts `switchboard serve`; resolves with the process and its address once it listens. */
-async function startServer(listen, dataDir) {
-  const child = spawn(BIN, ['serve', '--listen', listen, '--data-dir', dataDir, '--drain-timeout', '2'], {
+async function startServer(listen, dataDir, args = []) {
+  const child = spawn(BIN, ['serve', '--listen', listen, '--data-dir', dataDir, '--drain-timeout', '2', ...args], {
     stdio: ['ignore', 'ignore', 'pipe'],
     env: { ...process.env, NO_COLOR: '1' },
   });
@@ -43,7 +44,7 @@ async function startServer(listen, dataDir) {
   const address = await new Promise((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error('serve did not start in 15 s')), 15000);
     lines.on('line', (line) => {
-      const found = /listening on http:\/\/(\S+)/.exec(line);
+      const found = /listening on https?:\/\/(\S+)/.exec(line);
       if (found) {
         clearTimeout(timer);
         resolve(found[1]);
@@ -372,5 +373,48 @@ test('without WebSocket the page chats over HTTP streaming through a restart', a
   assert.equal(await transport(erin), 'events');
   assert.equal(await transport(gus), 'websocket');
   await frank.screenshot({ path: path.join(REPORTS, 'chat-over-http-streaming.png') });
+  assert.deepEqual(errors, [], 'no script errors on the pages');
+});
+
+test('over HTTPS the page loads over HTTP/2 and its WebSockets are HTTP/2 streams', async () => {
+  const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'switchboard-browser-h2-'));
+  cleanups.push(() => fs.rmSync(dataDir, { recursive: true, force: true }));
+  const cert = path.join(dataDir, 'cert.pem');
+  const key = path.join(dataDir, 'key.pem');
+  const made = spawn('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1',
+    '-nodes', '-days', '1', '-subj', '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1,DNS:localhost',
+    '-keyout', key, '-out', cert], { stdio: 'ignore' });
+  const [code] = await once(made, 'exit');
+  assert.equal(code, 0, 'openssl made a certificate');
+  const server = await startServer('127.0.0.1:0', dataDir, ['--tls-cert', cert, '--tls-key', key]);
+  const origin = `https://${server.address}`;
+  const browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS, headless: true });
+  cleanups.push(() => browser.close());
+  const errors = [];
+  const open = async () => {
+    // The certificate is the test's own: Chromium is told to take it.
+    const page = await (await browser.newContext({ ignoreHTTPSErrors: true })).newPage();
+    page.on('pageerror', (error) => errors.push(error));
+    return page;
+  };
+  const [ann, ben] = [await open(), await open()];
+  const transport = (page) => page.evaluate(() => document.body.dataset.transport);
+  await ann.goto(`${origin}/?room=h2&name=ann`);
+  await ben.goto(`${origin}/?room=h2&name=ben`);
+  for (const page of [ann, ben]) {
+    await eventually('connected over wss', async () => (await status(page)) === 'connected');
+    assert.equal(await transport(page), 'websocket');
+    const http = await page.evaluate(() => performance.getEntriesByType('navigation')[0].nextHopProtocol);
+    assert.equal(http, 'h2', 'the page came over HTTP/2');
+  }
+  await ann.getByLabel('Message').fill('hello over h2');
+  await ann.getByLabel('Message').press('Enter');
+  await eventually('ben sees it', () => hasMessage(ben, 'ann', 'hello over h2'));
+  const metrics = await ann.evaluate(async () => (await fetch('/metrics')).text());
+  const count = (series) => Number((metrics.split('\n').find((l) => l.startsWith(series)) ?? ' 0').split(' ').pop());
+  assert.equal(count('switchboard_websocket_connections_total{http="2"}'), 2,
+    `both pages' WebSockets over HTTP/2:\n${metrics.split('\n').filter((l) => l.includes('connections_total')).join('\n')}`);
+  assert.equal(count('switchboard_websocket_connections_total{http="1.1"}'), 0, 'none over HTTP/1.1');
+  assert.ok(count('switchboard_http_connections_total{version="2"}') >= 2, 'the pages over HTTP/2');
   assert.deepEqual(errors, [], 'no script errors on the pages');
 });

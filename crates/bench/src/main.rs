@@ -740,7 +740,9 @@ where
 /// opens tens of thousands would otherwise use up the ephemeral ports of later runs).
 pub(crate) fn abort(socket: switchboard_net::WebSocket<switchboard_net::Stream>) {
     // Without the option the drop still closes, only more slowly for the ports.
-    let _ = socket.get_ref().tcp().set_zero_linger();
+    if let Some(tcp) = socket.get_ref().tcp() {
+        let _ = tcp.set_zero_linger();
+    }
     drop(socket);
 }
 

@@ -92,8 +92,9 @@ fn system_client_config() -> Result<Arc<ClientConfig>, TlsError> {
 }
 
 /// A server configuration presenting the chain in `cert` (PEM, leaf first) with the
-/// private key in `key` (PEM: PKCS#8, PKCS#1 or SEC1).
-pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+/// private key in `key` (PEM: PKCS#8, PKCS#1 or SEC1), offering HTTP/1.1 and, with
+/// `http2`, HTTP/2 first (ALPN).
+pub fn server_config(cert: &Path, key: &Path, http2: bool) -> Result<Arc<ServerConfig>, TlsError> {
     let chain = certificates(cert)?;
     let key = PrivateKeyDer::from_pem_file(key).map_err(|cause| TlsError::Pem {
         path: key.display().to_string(),
@@ -105,6 +106,10 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsEr
         .with_no_client_auth()
         .with_single_cert(chain, key)
         .map_err(TlsError::Identity)?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = if http2 {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    } else {
+        vec![b"http/1.1".to_vec()]
+    };
     Ok(Arc::new(config))
 }

@@ -42,6 +42,12 @@ pub struct Config {
     pub tls_cert: Option<std::path::PathBuf>,
     /// PEM file with the private key of `tls_cert`.
     pub tls_key: Option<std::path::PathBuf>,
+    /// Whether the TLS listener offers HTTP/2 (ALPN `h2`, preferred over HTTP/1.1): the
+    /// page, the APIs and event streams share one connection, and WebSockets open as
+    /// HTTP/2 streams (RFC 8441). Plain-text listeners speak HTTP/1.1 only.
+    pub http2: bool,
+    /// Streams one HTTP/2 connection may have open at once (WebSockets included).
+    pub http2_max_streams: u32,
     /// Largest message `/echo` takes (16 MiB covers every Autobahn case).
     pub echo_max_message: usize,
     /// Where room history is stored (SQLite, `history.sqlite3`); `None` keeps it in memory.
@@ -208,6 +214,8 @@ impl Default for Config {
             max_header_bytes: 16 * 1024,
             tls_cert: None,
             tls_key: None,
+            http2: true,
+            http2_max_streams: 100,
             echo_max_message: 16 << 20,
             data_dir: None,
             redis: Vec::new(),

@@ -6,8 +6,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::server::conn::http1;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper::server::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use switchboard_net::tls::TlsAcceptor;
 use switchboard_net::Stream;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -248,7 +248,7 @@ pub async fn run(
 fn tls_acceptor(config: &Config) -> Result<Option<TlsAcceptor>, Error> {
     match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => Ok(Some(TlsAcceptor::from(
-            switchboard_net::tls::server_config(cert, key)?,
+            switchboard_net::tls::server_config(cert, key, config.http2)?,
         ))),
         (None, None) => Ok(None),
         _ => Err(Error::TlsHalf),
@@ -464,8 +464,9 @@ impl Acceptor {
         Ok((permit, ip_slot))
     }
 
-    /// Serves one admitted connection: TLS, then HTTP/1.1 with upgrades, until it ends
-    /// or shutdown closes it gracefully.
+    /// Serves one admitted connection: TLS, then HTTP/1.1 with upgrades (or HTTP/2 where
+    /// ALPN chose it, WebSockets as extended CONNECT streams), until it ends or shutdown
+    /// closes it gracefully.
     fn serve(&self, stream: TcpStream, peer: SocketAddr, slot: ConnectionSlot) {
         let app = self.app.clone();
         let state = self.state.clone();
@@ -483,8 +484,13 @@ impl Acceptor {
                 .saturating_sub(accepted.elapsed())
                 .max(Duration::from_millis(100));
             let relayed = proxies.trusts(peer.ip());
+            let h2 = matches!(
+                &stream,
+                Stream::TlsServer(tls) if tls.get_ref().1.alpn_protocol() == Some(b"h2")
+            );
             let service = hyper::service::service_fn(
                 move |mut request: http::Request<hyper::body::Incoming>| {
+                    let tunnel = crate::upgrade::mark_extended_connect(&mut request);
                     let mut slot = slot.clone();
                     let client = if relayed {
                         proxies.client_of(&request, peer.ip())
@@ -510,33 +516,73 @@ impl Acceptor {
                             debug!(%client, reason = refusal.label(), "request refused");
                             return Ok(refused_request(refusal));
                         }
-                        app.oneshot(request).await
+                        let response = app.oneshot(request).await;
+                        match response {
+                            Ok(response) if tunnel => Ok(crate::upgrade::tunnel_answer(response)),
+                            other => other,
+                        }
                     }
                 },
             );
-            let connection = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(head_timeout)
-                // A head that does not fit is answered with 431 (as are more than 100
-                // header lines).
-                .max_buf_size(state.config.max_header_bytes.max(8192))
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
-            tokio::pin!(connection);
-            tokio::select! {
-                result = connection.as_mut() => {
-                    if let Err(error) = result {
-                        debug!(cause = %error, %peer, "http connection ended with an error");
-                    }
-                }
-                () = state.shutdown.stopping() => {
-                    connection.as_mut().graceful_shutdown();
-                    if let Err(error) = connection.await {
-                        debug!(cause = %error, %peer, "http connection ended during shutdown");
-                    }
-                }
+            let config = &state.config;
+            if h2 {
+                metrics::counter!("switchboard_http_connections_total", "version" => "2")
+                    .increment(1);
+                let ping = Duration::from_secs(config.ping_interval_secs.max(1));
+                let connection = http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .enable_connect_protocol()
+                    .max_concurrent_streams(config.http2_max_streams.max(1))
+                    .max_header_list_size(
+                        u32::try_from(config.max_header_bytes.max(8192)).unwrap_or(u32::MAX),
+                    )
+                    .adaptive_window(true)
+                    // HTTP/2 pings keep a quiet connection alive through proxies, and
+                    // find a peer that went away.
+                    .keep_alive_interval(ping)
+                    .keep_alive_timeout(Duration::from_secs(config.pong_timeout_secs.max(1)))
+                    .serve_connection(TokioIo::new(stream), service);
+                drive(connection, |c| c.graceful_shutdown(), &state, peer).await;
+            } else {
+                metrics::counter!("switchboard_http_connections_total", "version" => "1.1")
+                    .increment(1);
+                let connection = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(head_timeout)
+                    // A head that does not fit is answered with 431 (as are more than 100
+                    // header lines).
+                    .max_buf_size(config.max_header_bytes.max(8192))
+                    .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades();
+                drive(connection, |c| c.graceful_shutdown(), &state, peer).await;
             }
         });
+    }
+}
+
+/// Runs `connection` (of either HTTP version) to its end; shutdown ends it with
+/// `graceful`.
+async fn drive<C>(
+    connection: C,
+    graceful: impl FnOnce(std::pin::Pin<&mut C>),
+    state: &AppState,
+    peer: SocketAddr,
+) where
+    C: Future<Output = Result<(), hyper::Error>>,
+{
+    tokio::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => {
+            if let Err(error) = result {
+                debug!(cause = %error, %peer, "http connection ended with an error");
+            }
+        }
+        () = state.shutdown.stopping() => {
+            graceful(connection.as_mut());
+            if let Err(error) = connection.await {
+                debug!(cause = %error, %peer, "http connection ended during shutdown");
+            }
+        }
     }
 }
 

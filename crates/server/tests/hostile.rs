@@ -2774,6 +2774,128 @@ async fn canary_still_delivers(server: &Server, canary: &mut Centrifuge, index: 
     );
 }
 
+// HTTP/2 on the TLS listener: WebSocket streams (extended CONNECT) with a version other
+// than 13 or none, a broken extension offer, no route, a route that is no WebSocket; a
+// half-open stream whose body never comes; a WebSocket stream whose peer never answers.
+// A room canary on a stream of the same connection still chats after them.
+
+use http::{Method, StatusCode};
+use switchboard_test_support::h2::{certificate, H2};
+
+const H2_VERSION: (&str, &str) = ("sec-websocket-version", "13");
+
+#[tokio::test]
+async fn http2_streams_that_break_the_rules_get_exact_refusals_and_the_connection_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = certificate(dir.path());
+    let config = serde_json::from_value(json!({
+        "tls_cert": cert, "tls_key": key,
+        "handshake_timeout_secs": 1, "ping_interval_secs": 1, "pong_timeout_secs": 1,
+    }))
+    .unwrap();
+    let server = Server::start(config).await;
+    let mut h2 = H2::connect(&server.address.to_string(), &cert).await;
+    // The canary: a room member on a stream of the same connection, read all along
+    // (it answers the server's pings).
+    let mut canary = h2
+        .websocket("/room/h2canary?name=canary", &[H2_VERSION], None)
+        .await
+        .socket
+        .expect("the canary's WebSocket");
+    let (heard, mut hearing) = tokio::sync::mpsc::unbounded_channel::<String>();
+    tokio::spawn(async move {
+        while let Ok(Some(message)) = canary.recv().await {
+            if let Message::Text(text) = message {
+                let _ = heard.send(text.as_str().to_owned());
+            }
+        }
+    });
+
+    let opened = h2
+        .websocket("/echo", &[("sec-websocket-version", "8")], None)
+        .await;
+    assert_eq!(
+        opened.status,
+        StatusCode::UPGRADE_REQUIRED,
+        "a version other than 13"
+    );
+    assert_eq!(opened.headers["sec-websocket-version"], "13");
+    let opened = h2.websocket("/echo", &[], None).await;
+    assert_eq!(opened.status, StatusCode::UPGRADE_REQUIRED, "no version");
+    let opened = h2
+        .websocket(
+            "/echo",
+            &[
+                H2_VERSION,
+                ("sec-websocket-extensions", "permessage-deflate; ="),
+            ],
+            None,
+        )
+        .await;
+    assert_eq!(
+        opened.status,
+        StatusCode::BAD_REQUEST,
+        "a broken extension offer"
+    );
+    let opened = h2.websocket("/nowhere", &[H2_VERSION], None).await;
+    assert_eq!(opened.status, StatusCode::NOT_FOUND);
+    let opened = h2.websocket("/healthz", &[H2_VERSION], None).await;
+    assert_eq!(
+        opened.status,
+        StatusCode::BAD_REQUEST,
+        "a route that is no WebSocket"
+    );
+
+    // A half-open stream: a body that never comes is answered 408 in time.
+    let started = std::time::Instant::now();
+    let status = h2.half_open("/emulation").await.expect("an answer");
+    assert_eq!(status, StatusCode::REQUEST_TIMEOUT);
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // A WebSocket stream whose peer never answers a ping (nor says anything) is
+    // dropped by the server, as a TCP one is: its ping, then the stream ends.
+    let (status, _, stream) = h2.connect_stream("/echo", &[H2_VERSION]).await;
+    assert_eq!(status, StatusCode::OK);
+    let mut quiet = stream.unwrap();
+    let started = std::time::Instant::now();
+    let mut seen = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut chunk = [0u8; 256];
+        loop {
+            match quiet.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the server ended the quiet stream");
+    assert_eq!(seen.first(), Some(&0x89), "a ping first: {seen:?}");
+    eprintln!("the quiet stream ended after {:?}", started.elapsed());
+
+    // And the connection still serves: the canary still chats, /healthz answers.
+    let (status, _) = h2.request(Method::GET, "/healthz", "").await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = h2
+        .request(
+            Method::POST,
+            "/api/rooms/h2canary/messages",
+            r#"{"text":"still here"}"#,
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    loop {
+        let text = tokio::time::timeout(Duration::from_secs(10), hearing.recv())
+            .await
+            .expect("the canary hears in time")
+            .expect("the canary is still connected");
+        if text.contains("still here") {
+            break;
+        }
+    }
+    server.stop().await;
+}
+
 // The Pusher door: broken JSON, forged and misplaced signatures, client events where
 // they are not taken, oversized events, floods of subscribes and client events, bad
 // sign-ins, refused handshakes; and its HTTP API's bad requests. After every case a

@@ -215,36 +215,62 @@ fn header_text<'a>(value: &'a [u8], name: &'static str) -> Result<&'a str, Hands
     std::str::from_utf8(value).map_err(|_| HandshakeError::InvalidHeader(name))
 }
 
-/// Validates a client's upgrade request. `http_11_or_later` is false for HTTP/1.0.
-/// Headers may repeat; list headers are combined as RFC 9110 says.
-pub fn validate_request<'a>(
-    method: &str,
-    http_11_or_later: bool,
+/// What a client's handshake headers offer, before the rules of its HTTP version.
+struct Offered<'a> {
+    upgrade: bool,
+    connection: bool,
+    version: Option<&'a [u8]>,
+    key: Option<&'a [u8]>,
+    protocols: Vec<String>,
+    extensions_text: String,
+    origin: Option<String>,
+    host: Option<String>,
+}
+
+impl Offered<'_> {
+    /// The extensions offered, read once the request is otherwise valid.
+    fn extensions(&self) -> Result<Vec<Extension>, HandshakeError> {
+        if self.extensions_text.trim().is_empty() {
+            Ok(Vec::new())
+        } else {
+            parse_extensions(&self.extensions_text)
+        }
+    }
+}
+
+/// Reads the handshake headers. Headers may repeat; list headers are combined as RFC
+/// 9110 says.
+fn offered<'a>(
     headers: impl IntoIterator<Item = (&'a str, &'a [u8])>,
-) -> Result<UpgradeRequest, HandshakeError> {
-    let mut upgrade = false;
-    let mut connection = false;
-    let mut version: Option<&[u8]> = None;
-    let mut key: Option<&[u8]> = None;
-    let mut protocols = Vec::new();
-    let mut extensions_text = String::new();
-    let mut origin = None;
-    let mut host = None;
+) -> Result<Offered<'a>, HandshakeError> {
+    let mut offered = Offered {
+        upgrade: false,
+        connection: false,
+        version: None,
+        key: None,
+        protocols: Vec::new(),
+        extensions_text: String::new(),
+        origin: None,
+        host: None,
+    };
+    let extensions_text = &mut offered.extensions_text;
     for (name, value) in headers {
         if name.eq_ignore_ascii_case("upgrade") {
-            upgrade |= has_token(value, "websocket");
+            offered.upgrade |= has_token(value, "websocket");
         } else if name.eq_ignore_ascii_case("connection") {
-            connection |= has_token(value, "upgrade");
+            offered.connection |= has_token(value, "upgrade");
         } else if name.eq_ignore_ascii_case("sec-websocket-version") {
-            version = Some(value);
+            offered.version = Some(value);
         } else if name.eq_ignore_ascii_case("sec-websocket-key") {
-            if key.is_some() {
+            if offered.key.is_some() {
                 return Err(HandshakeError::InvalidKey);
             }
-            key = Some(value);
+            offered.key = Some(value);
         } else if name.eq_ignore_ascii_case("sec-websocket-protocol") {
             for item in list_items(value) {
-                protocols.push(header_text(item, "Sec-WebSocket-Protocol")?.to_owned());
+                offered
+                    .protocols
+                    .push(header_text(item, "Sec-WebSocket-Protocol")?.to_owned());
             }
         } else if name.eq_ignore_ascii_case("sec-websocket-extensions") {
             if !extensions_text.is_empty() {
@@ -252,42 +278,68 @@ pub fn validate_request<'a>(
             }
             extensions_text.push_str(header_text(value, "Sec-WebSocket-Extensions")?);
         } else if name.eq_ignore_ascii_case("origin") {
-            origin = Some(header_text(value, "Origin")?.to_owned());
+            offered.origin = Some(header_text(value, "Origin")?.to_owned());
         } else if name.eq_ignore_ascii_case("host") {
-            host = Some(header_text(value, "Host")?.to_owned());
+            offered.host = Some(header_text(value, "Host")?.to_owned());
         }
     }
+    Ok(offered)
+}
+
+/// Validates a client's upgrade request. `http_11_or_later` is false for HTTP/1.0.
+/// Headers may repeat; list headers are combined as RFC 9110 says.
+pub fn validate_request<'a>(
+    method: &str,
+    http_11_or_later: bool,
+    headers: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+) -> Result<UpgradeRequest, HandshakeError> {
+    let offered = offered(headers)?;
     if !method.eq_ignore_ascii_case("GET") {
         return Err(HandshakeError::MethodNotAllowed);
     }
-    if !upgrade {
+    if !offered.upgrade {
         return Err(HandshakeError::NotAnUpgrade);
     }
     if !http_11_or_later {
         return Err(HandshakeError::HttpVersion);
     }
-    if !connection {
+    if !offered.connection {
         return Err(HandshakeError::ConnectionNotUpgrade);
     }
-    if version.map(<[u8]>::trim_ascii) != Some(b"13") {
+    if offered.version.map(<[u8]>::trim_ascii) != Some(b"13") {
         return Err(HandshakeError::UnsupportedVersion);
     }
-    let key = key.ok_or(HandshakeError::MissingKey)?.trim_ascii();
+    let key = offered.key.ok_or(HandshakeError::MissingKey)?.trim_ascii();
     match BASE64.decode(key) {
         Ok(raw) if raw.len() == 16 => {}
         _ => return Err(HandshakeError::InvalidKey),
     }
-    let extensions = if extensions_text.trim().is_empty() {
-        Vec::new()
-    } else {
-        parse_extensions(&extensions_text)?
-    };
     Ok(UpgradeRequest {
         accept: accept_key(key),
-        protocols,
-        extensions,
-        origin,
-        host,
+        extensions: offered.extensions()?,
+        protocols: offered.protocols,
+        origin: offered.origin,
+        host: offered.host,
+    })
+}
+
+/// Validates a WebSocket opened over HTTP/2 (RFC 8441): an extended CONNECT whose
+/// `:protocol` is `websocket` (the caller has checked both). It carries
+/// `Sec-WebSocket-Version: 13` and no key: its answer is a 200, with no accept value
+/// (`accept` is empty).
+pub fn validate_extended_connect<'a>(
+    headers: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+) -> Result<UpgradeRequest, HandshakeError> {
+    let offered = offered(headers)?;
+    if offered.version.map(<[u8]>::trim_ascii) != Some(b"13") {
+        return Err(HandshakeError::UnsupportedVersion);
+    }
+    Ok(UpgradeRequest {
+        accept: String::new(),
+        extensions: offered.extensions()?,
+        protocols: offered.protocols,
+        origin: offered.origin,
+        host: offered.host,
     })
 }
 
@@ -683,6 +735,39 @@ mod tests {
         assert!(matches!(
             parse_request(b"\x00\x01garbage\r\n\r\n", 8192),
             Err(HandshakeError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn an_extended_connect_needs_version_13_and_no_key() {
+        let headers = [
+            ("sec-websocket-version", &b"13"[..]),
+            (
+                "sec-websocket-extensions",
+                b"permessage-deflate; client_max_window_bits",
+            ),
+            ("sec-websocket-protocol", b"centrifuge-protobuf"),
+            ("origin", b"https://example.com"),
+        ];
+        let upgrade = validate_extended_connect(headers).unwrap();
+        assert_eq!(upgrade.accept, "");
+        assert_eq!(upgrade.protocols, ["centrifuge-protobuf"]);
+        assert_eq!(upgrade.extensions.len(), 1);
+        assert_eq!(upgrade.origin.as_deref(), Some("https://example.com"));
+        assert!(matches!(
+            validate_extended_connect([("sec-websocket-version", &b"8"[..])]),
+            Err(HandshakeError::UnsupportedVersion)
+        ));
+        assert!(matches!(
+            validate_extended_connect([]),
+            Err(HandshakeError::UnsupportedVersion)
+        ));
+        assert!(matches!(
+            validate_extended_connect([
+                ("sec-websocket-version", &b"13"[..]),
+                ("sec-websocket-extensions", b"permessage-deflate; =")
+            ]),
+            Err(HandshakeError::InvalidHeader(_) | HandshakeError::Malformed(_))
         ));
     }
 }

@@ -245,19 +245,29 @@ fn encoding_of(headers: &HeaderMap) -> Encoding {
     }
 }
 
-/// A request's body, up to [`MAX_BODY`].
-async fn body_of(request: Request) -> Result<Bytes, Response> {
-    axum::body::to_bytes(request.into_body(), MAX_BODY)
-        .await
-        .map_err(|cause| {
-            let too_large = std::error::Error::source(&cause)
-                .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
-            if too_large {
-                answer(StatusCode::PAYLOAD_TOO_LARGE, "the body is over 64 KiB\n")
-            } else {
-                answer(StatusCode::BAD_REQUEST, "the body could not be read\n")
-            }
-        })
+/// A request's body, up to [`MAX_BODY`], within `handshake_timeout_secs` (a body that
+/// does not come, over HTTP/1.1 or on a half-open HTTP/2 stream, is answered 408).
+async fn body_of(state: &AppState, request: Request) -> Result<Bytes, Response> {
+    let patience = Duration::from_secs(state.config.handshake_timeout_secs.max(1));
+    let read = tokio::time::timeout(
+        patience,
+        axum::body::to_bytes(request.into_body(), MAX_BODY),
+    );
+    let Ok(read) = read.await else {
+        return Err(answer(
+            StatusCode::REQUEST_TIMEOUT,
+            "the body did not come in time\n",
+        ));
+    };
+    read.map_err(|cause| {
+        let too_large = std::error::Error::source(&cause)
+            .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
+        if too_large {
+            answer(StatusCode::PAYLOAD_TOO_LARGE, "the body is over 64 KiB\n")
+        } else {
+            answer(StatusCode::BAD_REQUEST, "the body could not be read\n")
+        }
+    })
 }
 
 /// `POST /emulation`: a frame of commands for a session on any node.
@@ -269,7 +279,7 @@ pub(crate) async fn emulation(State(state): State<AppState>, request: Request) -
         return refused;
     }
     let encoding = encoding_of(request.headers());
-    let body = match body_of(request).await {
+    let body = match body_of(&state, request).await {
         Ok(body) => body,
         Err(refused) => return refused,
     };
@@ -369,7 +379,7 @@ pub(crate) async fn http_stream(State(state): State<AppState>, request: Request)
     }
     let encoding = encoding_of(request.headers());
     let slot = request.extensions().get::<ConnectionSlot>().cloned();
-    let first = match body_of(request).await {
+    let first = match body_of(&state, request).await {
         Ok(body) => body,
         Err(refused) => return refused,
     };
@@ -391,7 +401,7 @@ pub(crate) async fn sse(State(state): State<AppState>, request: Request) -> Resp
     }
     let slot = request.extensions().get::<ConnectionSlot>().cloned();
     let first = if request.method() == Method::POST {
-        match body_of(request).await {
+        match body_of(&state, request).await {
             Ok(body) => body,
             Err(refused) => return refused,
         }
