@@ -410,6 +410,27 @@ test('over HTTPS the page loads over HTTP/2 and its WebSockets are HTTP/2 stream
   await ann.getByLabel('Message').fill('hello over h2');
   await ann.getByLabel('Message').press('Enter');
   await eventually('ben sees it', () => hasMessage(ben, 'ann', 'hello over h2'));
+  // Eight event streams in one page: over HTTP/1.1 the seventh would wait for one of
+  // six connections; over HTTP/2 they are streams of the one connection.
+  // All stay open until every one has its welcome.
+  const welcomed = await ann.evaluate(async () => {
+    const sources = [];
+    const all = await Promise.all(Array.from({ length: 8 }, (_, i) =>
+      new Promise((resolve, reject) => {
+        const source = new EventSource(`/room/h2-tab-${i}?name=ann`);
+        sources.push(source);
+        const timer = setTimeout(() => reject(new Error(`stream ${i}: no welcome in 10 s`)), 10000);
+        source.onmessage = (event) => {
+          if (JSON.parse(event.data).type === 'welcome') {
+            clearTimeout(timer);
+            resolve(i);
+          }
+        };
+      })));
+    for (const source of sources) source.close();
+    return all;
+  });
+  assert.deepEqual(welcomed, [0, 1, 2, 3, 4, 5, 6, 7], 'eight event streams at once');
   const metrics = await ann.evaluate(async () => (await fetch('/metrics')).text());
   const count = (series) => Number((metrics.split('\n').find((l) => l.startsWith(series)) ?? ' 0').split(' ').pop());
   assert.equal(count('switchboard_websocket_connections_total{http="2"}'), 2,

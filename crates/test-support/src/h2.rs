@@ -55,6 +55,8 @@ impl H2 {
             (*switchboard_net::tls::client_config(Some(ca)).expect("a TLS client config")).clone();
         tls.alpn_protocols = vec![b"h2".to_vec()];
         let tcp = TcpStream::connect(address).await.expect("the server");
+        // Small frames go at once (without it every round trip waits for a delayed ACK).
+        tcp.set_nodelay(true).expect("TCP_NODELAY");
         let name = rustls::pki_types::ServerName::try_from("localhost").expect("a name");
         let session = tokio_rustls::TlsConnector::from(Arc::new(tls))
             .connect(name, tcp)
