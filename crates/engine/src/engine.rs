@@ -622,6 +622,9 @@ pub(crate) struct Inner {
     pub(crate) config: EngineConfig,
     /// Notices for this node's doors, from any node.
     pub(crate) notices: tokio::sync::broadcast::Sender<Bytes>,
+    /// Posts to this node's doors alone ([`Engine::post`]), apart from the notices so a
+    /// flood of them cannot crowd a server API's notice out.
+    pub(crate) posts: tokio::sync::broadcast::Sender<Bytes>,
     backend: Arc<dyn Backend>,
     channels: Mutex<HashMap<Arc<str>, Arc<Channel>>>,
     next_member: AtomicU64,
@@ -714,6 +717,7 @@ impl Engine {
         let inner = Arc::new(Inner {
             config,
             notices: tokio::sync::broadcast::channel(NOTICES).0,
+            posts: tokio::sync::broadcast::channel(NOTICES).0,
             backend: backend.clone(),
             channels: Mutex::new(HashMap::new()),
             next_member: AtomicU64::new(1),
@@ -1086,15 +1090,20 @@ impl Engine {
     }
 
     /// Sends `payload` to the doors of the node at `address` alone (through its
-    /// [`Engine::notices`]); false when no node there heard it (it stopped, or never
+    /// [`Engine::posts`]); false when no node there heard it (it stopped, or never
     /// was).
     pub async fn post(&self, address: &str, payload: Bytes) -> Result<bool, EngineError> {
         Ok(self.inner.backend.post(address, payload).await?)
     }
 
-    /// The notices any node sent from now on, and the posts to this node.
+    /// The notices any node sent from now on.
     pub fn notices(&self) -> tokio::sync::broadcast::Receiver<Bytes> {
         self.inner.notices.subscribe()
+    }
+
+    /// The posts any node sends to this one from now on ([`Engine::post`]).
+    pub fn posts(&self) -> tokio::sync::broadcast::Receiver<Bytes> {
+        self.inner.posts.subscribe()
     }
 
     /// Where `channel`'s stream stands: its last publication id and its epoch.

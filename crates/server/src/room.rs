@@ -125,7 +125,9 @@ pub(crate) async fn room(
         Ok(name) => name,
         Err(refusal) => return refusal.into_response(),
     };
-    if crate::room_http::wants_event_stream(request.headers()) {
+    if crate::room_http::wants_event_stream(request.headers())
+        && !crate::upgrade::is_extended_connect(&request)
+    {
         return crate::room_http::stream(state, channel, name, &query, request).await;
     }
     let resume = match resume_of(&query) {

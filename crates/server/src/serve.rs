@@ -234,7 +234,7 @@ pub async fn run(
     ));
     tokio::spawn(crate::centrifuge::apply_posts(
         state.clone(),
-        state.engine.notices(),
+        state.engine.posts(),
     ));
     let scheme = if tls.is_some() { "https" } else { "http" };
     let acceptor = Arc::new(Acceptor::new(&state, tls, proxies));
@@ -245,10 +245,17 @@ pub async fn run(
     Ok(())
 }
 
-fn tls_acceptor(config: &Config) -> Result<Option<TlsAcceptor>, Error> {
+/// The TLS acceptor of connections, and the one refusals are answered through (HTTP/1.1
+/// only: a refusal is written as an HTTP/1.1 answer, whatever the client prefers).
+fn tls_acceptor(config: &Config) -> Result<Option<(TlsAcceptor, TlsAcceptor)>, Error> {
     match (&config.tls_cert, &config.tls_key) {
-        (Some(cert), Some(key)) => Ok(Some(TlsAcceptor::from(
-            switchboard_net::tls::server_config(cert, key, config.http2)?,
+        (Some(cert), Some(key)) => Ok(Some((
+            TlsAcceptor::from(switchboard_net::tls::server_config(
+                cert,
+                key,
+                config.http2,
+            )?),
+            TlsAcceptor::from(switchboard_net::tls::server_config(cert, key, false)?),
         ))),
         (None, None) => Ok(None),
         _ => Err(Error::TlsHalf),
@@ -313,13 +320,17 @@ struct Acceptor {
     slots: Arc<Semaphore>,
     per_ip: Option<Arc<PerIp>>,
     tls: Option<TlsAcceptor>,
+    /// Where refusals are answered (HTTP/1.1 only).
+    refusal_tls: Option<TlsAcceptor>,
     refusals: Refusals,
     handshake_timeout: Duration,
     proxies: Arc<Proxies>,
 }
 
 impl Acceptor {
-    fn new(state: &AppState, tls: Option<TlsAcceptor>, proxies: Proxies) -> Self {
+    fn new(state: &AppState, tls: Option<(TlsAcceptor, TlsAcceptor)>, proxies: Proxies) -> Self {
+        let (tls, refusal_tls) =
+            tls.map_or((None, None), |(main, refusal)| (Some(main), Some(refusal)));
         let config = &state.config;
         Self {
             state: state.clone(),
@@ -330,7 +341,8 @@ impl Acceptor {
                 config.handshakes_per_ip_per_sec,
                 config.handshake_burst_per_ip,
             ),
-            refusals: Refusals::new(tls.clone()),
+            refusals: Refusals::new(refusal_tls.clone()),
+            refusal_tls,
             tls,
             handshake_timeout: Duration::from_secs(config.handshake_timeout_secs.max(1)),
             proxies: Arc::new(proxies),
@@ -435,7 +447,7 @@ impl Acceptor {
         metrics::counter!("switchboard_connections_refused_total", "reason" => "proxy_header")
             .increment(1);
         debug!(%peer, reason = refusal.trim_end(), "connection refused");
-        let tls = self.tls.as_ref();
+        let tls = self.refusal_tls.as_ref();
         let _ = tokio::time::timeout(ANSWER_TIMEOUT, async move {
             if let Some(stream) = secure(stream, peer, tls, ANSWER_TIMEOUT).await {
                 refuse(stream, "400 Bad Request", &refusal).await;
@@ -484,12 +496,17 @@ impl Acceptor {
                 .saturating_sub(accepted.elapsed())
                 .max(Duration::from_millis(100));
             let relayed = proxies.trusts(peer.ip());
+            // Set by the first request: an HTTP/2 client that sends none within the
+            // handshake timeout is dropped (hyper's HTTP/2 has no head timeout).
+            let requested = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let first_request = requested.clone();
             let h2 = matches!(
                 &stream,
                 Stream::TlsServer(tls) if tls.get_ref().1.alpn_protocol() == Some(b"h2")
             );
             let service = hyper::service::service_fn(
                 move |mut request: http::Request<hyper::body::Incoming>| {
+                    requested.store(true, std::sync::atomic::Ordering::Relaxed);
                     let tunnel = crate::upgrade::mark_extended_connect(&mut request);
                     let mut slot = slot.clone();
                     let client = if relayed {
@@ -497,7 +514,10 @@ impl Acceptor {
                     } else {
                         peer.ip()
                     };
-                    let admitted = match (&per_ip, relayed) {
+                    // A request relayed by a trusted proxy, or a stream of an HTTP/2
+                    // connection (which carries many), is admitted on its own: it holds
+                    // a place of its client's while it runs.
+                    let admitted = match (&per_ip, relayed || h2) {
                         (Some(limits), true) => limits
                             .admit(client, std::time::Instant::now())
                             .map(|client| slot.client = Some(Arc::new(client))),
@@ -542,7 +562,20 @@ impl Acceptor {
                     .keep_alive_interval(ping)
                     .keep_alive_timeout(Duration::from_secs(config.pong_timeout_secs.max(1)))
                     .serve_connection(TokioIo::new(stream), service);
-                drive(connection, |c| c.graceful_shutdown(), &state, peer).await;
+                let served = drive(connection, |c| c.graceful_shutdown(), &state, peer);
+                tokio::pin!(served);
+                tokio::select! {
+                    () = &mut served => {}
+                    () = tokio::time::sleep(head_timeout) => {
+                        if first_request.load(std::sync::atomic::Ordering::Relaxed) {
+                            served.await;
+                        } else {
+                            metrics::counter!("switchboard_handshake_failures_total", "reason" => "timeout")
+                                .increment(1);
+                            debug!(%peer, "an HTTP/2 connection sent no request in time");
+                        }
+                    }
+                }
             } else {
                 metrics::counter!("switchboard_http_connections_total", "version" => "1.1")
                     .increment(1);

@@ -25,6 +25,11 @@ use crate::serve::{AppState, ClientAddress, ConnectionSlot};
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ExtendedConnect;
 
+/// Whether `request` is an extended CONNECT marked by [`mark_extended_connect`].
+pub(crate) fn is_extended_connect<B>(request: &http::Request<B>) -> bool {
+    request.extensions().get::<ExtendedConnect>().is_some()
+}
+
 /// Marks `request` when it is one; true then.
 pub(crate) fn mark_extended_connect<B>(request: &mut http::Request<B>) -> bool {
     let websocket = request.method() == http::Method::CONNECT

@@ -2873,6 +2873,27 @@ async fn http2_streams_that_break_the_rules_get_exact_refusals_and_the_connectio
     assert_eq!(seen.first(), Some(&0x89), "a ping first: {seen:?}");
     eprintln!("the quiet stream ended after {:?}", started.elapsed());
 
+    // A connection that chose HTTP/2 and never sends its preface is dropped once the
+    // handshake timeout (1 s) passes.
+    let mut tls = (*switchboard_net::tls::client_config(Some(&cert)).unwrap()).clone();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = TcpStream::connect(server.address).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut silent = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    assert_eq!(silent.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let started = Instant::now();
+    let mut sink = Vec::new();
+    let dropped = tokio::time::timeout(Duration::from_secs(8), silent.read_to_end(&mut sink)).await;
+    assert!(dropped.is_ok(), "a silent HTTP/2 connection is dropped");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+
     // And the connection still serves: the canary still chats, /healthz answers.
     let (status, _) = h2.request(Method::GET, "/healthz", "").await;
     assert_eq!(status, StatusCode::OK);

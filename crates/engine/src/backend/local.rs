@@ -361,7 +361,7 @@ impl Backend for LocalBackend {
         let here = address == &*self.address;
         if here {
             if let Some(sink) = self.sink.get() {
-                sink.notice(payload);
+                sink.post(payload);
             }
         }
         std::future::ready(Ok(here)).boxed()

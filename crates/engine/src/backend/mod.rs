@@ -84,6 +84,13 @@ impl Sink {
         }
     }
 
+    /// A post for the doors of this node alone (see [`crate::Engine::post`]).
+    pub(crate) fn post(&self, payload: Bytes) {
+        if let Some(inner) = self.0.upgrade() {
+            let _ = inner.posts.send(payload);
+        }
+    }
+
     /// Whether the engine still runs.
     pub(crate) fn alive(&self) -> bool {
         self.0.strong_count() > 0
@@ -117,7 +124,7 @@ pub(crate) trait Backend: Send + Sync + std::fmt::Debug + 'static {
     fn notify_nodes(&self, payload: Bytes) -> BoxFuture<'_, Result<(), StoreError>>;
     /// This node's address for [`Backend::post`]: random, fixed while the process runs.
     fn address(&self) -> &str;
-    /// Carries `payload` to the engine of the node at `address` alone, as a notice;
+    /// Carries `payload` to the engine of the node at `address` alone, as a post;
     /// false when no node there heard it.
     fn post<'a>(
         &'a self,

@@ -132,12 +132,16 @@ impl Sessions {
 }
 
 /// Serves the emulation requests other nodes route here, and their answers to the
-/// ones this node routed, until the server shuts down.
+/// ones this node routed, until the drain is over (sessions draining still take
+/// commands, and requests this node routed still get their answers).
 pub(crate) async fn apply_posts(state: AppState, mut posts: broadcast::Receiver<Bytes>) {
-    let shutdown = state.shutdown.clone();
+    let kill = state.kill.clone();
+    let tasks = state.tasks.clone();
     loop {
         let received = tokio::select! {
-            () = shutdown.stopping() => return,
+            () = kill.stopping() => return,
+            // Closed and empty: the drain is over.
+            () = tasks.wait() => return,
             received = posts.recv() => received,
         };
         let payload = match received {
@@ -322,6 +326,22 @@ fn delivered(status: StatusCode) -> Response {
     }
 }
 
+/// Takes a routed request out of those waiting for an answer when dropped.
+struct Forget<'a> {
+    sessions: &'a Sessions,
+    id: u64,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.sessions
+            .waiting
+            .lock()
+            .expect("waiting lock")
+            .remove(&self.id);
+    }
+}
+
 /// Carries an emulation request to the node at `node` and answers what it answered.
 async fn route(state: &AppState, node: &str, session: &str, frame: &[u8]) -> Response {
     let sessions = &state.centrifuge_sessions;
@@ -332,20 +352,17 @@ async fn route(state: &AppState, node: &str, session: &str, frame: &[u8]) -> Res
         .lock()
         .expect("waiting lock")
         .insert(id, tell);
-    let forget = || {
-        sessions.waiting.lock().expect("waiting lock").remove(&id);
-    };
+    // Forgotten however this ends, a request dropped midway included.
+    let _forget = Forget { sessions, id };
     let payload = encode_request(id, state.engine.address(), session, frame);
     match state.engine.post(node, payload).await {
         Ok(true) => {}
         Ok(false) => {
-            forget();
             metrics::counter!("switchboard_centrifuge_emulation_total", "outcome" => "no_node")
                 .increment(1);
             return answer(StatusCode::NOT_FOUND, "no node has that address\n");
         }
         Err(cause) => {
-            forget();
             warn!(%cause, "routing an emulation request failed");
             return answer(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -359,13 +376,10 @@ async fn route(state: &AppState, node: &str, session: &str, frame: &[u8]) -> Res
         Ok(Ok(status)) => {
             delivered(StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY))
         }
-        _ => {
-            forget();
-            answer(
-                StatusCode::GATEWAY_TIMEOUT,
-                "the node of the session did not answer in time\n",
-            )
-        }
+        _ => answer(
+            StatusCode::GATEWAY_TIMEOUT,
+            "the node of the session did not answer in time\n",
+        ),
     }
 }
 
@@ -398,6 +412,10 @@ pub(crate) async fn http_stream(State(state): State<AppState>, request: Request)
 pub(crate) async fn sse(State(state): State<AppState>, request: Request) -> Response {
     if let Some(refused) = foreign_origin(&state, request.headers()) {
         return refused;
+    }
+    if crate::upgrade::is_extended_connect(&request) {
+        // A WebSocket stream asked for here: refused before anything connects.
+        return answer(StatusCode::BAD_REQUEST, "this endpoint is no WebSocket\n");
     }
     let slot = request.extensions().get::<ConnectionSlot>().cloned();
     let first = if request.method() == Method::POST {

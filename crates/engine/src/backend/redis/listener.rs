@@ -451,9 +451,15 @@ const CATCH_UP_TRIES: u32 = 10;
 impl Node {
     /// What arrived on Pub/Sub channel `name`.
     async fn heard(self: &Arc<Self>, name: &str, payload: &[u8]) {
-        if name == self.notices() || name == self.inbox() {
+        if name == self.notices_channel {
             if let Some(sink) = self.sink.get() {
                 sink.notice(Bytes::copy_from_slice(payload));
+            }
+            return;
+        }
+        if name == self.inbox_channel {
+            if let Some(sink) = self.sink.get() {
+                sink.post(Bytes::copy_from_slice(payload));
             }
             return;
         }

@@ -296,6 +296,10 @@ struct Node {
     /// Where posts for this node go (see [`Node::inbox`]): unlike `id`, fixed for the
     /// life of the process.
     address: Arc<str>,
+    /// The names of [`Node::notices`] and [`Node::inbox`], made once (every message
+    /// heard is compared with them).
+    notices_channel: String,
+    inbox_channel: String,
     prefix: String,
     expiry: Duration,
     /// How long a command waits for its answer (two thirds of the configured timeout).
@@ -456,9 +460,12 @@ impl RedisBackend {
                 ear
             })
             .collect();
+        let address = new_id();
         let node = Arc::new(Node {
             id: Mutex::new(new_id()),
-            address: new_id(),
+            notices_channel: topology::control_key(&redis.prefix, "notices"),
+            inbox_channel: topology::control_key(&redis.prefix, &format!("to:{address}")),
+            address,
             prefix: redis.prefix.clone(),
             expiry: redis.presence_expiry,
             patience,
@@ -900,12 +907,12 @@ impl Node {
 
     /// The Pub/Sub channel of notices for every node's doors.
     fn notices(&self) -> String {
-        self.control_key("notices")
+        self.notices_channel.clone()
     }
 
     /// The Pub/Sub channel of posts for this node's doors alone.
     fn inbox(&self) -> String {
-        self.control_key(&format!("to:{}", self.address))
+        self.inbox_channel.clone()
     }
 
     /// `PUBLISH`, or in a Redis Cluster `SPUBLISH` (the message then crosses only the
