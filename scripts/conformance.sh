@@ -24,8 +24,7 @@
 #                            517); only those are run and compared
 #   CONFORMANCE_UPDATE=1     rewrite the expected files from the reports (only the selected
 #                            cases when CONFORMANCE_CASES is set)
-#   CONFORMANCE_MODES        "server client" (default); "server-h2" runs (a2), not yet
-#                            by default: a case can stall over HTTP/2 (see issue 20's note)
+#   CONFORMANCE_MODES        "server server-h2 client" (default), or some of them
 #   CONFORMANCE_PARALLELISM  kosoku fuzzingclient -p (default 2)
 #   CONFORMANCE_CASE_TIMEOUT seconds for one `switchboard connect` (default 60)
 #   CONFORMANCE_RUN_TIMEOUT  seconds for the whole fuzzingclient run (default 1800)
@@ -38,7 +37,7 @@ KOSOKU_VERSION=0.1.0
 VENV="$ROOT/.venv"
 REPORTS="$ROOT/reports"
 CASES="${CONFORMANCE_CASES:-}"
-MODES="${CONFORMANCE_MODES:-server client}"
+MODES="${CONFORMANCE_MODES:-server server-h2 client}"
 PARALLELISM="${CONFORMANCE_PARALLELISM:-2}"
 CASE_TIMEOUT="${CONFORMANCE_CASE_TIMEOUT:-60}"
 RUN_TIMEOUT="${CONFORMANCE_RUN_TIMEOUT:-1800}"

@@ -556,7 +556,12 @@ impl Acceptor {
                     .max_header_list_size(
                         u32::try_from(config.max_header_bytes.max(8192)).unwrap_or(u32::MAX),
                     )
-                    .adaptive_window(true)
+                    // Fixed windows, not adaptive ones: h2 closes a connection whose
+                    // small DATA frames (a WebSocket sending 64-byte frames) outrun a
+                    // budget of half the connection window, and an adaptive window
+                    // starts at 64 KiB. 1 MiB a stream, 4 MiB a connection.
+                    .initial_stream_window_size(1 << 20)
+                    .initial_connection_window_size(4 << 20)
                     // HTTP/2 pings keep a quiet connection alive through proxies, and
                     // find a peer that went away.
                     .keep_alive_interval(ping)
