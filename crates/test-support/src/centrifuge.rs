@@ -112,31 +112,7 @@ impl HttpStream {
             stream.write_all(request.as_bytes()).await.expect("sent");
             stream.write_all(first).await.expect("sent");
         }
-        let mut buffer = Vec::new();
-        let mut chunk = [0u8; 4096];
-        let end = loop {
-            if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
-                break end;
-            }
-            let read = tokio::time::timeout(PATIENCE, stream.read(&mut chunk))
-                .await
-                .expect("an answer in time")
-                .expect("read");
-            assert!(
-                read > 0,
-                "closed before the head: {:?}",
-                String::from_utf8_lossy(&buffer)
-            );
-            buffer.extend_from_slice(&chunk[..read]);
-        };
-        let mut head = String::from_utf8_lossy(&buffer[..end]).into_owned();
-        let status = head.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
-        buffer.drain(..end + 4);
-        if status != 200 {
-            let _ = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut buffer)).await;
-            head.push_str("\r\n\r\n");
-            head.push_str(&String::from_utf8_lossy(&buffer));
-        }
+        let (status, head, buffer) = crate::sse::read_head(&mut stream).await;
         let stream = Self {
             stream,
             buffer,

@@ -24,6 +24,38 @@ pub struct EventStream {
     pub head: String,
 }
 
+/// Reads an answer's head from `stream`: its status, the head (and for an answer other
+/// than 200, its body, read to the close) and what came after the head. Panics after
+/// 10 s without a head.
+pub async fn read_head(stream: &mut TcpStream) -> (u16, String, Vec<u8>) {
+    let mut buffer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let end = loop {
+        if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end;
+        }
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk))
+            .await
+            .expect("an answer within 10 s")
+            .expect("read");
+        assert!(
+            read > 0,
+            "closed before the head: {:?}",
+            String::from_utf8_lossy(&buffer)
+        );
+        buffer.extend_from_slice(&chunk[..read]);
+    };
+    let mut head = String::from_utf8_lossy(&buffer[..end]).into_owned();
+    let status = head.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    buffer.drain(..end + 4);
+    if status != 200 {
+        let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buffer)).await;
+        head.push_str("\r\n\r\n");
+        head.push_str(&String::from_utf8_lossy(&buffer));
+    }
+    (status, head, buffer)
+}
+
 impl EventStream {
     /// `GET path` with `Accept: text/event-stream` and `headers` (each line ending in
     /// `\r\n`). For an answer other than 200 the body is read into `head`.
@@ -32,32 +64,7 @@ impl EventStream {
         let request =
             format!("GET {path} HTTP/1.0\r\nHost: x\r\nAccept: text/event-stream\r\n{headers}\r\n");
         stream.write_all(request.as_bytes()).await.expect("sent");
-        let mut buffer = Vec::new();
-        let mut chunk = [0u8; 4096];
-        let end = loop {
-            if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
-                break end;
-            }
-            let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk))
-                .await
-                .expect("an answer within 10 s")
-                .expect("read");
-            assert!(
-                read > 0,
-                "closed before the head: {:?}",
-                String::from_utf8_lossy(&buffer)
-            );
-            buffer.extend_from_slice(&chunk[..read]);
-        };
-        let mut head = String::from_utf8_lossy(&buffer[..end]).into_owned();
-        let status = head.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
-        buffer.drain(..end + 4);
-        if status != 200 {
-            let _ =
-                tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buffer)).await;
-            head.push_str("\r\n\r\n");
-            head.push_str(&String::from_utf8_lossy(&buffer));
-        }
+        let (status, head, buffer) = read_head(&mut stream).await;
         Self {
             stream,
             buffer,
