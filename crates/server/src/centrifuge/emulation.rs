@@ -85,12 +85,17 @@ fn session_id() -> String {
     format!("{:016x}{:016x}", rng.next_u64(), rng.next_u64())
 }
 
+/// Whether `text` is `digits` lower-case hex digits.
+fn is_hex(text: &str, digits: usize) -> bool {
+    text.len() == digits && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 fn is_session_id(text: &str) -> bool {
-    text.len() == 32 && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    is_hex(text, 32)
 }
 
 fn is_address(text: &str) -> bool {
-    text.len() == 16 && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    is_hex(text, 16)
 }
 
 impl Sessions {

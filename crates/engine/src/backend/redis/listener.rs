@@ -143,7 +143,7 @@ async fn shard_listener(
         Backing::Cluster { .. } => return,
     };
     let own: Vec<String> = if shard == node.control {
-        vec![node.notices(), node.inbox()]
+        vec![node.notices().to_owned(), node.inbox().to_owned()]
     } else {
         Vec::new()
     };
@@ -451,13 +451,13 @@ const CATCH_UP_TRIES: u32 = 10;
 impl Node {
     /// What arrived on Pub/Sub channel `name`.
     async fn heard(self: &Arc<Self>, name: &str, payload: &[u8]) {
-        if name == self.notices_channel {
+        if name == self.notices() {
             if let Some(sink) = self.sink.get() {
                 sink.notice(Bytes::copy_from_slice(payload));
             }
             return;
         }
-        if name == self.inbox_channel {
+        if name == self.inbox() {
             if let Some(sink) = self.sink.get() {
                 sink.post(Bytes::copy_from_slice(payload));
             }

@@ -464,7 +464,7 @@ impl RedisBackend {
         let node = Arc::new(Node {
             id: Mutex::new(new_id()),
             notices_channel: topology::control_key(&redis.prefix, "notices"),
-            inbox_channel: topology::control_key(&redis.prefix, &format!("to:{address}")),
+            inbox_channel: topology::inbox_of(&redis.prefix, &address),
             address,
             prefix: redis.prefix.clone(),
             expiry: redis.presence_expiry,
@@ -619,10 +619,7 @@ impl Backend for RedisBackend {
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         async move {
             let heard: redis::RedisResult<u64> = redis::cmd(self.node.publish_command())
-                .arg(topology::control_key(
-                    &self.node.prefix,
-                    &format!("to:{address}"),
-                ))
+                .arg(topology::inbox_of(&self.node.prefix, address))
                 .arg(payload.as_ref())
                 .query_async(&mut self.node.control_conn())
                 .await;
@@ -906,13 +903,13 @@ impl Node {
     }
 
     /// The Pub/Sub channel of notices for every node's doors.
-    fn notices(&self) -> String {
-        self.notices_channel.clone()
+    fn notices(&self) -> &str {
+        &self.notices_channel
     }
 
     /// The Pub/Sub channel of posts for this node's doors alone.
-    fn inbox(&self) -> String {
-        self.inbox_channel.clone()
+    fn inbox(&self) -> &str {
+        &self.inbox_channel
     }
 
     /// `PUBLISH`, or in a Redis Cluster `SPUBLISH` (the message then crosses only the

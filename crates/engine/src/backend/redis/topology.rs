@@ -68,6 +68,11 @@ pub(super) fn control_key(prefix: &str, kind: &str) -> String {
     format!("{prefix}:{{{CONTROL}}}:{kind}")
 }
 
+/// The Pub/Sub channel of posts for the node at `address` alone.
+pub(super) fn inbox_of(prefix: &str, address: &str) -> String {
+    control_key(prefix, &format!("to:{address}"))
+}
+
 /// The channel whose key (or Pub/Sub channel) `name` is, with its kind.
 pub(super) fn channel_of<'a>(prefix: &str, name: &'a str) -> Option<(Cow<'a, str>, &'a str)> {
     let rest = name.strip_prefix(prefix)?.strip_prefix(":{")?;
