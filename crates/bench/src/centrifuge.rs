@@ -857,6 +857,7 @@ pub(crate) async fn door_fanout(args: DoorFanoutArgs) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir)?;
     }
     let mut runs = Vec::new();
+    let progress = super::progress::Steps::new((args.rates.len() * args.runs.max(1) * 2) as u64);
     for &rate in &args.rates {
         for round in 0..args.runs.max(1) {
             let order = if round % 2 == 0 {
@@ -865,8 +866,9 @@ pub(crate) async fn door_fanout(args: DoorFanoutArgs) -> anyhow::Result<()> {
                 [Door::Room, args.door]
             };
             for door in order {
+                progress.start(format!("{rate} msg/s · round {} · {door:?}", round + 1));
                 let run = door_fanout_run(&args, rate, round, door).await?;
-                eprintln!(
+                progress.done(format!(
                     "centrifuge-fanout {rate}/s round {} {door:?}: {}/{} delivered, server CPU {:.3} µs per delivery{}",
                     round + 1,
                     run.step.delivered,
@@ -874,11 +876,12 @@ pub(crate) async fn door_fanout(args: DoorFanoutArgs) -> anyhow::Result<()> {
                     run.total_us(),
                     run.instructions
                         .map_or_else(String::new, |n| format!(", {n:.0} instructions per delivery"))
-                );
+                ));
                 runs.push(run);
             }
         }
     }
+    progress.finish();
     print_door_fanout(&args, &runs)
 }
 
@@ -955,6 +958,7 @@ async fn door_fanout_load(
         app_key: String::new(),
         app_secret: String::new(),
         json: false,
+        every_step: false,
         sse: door == Door::RoomSse,
         api: true,
         channel: "bench".into(),

@@ -8,9 +8,15 @@
 //! instructions part counts, under callgrind, the server's user-space instructions per
 //! echoed message (two counted loads on one server, the difference divided by the
 //! messages between them): repeatable whatever else the machine does. Then
-//! fan-out (one room or channel, rising publish rates; Switchboard, Sockudo and a
-//! tokio-tungstenite broadcast server), server memory per idle connection, and new
+//! fan-out (one room or channel, rising publish rates; Switchboard, Sockudo, a
+//! tokio-tungstenite broadcast server and Socket.IO), fan-out at a fixed rate every
+//! server holds (the server's CPU per delivery, which ranks servers where the load's
+//! one core bounds the rates held), server memory per idle connection, and new
 //! connections per second.
+//!
+//! The Node peers (Node's `ws` echo, a Socket.IO room) are scripts in peers/node, run
+//! with the `node` on PATH; `npm ci --prefix peers/node` installs their packages. Node
+//! runs JavaScript on one thread, so one core is its natural pinning as well.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -26,7 +32,7 @@ use tokio::process::{Child, Command};
 
 use super::fanout::FanoutResult;
 use super::handshake::HandshakeResult;
-use super::{EchoResult, IdleResult};
+use super::{chart, progress, EchoResult, IdleResult};
 
 #[derive(Debug, Args)]
 pub(crate) struct CompareArgs {
@@ -41,12 +47,20 @@ pub(crate) struct CompareArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "switchboard,raw,fastwebsockets,tokio-websockets,sockudo-ws,tungstenite"
+        default_value = "switchboard,raw,fastwebsockets,tokio-websockets,sockudo-ws,tungstenite,node-ws"
     )]
     engines: Vec<String>,
+    /// The Node peers' folder (`ws-echo.mjs`, `socketio-broadcast.mjs`, and their
+    /// packages in node_modules: `npm ci --prefix peers/node`).
+    #[arg(long, default_value = "peers/node")]
+    node_peers: PathBuf,
+    /// The Node.js binary for the Node peers; looked up on PATH.
+    #[arg(long, default_value = "node")]
+    node: PathBuf,
     /// A short run for CI: two echo cells (1 s of warm-up, 2 samples), instructions in
-    /// the first cell only, fan-out to 1,000
-    /// subscribers at three rates, 1,000 idle connections, 2 handshake samples.
+    /// the first cell only, fan-out to 1,000 subscribers at three rates, the fixed-rate
+    /// fan-out to 1,000 at 10 msg/s (a warm-up and two 1 s steps, one round), 1,000
+    /// idle connections, 2 handshake samples.
     #[arg(long)]
     quick: bool,
     /// Seconds of warm-up per cell.
@@ -68,14 +82,14 @@ pub(crate) struct CompareArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "echo,instructions,fanout,idle,handshake"
+        default_value = "echo,instructions,fanout,fanout-cpu,idle,handshake"
     )]
     parts: Vec<Part>,
-    /// Servers for the fan-out part.
+    /// Servers for the fan-out parts.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "switchboard,switchboard-pusher,sockudo,tungstenite-broadcast"
+        default_value = "switchboard,switchboard-pusher,sockudo,tungstenite-broadcast,socketio"
     )]
     fanout_engines: Vec<String>,
     /// Subscribers per fan-out cell.
@@ -86,6 +100,23 @@ pub(crate) struct CompareArgs {
     /// every server, so a tighter bound holds no rate there.
     #[arg(long, default_value_t = 250.0)]
     p99_bound_ms: f64,
+    /// Subscribers per cell of the fixed-rate fan-out (`fanout-cpu`).
+    #[arg(long, value_delimiter = ',', default_value = "5000,10000")]
+    cpu_subscribers: Vec<usize>,
+    /// The publish rate (messages/s) of each `--cpu-subscribers` count, in the same
+    /// order (the last one for any count past them): a rate every server holds there.
+    #[arg(long, value_delimiter = ',', default_value = "10,5")]
+    cpu_rates: Vec<f64>,
+    /// Seconds per step of the fixed-rate fan-out.
+    #[arg(long, default_value_t = 3.0)]
+    cpu_secs: f64,
+    /// Steps counted per server in the fixed-rate fan-out, after one warm-up step.
+    #[arg(long, default_value_t = 3)]
+    cpu_steps: usize,
+    /// Rounds of the fixed-rate fan-out, each on fresh servers, alternating the order
+    /// of the engines; the median round is reported.
+    #[arg(long, default_value_t = 3)]
+    cpu_rounds: usize,
     /// The Sockudo server (`cargo install sockudo --locked`); looked up on PATH and in
     /// ~/.cargo/bin.
     #[arg(long, default_value = "sockudo")]
@@ -96,9 +127,16 @@ pub(crate) struct CompareArgs {
     /// Seconds idle connections wait before the server's memory is read.
     #[arg(long, default_value_t = 12.0)]
     idle_wait: f64,
-    /// Where compare.md, compare.json and compare.svg go.
+    /// Where compare.md, compare.json and the charts go (compare-echo, compare-fanout and
+    /// compare-memory, each as .svg and .png; compare.svg is the echo chart as well).
     #[arg(long, default_value = "reports/bench")]
     out: PathBuf,
+    /// Run nothing: draw the charts of a saved run (its compare.json) into --out.
+    #[arg(long, value_name = "COMPARE_JSON")]
+    charts_from: Option<PathBuf>,
+    /// The bars on stderr, set by `run` once it knows its steps (not a flag).
+    #[arg(skip)]
+    progress: progress::Steps,
 }
 
 /// Connections × message bytes.
@@ -117,8 +155,19 @@ enum Part {
     /// The server's instructions per echoed message, counted by callgrind.
     Instructions,
     Fanout,
+    /// Fan-out at a fixed publish rate: the server's CPU per delivery.
+    FanoutCpu,
     Idle,
     Handshake,
+}
+
+/// The peers that are Node scripts in peers/node, and their script.
+fn node_script(engine: &str) -> Option<&'static str> {
+    match engine {
+        "node-ws" => Some("ws-echo.mjs"),
+        "socketio" => Some("socketio-broadcast.mjs"),
+        _ => None,
+    }
 }
 
 /// The engines that are neither Switchboard nor the raw TCP ceiling.
@@ -156,6 +205,8 @@ struct Report {
     /// engine → subscribers → fan-out steps.
     fanout: BTreeMap<String, BTreeMap<usize, FanoutResult>>,
     fanout_engines: Vec<String>,
+    /// The fixed-rate fan-out, per subscriber count: every round and step.
+    fanout_cpu: Vec<FanoutCpuCell>,
     /// engine → connections → idle memory.
     idle: BTreeMap<String, BTreeMap<usize, IdleResult>>,
     /// engine → new connections per second.
@@ -185,7 +236,12 @@ impl Server {
         if engine == "sockudo" {
             return Self::start_sockudo(args, command).await;
         }
-        if is_ours(engine) {
+        if let Some(script) = node_script(engine) {
+            command
+                .arg(node_binary(args)?)
+                .arg(args.node_peers.join(script))
+                .args(["--listen", "127.0.0.1:0"]);
+        } else if is_ours(engine) {
             let me = switchboard_binary(args)?;
             // Rooms limit each connection's rate; the fan-out publisher needs more. Every
             // load comes from loopback, so the limits per address are off (the peers
@@ -244,7 +300,7 @@ impl Server {
     /// Sockudo, as configured for a benchmark: memory drivers, one app, no metrics. It
     /// is ready once its port accepts connections.
     async fn start_sockudo(args: &CompareArgs, mut command: Command) -> anyhow::Result<Self> {
-        let binary = sockudo_binary(&args.sockudo).with_context(|| {
+        let binary = find_program(&args.sockudo).with_context(|| {
             format!(
                 "no Sockudo server at {} (install it with `cargo install sockudo --locked`, \
                  or leave it out with --fanout-engines)",
@@ -362,7 +418,14 @@ async fn load(
             command.args(["--count", &count.to_string()]);
         }
     }
-    let output = command.output().await?;
+    let step = match pace {
+        Pace::Count(count) => progress::spinner(format!("{count} messages per connection")),
+        Pace::Closed | Pace::Rate(_) => {
+            progress::timed(Duration::from_secs(warmup + samples as u64))
+        }
+    };
+    let output = progress::output(&mut command, &step).await?;
+    step.finish_and_clear();
     if !output.status.success() {
         bail!(
             "{engine} {}: {}",
@@ -373,8 +436,34 @@ async fn load(
     Ok(serde_json::from_slice(&output.stdout)?)
 }
 
-/// The Sockudo binary: the path given, else on PATH, else in ~/.cargo/bin.
-fn sockudo_binary(given: &std::path::Path) -> Option<PathBuf> {
+/// The Node.js binary, and a word on what to do when it or the Node peers' packages
+/// are missing.
+fn node_binary(args: &CompareArgs) -> anyhow::Result<PathBuf> {
+    let node = find_program(&args.node).with_context(|| {
+        format!(
+            "no Node.js at {} for the Node peers (install Node.js and npm, then run `npm ci \
+             --prefix {}`; or leave node-ws and socketio out with --engines and \
+             --fanout-engines)",
+            args.node.display(),
+            args.node_peers.display()
+        )
+    })?;
+    let modules = args.node_peers.join("node_modules");
+    if !modules.is_dir() {
+        bail!(
+            "the Node peers' packages are not installed (no {}): run `npm ci --prefix {}` \
+             (scripts/bench.sh does), or leave node-ws and socketio out with --engines and \
+             --fanout-engines",
+            modules.display(),
+            args.node_peers.display()
+        );
+    }
+    Ok(node)
+}
+
+/// A program: the path given, else on PATH, else in ~/.cargo/bin (where `cargo
+/// install` puts Sockudo).
+fn find_program(given: &std::path::Path) -> Option<PathBuf> {
     if given.components().count() > 1 {
         return given.exists().then(|| given.to_owned());
     }
@@ -412,14 +501,16 @@ async fn load_json<T: serde::de::DeserializeOwned>(
     what: &str,
     bench_args: &[String],
 ) -> anyhow::Result<T> {
-    let output = Command::new("taskset")
+    let mut command = Command::new("taskset");
+    command
         .args(["-c", &args.load_core.to_string()])
         .arg(std::env::current_exe()?)
         .args(bench_args)
-        .arg("--json")
-        .stderr(Stdio::piped())
-        .output()
-        .await?;
+        .arg("--json");
+    // The load's lines on stderr (a fan-out's rate steps) show under the step's bar.
+    let step = progress::spinner("starting");
+    let output = progress::output(&mut command, &step).await?;
+    step.finish_and_clear();
     if !output.status.success() {
         bail!("{what}: {}", String::from_utf8_lossy(&output.stderr).trim());
     }
@@ -434,8 +525,49 @@ fn fanout_target(engine: &str, address: &str) -> (String, &'static str) {
         "sockudo" | "switchboard-pusher" => {
             (format!("ws://{address}/app/app-key?protocol=7"), "pusher")
         }
+        "socketio" => (
+            format!("ws://{address}/socket.io/?EIO=4&transport=websocket"),
+            "socketio",
+        ),
         _ => (format!("ws://{address}/"), "broadcast"),
     }
+}
+
+/// The `fanout` load's arguments for `engine` at `server`: the same publisher for an
+/// engine in every fan-out part (a room member for Switchboard's rooms, a client of the
+/// broadcast and Socket.IO servers, the events API of a Pusher-protocol server).
+fn fanout_bench_args(
+    args: &CompareArgs,
+    engine: &str,
+    server: &Server,
+    subscribers: usize,
+    rates: &str,
+    step_secs: &str,
+) -> Vec<String> {
+    let (url, target) = fanout_target(engine, &server.address);
+    [
+        "fanout",
+        &url,
+        "--target",
+        target,
+        "--subscribers",
+        &subscribers.to_string(),
+        "--rates",
+        rates,
+        "--step-secs",
+        step_secs,
+        "--p99-bound-ms",
+        &args.p99_bound_ms.to_string(),
+        // The Pusher door's open-mode app is id 1.
+        "--app-id",
+        if engine == "switchboard-pusher" {
+            "1"
+        } else {
+            "app-id"
+        },
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 fn echo_url(engine: &str, address: &str) -> String {
@@ -460,45 +592,209 @@ async fn run_fanout(args: &CompareArgs, report: &mut Report) -> anyhow::Result<(
     for engine in &report.fanout_engines.clone() {
         for &count in &subscribers {
             let what = format!("{engine} fan-out to {count}");
+            args.progress
+                .start(format!("fan-out · {count} subscribers · {engine}"));
             let result: FanoutResult = on_fresh_server(args, engine, &what, |server| {
-                let (url, target) = fanout_target(engine, &server.address);
-                Ok([
-                    "fanout",
-                    &url,
-                    "--target",
-                    target,
-                    "--subscribers",
-                    &count.to_string(),
-                    "--rates",
-                    rates,
-                    "--step-secs",
-                    step_secs,
-                    "--p99-bound-ms",
-                    &args.p99_bound_ms.to_string(),
-                    // The Pusher door's open-mode app is id 1.
-                    "--app-id",
-                    if engine == "switchboard-pusher" {
-                        "1"
-                    } else {
-                        "app-id"
-                    },
-                ]
-                .map(String::from)
-                .to_vec())
+                Ok(fanout_bench_args(
+                    args, engine, server, count, rates, step_secs,
+                ))
             })
             .await?;
             let best = result.best_held();
-            eprintln!(
+            args.progress.done(format!(
                 "fan-out {engine:>22} {count:>6} subscribers: {} delivered msg/s held (publish {} msg/s)",
                 best.map_or_else(|| "none".into(), |b| thousands(b.delivered_per_sec)),
                 best.map_or_else(|| "–".into(), |b| b.rate.to_string()),
-            );
+            ));
             report
                 .fanout
                 .entry(engine.clone())
                 .or_default()
                 .insert(count, result);
         }
+    }
+    Ok(())
+}
+
+/// One fresh server's run in the fixed-rate fan-out: a warm-up step, then the counted
+/// steps, summed.
+#[derive(Debug, Clone, Serialize)]
+struct FanoutCpuRound {
+    /// 0, 1, 2, …: odd rounds run the engines in the reverse order.
+    round: usize,
+    /// The server's CPU time per delivery over the counted steps, µs: the total from
+    /// /proc/PID/task/*/schedstat, split as /proc/PID/stat's ticks are.
+    user_us: f64,
+    system_us: f64,
+    /// The server's CPU time over the counted steps' wall time (1.0: one core).
+    busy: f64,
+    /// The median of the counted steps' p50s and of their p99s (every step's is in
+    /// `steps`).
+    p50_ms: f64,
+    p99_ms: f64,
+    delivered: u64,
+    expected: u64,
+    /// Every step asked for ran and made all its deliveries, the server closed no
+    /// subscriber, and `p99_ms` is under the bound.
+    held: bool,
+    /// Every step, the warm-up first.
+    steps: Vec<super::fanout::Step>,
+}
+
+impl FanoutCpuRound {
+    fn total_us(&self) -> f64 {
+        self.user_us + self.system_us
+    }
+
+    /// Sums the counted steps of one run (all but the first, the warm-up), of the
+    /// `steps` asked for.
+    fn of(round: usize, result: FanoutResult, steps: usize) -> anyhow::Result<Self> {
+        let counted = result.steps.get(1..).unwrap_or_default();
+        if counted.is_empty() {
+            bail!(
+                "the load stopped after {} step(s): no step was counted",
+                result.steps.len()
+            );
+        }
+        let delivered: u64 = counted.iter().map(|s| s.delivered).sum();
+        let cpu = |of: fn(&super::fanout::Step) -> Option<f64>| -> anyhow::Result<f64> {
+            let mut micros = 0.0;
+            for step in counted {
+                micros += of(step).context("a step without the server's CPU time")?
+                    * step.delivered as f64;
+            }
+            Ok(micros / delivered.max(1) as f64)
+        };
+        let busy = counted
+            .iter()
+            .map(|s| s.server_busy.unwrap_or(f64::NAN))
+            .sum::<f64>()
+            / counted.len() as f64;
+        let median = |of: fn(&super::fanout::Step) -> f64| {
+            let mut values: Vec<f64> = counted.iter().map(of).collect();
+            values.sort_by(f64::total_cmp);
+            values[values.len() / 2]
+        };
+        let p99_ms = median(|s| s.p99_ms);
+        let expected = counted.iter().map(|s| s.expected).sum();
+        Ok(Self {
+            round,
+            user_us: cpu(|s| s.server_user_us)?,
+            system_us: cpu(|s| s.server_system_us)?,
+            busy,
+            p50_ms: median(|s| s.p50_ms),
+            p99_ms,
+            delivered,
+            expected,
+            held: counted.len() == steps
+                && delivered >= expected
+                && counted.iter().all(|s| s.closed == 0)
+                && p99_ms <= result.p99_bound_ms,
+            steps: result.steps,
+        })
+    }
+}
+
+/// The fixed-rate fan-out at one subscriber count.
+#[derive(Debug, Serialize)]
+struct FanoutCpuCell {
+    subscribers: usize,
+    /// Messages published per second.
+    rate: f64,
+    step_secs: f64,
+    /// The p99 a round must stay under to be held.
+    p99_bound_ms: f64,
+    /// engine → its rounds, in the order they ran.
+    rounds: BTreeMap<String, Vec<FanoutCpuRound>>,
+}
+
+impl FanoutCpuCell {
+    /// The engine's median round by total CPU per delivery (the lower middle one of an
+    /// even count).
+    fn median(&self, engine: &str) -> Option<&FanoutCpuRound> {
+        let mut rounds: Vec<&FanoutCpuRound> = self.rounds.get(engine)?.iter().collect();
+        rounds.sort_by(|a, b| a.total_us().total_cmp(&b.total_us()));
+        rounds.get(rounds.len().saturating_sub(1) / 2).copied()
+    }
+}
+
+/// The fixed-rate fan-out: per subscriber count, rounds of fresh servers, each engine
+/// in turn (reversed every other round), N subscribers and the publisher at the
+/// count's rate; the server's CPU per delivery over the counted steps.
+async fn run_fanout_cpu(args: &CompareArgs, report: &mut Report) -> anyhow::Result<()> {
+    let (counts, rates, secs, steps, rounds) = if args.quick {
+        (vec![1000], vec![10.0], 1.0, 2, 1)
+    } else {
+        (
+            args.cpu_subscribers.clone(),
+            args.cpu_rates.clone(),
+            args.cpu_secs,
+            args.cpu_steps.max(1),
+            args.cpu_rounds.max(1),
+        )
+    };
+    let engines = report.fanout_engines.clone();
+    for (i, &count) in counts.iter().enumerate() {
+        let rate = *rates
+            .get(i)
+            .or(rates.last())
+            .context("--cpu-rates is empty")?;
+        // The warm-up step and the counted ones, all at the same rate.
+        let step_rates = vec![rate.to_string(); 1 + steps].join(",");
+        let mut cell = FanoutCpuCell {
+            subscribers: count,
+            rate,
+            step_secs: secs,
+            p99_bound_ms: args.p99_bound_ms,
+            rounds: BTreeMap::new(),
+        };
+        for round in 0..rounds {
+            let order: Vec<&String> = if round % 2 == 0 {
+                engines.iter().collect()
+            } else {
+                engines.iter().rev().collect()
+            };
+            for engine in order {
+                let what = format!("{engine} fan-out to {count} at {rate} msg/s");
+                args.progress.start(format!(
+                    "fan-out at a fixed rate · round {}/{rounds} · {count} × {rate} msg/s · {engine}",
+                    round + 1
+                ));
+                let result: FanoutResult = on_fresh_server(args, engine, &what, |server| {
+                    let mut bench_args = fanout_bench_args(
+                        args,
+                        engine,
+                        server,
+                        count,
+                        &step_rates,
+                        &secs.to_string(),
+                    );
+                    bench_args.extend([
+                        "--every-step".into(),
+                        "--server-pid".into(),
+                        server.pid()?.to_string(),
+                    ]);
+                    Ok(bench_args)
+                })
+                .await?;
+                let result = FanoutCpuRound::of(round, result, steps).context(what)?;
+                args.progress.done(format!(
+                    "fan-out at a fixed rate, round {}/{rounds}: {engine:>22} {count:>6} subscribers × {rate} msg/s: \
+                     {:.2} + {:.2} = {:.2} µs per delivery, busy {:.2}, p99 {:.1} ms, {}/{} delivered{}",
+                    round + 1,
+                    result.user_us,
+                    result.system_us,
+                    result.total_us(),
+                    result.busy,
+                    result.p99_ms,
+                    result.delivered,
+                    result.expected,
+                    if result.held { "" } else { " (not held)" },
+                ));
+                cell.rounds.entry(engine.clone()).or_default().push(result);
+            }
+        }
+        report.fanout_cpu.push(cell);
     }
     Ok(())
 }
@@ -513,6 +809,8 @@ async fn run_idle(args: &CompareArgs, report: &mut Report) -> anyhow::Result<()>
     for engine in args.engines.iter().filter(|e| *e != "raw") {
         for &count in &counts {
             let what = format!("{engine} idle {count}");
+            args.progress
+                .start(format!("idle · {count} connections · {engine}"));
             let result: IdleResult = on_fresh_server(args, engine, &what, |server| {
                 Ok(vec![
                     "idle".into(),
@@ -529,10 +827,10 @@ async fn run_idle(args: &CompareArgs, report: &mut Report) -> anyhow::Result<()>
                 ])
             })
             .await?;
-            eprintln!(
+            args.progress.done(format!(
                 "idle {engine:>16} {count:>6} connections: {:.2} KiB each",
                 result.kib_per_connection
-            );
+            ));
             report
                 .idle
                 .entry(engine.clone())
@@ -547,6 +845,7 @@ async fn run_handshake(args: &CompareArgs, report: &mut Report) -> anyhow::Resul
     let samples = if args.quick { "2" } else { "5" };
     for engine in args.engines.iter().filter(|e| *e != "raw") {
         let what = format!("{engine} handshakes");
+        args.progress.start(format!("handshakes · {engine}"));
         let result: HandshakeResult = on_fresh_server(args, engine, &what, |server| {
             Ok(vec![
                 "handshake".into(),
@@ -556,10 +855,10 @@ async fn run_handshake(args: &CompareArgs, report: &mut Report) -> anyhow::Resul
             ])
         })
         .await?;
-        eprintln!(
+        args.progress.done(format!(
             "handshakes {engine:>16}: {} new connections/s",
             thousands(result.median)
-        );
+        ));
         report.handshake.insert(engine.clone(), result);
     }
     Ok(())
@@ -579,13 +878,41 @@ pub(crate) fn thousands(value: f64) -> String {
 
 // Progress on stderr, the table on stdout: this command's output.
 #[allow(clippy::print_stdout)]
-pub(crate) async fn run(args: CompareArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(mut args: CompareArgs) -> anyhow::Result<()> {
+    if let Some(saved) = &args.charts_from {
+        let json = std::fs::read(saved).with_context(|| format!("reading {}", saved.display()))?;
+        let run: chart::Run = serde_json::from_slice(&json)
+            .with_context(|| format!("reading {}", saved.display()))?;
+        let written = chart::write(&run, &args.out)?;
+        progress::line(format!(
+            "wrote {} to {}",
+            file_names(&written),
+            args.out.display()
+        ));
+        return Ok(());
+    }
     let cells: Vec<(usize, usize)> = if args.quick {
         QUICK_CELLS.to_vec()
     } else {
         CELLS.to_vec()
     };
-    if args.engines.iter().any(|e| !is_ours(e)) && !args.peers.exists() {
+    let echo_parts = [Part::Echo, Part::Instructions, Part::Idle, Part::Handshake];
+    let fanout_parts = [Part::Fanout, Part::FanoutCpu];
+    let runs = |parts: &[Part]| parts.iter().any(|p| args.parts.contains(p));
+    let mut node_engines = args
+        .engines
+        .iter()
+        .filter(|_| runs(&echo_parts))
+        .chain(args.fanout_engines.iter().filter(|_| runs(&fanout_parts)));
+    if node_engines.any(|e| node_script(e).is_some()) {
+        node_binary(&args)?;
+    }
+    let rust_peers = args
+        .engines
+        .iter()
+        .filter(|e| node_script(e).is_none())
+        .any(|e| !is_ours(e));
+    if rust_peers && !args.peers.exists() {
         bail!(
             "no peer servers at {}: build them with `cargo build --release --manifest-path \
              peers/Cargo.toml`, or pass --peers",
@@ -608,14 +935,20 @@ pub(crate) async fn run(args: CompareArgs) -> anyhow::Result<()> {
         cpu: BTreeMap::new(),
         instructions: BTreeMap::new(),
         fanout: BTreeMap::new(),
-        fanout_engines: if args.parts.contains(&Part::Fanout) {
+        fanout_engines: if runs(&fanout_parts) {
             fanout_engines(&args)?
         } else {
             Vec::new()
         },
+        fanout_cpu: Vec::new(),
         idle: BTreeMap::new(),
         handshake: BTreeMap::new(),
     };
+    args.progress = progress::Steps::new(planned_steps(
+        &args,
+        cells.len(),
+        report.fanout_engines.len(),
+    ));
     if args.parts.contains(&Part::Echo) {
         run_echo(&args, &cells, &mut report).await?;
     }
@@ -625,6 +958,9 @@ pub(crate) async fn run(args: CompareArgs) -> anyhow::Result<()> {
     if args.parts.contains(&Part::Fanout) {
         run_fanout(&args, &mut report).await?;
     }
+    if args.parts.contains(&Part::FanoutCpu) {
+        run_fanout_cpu(&args, &mut report).await?;
+    }
     if args.parts.contains(&Part::Idle) {
         run_idle(&args, &mut report).await?;
     }
@@ -632,28 +968,94 @@ pub(crate) async fn run(args: CompareArgs) -> anyhow::Result<()> {
         run_handshake(&args, &mut report).await?;
     }
 
+    args.progress.finish();
+
     let table = markdown(&report);
     println!("{table}");
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
-    std::fs::write(args.out.join("compare.md"), &table)?;
     std::fs::write(
         args.out.join("compare.json"),
         serde_json::to_string_pretty(&report)?,
     )?;
-    std::fs::write(args.out.join("compare.svg"), chart(&report))?;
-    eprintln!(
-        "wrote compare.md, compare.json and compare.svg to {}",
+    // The figures are on disk before the charts are drawn: a chart that fails (no font,
+    // say) fails the run without losing them.
+    std::fs::write(args.out.join("compare.md"), &table)?;
+    let charts = chart::write(&chart::Run::of(&report)?, &args.out)?;
+    std::fs::write(
+        args.out.join("compare.md"),
+        format!("{table}{}", chart_links(&charts)),
+    )?;
+    progress::line(format!(
+        "wrote compare.md, compare.json{}{} to {}",
+        if charts.is_empty() { "" } else { ", " },
+        file_names(&charts),
         args.out.display()
-    );
+    ));
     Ok(())
+}
+
+/// The steps `run` counts on its bar, one for each line a part prints: per engine and
+/// cell (echo and its CPU pass, instructions), per engine and count (fan-out, idle), per
+/// engine, count and round (the fixed-rate fan-out), per engine (handshakes).
+fn planned_steps(args: &CompareArgs, cells: usize, fanout_engines: usize) -> u64 {
+    let engines = args.engines.len();
+    let served = args.engines.iter().filter(|e| *e != "raw").count();
+    let compiled = args
+        .engines
+        .iter()
+        .filter(|e| node_script(e).is_none())
+        .count();
+    let counts = |counts: usize| if args.quick { 1 } else { counts };
+    let steps = |part: &Part| match part {
+        Part::Echo => engines * cells * if args.no_cpu { 1 } else { 2 },
+        Part::Instructions => compiled * if args.quick { 1 } else { cells },
+        Part::Fanout => fanout_engines * counts(args.subscribers.len()),
+        Part::FanoutCpu => {
+            fanout_engines * counts(args.cpu_subscribers.len() * args.cpu_rounds.max(1))
+        }
+        Part::Idle => served * counts(args.idle_connections.len()),
+        Part::Handshake => served,
+    };
+    <Part as clap::ValueEnum>::value_variants()
+        .iter()
+        .filter(|part| args.parts.contains(part))
+        .map(steps)
+        .sum::<usize>() as u64
+}
+
+/// `a.svg, a.png, b.svg`: the files' names.
+fn file_names(files: &[PathBuf]) -> String {
+    let names: Vec<String> = files
+        .iter()
+        .filter_map(|f| f.file_name())
+        .map(|f| f.to_string_lossy().into_owned())
+        .collect();
+    names.join(", ")
+}
+
+/// compare.md's pictures: the SVG charts, which sit beside it.
+fn chart_links(charts: &[PathBuf]) -> String {
+    let mut out = String::new();
+    for (stem, what) in [
+        ("compare-echo", "Echo throughput and server CPU"),
+        ("compare-fanout", "Fan-out and server CPU per delivery"),
+        ("compare-memory", "Server memory per idle connection"),
+    ] {
+        let svg = format!("{stem}.svg");
+        let drawn = |c: &PathBuf| c.file_name().is_some_and(|f| *f == *svg);
+        if charts.iter().any(drawn) {
+            let _ = write!(out, "\n![{what}]({svg})\n");
+        }
+    }
+    out
 }
 
 /// The fan-out servers to run: as asked, except that the quick run leaves out a Sockudo
 /// that is not installed (saying so); a full run needs it.
 fn fanout_engines(args: &CompareArgs) -> anyhow::Result<Vec<String>> {
     let mut engines = args.fanout_engines.clone();
-    if engines.iter().any(|e| e == "sockudo") && sockudo_binary(&args.sockudo).is_none() {
+    if engines.iter().any(|e| e == "sockudo") && find_program(&args.sockudo).is_none() {
         if !args.quick {
             bail!(
                 "no Sockudo server at {} for the fan-out part (install it with `cargo install \
@@ -661,7 +1063,7 @@ fn fanout_engines(args: &CompareArgs) -> anyhow::Result<Vec<String>> {
                 args.sockudo.display()
             );
         }
-        eprintln!("Sockudo is not installed: the quick run leaves it out of fan-out");
+        progress::line("Sockudo is not installed: the quick run leaves it out of fan-out");
         engines.retain(|e| e != "sockudo");
     }
     Ok(engines)
@@ -678,12 +1080,14 @@ async fn run_echo(
         let server = Server::start(args, engine).await?;
         for &cell in cells {
             step += 1;
+            args.progress
+                .start(format!("echo · {} · {engine}", cell_name(cell)));
             let result = load(args, engine, &server, cell, Pace::Closed).await?;
-            eprintln!(
+            args.progress.done(format!(
                 "[{step}/{steps}] {engine:>16} {:>12}: {:>9} msg/s",
                 cell_name(cell),
                 thousands(result.median)
-            );
+            ));
             report
                 .throughput
                 .entry(engine.clone())
@@ -709,14 +1113,19 @@ async fn run_echo(
             for &cell in cells {
                 step += 1;
                 let rate = report.rates[&cell_name(cell)];
+                args.progress.start(format!(
+                    "echo CPU at {} msg/s · {} · {engine}",
+                    thousands(rate),
+                    cell_name(cell)
+                ));
                 let result = load(args, engine, &server, cell, Pace::Rate(rate)).await?;
-                eprintln!(
+                args.progress.done(format!(
                     "[{step}/{steps}] {engine:>16} {:>12} at {:>7} msg/s: {:.2} µs user + {:.2} µs system",
                     cell_name(cell),
                     thousands(rate),
                     result.user_us.unwrap_or(f64::NAN),
                     result.system_us.unwrap_or(f64::NAN),
-                );
+                ));
                 report
                     .cpu
                     .entry(engine.clone())
@@ -747,9 +1156,20 @@ async fn run_instructions(
     let cells = if args.quick { &cells[..1] } else { cells };
     let dir = std::path::absolute(args.out.join("callgrind"))?;
     std::fs::create_dir_all(&dir)?;
-    for engine in &args.engines {
+    // Callgrind counts a JIT's instructions as it runs them under its own translation,
+    // including compiling them: not a figure to set beside compiled engines.
+    for engine in args.engines.iter().filter(|e| node_script(e).is_some()) {
+        progress::line(format!(
+            "instructions: {engine} runs JavaScript on a JIT; not counted"
+        ));
+    }
+    for engine in args.engines.iter().filter(|e| node_script(e).is_none()) {
         for &cell in cells {
             let name = format!("{engine}-{}x{}", cell.0, cell.1);
+            args.progress.start(format!(
+                "instructions under callgrind · {} · {engine}",
+                cell_name(cell)
+            ));
             let out_file = dir.join(format!("{name}.out"));
             for old in callgrind_parts(&out_file)? {
                 std::fs::remove_file(old)?;
@@ -779,11 +1199,11 @@ async fn run_instructions(
             .await;
             server.stop().await;
             let per_message = counted.with_context(|| format!("{engine} {}", cell_name(cell)))?;
-            eprintln!(
+            args.progress.done(format!(
                 "instructions {engine:>16} {:>12}: {} per message",
                 cell_name(cell),
                 thousands(per_message)
-            );
+            ));
             report
                 .instructions
                 .entry(engine.clone())
@@ -904,6 +1324,9 @@ fn markdown(report: &Report) -> String {
     }
     if !report.fanout.is_empty() {
         fanout_table(report, &mut out);
+    }
+    if !report.fanout_cpu.is_empty() {
+        fanout_cpu_table(report, &mut out);
     }
     if !report.idle.is_empty() {
         idle_table(report, &mut out);
@@ -1132,6 +1555,89 @@ fn fanout_table(report: &Report, out: &mut String) {
     );
 }
 
+fn fanout_cpu_table(report: &Report, out: &mut String) {
+    let _ = writeln!(
+        out,
+        "\n### Fan-out at a fixed rate: server CPU per delivery (µs: user + system = total)\n"
+    );
+    let engines = &report.fanout_engines;
+    let ours: Vec<&String> = engines.iter().filter(|e| is_ours(e)).collect();
+    let ratio_headers: String = ours
+        .iter()
+        .map(|o| format!(" {o} ÷ this: total (user) |"))
+        .collect();
+    let _ = writeln!(
+        out,
+        "| subscribers × publish rate | engine | server CPU per delivery |{ratio_headers} server busy | p50 / p99 ms | delivered / expected |"
+    );
+    let _ = writeln!(
+        out,
+        "|---|---|---:|{}---:|---:|---:|",
+        "---:|".repeat(ours.len())
+    );
+    let mut rounds = 0;
+    for cell in &report.fanout_cpu {
+        let label = format!(
+            "{} × {} msg/s ({} deliveries/s)",
+            thousands(cell.subscribers as f64),
+            cell.rate,
+            thousands(cell.subscribers as f64 * cell.rate)
+        );
+        for engine in engines {
+            let Some(median) = cell.median(engine) else {
+                continue;
+            };
+            rounds = rounds.max(cell.rounds[engine].len());
+            let mut row = format!(
+                "| {label} | {engine} | {:.2} + {:.2} = **{:.2}** |",
+                median.user_us,
+                median.system_us,
+                median.total_us()
+            );
+            for o in &ours {
+                let ratio = match cell.median(o) {
+                    Some(_) if o == &engine => "–".into(),
+                    Some(ours) if median.total_us() > 0.0 && median.user_us > 0.0 => format!(
+                        "{:.2}× ({:.2}×)",
+                        ours.total_us() / median.total_us(),
+                        ours.user_us / median.user_us
+                    ),
+                    _ => "–".into(),
+                };
+                let _ = write!(row, " {ratio} |");
+            }
+            let _ = writeln!(
+                row,
+                " {:.2} | {:.1} / {:.1} | {}/{}{} |",
+                median.busy,
+                median.p50_ms,
+                median.p99_ms,
+                thousands(median.delivered as f64),
+                thousands(median.expected as f64),
+                if median.held { "" } else { " (not held)" }
+            );
+            out.push_str(&row);
+        }
+    }
+    let (secs, steps) = report.fanout_cpu.first().map_or((0.0, 0), |c| {
+        let steps = c.rounds.values().flatten().map(|r| r.steps.len()).max();
+        (c.step_secs, steps.unwrap_or(1).saturating_sub(1))
+    });
+    let _ = writeln!(
+        out,
+        "\nEach figure: the median of {rounds} round(s) by total CPU per delivery (a fresh \
+         server each, the engines' order reversed every other round), over {steps} steps of {secs} s \
+         after a warm-up step; CPU from /proc/PID/task/*/schedstat, split into user and system \
+         as /proc/PID/stat's ticks are; p50 and p99 are the medians of the steps'. Not held: a \
+         delivery missing, a subscriber closed, or p99 over {} ms. Every round and step is in \
+         compare.json.",
+        report
+            .fanout_cpu
+            .first()
+            .map_or(f64::NAN, |c| c.p99_bound_ms)
+    );
+}
+
 fn idle_table(report: &Report, out: &mut String) {
     let _ = writeln!(
         out,
@@ -1184,80 +1690,54 @@ fn handshake_table(report: &Report, out: &mut String) {
     let _ = writeln!(out, "| {} |", cells.join(" | "));
 }
 
-/// Grouped bars: per cell, each engine's throughput relative to the best in that cell.
-fn chart(report: &Report) -> String {
-    const COLORS: [&str; 8] = [
-        "#3355ff", "#9aa3b5", "#e4572e", "#17bebb", "#ffc914", "#76b041", "#a05195", "#555",
-    ];
-    let (bar, gap, left, top, height) = (14.0, 26.0, 60.0, 40.0, 220.0);
-    let group = bar * report.engines.len() as f64 + gap;
-    let width = left + group * report.cells.len() as f64 + 20.0;
-    let legend_y = top + height + 50.0;
-    let total_height = legend_y + 20.0 * report.engines.len().div_ceil(3) as f64 + 10.0;
-    let mut svg = format!(
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{total_height:.0}" font-family="sans-serif" font-size="11">
-<rect width="100%" height="100%" fill="white"/>
-<text x="{left}" y="20" font-size="13" font-weight="bold">Echo throughput, relative to the best server in each cell</text>
-"#
-    );
-    for tick in [0.0, 0.25, 0.5, 0.75, 1.0] {
-        let y = top + height * (1.0 - tick);
-        let _ = writeln!(
-            svg,
-            r##"<line x1="{left}" x2="{:.0}" y1="{y:.1}" y2="{y:.1}" stroke="#ddd"/><text x="{:.0}" y="{:.1}" text-anchor="end">{:.0}%</text>"##,
-            width - 10.0,
-            left - 6.0,
-            y + 4.0,
-            tick * 100.0
-        );
-    }
-    for (c, cell) in report.cells.iter().enumerate() {
-        let best = report
-            .throughput
-            .values()
-            .filter_map(|cells| cells.get(cell))
-            .map(|r| r.median)
-            .fold(0.0, f64::max);
-        let x0 = left + gap / 2.0 + group * c as f64;
-        for (e, engine) in report.engines.iter().enumerate() {
-            let Some(result) = report.throughput.get(engine).and_then(|r| r.get(cell)) else {
-                continue;
-            };
-            let share = if best > 0.0 {
-                result.median / best
-            } else {
-                0.0
-            };
-            let h = height * share;
-            let _ = writeln!(
-                svg,
-                r#"<rect x="{:.1}" y="{:.1}" width="{:.1}" height="{h:.1}" fill="{}"><title>{engine} {cell}: {} msg/s</title></rect>"#,
-                x0 + bar * e as f64,
-                top + height - h,
-                bar - 2.0,
-                COLORS[e % COLORS.len()],
-                thousands(result.median)
-            );
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fanout::Step;
+
+    fn step(delivered: u64, user_us: f64, system_us: f64, p99_ms: f64) -> Step {
+        Step {
+            rate: 10.0,
+            published: 10,
+            expected: delivered,
+            delivered,
+            delivered_per_sec: 0.0,
+            p50_ms: p99_ms / 2.0,
+            p99_ms,
+            max_ms: p99_ms,
+            closed: 0,
+            held: true,
+            server_user_us: Some(user_us),
+            server_system_us: Some(system_us),
+            server_busy: Some(0.5),
         }
-        let _ = writeln!(
-            svg,
-            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{cell}</text>"#,
-            x0 + bar * report.engines.len() as f64 / 2.0,
-            top + height + 18.0
-        );
     }
-    for (e, engine) in report.engines.iter().enumerate() {
-        let x = left + 170.0 * (e % 3) as f64;
-        let y = legend_y + 20.0 * (e / 3) as f64;
-        let _ = writeln!(
-            svg,
-            r#"<rect x="{x}" y="{:.0}" width="12" height="12" fill="{}"/><text x="{:.0}" y="{:.0}">{engine}</text>"#,
-            y - 10.0,
-            COLORS[e % COLORS.len()],
-            x + 18.0,
-            y
-        );
+
+    #[test]
+    fn a_fixed_rate_round_sums_its_steps_after_the_warm_up() {
+        let result = FanoutResult {
+            subscribers: 100,
+            p99_bound_ms: 250.0,
+            steps: vec![
+                step(1000, 50.0, 50.0, 900.0),
+                step(1000, 2.0, 8.0, 20.0),
+                step(3000, 4.0, 6.0, 30.0),
+            ],
+        };
+        let round = FanoutCpuRound::of(1, result.clone(), 2).unwrap();
+        assert_eq!(round.user_us, 3.5);
+        assert_eq!(round.system_us, 6.5);
+        assert_eq!(round.p99_ms, 30.0);
+        assert_eq!((round.delivered, round.expected), (4000, 4000));
+        assert!(round.held);
+        assert_eq!(round.steps.len(), 3);
+        // The load stopped before the steps asked for: not held.
+        assert!(!FanoutCpuRound::of(1, result, 3).unwrap().held);
+        let warm_up_only = FanoutResult {
+            subscribers: 100,
+            p99_bound_ms: 250.0,
+            steps: vec![step(1000, 1.0, 1.0, 1.0)],
+        };
+        assert!(FanoutCpuRound::of(0, warm_up_only, 2).is_err());
     }
-    svg.push_str("</svg>\n");
-    svg
 }

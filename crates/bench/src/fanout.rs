@@ -4,13 +4,19 @@
 //! messages delivered out of those expected, delivered messages/s; the result is the
 //! highest rate whose deliveries were all made with p99 under the bound.
 //!
-//! Four kinds of server are understood, so peers can be measured with the same load:
+//! Five kinds of server are understood, so peers can be measured with the same load:
 //! a Switchboard room, Switchboard's Centrifugo door (subscribers connect and subscribe
 //! to one channel; the publisher posts to the server API), a broadcast server (every
-//! text message from any connection goes to all of them), and a Pusher-protocol server
+//! text message from any connection goes to all of them), a Pusher-protocol server
 //! such as Sockudo (subscribers join a channel; the publisher posts signed HTTP requests
-//! to its events API). With `--server-pid` each step also reports the server's CPU time
+//! to its events API), and a Socket.IO server whose clients share one room (subscribers
+//! and the publisher speak Engine.IO 4 / Socket.IO 5 over WebSocket, see
+//! [`socketio`]). With `--server-pid` each step also reports the server's CPU time
 //! (user and system, from /proc) per delivered message.
+//!
+//! Where the publisher is itself a member (a room member, a broadcast client, a
+//! Socket.IO client in the room) it receives its own messages too; those are read and
+//! dropped, never counted: a step expects subscribers × published deliveries.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -24,6 +30,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
+mod socketio;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 pub(crate) enum Target {
     /// A Switchboard room URL (`ws://HOST/room/ROOM`).
@@ -36,6 +44,11 @@ pub(crate) enum Target {
     Broadcast,
     /// A Pusher-protocol server (`ws://HOST/app/KEY?protocol=7`, events API over HTTP).
     Pusher,
+    /// A Socket.IO 4 server (`ws://HOST/socket.io/?EIO=4&transport=websocket`) that puts
+    /// every client in one room and sends each `message` event a client emits to the
+    /// room: subscribers and the publisher are its clients.
+    #[value(name = "socketio")]
+    SocketIo,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -97,6 +110,10 @@ pub(crate) struct FanoutArgs {
     /// text/event-stream`) instead of over WebSocket (with `--target switchboard`).
     #[arg(long)]
     pub(crate) sse: bool,
+    /// Run every rate given, held or not (the fixed-rate mode: the server's CPU per
+    /// delivery is wanted at each step), instead of stopping after two not held.
+    #[arg(long)]
+    pub(crate) every_step: bool,
     /// Print one JSON object instead of lines.
     #[arg(long)]
     pub(crate) json: bool,
@@ -323,7 +340,7 @@ async fn subscribe(args: &FanoutArgs, i: usize) -> anyhow::Result<Subscriber> {
         // setting up 10k subscribers does not add 10k² join events and welcome lists:
         // the peers have no presence, and the figure compared is the fan-out itself.
         Target::Switchboard => with_query(base, "name=viewer"),
-        Target::Centrifuge | Target::Broadcast | Target::Pusher => base.clone(),
+        Target::Centrifuge | Target::Broadcast | Target::Pusher | Target::SocketIo => base.clone(),
     };
     let mut socket = connect(&url, client_options())
         .await
@@ -343,6 +360,10 @@ async fn subscribe(args: &FanoutArgs, i: usize) -> anyhow::Result<Subscriber> {
             return Ok(Subscriber::WebSocket(socket));
         }
         Target::Broadcast => return Ok(Subscriber::WebSocket(socket)),
+        Target::SocketIo => {
+            socketio::join(&mut socket).await?;
+            return Ok(Subscriber::WebSocket(socket));
+        }
         Target::Pusher => "pusher:connection_established",
     };
     wait_for(&mut socket, ready).await?;
@@ -382,6 +403,21 @@ async fn subscriber(subscriber: Subscriber, shared: Arc<Shared>, target: Target)
                     break;
                 }
             }
+            // Engine.IO's ping: unanswered, the server drops the client after its ping
+            // interval and timeout (25 + 20 s by default).
+            Ok(Some(Message::Text(text)))
+                if target == Target::SocketIo && text.as_str() == socketio::PING =>
+            {
+                if socket.send_text(socketio::PONG).await.is_err() {
+                    break;
+                }
+            }
+            // Socket.IO's disconnect or Engine.IO's close: the server let the client go.
+            Ok(Some(Message::Text(text)))
+                if target == Target::SocketIo && socketio::is_goodbye(text.as_str()) =>
+            {
+                break;
+            }
             Ok(Some(Message::Text(text))) => shared.observe(text.as_bytes()),
             Ok(Some(_)) => {}
             Ok(None) | Err(_) => break,
@@ -410,8 +446,8 @@ async fn event_stream_subscriber(mut stream: TcpStream, mut buffer: Vec<u8>, sha
 
 /// Publishes to the room or channel.
 enum Publisher {
-    /// A WebSocket connection (Switchboard room, broadcast server); what it receives
-    /// is read and dropped by a task of its own.
+    /// A WebSocket connection (Switchboard room, broadcast server, Socket.IO); what it
+    /// receives is read and dropped by a task of its own (Socket.IO's pings answered).
     Socket(tokio::sync::mpsc::Sender<String>),
     /// Keep-alive HTTP connections to an HTTP API (a Pusher events API, Switchboard's
     /// room API or server API), taken in turn; each is sent whole requests.
@@ -439,14 +475,14 @@ impl Publisher {
     async fn open(args: &FanoutArgs) -> anyhow::Result<(Self, JoinSet<anyhow::Result<()>>)> {
         let mut tasks = JoinSet::new();
         let api = args.api || args.target == Target::Centrifuge;
-        if api && args.target == Target::Broadcast {
-            bail!("a broadcast server has no HTTP API to publish through");
+        if api && matches!(args.target, Target::Broadcast | Target::SocketIo) {
+            bail!("a broadcast or Socket.IO server has no HTTP API to publish through");
         }
         if api && args.target == Target::Switchboard {
             room_of(&args.url)?;
         }
         match args.target {
-            Target::Switchboard | Target::Broadcast if !api => {
+            Target::Switchboard | Target::Broadcast | Target::SocketIo if !api => {
                 let url = match args.target {
                     Target::Switchboard => with_query(&args.url, "name=publisher"),
                     _ => args.url.clone(),
@@ -455,6 +491,10 @@ impl Publisher {
                     .await
                     .with_context(|| format!("connecting the publisher to {url}"))?
                     .socket;
+                let socket_io = args.target == Target::SocketIo;
+                if socket_io {
+                    socketio::join(&mut socket).await?;
+                }
                 let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(1024);
                 tasks.spawn(async move {
                     loop {
@@ -473,6 +513,11 @@ impl Publisher {
                                 }
                             },
                             received = socket.recv() => match received? {
+                                Some(Message::Text(text))
+                                    if socket_io && text.as_str() == socketio::PING =>
+                                {
+                                    socket.send_text(socketio::PONG).await?;
+                                }
                                 Some(_) => {}
                                 None => bail!("the server closed the publisher"),
                             },
@@ -532,6 +577,7 @@ impl Publisher {
                     Target::Switchboard => {
                         serde_json::json!({"type": "message", "text": text}).to_string()
                     }
+                    Target::SocketIo => socketio::event("message", &text),
                     _ => text,
                 };
                 tx.send(frame).await
@@ -548,7 +594,7 @@ impl Publisher {
                         &serde_json::json!({"channel": args.channel, "data": {"text": text}})
                             .to_string(),
                     ),
-                    Target::Switchboard | Target::Broadcast => post_request(
+                    Target::Switchboard | Target::Broadcast | Target::SocketIo => post_request(
                         host,
                         &format!("/api/rooms/{}/messages", room_of(&args.url)?),
                         &serde_json::json!({"text": text}).to_string(),
@@ -656,22 +702,29 @@ where
         closed: AtomicUsize::new(0),
     });
     let shared_args = Arc::new(args.clone());
-    let sockets = super::open_many(args.subscribers, |i| {
-        let args = shared_args.clone();
-        async move { subscribe(&args, i).await }
+    // Each subscriber reads from the moment it is in, not once all are: a server that
+    // pings (Socket.IO drops a client whose pong is 45 s late) gets its answers while
+    // the rest connect.
+    let opening = super::progress::bar(args.subscribers as u64, "subscribers");
+    let subscribers = super::open_many(args.subscribers, |i| {
+        let (args, shared, opening) = (shared_args.clone(), shared.clone(), opening.clone());
+        async move {
+            let socket = subscribe(&args, i).await?;
+            opening.inc(1);
+            Ok(tokio::spawn(subscriber(socket, shared, args.target)).abort_handle())
+        }
     })
     .await?;
-    let mut subscribers: JoinSet<()> = JoinSet::new();
-    for socket in sockets {
-        subscribers.spawn(subscriber(socket, shared.clone(), args.target));
-    }
-    eprintln!("fanout: {} subscribers ready", args.subscribers);
+    opening.finish_and_clear();
+    super::progress::line(format!("fanout: {} subscribers ready", args.subscribers));
     let (mut publisher, mut publishing) = Publisher::open(args).await?;
     ready().await?;
 
     let mut steps = Vec::new();
     let bound = args.p99_bound_ms;
+    let climbing = super::progress::bar(args.rates.len() as u64, "rates");
     for (index, &rate) in args.rates.iter().enumerate() {
+        climbing.set_message(format!("publishing {rate} msg/s for {} s", args.step_secs));
         let histogram = &shared.steps[index];
         let every = Duration::from_secs_f64(1.0 / rate.max(0.001));
         let count = (rate * args.step_secs).round().max(1.0) as u64;
@@ -733,7 +786,8 @@ where
         };
         let held = delivered >= expected && step.p99_ms <= bound && closed == 0;
         let step = Step { held, ..step };
-        eprintln!(
+        climbing.inc(1);
+        super::progress::line(format!(
             "fanout {} subs @ {:>6} msg/s: delivered {}/{} ({:.0}/s), p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms{}{}",
             args.subscribers,
             rate,
@@ -754,19 +808,21 @@ where
                 (false, 0) => "  (not held)".into(),
                 (false, n) => format!("  (not held: {n} subscribers closed by the server)"),
             }
-        );
+        ));
         steps.push(step);
         // One miss can be the machine's noise (a shared 2-core box); two in a row end
         // the climb.
         let missed_twice = steps.len() >= 2 && steps.iter().rev().take(2).all(|s| !s.held);
-        if missed_twice || closed > 0 {
+        if (missed_twice && !args.every_step) || closed > 0 {
             break;
         }
         // Let queues drain before the next rate.
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     drop(publisher);
-    subscribers.abort_all();
+    for subscriber in subscribers {
+        subscriber.abort();
+    }
     publishing.abort_all();
     Ok(FanoutResult {
         subscribers: args.subscribers,

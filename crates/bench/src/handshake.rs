@@ -72,8 +72,12 @@ pub(crate) async fn handshake_load(args: &HandshakeArgs) -> anyhow::Result<Hands
             anyhow::Ok(())
         }));
     }
+    let bar = super::progress::bar(args.samples.max(1) as u64, "samples");
+    bar.set_message(format!("warming up for {} s", args.warmup));
     tokio::time::sleep(Duration::from_secs(args.warmup)).await;
-    let rates = super::Samples::take(&done, args.samples).await;
+    bar.set_message("");
+    let rates = super::Samples::take(&done, args.samples, &bar).await;
+    bar.finish_and_clear();
     stop.store(true, Ordering::Relaxed);
     for task in tasks {
         task.await.context("a handshake loop panicked")??;

@@ -8,9 +8,11 @@
 //! CPU time per message. `compare` runs these cells against peer servers side by side.
 
 mod centrifuge;
+mod chart;
 mod compare;
 mod fanout;
 mod handshake;
+mod progress;
 mod soak;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -76,8 +78,8 @@ enum Workload {
     /// server's resident memory from /proc before and after.
     Idle(IdleArgs),
     /// Echo cells against Switchboard and peer servers (peers/), side by side: the
-    /// server pinned to one core, the load to another; a table, JSON and a chart.
-    Compare(compare::CompareArgs),
+    /// server pinned to one core, the load to another; tables, JSON and charts.
+    Compare(Box<compare::CompareArgs>),
     /// One room with many subscribers and a publisher at rising rates: publish-to-receive
     /// latency (p50/p99/max) and delivered messages/s per rate, and the highest rate
     /// held under a p99 bound. Also drives a broadcast server or a Pusher-protocol
@@ -224,7 +226,7 @@ async fn run(workload: Workload) -> anyhow::Result<()> {
         Workload::Room(args) => room(args).await,
         Workload::Fanout(args) => fanout::fanout(args).await,
         Workload::Handshake(args) => handshake::handshake(args).await,
-        Workload::Compare(args) => compare::run(args).await,
+        Workload::Compare(args) => compare::run(*args).await,
         Workload::Soak(args) => soak::soak(args).await,
         Workload::CentrifugeSubs(args) => centrifuge::subs(args).await,
         Workload::CentrifugeMemory(args) => centrifuge::memory(args).await,
@@ -464,6 +466,8 @@ pub(crate) async fn echo_load(args: &EchoArgs) -> anyhow::Result<EchoResult> {
 
     if let Some(count) = args.count {
         let started = Instant::now();
+        let bar = progress::bar(count * args.connections as u64, "messages");
+        progress::follow(&bar, counter.clone());
         for task in tasks {
             task.await
                 .context("load task panicked")?
@@ -480,9 +484,13 @@ pub(crate) async fn echo_load(args: &EchoArgs) -> anyhow::Result<EchoResult> {
             system_us: None,
         });
     }
+    let bar = progress::bar(args.samples.max(1) as u64, "samples");
+    bar.set_message(format!("warming up for {} s", args.warmup));
     tokio::time::sleep(Duration::from_secs(args.warmup)).await;
+    bar.set_message("");
     let cpu_before = args.server_pid.map(process_cpu).transpose()?;
-    let rates = Samples::take(&counter, args.samples).await;
+    let rates = Samples::take(&counter, args.samples, &bar).await;
+    bar.finish_and_clear();
     let cpu_after = args.server_pid.map(process_cpu).transpose()?;
     let messages = rates.total.max(1) as f64;
     stop.store(true, Ordering::Relaxed);
@@ -520,15 +528,23 @@ pub(crate) struct Samples {
 }
 
 impl Samples {
-    /// Samples `counter` once a second, `samples` times (at least once).
-    pub(crate) async fn take(counter: &AtomicU64, samples: usize) -> Self {
+    /// Samples `counter` once a second, `samples` times (at least once), counting the
+    /// samples on `bar` with the latest rate as its message.
+    pub(crate) async fn take(
+        counter: &AtomicU64,
+        samples: usize,
+        bar: &indicatif::ProgressBar,
+    ) -> Self {
         let first = counter.load(Ordering::Relaxed);
         let mut last = (Instant::now(), first);
         let mut sorted = Vec::with_capacity(samples.max(1));
         for _ in 0..samples.max(1) {
             tokio::time::sleep(Duration::from_secs(1)).await;
             let now = (Instant::now(), counter.load(Ordering::Relaxed));
-            sorted.push((now.1 - last.1) as f64 / (now.0 - last.0).as_secs_f64());
+            let rate = (now.1 - last.1) as f64 / (now.0 - last.0).as_secs_f64();
+            sorted.push(rate);
+            bar.inc(1);
+            bar.set_message(format!("{} per second", compare::thousands(rate)));
             last = now;
         }
         sorted.sort_by(f64::total_cmp);
@@ -767,21 +783,28 @@ async fn idle_load(args: &IdleArgs) -> anyhow::Result<IdleResult> {
     }
     let stream = Arc::new(chat_stream(args.messages.max(1)));
     let before = resident_kib(args.server_pid)?;
+    let opening = progress::bar(args.connections as u64, "connections");
     let sockets = open_many(args.connections, |i| {
         let (url, stream, messages) = (args.url.clone(), stream.clone(), args.messages);
         let mut options = options.clone();
         options.local_address = source_address(i, args.source_addrs);
+        let opening = opening.clone();
         async move {
             let mut socket = connect(&url, options).await?.socket;
             for message in stream.iter().take(messages) {
                 socket.send_text(message).await?;
                 socket.recv().await?.context("server closed")?;
             }
+            opening.inc(1);
             anyhow::Ok(socket)
         }
     })
     .await?;
+    opening.finish_and_clear();
+    let idle = progress::timed(Duration::from_secs_f64(args.wait));
+    idle.set_message("idle, then the server's memory is read");
     tokio::time::sleep(Duration::from_secs_f64(args.wait)).await;
+    idle.finish_and_clear();
     let after = resident_kib(args.server_pid)?;
     let result = IdleResult {
         connections: args.connections,
