@@ -8,7 +8,7 @@
 //! Output (replies and everything sent) collects in one buffer the caller writes out in
 //! a single write, however many frames it holds.
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -146,6 +146,12 @@ impl Connection {
     /// queued in the output) and still returned. After an error the connection is
     /// failed: a Close frame with the matching code is queued and nothing more is read.
     pub fn read(&mut self, buf: &mut BytesMut) -> Result<Option<Message>, Error> {
+        if buf.is_empty() {
+            return Ok(None);
+        }
+        if let Some(whole) = self.read_whole(buf) {
+            return whole;
+        }
         loop {
             if self.close_received || self.failed {
                 // Nothing may follow the peer's Close; nothing is read after a failure.
@@ -162,6 +168,76 @@ impl Connection {
                 }
             }
         }
+    }
+
+    /// The common case in one go: a whole, final, uncompressed text or binary frame of
+    /// up to 64 KiB at the front of `buf`, between messages. Its header is judged by the
+    /// same rules as [`Connection::check_header`]; anything else (a partial frame, a
+    /// control frame, a fragment, reserved bits, a frame past a limit) is left to the
+    /// general path: `None`, with nothing consumed.
+    #[inline]
+    fn read_whole(&mut self, buf: &mut BytesMut) -> Option<Result<Option<Message>, Error>> {
+        let [b0, b1, ..] = buf[..] else {
+            return None;
+        };
+        // FIN set, no reserved bits, text (1) or binary (2).
+        if !(b0 == 0x81 || b0 == 0x82)
+            || self.frame.is_some()
+            || self.message.is_some()
+            || self.close_received
+            || self.failed
+        {
+            return None;
+        }
+        let masked = b1 & 0x80 != 0;
+        // A server takes masked frames, a client unmasked ones (others: the general path).
+        if masked != (self.role == Role::Server) {
+            return None;
+        }
+        let (len, mut header_len) = match b1 & 0x7F {
+            126 => {
+                let bytes = buf.get(2..4)?;
+                (usize::from(u16::from_be_bytes([bytes[0], bytes[1]])), 4)
+            }
+            127 => return None,
+            n => (usize::from(n), 2),
+        };
+        if len > self.config.max_frame_size || len > self.config.max_message_size {
+            return None;
+        }
+        let key = if masked {
+            let bytes = buf.get(header_len..header_len + 4)?;
+            header_len += 4;
+            Some([bytes[0], bytes[1], bytes[2], bytes[3]])
+        } else {
+            None
+        };
+        if buf.len() < header_len + len {
+            return None;
+        }
+        let text = b0 == 0x81;
+        let payload = &mut buf[header_len..header_len + len];
+        let ascii = match key {
+            Some(key) if text => crate::mask::unmask_ascii(payload, key),
+            Some(key) => {
+                crate::mask::apply_mask(payload, key);
+                false
+            }
+            None => false,
+        };
+        if text && !ascii && !crate::utf8::is_valid(payload) {
+            let error = ProtocolError::InvalidUtf8;
+            self.fail(&error);
+            return Some(Err(error.into()));
+        }
+        let mut data = if buf.len() == header_len + len {
+            // The frame is all there is (one read, one message): the buffer itself.
+            std::mem::take(buf)
+        } else {
+            buf.split_to(header_len + len)
+        };
+        data.advance(header_len);
+        Some(Ok(Some(Self::complete(text, data))))
     }
 
     /// How many more bytes the frame in progress needs, or 0 when no frame is under way
@@ -193,10 +269,18 @@ impl Connection {
         let available = (buf.len() - frame.header_len).min(len);
         if available > frame.processed {
             let fresh = &mut buf[frame.header_len + frame.processed..frame.header_len + available];
-            if let Some(key) = frame.header.mask {
-                apply_mask_at(fresh, key, frame.processed);
-            }
-            if frame.text {
+            // ASCII text between code points needs no validating: seen while unmasking.
+            let ascii = match frame.header.mask {
+                Some(key) if frame.text && self.utf8.at_boundary() => {
+                    crate::mask::unmask_ascii_at(fresh, key, frame.processed)
+                }
+                Some(key) => {
+                    apply_mask_at(fresh, key, frame.processed);
+                    false
+                }
+                None => false,
+            };
+            if frame.text && !ascii {
                 self.utf8
                     .feed(fresh)
                     .map_err(|_| ProtocolError::InvalidUtf8)?;
@@ -437,6 +521,23 @@ impl Connection {
     /// guarantees text is UTF-8.
     pub fn send(&mut self, opcode: OpCode, payload: &[u8]) -> Result<(), Error> {
         self.check_open()?;
+        if self.masks.is_none() && self.deflate.is_none() && !opcode.is_control() {
+            // A server's data frame, as it is: the header straight in front of the copy.
+            let len = payload.len();
+            let first = 0x80 | opcode.as_u8();
+            self.out.reserve(len + 10);
+            if len <= 125 {
+                self.out.put_slice(&[first, len as u8]);
+            } else if len <= 0xFFFF {
+                let [hi, lo] = (len as u16).to_be_bytes();
+                self.out.put_slice(&[first, 126, hi, lo]);
+            } else {
+                self.out.put_slice(&[first, 127]);
+                self.out.put_slice(&(len as u64).to_be_bytes());
+            }
+            self.out.put_slice(payload);
+            return Ok(());
+        }
         if opcode.is_control() {
             if payload.len() > 125 {
                 return Err(Error::ControlPayloadTooLong(payload.len()));
@@ -462,21 +563,35 @@ impl Connection {
         Ok(())
     }
 
-    /// Queues only the frame header of a whole data message whose `len`-byte payload the
-    /// caller writes itself, as it is, right after the bytes queued so far: a large
-    /// payload then goes out without being copied (a vectored write). Returns `false`,
-    /// queuing nothing, when the payload must be transformed on the way (masked by a
-    /// client, or compressed): use [`Connection::send`] then.
-    pub fn send_header_only(&mut self, opcode: OpCode, len: usize) -> Result<bool, Error> {
+    /// The frame header of a whole data message whose `len`-byte payload the caller
+    /// writes itself, as it is, right after the bytes queued so far (and the header): a
+    /// large payload then goes out without being copied (a vectored write). The header
+    /// and its length; `None`, queuing nothing, when the payload must be transformed on
+    /// the way (masked by a client, or compressed): use [`Connection::send`] then.
+    pub fn header_only(
+        &mut self,
+        opcode: OpCode,
+        len: usize,
+    ) -> Result<Option<([u8; crate::frame::MAX_HEADER_LEN], usize)>, Error> {
         self.check_open()?;
         if opcode.is_control() || self.masks.is_some() || self.deflate.is_some() {
-            return Ok(false);
+            return Ok(None);
         }
-        let header = FrameHeader::new(opcode, len as u64);
         let mut head = [0u8; crate::frame::MAX_HEADER_LEN];
-        let head_len = header.encode(&mut head);
-        self.out.extend_from_slice(&head[..head_len]);
-        Ok(true)
+        head[0] = 0x80 | opcode.as_u8();
+        let head_len = if len <= 125 {
+            head[1] = len as u8;
+            2
+        } else if len <= 0xFFFF {
+            head[1] = 126;
+            head[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+            4
+        } else {
+            head[1] = 127;
+            head[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+            10
+        };
+        Ok(Some((head, head_len)))
     }
 
     /// Starts the close handshake. Does nothing if this side already sent its Close.
@@ -631,6 +746,55 @@ mod tests {
         assert_eq!(got.len(), 2);
         assert!(matches!(&got[0], Message::Text(t) if t.len() == 70_000));
         assert_eq!(got[1], Message::Binary(vec![7; 300].into()));
+    }
+
+    /// Every frame decoded whole (the one-go path) and a byte at a time (the general
+    /// path) gives the same messages, the same error and the same reply.
+    #[test]
+    fn whole_frames_decode_as_pieces_do() {
+        let texts: [&[u8]; 6] = [
+            b"",
+            b"hello",
+            "a bit of ünïcode ✓".as_bytes(),
+            b"bad \xff text",
+            b"cut \xe2\x82",
+            &[b'x'; 200],
+        ];
+        let mut frames: Vec<Vec<u8>> = Vec::new();
+        for text in texts {
+            frames.push(masked(1, true, text));
+            frames.push(masked(2, true, text));
+            // Unmasked at a server, and a fragment: the general path's cases.
+            let mut plain = BytesMut::new();
+            let header = FrameHeader::new(OpCode::Text, text.len() as u64);
+            encode_frame(&mut plain, &header, text);
+            frames.push(plain.to_vec());
+            frames.push(masked(1, false, text));
+        }
+        frames.push(masked(1, true, &[b'y'; 70_000]));
+        let limited = Config::default().with_max_message_size(100);
+        for config in [Config::default(), limited] {
+            for wire in &frames {
+                let mut whole = Connection::server(config.clone());
+                let mut piecewise = Connection::server(config.clone());
+                let at_once = read_all(&mut whole, wire);
+                let mut buf = BytesMut::new();
+                let mut by_byte = Ok(Vec::new());
+                for byte in wire {
+                    buf.extend_from_slice(&[*byte]);
+                    match piecewise.read(&mut buf) {
+                        Ok(Some(m)) => by_byte.as_mut().expect("no error yet").push(m),
+                        Ok(None) => {}
+                        Err(e) => {
+                            by_byte = Err(e);
+                            break;
+                        }
+                    }
+                }
+                assert_eq!(at_once, by_byte, "{:?}", &wire[..wire.len().min(12)]);
+                assert_eq!(whole.take_output(), piecewise.take_output());
+            }
+        }
     }
 
     #[test]

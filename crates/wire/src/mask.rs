@@ -7,18 +7,18 @@
 /// XORs `buf` with the masking key, starting at the key's first byte.
 #[inline]
 pub fn apply_mask(buf: &mut [u8], key: [u8; 4]) {
-    apply_mask_at(buf, key, 0)
+    if buf.len() < 64 {
+        // Small payloads (most messages): the word loop, inline, with no set-up.
+        mask_blocks(buf, key);
+    } else {
+        apply_mask_at(buf, key, 0)
+    }
 }
 
 /// XORs `buf` with the masking key, where `buf` starts `offset` bytes into the payload
 /// (so a payload can be unmasked piece by piece as it arrives).
 pub fn apply_mask_at(buf: &mut [u8], key: [u8; 4], offset: usize) {
-    let key = [
-        key[offset % 4],
-        key[(offset + 1) % 4],
-        key[(offset + 2) % 4],
-        key[(offset + 3) % 4],
-    ];
+    let key = rotated(key, offset);
     #[cfg(target_arch = "x86_64")]
     if buf.len() >= 128 && std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2 (checked just above; std caches the answer), the only
@@ -33,6 +33,17 @@ pub fn apply_mask_at(buf: &mut [u8], key: [u8; 4], offset: usize) {
     mask_blocks(buf, key);
 }
 
+/// The key as it applies from `offset` bytes into the payload.
+#[inline(always)]
+fn rotated(key: [u8; 4], offset: usize) -> [u8; 4] {
+    [
+        key[offset % 4],
+        key[(offset + 1) % 4],
+        key[(offset + 2) % 4],
+        key[(offset + 3) % 4],
+    ]
+}
+
 /// [`mask_blocks`] compiled for AVX2: the same loop, 32 bytes per instruction.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
@@ -45,28 +56,99 @@ fn mask_avx2(buf: &mut [u8], key: [u8; 4]) {
 /// conversions or checks), then 8-byte words, then bytes.
 #[inline(always)]
 fn mask_blocks(buf: &mut [u8], key: [u8; 4]) {
+    mask_blocks_seeing::<false>(buf, key);
+}
+
+/// [`mask_blocks`], and with `SEE` the OR of every byte it wrote (its top bit is set
+/// when the result is not ASCII), in the same pass; without, no extra work.
+#[inline(always)]
+fn mask_blocks_seeing<const SEE: bool>(buf: &mut [u8], key: [u8; 4]) -> u8 {
     let word = u64::from_ne_bytes([
         key[0], key[1], key[2], key[3], key[0], key[1], key[2], key[3],
     ]);
-    let mut pattern = [0u8; 64];
-    for (i, byte) in pattern.iter_mut().enumerate() {
-        *byte = key[i & 3];
-    }
-    let mut wide = buf.chunks_exact_mut(64);
-    for chunk in &mut wide {
-        for (byte, mask) in chunk.iter_mut().zip(pattern.iter()) {
-            *byte ^= mask;
+    let mut seen_blocks = [0u8; 64];
+    let mut seen_words = 0u64;
+    let mut seen_bytes = 0u8;
+    let mut rest = buf;
+    if rest.len() >= 64 {
+        // The 64-byte pattern is made only for a payload that has a block of it: a
+        // small message (most of them) goes straight to the words below.
+        let mut pattern = [0u8; 64];
+        for (i, byte) in pattern.iter_mut().enumerate() {
+            *byte = key[i & 3];
         }
+        let mut wide = rest.chunks_exact_mut(64);
+        for chunk in &mut wide {
+            for ((byte, mask), seen) in chunk.iter_mut().zip(pattern.iter()).zip(&mut seen_blocks) {
+                *byte ^= mask;
+                if SEE {
+                    *seen |= *byte;
+                }
+            }
+        }
+        rest = wide.into_remainder();
     }
-    let mut narrow = wide.into_remainder().chunks_exact_mut(8);
+    let mut narrow = rest.chunks_exact_mut(8);
     for lane in &mut narrow {
         let value = u64::from_ne_bytes(lane.try_into().expect("8-byte lane")) ^ word;
         lane.copy_from_slice(&value.to_ne_bytes());
+        if SEE {
+            seen_words |= value;
+        }
     }
     // Every chunk above is a multiple of 4 long, so the tail starts at key byte 0.
-    for (i, byte) in narrow.into_remainder().iter_mut().enumerate() {
+    let tail = narrow.into_remainder();
+    let last = if tail.len() >= 4 {
+        let (four, last) = tail.split_at_mut(4);
+        let value =
+            u32::from_ne_bytes((&*four).try_into().expect("4 bytes")) ^ u32::from_ne_bytes(key);
+        four.copy_from_slice(&value.to_ne_bytes());
+        if SEE {
+            seen_words |= u64::from(value);
+        }
+        last
+    } else {
+        tail
+    };
+    for (i, byte) in last.iter_mut().enumerate() {
         *byte ^= key[i & 3];
+        if SEE {
+            seen_bytes |= *byte;
+        }
     }
+    if !SEE {
+        return 0;
+    }
+    let blocks = seen_blocks.iter().fold(0u8, |all, b| all | b);
+    let words = seen_words.to_ne_bytes().iter().fold(0u8, |all, b| all | b);
+    blocks | words | seen_bytes
+}
+
+/// Unmasks a whole payload (from key byte 0) and says whether the result is ASCII, in
+/// one pass: text that is (most JSON, most chat) then needs no UTF-8 validation.
+#[inline]
+pub fn unmask_ascii(buf: &mut [u8], key: [u8; 4]) -> bool {
+    unmask_ascii_at(buf, key, 0)
+}
+
+/// [`unmask_ascii`] for a piece that starts `offset` bytes into the payload.
+#[inline]
+pub fn unmask_ascii_at(buf: &mut [u8], key: [u8; 4], offset: usize) -> bool {
+    let key = rotated(key, offset);
+    #[cfg(target_arch = "x86_64")]
+    if buf.len() >= 128 && std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: as in `apply_mask_at`: the CPU has AVX2, checked just above.
+        #[allow(unsafe_code)]
+        return unsafe { unmask_ascii_avx2(buf, key) };
+    }
+    mask_blocks_seeing::<true>(buf, key) & 0x80 == 0
+}
+
+/// [`unmask_ascii`] compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn unmask_ascii_avx2(buf: &mut [u8], key: [u8; 4]) -> bool {
+    mask_blocks_seeing::<true>(buf, key) & 0x80 == 0
 }
 
 #[cfg(test)]
@@ -90,6 +172,31 @@ mod tests {
                 apply_mask_at(&mut fast, key, offset);
                 naive(&mut slow, key, offset);
                 assert_eq!(fast, slow, "len {len} offset {offset}");
+            }
+        }
+    }
+
+    #[test]
+    fn unmasking_sees_whether_the_text_is_ascii() {
+        let key = [0x12, 0x34, 0x56, 0x78];
+        for len in (0..300usize).chain([1000, 4099]) {
+            let ascii: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
+            for offset in 0..4 {
+                let mut masked = ascii.clone();
+                naive(&mut masked, key, offset);
+                assert!(unmask_ascii_at(&mut masked, key, offset), "len {len}");
+                assert_eq!(masked, ascii);
+            }
+            for at in [0, len / 2, len.saturating_sub(1)]
+                .into_iter()
+                .filter(|_| len > 0)
+            {
+                let mut text = ascii.clone();
+                text[at] = 0xC3;
+                let mut masked = text.clone();
+                naive(&mut masked, key, 0);
+                assert!(!unmask_ascii(&mut masked, key), "len {len}, 0xC3 at {at}");
+                assert_eq!(masked, text);
             }
         }
     }

@@ -5,6 +5,28 @@
 //! point between pieces and rejects a piece as soon as it cannot be the start of valid
 //! text, without waiting for the rest of the message.
 
+/// Whether `bytes` are valid UTF-8 on their own (a whole message): short ASCII, the
+/// usual case, with a word-at-a-time check, the rest with the vectorized validator.
+#[inline]
+pub fn is_valid(bytes: &[u8]) -> bool {
+    (bytes.len() <= 64 && is_short_ascii(bytes)) || simdutf8::basic::from_utf8(bytes).is_ok()
+}
+
+/// ASCII, eight bytes at a time (no early exit: the slices are short).
+#[inline]
+fn is_short_ascii(bytes: &[u8]) -> bool {
+    let mut words = bytes.chunks_exact(8);
+    let mut seen = 0u64;
+    for word in &mut words {
+        seen |= u64::from_ne_bytes(word.try_into().expect("8 bytes"));
+    }
+    let mut tail = 0u8;
+    for &byte in words.remainder() {
+        tail |= byte;
+    }
+    seen & 0x8080_8080_8080_8080 == 0 && tail & 0x80 == 0
+}
+
 /// The text seen so far cannot be completed into valid UTF-8.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InvalidUtf8;
@@ -49,7 +71,9 @@ impl Utf8Validator {
                 Err(_) => return Err(InvalidUtf8),
             }
         }
-        if simdutf8::basic::from_utf8(input).is_ok() {
+        // Short ASCII pieces (most chat messages, JSON) skip the validator's setup:
+        // a word-at-a-time check and done.
+        if is_valid(input) {
             return Ok(());
         }
         match simdutf8::compat::from_utf8(input) {
@@ -62,6 +86,12 @@ impl Utf8Validator {
             }
             Err(_) => Err(InvalidUtf8),
         }
+    }
+
+    /// Whether the text so far ended on a code point boundary (then an ASCII piece is
+    /// valid as it is, and leaves it so).
+    pub fn at_boundary(&self) -> bool {
+        self.pending_len == 0
     }
 
     /// Ends the stream: fails if it stopped inside a code point. Resets for reuse.
@@ -110,6 +140,26 @@ mod tests {
         assert!(!split_everywhere(b"\xf4\x90\x80\x80"));
         assert!(!split_everywhere(b"ab\xc0\xaf"));
         assert!(!split_everywhere(b"\xe2\x82"));
+    }
+
+    #[test]
+    fn whole_messages_agree_with_std() {
+        for len in 0..80 {
+            let ascii = vec![b'a'; len];
+            assert!(is_valid(&ascii));
+            for at in 0..len {
+                let mut bytes = ascii.clone();
+                bytes[at] = 0x80;
+                assert!(!is_valid(&bytes), "0x80 at {at} of {len}");
+                bytes[at] = 0xC3;
+                let alone = std::str::from_utf8(&bytes).is_ok();
+                assert_eq!(is_valid(&bytes), alone);
+                if at + 1 < len {
+                    bytes[at + 1] = 0xA9;
+                    assert!(is_valid(&bytes), "é at {at} of {len}");
+                }
+            }
+        }
     }
 
     #[test]
