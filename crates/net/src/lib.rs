@@ -24,7 +24,7 @@ pub use client::{connect, ClientOptions, Connected};
 pub use config::Config;
 pub use error::Error;
 pub use server::accept;
-pub use socket::WebSocket;
+pub use socket::{Settled, WebSocket};
 pub use stream::Stream;
 pub use switchboard_wire as wire;
 pub use switchboard_wire::{CloseCode, CloseFrame, Message, Text};

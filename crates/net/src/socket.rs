@@ -43,7 +43,7 @@ pub struct WebSocket<S> {
     reads_seen: u64,
     writes_seen: u64,
     /// Wakes the connection to ping a quiet peer or free idle memory.
-    timer: Option<Pin<Box<Sleep>>>,
+    timer: Option<Timer>,
     /// When the unanswered ping went out; cleared by any byte from the peer.
     ping_sent: Option<Instant>,
     /// A protocol failure not yet reported (kept across a cancelled `recv`).
@@ -51,9 +51,11 @@ pub struct WebSocket<S> {
     peer_close: Option<CloseFrame>,
     finished: bool,
     /// Outgoing bytes ahead of the protocol's own output: earlier output frozen, then a
-    /// large payload written as it is (no copy), in order.
-    ahead: VecDeque<Bytes>,
+    /// large payload's header and the payload written as it is (no copy), in order.
+    ahead: VecDeque<Chunk>,
     ahead_len: usize,
+    /// An error [`WebSocket::poll_message`] met, for the next [`WebSocket::recv`].
+    deferred: Option<Box<Error>>,
     /// Bytes asked of the socket per read: doubles (to `MAX_READ`) while reads come
     /// back full, so large messages take one read rather than several; back to the
     /// configured size when the connection goes idle.
@@ -74,25 +76,90 @@ thread_local! {
 }
 
 /// Reads once into this thread's shared chunk, with room for at least `want` bytes:
-/// the bytes read (a view of the chunk), and the room the read had.
-fn read_shared<S: AsyncRead + Unpin>(
+/// the bytes read (a view of the chunk), how many, and the room the read had.
+fn poll_read_shared<S: AsyncRead + Unpin>(
     io: &mut S,
     want: usize,
-) -> impl Future<Output = std::io::Result<(BytesMut, usize)>> + '_ {
-    std::future::poll_fn(move |cx| {
-        SHARED_READ.with(|chunk| {
-            let mut chunk = chunk.borrow_mut();
-            if chunk.capacity() - chunk.len() < want.max(1) {
-                *chunk = BytesMut::with_capacity(READ_CHUNK.max(want));
-            }
-            let spare = chunk.capacity() - chunk.len();
-            match poll_read_buf(Pin::new(&mut *io), cx, &mut *chunk) {
-                Poll::Ready(Ok(_)) => Poll::Ready(Ok((chunk.split(), spare))),
-                Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
-                Poll::Pending => Poll::Pending,
-            }
-        })
+    cx: &mut std::task::Context<'_>,
+) -> Poll<std::io::Result<(BytesMut, usize, usize)>> {
+    SHARED_READ.with(|chunk| {
+        let mut chunk = chunk.borrow_mut();
+        if chunk.capacity() - chunk.len() < want.max(1) {
+            *chunk = BytesMut::with_capacity(READ_CHUNK.max(want));
+        }
+        let spare = chunk.capacity() - chunk.len();
+        match poll_read_buf(Pin::new(&mut *io), cx, &mut *chunk) {
+            Poll::Ready(Ok(n)) => Poll::Ready(Ok((chunk.split(), n, spare))),
+            Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
+            Poll::Pending => Poll::Pending,
+        }
     })
+}
+
+/// A connection's timer. Polling a `Sleep` costs about as much as decoding a small
+/// frame, and a connection waits on its socket and its timer after every message: the
+/// timer is polled again only when it may have fired, or when the task's waker changed
+/// (or nothing may have been registered: the task's budget was spent).
+#[derive(Debug)]
+struct Timer {
+    sleep: Pin<Box<Sleep>>,
+    /// The waker the sleep is known to hold.
+    waker: Option<std::task::Waker>,
+}
+
+impl Timer {
+    fn new(deadline: Instant) -> Self {
+        Self {
+            sleep: Box::pin(sleep_until(deadline)),
+            waker: None,
+        }
+    }
+
+    fn reset(&mut self, deadline: Instant) {
+        self.sleep.as_mut().reset(deadline);
+        // A fired sleep let go of its waker: the next wait registers one again.
+        self.waker = None;
+    }
+
+    /// Whether the deadline passed; otherwise the task is woken when it does.
+    fn poll_fired(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+        let known = self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+        if known && !self.sleep.is_elapsed() {
+            return false;
+        }
+        // Out of budget, the poll below returns before it registers the waker.
+        let registers = tokio::task::coop::has_budget_remaining();
+        if self.sleep.as_mut().poll(cx).is_ready() {
+            return true;
+        }
+        self.waker = registers.then(|| cx.waker().clone());
+        false
+    }
+}
+
+/// What [`WebSocket::settle`] came to.
+#[derive(Debug)]
+pub enum Settled {
+    /// A message came meanwhile.
+    Message(Message),
+    /// Done; wait with [`WebSocket::poll_message`] again.
+    Done,
+    /// The connection closed cleanly (as [`WebSocket::recv`]'s `Ok(None)`).
+    Closed,
+}
+
+/// What [`WebSocket::poll_recv`] came to.
+enum Next {
+    Message(Message),
+    /// The connection is over: its failure, if any, is reported.
+    Finished,
+    /// The close handshake is done or failed: send what is left and hang up.
+    Finish,
+    /// Queued output that must wait for the socket.
+    Flush,
+    /// The timer fired.
+    Timer,
+    Failed(Error),
 }
 
 /// Payloads from this size on are written from their own buffer (a vectored write)
@@ -106,7 +173,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
         let config_read_size = config.read_buffer_size.max(1);
         let read_buf = BytesMut::from(leftover);
         let now = Instant::now();
-        let timer = first_wake(&config).map(|after| Box::pin(sleep_until(now + after)));
+        let timer = first_wake(&config).map(|after| Timer::new(now + after));
         Self {
             io,
             conn,
@@ -126,6 +193,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
             finished: false,
             ahead: VecDeque::new(),
             ahead_len: 0,
+            deferred: None,
             read_size: config_read_size,
         }
     }
@@ -150,47 +218,147 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     /// [`WebSocket::peer_close`]); an error when the peer broke the protocol (it was sent
     /// the matching close code), vanished, or stopped answering pings.
     pub async fn recv(&mut self) -> Result<Option<Message>, Error> {
+        if let Some(error) = self.deferred.take() {
+            return Err(*error);
+        }
         loop {
-            if self.finished {
-                return match self.failure.take() {
-                    Some(failure) => Err(failure.into()),
-                    None => Ok(None),
-                };
-            }
-            if self.conn.is_done() {
+            // The common steps (decode, write what is queued, read) in one poll; what
+            // has to wait on something else comes back here. Boxed: rare paths that
+            // would otherwise make every connection's receive future (and task) larger.
+            match std::future::poll_fn(|cx| self.poll_recv(cx)).await {
+                Next::Message(message) => return Ok(Some(message)),
+                Next::Finished => {
+                    return match self.failure.take() {
+                        Some(failure) => Err(failure.into()),
+                        None => Ok(None),
+                    };
+                }
                 // The peer's Close arrived (and was answered), or the peer broke the
                 // protocol (and its close frame is queued): send what is left, hang up.
                 // Re-entered if a cancelled call left it half done.
-                // Boxed, like the timer's work below: rare paths that would otherwise
-                // make every connection's receive future (and task) larger.
-                Box::pin(self.finish()).await;
-                continue;
+                Next::Finish => Box::pin(self.finish()).await,
+                Next::Flush => self.flush().await?,
+                Next::Timer => Box::pin(self.on_timer()).await?,
+                Next::Failed(error) => return Err(error),
             }
-            match self.conn.read(&mut self.read_buf) {
-                Ok(Some(Message::Ping(_) | Message::Pong(_))) => continue,
-                Ok(Some(Message::Close(frame))) => {
-                    self.peer_close = frame;
-                    continue;
-                }
-                Ok(Some(message)) => return Ok(Some(message)),
-                Ok(None) => {}
-                Err(failure) => {
-                    self.failure = Some(failure);
-                    continue;
-                }
-            }
-            // Everything buffered is decoded: write what was queued in one go, then wait.
-            self.flush().await?;
-            self.fill().await?;
         }
     }
 
-    /// Reads more bytes, pinging quiet peers and dropping dead ones meanwhile.
-    async fn fill(&mut self) -> Result<(), Error> {
+    /// The next message, as a poll, for a loop that waits on the socket beside other
+    /// sources: at hand, or brought by the socket now; `Ready(None)` when the socket has
+    /// work that waits on something else (a full socket, the timer, the end of the
+    /// connection or an error): call [`WebSocket::recv`] then, which does it.
+    pub fn poll_message(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Option<Message>> {
+        match self.poll_recv(cx) {
+            Poll::Ready(Next::Message(message)) => Poll::Ready(Some(message)),
+            Poll::Ready(Next::Failed(error)) => {
+                self.deferred = Some(Box::new(error));
+                Poll::Ready(None)
+            }
+            Poll::Ready(_) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// Does the work [`WebSocket::poll_message`] left, without waiting for a message.
+    pub async fn settle(&mut self) -> Result<Settled, Error> {
+        if let Some(error) = self.deferred.take() {
+            return Err(*error);
+        }
+        let next = std::future::poll_fn(|cx| Poll::Ready(self.poll_recv(cx))).await;
+        match next {
+            Poll::Ready(Next::Message(message)) => Ok(Settled::Message(message)),
+            Poll::Ready(Next::Finished) => match self.failure.take() {
+                Some(failure) => Err(failure.into()),
+                None => Ok(Settled::Closed),
+            },
+            Poll::Ready(Next::Finish) => {
+                Box::pin(self.finish()).await;
+                Ok(Settled::Done)
+            }
+            Poll::Ready(Next::Flush) => {
+                self.flush().await?;
+                Ok(Settled::Done)
+            }
+            Poll::Ready(Next::Timer) => {
+                Box::pin(self.on_timer()).await?;
+                Ok(Settled::Done)
+            }
+            Poll::Ready(Next::Failed(error)) => Err(error),
+            Poll::Pending => Ok(Settled::Done),
+        }
+    }
+
+    /// Decodes what is buffered; once everything is, writes what was queued in one go
+    /// and reads more (pinging quiet peers and dropping dead ones meanwhile).
+    fn poll_recv(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Next> {
+        loop {
+            if self.finished {
+                return Poll::Ready(Next::Finished);
+            }
+            if self.conn.is_done() {
+                return Poll::Ready(Next::Finish);
+            }
+            // (Nothing buffered decodes to nothing.)
+            if !self.read_buf.is_empty() {
+                match self.conn.read(&mut self.read_buf) {
+                    Ok(Some(Message::Ping(_) | Message::Pong(_))) => continue,
+                    Ok(Some(Message::Close(frame))) => {
+                        self.peer_close = frame;
+                        continue;
+                    }
+                    Ok(Some(message)) => return Poll::Ready(Next::Message(message)),
+                    Ok(None) => {}
+                    Err(failure) => {
+                        self.failure = Some(failure);
+                        continue;
+                    }
+                }
+            }
+            if self.has_output() {
+                match self.poll_write_queued(cx) {
+                    Poll::Ready(Ok(())) => self.writes = self.writes.wrapping_add(1),
+                    Poll::Ready(Err(error)) => return Poll::Ready(Next::Failed(error)),
+                    // A full socket: written under the write timeout.
+                    Poll::Pending => return Poll::Ready(Next::Flush),
+                }
+            }
+            let want = self.prepare_read();
+            let read = if self.read_buf.is_empty() {
+                poll_read_shared(&mut self.io, want, cx)
+            } else {
+                // The rest of a frame goes straight behind its start.
+                self.read_buf.reserve(want);
+                let spare = self.read_buf.capacity() - self.read_buf.len();
+                poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read_buf)
+                    .map_ok(|n| (BytesMut::new(), n, spare))
+            };
+            match read {
+                Poll::Ready(read) => {
+                    if let Err(error) = self.after_read(read) {
+                        return Poll::Ready(Next::Failed(error));
+                    }
+                }
+                Poll::Pending => {
+                    if self
+                        .timer
+                        .as_mut()
+                        .is_some_and(|timer| timer.poll_fired(cx))
+                    {
+                        return Poll::Ready(Next::Timer);
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+
+    /// Before a read: how much to read. A connection that waits holds no read buffer of
+    /// its own: nothing when every byte it read was decoded, else an exact copy of the
+    /// partial frame (never a view that would pin a shared chunk while the peer takes
+    /// its time).
+    fn prepare_read(&mut self) -> usize {
         let want = self.conn.read_hint().min(1 << 20).max(self.read_size);
-        // A connection that waits holds no read buffer of its own: nothing when every
-        // byte it read was decoded, else an exact copy of the partial frame (never a
-        // view that would pin a shared chunk while the peer takes its time).
         if self.read_buf.is_empty() {
             self.read_buf = BytesMut::new();
         } else if self.read_view {
@@ -199,25 +367,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
             self.read_buf = owned;
         }
         self.read_view = false;
-        let read = match self.timer.as_mut() {
-            None => read_shared(&mut self.io, want).await,
-            Some(timer) => {
-                tokio::select! {
-                    biased;
-                    read = read_shared(&mut self.io, want) => read,
-                    () = timer.as_mut() => {
-                        return Box::pin(self.on_timer()).await;
-                    }
-                }
-            }
-        };
-        let read = read.map(|(data, spare)| {
-            let n = data.len();
-            if self.read_buf.is_empty() {
+        want
+    }
+
+    /// Takes in what a read brought: a view of the shared chunk (when nothing was
+    /// buffered), or `n` bytes read onto the buffer itself.
+    fn after_read(&mut self, read: std::io::Result<(BytesMut, usize, usize)>) -> Result<(), Error> {
+        let read = read.map(|(data, n, spare)| {
+            if !data.is_empty() {
                 self.read_buf = data;
                 self.read_view = true;
-            } else {
-                self.read_buf.extend_from_slice(&data);
             }
             (n, spare)
         });
@@ -243,7 +402,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
                     if let (Some(timer), Some(after)) =
                         (self.timer.as_mut(), first_wake(&self.config))
                     {
-                        timer.as_mut().reset(Instant::now() + after);
+                        timer.reset(Instant::now() + after);
                     }
                 }
                 Ok(())
@@ -302,7 +461,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
             next = Some(next.map_or(due, |n| n.min(due)));
         }
         if let (Some(timer), Some(next)) = (self.timer.as_mut(), next) {
-            timer.as_mut().reset(next);
+            timer.reset(next);
         }
         Ok(())
     }
@@ -333,19 +492,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
         if !self.has_output() {
             return Ok(());
         }
-        let mut write = std::pin::pin!(write_out(
-            &mut self.io,
-            &mut self.ahead,
-            &mut self.ahead_len,
-            self.conn.output()
-        ));
-        // Most flushes complete at once: the write timeout's timer is armed only for one
-        // that has to wait for the peer.
-        let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
-        let written = match first {
-            Poll::Ready(result) => Ok(result),
-            Poll::Pending => tokio::time::timeout(self.config.write_timeout, write).await,
-        };
+        // The common case: written at once (plain writes for one contiguous buffer,
+        // vectored ones past a large payload), with no future; only a socket that is
+        // full goes on below, under the write timeout.
+        let now = std::future::poll_fn(|cx| Poll::Ready(self.poll_write_queued(cx))).await;
+        match now {
+            Poll::Ready(result) => {
+                result?;
+                self.writes = self.writes.wrapping_add(1);
+                return Ok(());
+            }
+            Poll::Pending => {}
+        }
+        let timeout = self.config.write_timeout;
+        let write = std::future::poll_fn(|cx| self.poll_write_queued(cx));
+        let written = tokio::time::timeout(timeout, write).await;
         match written {
             Ok(result) => result?,
             Err(_) => {
@@ -377,26 +538,40 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
             Message::Pong(data) => self.conn.send(OpCode::Pong, data)?,
             Message::Close(frame) => self.conn.close(frame.clone()),
         }
-        self.relieve().await
+        if self.over_budget() {
+            self.flush().await?;
+        }
+        Ok(())
     }
 
     /// Queues one message of `opcode` from a byte slice (text must be UTF-8: JSON from a
     /// serializer, say), with no intermediate `Message`.
     pub async fn feed_frame(&mut self, opcode: OpCode, payload: &[u8]) -> Result<(), Error> {
         self.conn.send(opcode, payload)?;
-        self.relieve().await
+        if self.over_budget() {
+            self.flush().await?;
+        }
+        Ok(())
     }
 
     /// Queues a large message: its header behind what is queued, then the payload
     /// itself, shared rather than copied (unless it must be masked or compressed).
     fn feed_in_place(&mut self, opcode: OpCode, payload: Bytes) -> Result<(), Error> {
-        if !self.conn.send_header_only(opcode, payload.len())? {
+        let Some((head, len)) = self.conn.header_only(opcode, payload.len())? else {
             return Ok(self.conn.send(opcode, &payload)?);
+        };
+        if self.conn.has_output() {
+            let earlier = self.conn.output().split().freeze();
+            self.ahead_len += earlier.len();
+            self.ahead.push_back(Chunk::Shared(earlier));
         }
-        let head = self.conn.output().split().freeze();
-        self.ahead_len += head.len() + payload.len();
-        self.ahead.push_back(head);
-        self.ahead.push_back(payload);
+        self.ahead_len += len + payload.len();
+        self.ahead.push_back(Chunk::Head {
+            bytes: head,
+            start: 0,
+            end: len as u8,
+        });
+        self.ahead.push_back(Chunk::Shared(payload));
         Ok(())
     }
 
@@ -404,11 +579,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
         self.conn.has_output() || !self.ahead.is_empty()
     }
 
-    async fn relieve(&mut self) -> Result<(), Error> {
-        if self.conn.output().len() + self.ahead_len > self.config.max_write_buffer {
-            self.flush().await?;
-        }
-        Ok(())
+    /// Writes what is queued and flushes the stream, as far as it goes without waiting.
+    fn poll_write_queued(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Result<(), Error>> {
+        poll_write_out(
+            &mut self.io,
+            cx,
+            &mut self.ahead,
+            &mut self.ahead_len,
+            self.conn.output(),
+        )
+    }
+
+    /// Whether more is queued than may wait for the next write.
+    fn over_budget(&mut self) -> bool {
+        self.conn.output().len() + self.ahead_len > self.config.max_write_buffer
     }
 
     /// Sends a message now.
@@ -474,8 +658,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     /// Changes the ping interval from now on.
     pub fn set_ping_interval(&mut self, interval: Option<Duration>) {
         self.config.ping_interval = interval;
-        self.timer =
-            first_wake(&self.config).map(|after| Box::pin(sleep_until(Instant::now() + after)));
+        self.timer = first_wake(&self.config).map(|after| Timer::new(Instant::now() + after));
     }
 }
 
@@ -487,43 +670,94 @@ fn first_wake(config: &Config) -> Option<Duration> {
     }
 }
 
-/// Writes the chunks of `ahead`, then `out` (consuming them as bytes go out, in as few
-/// vectored writes as the stream takes) and flushes the stream.
-async fn write_out<S: AsyncWrite + Unpin>(
+/// Writes `out` and flushes the stream, as far as it goes without waiting (what was
+/// written is consumed from `out`).
+fn poll_write_all<S: AsyncWrite + Unpin>(
     io: &mut S,
-    ahead: &mut VecDeque<Bytes>,
+    cx: &mut std::task::Context<'_>,
+    out: &mut BytesMut,
+) -> Poll<Result<(), Error>> {
+    while !out.is_empty() {
+        match Pin::new(&mut *io).poll_write(cx, out) {
+            Poll::Ready(Ok(0)) => {
+                return Poll::Ready(Err(
+                    std::io::Error::from(std::io::ErrorKind::WriteZero).into()
+                ))
+            }
+            Poll::Ready(Ok(n)) => out.advance(n),
+            Poll::Ready(Err(error)) => return Poll::Ready(Err(error.into())),
+            Poll::Pending => return Poll::Pending,
+        }
+    }
+    Pin::new(io).poll_flush(cx).map_err(Error::from)
+}
+
+/// A piece of queued output ahead of the protocol's buffer.
+#[derive(Debug)]
+enum Chunk {
+    Shared(Bytes),
+    /// A frame header, kept inline (no allocation per large message).
+    Head {
+        bytes: [u8; switchboard_wire::frame::MAX_HEADER_LEN],
+        start: u8,
+        end: u8,
+    },
+}
+
+impl Chunk {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Chunk::Shared(bytes) => bytes,
+            Chunk::Head { bytes, start, end } => &bytes[usize::from(*start)..usize::from(*end)],
+        }
+    }
+
+    fn advance(&mut self, n: usize) {
+        match self {
+            Chunk::Shared(bytes) => bytes.advance(n),
+            Chunk::Head { start, .. } => *start += n as u8,
+        }
+    }
+}
+
+/// Writes the chunks of `ahead`, then `out`, consuming them as bytes go out (in as few
+/// vectored writes as the stream takes), and flushes the stream: as far as it goes
+/// without waiting.
+fn poll_write_out<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    cx: &mut std::task::Context<'_>,
+    ahead: &mut VecDeque<Chunk>,
     ahead_len: &mut usize,
     out: &mut BytesMut,
-) -> Result<(), Error> {
-    while ahead.is_empty() && !out.is_empty() {
-        io.write_buf(out).await?;
-    }
+) -> Poll<Result<(), Error>> {
     while !ahead.is_empty() {
-        // The slices are made afresh at each poll, so they are no part of the future
-        // (which every waiting connection's task holds).
-        let written = std::future::poll_fn(|cx| {
-            let mut slices = [IoSlice::new(&[]); 16];
-            let mut count = 0;
-            for chunk in ahead.iter().take(slices.len() - 1) {
-                slices[count] = IoSlice::new(chunk);
-                count += 1;
-            }
-            if count < slices.len() && !out.is_empty() {
-                slices[count] = IoSlice::new(out);
-                count += 1;
-            }
-            Pin::new(&mut *io).poll_write_vectored(cx, &slices[..count])
-        })
-        .await?;
-        if written == 0 {
-            return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
+        let mut slices = [IoSlice::new(&[]); 4];
+        let mut count = 0;
+        for chunk in ahead.iter().take(slices.len() - 1) {
+            slices[count] = IoSlice::new(chunk.bytes());
+            count += 1;
         }
+        if count < slices.len() && !out.is_empty() {
+            slices[count] = IoSlice::new(out);
+            count += 1;
+        }
+        let written = match Pin::new(&mut *io).poll_write_vectored(cx, &slices[..count]) {
+            Poll::Ready(Ok(0)) => {
+                return Poll::Ready(Err(
+                    std::io::Error::from(std::io::ErrorKind::WriteZero).into()
+                ))
+            }
+            Poll::Ready(Ok(n)) => n,
+            Poll::Ready(Err(error)) => return Poll::Ready(Err(error.into())),
+            Poll::Pending => return Poll::Pending,
+        };
         let mut left = written;
         while left > 0 {
             match ahead.front_mut() {
-                Some(chunk) if chunk.len() <= left => {
-                    left -= chunk.len();
-                    *ahead_len -= chunk.len();
+                Some(chunk) if chunk.bytes().len() <= left => {
+                    let len = chunk.bytes().len();
+                    left -= len;
+                    *ahead_len -= len;
                     ahead.pop_front();
                 }
                 Some(chunk) => {
@@ -538,9 +772,5 @@ async fn write_out<S: AsyncWrite + Unpin>(
             }
         }
     }
-    while !out.is_empty() {
-        io.write_buf(out).await?;
-    }
-    io.flush().await?;
-    Ok(())
+    poll_write_all(io, cx, out)
 }
