@@ -24,6 +24,7 @@ use tracing::warn;
 
 use crate::backend::{local::LocalBackend, Backend, Job, Outcome, Sink};
 use crate::options::{ChannelOptions, Namespaces};
+use crate::queue;
 use crate::recovery::{self, Replay};
 use crate::store::{Position, Publication, Store, StoreError, Window};
 use crate::{names, RedisConfig};
@@ -227,7 +228,7 @@ struct Member {
 
 /// Where a member's events go: a queue of its own, or its connection's [`Inbox`].
 enum Queue {
-    Own(mpsc::Sender<Outbound>),
+    Own(queue::Sender<Outbound>),
     Shared(InboxWaker),
 }
 
@@ -236,7 +237,7 @@ impl Queue {
         let sent = match self {
             Queue::Own(tx) => tx
                 .try_send(item.clone())
-                .map_err(|e| matches!(e, mpsc::error::TrySendError::Full(_))),
+                .map_err(|e| e == queue::SendError::Full),
             Queue::Shared(waker) => waker
                 .tx
                 .try_send((id, item.clone()))
@@ -777,7 +778,7 @@ impl Engine {
         user: &str,
         resume: Resume,
     ) -> Result<Subscription, EngineError> {
-        let (tx, events) = mpsc::channel(self.inner.config.outbound_queue.max(1));
+        let (tx, events) = queue::channel(self.inner.config.outbound_queue.max(1));
         self.join(channel, user, resume, Queue::Own(tx), Some(events))
             .await
     }
@@ -836,7 +837,7 @@ impl Engine {
         user: &str,
         resume: Resume,
         queue: Queue,
-        events: Option<mpsc::Receiver<Outbound>>,
+        events: Option<queue::Receiver<Outbound>>,
     ) -> Result<Subscription, EngineError> {
         self.join_with(channel, user, None, resume, queue, events)
             .await
@@ -849,7 +850,7 @@ impl Engine {
         info: Option<Arc<RawValue>>,
         resume: Resume,
         queue: Queue,
-        events: Option<mpsc::Receiver<Outbound>>,
+        events: Option<queue::Receiver<Outbound>>,
     ) -> Result<Subscription, EngineError> {
         if !names::may_subscribe(channel, user) {
             return Err(EngineError::Forbidden("the channel is for other users"));
@@ -1238,7 +1239,7 @@ pub struct Subscription {
     recovered: Option<bool>,
     backlog: Backlog,
     /// `None` in an [`Inbox`].
-    events: Option<mpsc::Receiver<Outbound>>,
+    events: Option<queue::Receiver<Outbound>>,
     /// Whether the others were last told this member is typing.
     typing: AtomicBool,
     ended: Arc<AtomicU8>,
@@ -1358,11 +1359,22 @@ impl Subscription {
     /// off (see [`Subscription::ended`]). A publication the backlog held is skipped.
     /// Always `None` for a subscription in an [`Inbox`].
     pub async fn recv(&mut self) -> Option<Outbound> {
-        let events = self.events.as_mut()?;
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// [`Subscription::recv`] as a poll: `Pending` (and the task woken later) while no
+    /// event is queued.
+    pub fn poll_recv(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Outbound>> {
+        let Some(events) = self.events.as_mut() else {
+            return std::task::Poll::Ready(None);
+        };
         loop {
-            match events.recv().await? {
-                Outbound::Publication { id, .. } if id <= self.last_id => continue,
-                item => return Some(item),
+            match std::task::ready!(events.poll_recv(cx)) {
+                Some(Outbound::Publication { id, .. }) if id <= self.last_id => continue,
+                item => return std::task::Poll::Ready(item),
             }
         }
     }
@@ -1371,7 +1383,7 @@ impl Subscription {
     pub fn try_recv(&mut self) -> Option<Outbound> {
         let events = self.events.as_mut()?;
         loop {
-            match events.try_recv().ok()? {
+            match events.try_recv()? {
                 Outbound::Publication { id, .. } if id <= self.last_id => continue,
                 item => return Some(item),
             }

@@ -22,6 +22,7 @@ mod engine;
 pub mod hooks;
 pub mod names;
 pub mod options;
+mod queue;
 mod recovery;
 pub mod store;
 

@@ -7,6 +7,9 @@
 //! [`switchboard_engine::Delivery`]), several per write when they queue up.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
 use std::time::Duration;
 
 use axum::extract::{Path, Query, Request, State};
@@ -19,9 +22,9 @@ use switchboard_engine::{
 };
 use switchboard_net::bucket::TokenBucket;
 use switchboard_net::wire::OpCode;
-use switchboard_net::{CloseCode, CloseFrame, Message, Stream, WebSocket};
+use switchboard_net::{CloseCode, CloseFrame, Message, Settled, Stream, WebSocket};
 use switchboard_protocol::room::{self, parse_client_event, ClientEvent};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tracing::{debug, warn};
 
 use crate::metrics::Counters;
@@ -205,6 +208,18 @@ pub(crate) fn frame_of(item: &Outbound) -> (OpCode, Bytes) {
     (OpCode::Text, text)
 }
 
+/// What woke the live loop.
+enum Live {
+    TypingExpired,
+    Shutdown,
+    Item(Outbound),
+    /// The engine cut this member off.
+    CutOff,
+    Message(Message),
+    /// The socket has work to do (see [`WebSocket::settle`]).
+    Socket,
+}
+
 /// What the live loop does after an event.
 enum Step {
     Continue,
@@ -305,28 +320,55 @@ impl Session {
         true
     }
 
-    /// Relays both ways until one side closes.
+    /// Relays both ways until one side closes. One poll waits on everything (the typing
+    /// expiry, shutdown, the member's queue, the socket), in that order.
     async fn live(&mut self) -> Step {
         let shutdown = self.state.shutdown.clone();
         let cancelled = shutdown.stopping();
         tokio::pin!(cancelled);
+        // The typing expiry's timer, made when first needed.
+        let mut typing_timer: Option<Pin<Box<Sleep>>> = None;
         loop {
-            let step = tokio::select! {
-                biased;
-                () = async { tokio::time::sleep_until(self.typing_until.expect("guarded")).await }, if self.typing_until.is_some() => {
+            let event = std::future::poll_fn(|cx| {
+                if let Some(until) = self.typing_until {
+                    let timer = typing_timer
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+                    if timer.deadline() != until {
+                        timer.as_mut().reset(until);
+                    }
+                    if timer.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Live::TypingExpired);
+                    }
+                }
+                if cancelled.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Live::Shutdown);
+                }
+                if let Poll::Ready(item) = self.subscription.poll_recv(cx) {
+                    return Poll::Ready(item.map_or(Live::CutOff, Live::Item));
+                }
+                self.socket
+                    .poll_message(cx)
+                    .map(|message| message.map_or(Live::Socket, Live::Message))
+            })
+            .await;
+            let step = match event {
+                Live::TypingExpired => {
                     self.typing_until = None;
                     // Allowed when it started.
                     let _ = self.subscription.typing(false);
                     Step::Continue
                 }
-                () = &mut cancelled => Step::Close(CloseFrame::new(CloseCode::GOING_AWAY, "server shutting down")),
-                item = self.subscription.recv() => match item {
-                    Some(item) => self.send(item).await,
-                    None => self.cut_off(),
-                },
-                received = self.socket.recv() => match received {
-                    Ok(Some(message)) => self.on_message(message).await,
-                    Ok(None) => Step::End,
+                Live::Shutdown => Step::Close(CloseFrame::new(
+                    CloseCode::GOING_AWAY,
+                    "server shutting down",
+                )),
+                Live::Item(item) => self.send(item).await,
+                Live::CutOff => self.cut_off(),
+                Live::Message(message) => self.on_message(message).await,
+                Live::Socket => match self.socket.settle().await {
+                    Ok(Settled::Message(message)) => self.on_message(message).await,
+                    Ok(Settled::Done) => Step::Continue,
+                    Ok(Settled::Closed) => Step::End,
                     Err(cause) => {
                         debug!(%cause, "room connection ended");
                         Step::End

@@ -131,10 +131,14 @@ where
         .as_ref()
         .and_then(|d| negotiate(&upgrade.extensions, d));
     let slot = request.extensions_mut().remove::<ConnectionSlot>();
-    // The session's logs name the client (behind a trusted proxy, the one it named).
+    // With debug logs on, the session's logs name the client (behind a trusted proxy,
+    // the one it named). Only then: a span is entered and left on every wake-up of the
+    // session, which costs about as much as decoding a small frame.
     let span = match request.extensions().get::<ClientAddress>() {
-        Some(ClientAddress(client)) => tracing::info_span!("connection", %client),
-        None => tracing::Span::none(),
+        Some(ClientAddress(client)) if tracing::enabled!(tracing::Level::DEBUG) => {
+            tracing::debug_span!("connection", %client)
+        }
+        _ => tracing::Span::none(),
     };
     let on_upgrade = hyper::upgrade::on(&mut request);
     let accept = (!over_h2)
