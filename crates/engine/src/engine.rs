@@ -156,7 +156,7 @@ pub struct Delivery {
 const NOTICES: usize = 1024;
 
 /// How many wire formats a [`Delivery`] caches.
-pub const FORMATS: usize = 5;
+pub const FORMATS: usize = 6;
 
 /// A door's wire format, as a slot in [`Delivery`]'s cache (`0..FORMATS`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -554,6 +554,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
         Ok(())
     }
 
+    /// Queues a whole frame made once for many connections
+    /// ([`switchboard_wire::frame::server_frame`]): written from its own buffer when
+    /// nothing else is queued (no copy), else copied behind what is. `false`, queuing
+    /// nothing, where frames must be made for this connection (a client's, or with
+    /// compression): send the payload then.
+    pub async fn feed_encoded(&mut self, frame: &Bytes) -> Result<bool, Error> {
+        if !self.conn.takes_frames()? {
+            return Ok(false);
+        }
+        if self.has_output() {
+            self.conn.output().extend_from_slice(frame);
+        } else {
+            self.ahead_len += frame.len();
+            self.ahead.push_back(Chunk::Shared(frame.clone()));
+        }
+        if self.over_budget() {
+            self.flush().await?;
+        }
+        Ok(true)
+    }
+
     /// Queues a large message: its header behind what is queued, then the payload
     /// itself, shared rather than copied (unless it must be masked or compressed).
     fn feed_in_place(&mut self, opcode: OpCode, payload: Bytes) -> Result<(), Error> {
@@ -730,6 +751,27 @@ fn poll_write_out<S: AsyncWrite + Unpin>(
     ahead_len: &mut usize,
     out: &mut BytesMut,
 ) -> Poll<Result<(), Error>> {
+    if ahead.len() == 1 && out.is_empty() {
+        // One buffer (a frame shared by many connections): plain writes from it.
+        while let Some(chunk) = ahead.front_mut() {
+            let written = match Pin::new(&mut *io).poll_write(cx, chunk.bytes()) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(
+                        std::io::Error::from(std::io::ErrorKind::WriteZero).into()
+                    ))
+                }
+                Poll::Ready(Ok(n)) => n,
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(error.into())),
+                Poll::Pending => return Poll::Pending,
+            };
+            *ahead_len -= written;
+            if written == chunk.bytes().len() {
+                ahead.pop_front();
+            } else {
+                chunk.advance(written);
+            }
+        }
+    }
     while !ahead.is_empty() {
         let mut slices = [IoSlice::new(&[]); 4];
         let mut count = 0;

@@ -21,6 +21,7 @@ use switchboard_engine::{
     names, Draft, Ended, EngineError, Format, Outbound, Resume, Subscription, CHANNEL_RULE,
 };
 use switchboard_net::bucket::TokenBucket;
+use switchboard_net::wire::frame::server_frame;
 use switchboard_net::wire::OpCode;
 use switchboard_net::{CloseCode, CloseFrame, Message, Settled, Stream, WebSocket};
 use switchboard_protocol::room::{self, parse_client_event, ClientEvent};
@@ -43,6 +44,9 @@ pub const HISTORY_RESET: CloseCode = CloseCode(4009);
 pub(crate) const ROOM_JSON: Format = Format(0);
 /// A room message as a whole Server-Sent Event (`id:` and `data:`), for event streams.
 pub(crate) const ROOM_SSE: Format = Format(4);
+/// A room message as a whole WebSocket text frame, sent as it is by every session that
+/// can (see `Session::feed`).
+pub(crate) const ROOM_FRAME: Format = Format(5);
 
 /// Longest `epoch` a resume may name.
 pub(crate) const MAX_EPOCH: usize = 64;
@@ -398,6 +402,17 @@ impl Session {
     }
 
     async fn feed(&mut self, item: &Outbound) -> Result<(), switchboard_net::Error> {
+        if let Outbound::Publication { delivery, .. } | Outbound::Ack(delivery) = item {
+            // The frame is made once per message for every member: one contiguous
+            // buffer each socket writes from, with nothing copied per member.
+            let payload = delivery.encoded(ROOM_JSON, room::message);
+            let frame = delivery.encoded(ROOM_FRAME, |_| server_frame(OpCode::Text, &payload));
+            if self.socket.feed_encoded(&frame).await? {
+                self.counters.events_sent.increment(1);
+                self.counters.bytes_sent.increment(payload.len() as u64);
+                return Ok(());
+            }
+        }
         let (opcode, bytes) = frame_of(item);
         self.counters.events_sent.increment(1);
         self.counters.bytes_sent.increment(bytes.len() as u64);

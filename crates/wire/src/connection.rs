@@ -499,6 +499,14 @@ impl Connection {
         self.close_sent = true;
     }
 
+    /// Whether frames made once for many connections ([`crate::frame::server_frame`])
+    /// go out on this one as they are: a server's, without compression. An error once
+    /// this side has sent its Close.
+    pub fn takes_frames(&self) -> Result<bool, Error> {
+        self.check_open()?;
+        Ok(self.masks.is_none() && self.deflate.is_none())
+    }
+
     fn check_open(&self) -> Result<(), Error> {
         if self.close_sent {
             Err(Error::Closing)

@@ -186,6 +186,18 @@ pub fn encode_frame(out: &mut BytesMut, header: &FrameHeader, payload: &[u8]) {
     }
 }
 
+/// A whole final, unmasked frame (what a server sends), in a buffer of its own: made
+/// once for a message many connections are sent (see [`crate::Connection::takes_frames`]).
+pub fn server_frame(opcode: OpCode, payload: &[u8]) -> bytes::Bytes {
+    let mut out = BytesMut::with_capacity(payload.len() + 10);
+    encode_frame(
+        &mut out,
+        &FrameHeader::new(opcode, payload.len() as u64),
+        payload,
+    );
+    out.freeze()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
