@@ -237,7 +237,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
                 // protocol (and its close frame is queued): send what is left, hang up.
                 // Re-entered if a cancelled call left it half done.
                 Next::Finish => Box::pin(self.finish()).await,
-                Next::Flush => self.flush().await?,
+                Next::Flush => Box::pin(self.flush()).await?,
                 Next::Timer => Box::pin(self.on_timer()).await?,
                 Next::Failed(error) => return Err(error),
             }
@@ -277,7 +277,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
                 Ok(Settled::Done)
             }
             Poll::Ready(Next::Flush) => {
-                self.flush().await?;
+                Box::pin(self.flush()).await?;
                 Ok(Settled::Done)
             }
             Poll::Ready(Next::Timer) => {
@@ -539,7 +539,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
             Message::Close(frame) => self.conn.close(frame.clone()),
         }
         if self.over_budget() {
-            self.flush().await?;
+            // Boxed: rare, and every connection's future would otherwise keep room
+            // for a waiting write.
+            Box::pin(self.flush()).await?;
         }
         Ok(())
     }
@@ -549,7 +551,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     pub async fn feed_frame(&mut self, opcode: OpCode, payload: &[u8]) -> Result<(), Error> {
         self.conn.send(opcode, payload)?;
         if self.over_budget() {
-            self.flush().await?;
+            // Boxed: rare, and every connection's future would otherwise keep room
+            // for a waiting write.
+            Box::pin(self.flush()).await?;
         }
         Ok(())
     }
@@ -570,7 +574,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
             self.ahead.push_back(Chunk::Shared(frame.clone()));
         }
         if self.over_budget() {
-            self.flush().await?;
+            // Boxed: rare, and every connection's future would otherwise keep room
+            // for a waiting write.
+            Box::pin(self.flush()).await?;
         }
         Ok(true)
     }

@@ -130,7 +130,12 @@ impl Connection {
         let freed = self.deflate.as_deref_mut().is_some_and(Deflate::release);
         let had_scratch = self.scratch.capacity() > 0;
         self.scratch = BytesMut::new();
-        freed || had_scratch
+        // The output buffer too, once written out.
+        let had_out = self.out.is_empty() && self.out.capacity() > 0;
+        if had_out {
+            self.out = BytesMut::new();
+        }
+        freed || had_scratch || had_out
     }
 
     pub fn role(&self) -> Role {
