@@ -304,16 +304,7 @@ fn echo(run: &Run) -> Option<Figure> {
 }
 
 fn fanout(run: &Run) -> Option<Figure> {
-    let counts: std::collections::BTreeSet<usize> = run
-        .fanout
-        .values()
-        .flat_map(|by_count| by_count.keys().copied())
-        .collect();
-    let counts: Vec<usize> = counts.into_iter().collect();
-    let groups: Vec<String> = counts
-        .iter()
-        .map(|&n| format!("{} subscribers", thousands(n as f64)))
-        .collect();
+    let (counts, groups) = counts_of(&run.fanout, "subscribers");
     let (labels, series) = bars(&run.fanout_engines, &groups, |engine, g| {
         match run.fanout.get(engine).and_then(|c| c.get(&counts[g])) {
             Some(result) => result.best_held().map_or(Value::Note("none held"), |step| {
@@ -364,17 +355,26 @@ fn fanout(run: &Run) -> Option<Figure> {
     Figure::of(vec![delivered, cpu], Some(SPLIT_NOTE))
 }
 
-fn memory(run: &Run) -> Option<Figure> {
-    let counts: std::collections::BTreeSet<usize> = run
-        .idle
+/// The counts any engine was measured at (engine → count → result), in order, and
+/// their group labels ("1,000 subscribers").
+fn counts_of<V>(
+    by_engine: &BTreeMap<String, BTreeMap<usize, V>>,
+    unit: &str,
+) -> (Vec<usize>, Vec<String>) {
+    let counts: std::collections::BTreeSet<usize> = by_engine
         .values()
         .flat_map(|by_count| by_count.keys().copied())
         .collect();
     let counts: Vec<usize> = counts.into_iter().collect();
-    let groups: Vec<String> = counts
+    let groups = counts
         .iter()
-        .map(|&n| format!("{} connections", thousands(n as f64)))
+        .map(|&n| format!("{} {unit}", thousands(n as f64)))
         .collect();
+    (counts, groups)
+}
+
+fn memory(run: &Run) -> Option<Figure> {
+    let (counts, groups) = counts_of(&run.idle, "connections");
     let (labels, series) = bars(&run.engines, &groups, |engine, g| {
         run.idle
             .get(engine)

@@ -705,18 +705,22 @@ fn poll_write_all<S: AsyncWrite + Unpin>(
     out: &mut BytesMut,
 ) -> Poll<Result<(), Error>> {
     while !out.is_empty() {
-        match Pin::new(&mut *io).poll_write(cx, out) {
-            Poll::Ready(Ok(0)) => {
-                return Poll::Ready(Err(
-                    std::io::Error::from(std::io::ErrorKind::WriteZero).into()
-                ))
-            }
-            Poll::Ready(Ok(n)) => out.advance(n),
-            Poll::Ready(Err(error)) => return Poll::Ready(Err(error.into())),
-            Poll::Pending => return Poll::Pending,
-        }
+        let n = std::task::ready!(wrote(Pin::new(&mut *io).poll_write(cx, out)))?;
+        out.advance(n);
     }
     Pin::new(io).poll_flush(cx).map_err(Error::from)
+}
+
+/// A write's outcome: the bytes written, or the error (writing nothing is one).
+fn wrote(result: Poll<std::io::Result<usize>>) -> Poll<Result<usize, Error>> {
+    match result {
+        Poll::Ready(Ok(0)) => Poll::Ready(Err(
+            std::io::Error::from(std::io::ErrorKind::WriteZero).into()
+        )),
+        Poll::Ready(Ok(n)) => Poll::Ready(Ok(n)),
+        Poll::Ready(Err(error)) => Poll::Ready(Err(error.into())),
+        Poll::Pending => Poll::Pending,
+    }
 }
 
 /// A piece of queued output ahead of the protocol's buffer.
@@ -760,16 +764,8 @@ fn poll_write_out<S: AsyncWrite + Unpin>(
     if ahead.len() == 1 && out.is_empty() {
         // One buffer (a frame shared by many connections): plain writes from it.
         while let Some(chunk) = ahead.front_mut() {
-            let written = match Pin::new(&mut *io).poll_write(cx, chunk.bytes()) {
-                Poll::Ready(Ok(0)) => {
-                    return Poll::Ready(Err(
-                        std::io::Error::from(std::io::ErrorKind::WriteZero).into()
-                    ))
-                }
-                Poll::Ready(Ok(n)) => n,
-                Poll::Ready(Err(error)) => return Poll::Ready(Err(error.into())),
-                Poll::Pending => return Poll::Pending,
-            };
+            let written =
+                std::task::ready!(wrote(Pin::new(&mut *io).poll_write(cx, chunk.bytes())))?;
             *ahead_len -= written;
             if written == chunk.bytes().len() {
                 ahead.pop_front();
@@ -789,16 +785,9 @@ fn poll_write_out<S: AsyncWrite + Unpin>(
             slices[count] = IoSlice::new(out);
             count += 1;
         }
-        let written = match Pin::new(&mut *io).poll_write_vectored(cx, &slices[..count]) {
-            Poll::Ready(Ok(0)) => {
-                return Poll::Ready(Err(
-                    std::io::Error::from(std::io::ErrorKind::WriteZero).into()
-                ))
-            }
-            Poll::Ready(Ok(n)) => n,
-            Poll::Ready(Err(error)) => return Poll::Ready(Err(error.into())),
-            Poll::Pending => return Poll::Pending,
-        };
+        let written = std::task::ready!(wrote(
+            Pin::new(&mut *io).poll_write_vectored(cx, &slices[..count])
+        ))?;
         let mut left = written;
         while left > 0 {
             match ahead.front_mut() {
