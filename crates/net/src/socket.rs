@@ -223,23 +223,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
         }
         loop {
             // The common steps (decode, write what is queued, read) in one poll; what
-            // has to wait on something else comes back here. Boxed: rare paths that
-            // would otherwise make every connection's receive future (and task) larger.
+            // has to wait on something else is done by `work`.
             match std::future::poll_fn(|cx| self.poll_recv(cx)).await {
                 Next::Message(message) => return Ok(Some(message)),
-                Next::Finished => {
-                    return match self.failure.take() {
-                        Some(failure) => Err(failure.into()),
-                        None => Ok(None),
-                    };
-                }
-                // The peer's Close arrived (and was answered), or the peer broke the
-                // protocol (and its close frame is queued): send what is left, hang up.
-                // Re-entered if a cancelled call left it half done.
-                Next::Finish => Box::pin(self.finish()).await,
-                Next::Flush => Box::pin(self.flush()).await?,
-                Next::Timer => Box::pin(self.on_timer()).await?,
-                Next::Failed(error) => return Err(error),
+                next => match self.work(next).await? {
+                    Settled::Message(message) => return Ok(Some(message)),
+                    Settled::Closed => return Ok(None),
+                    Settled::Done => {}
+                },
             }
         }
     }
@@ -247,7 +238,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     /// The next message, as a poll, for a loop that waits on the socket beside other
     /// sources: at hand, or brought by the socket now; `Ready(None)` when the socket has
     /// work that waits on something else (a full socket, the timer, the end of the
-    /// connection or an error): call [`WebSocket::recv`] then, which does it.
+    /// connection or an error): call [`WebSocket::settle`] then, which does it.
     pub fn poll_message(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Option<Message>> {
         match self.poll_recv(cx) {
             Poll::Ready(Next::Message(message)) => Poll::Ready(Some(message)),
@@ -265,28 +256,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
         if let Some(error) = self.deferred.take() {
             return Err(*error);
         }
-        let next = std::future::poll_fn(|cx| Poll::Ready(self.poll_recv(cx))).await;
-        match next {
-            Poll::Ready(Next::Message(message)) => Ok(Settled::Message(message)),
-            Poll::Ready(Next::Finished) => match self.failure.take() {
-                Some(failure) => Err(failure.into()),
-                None => Ok(Settled::Closed),
-            },
-            Poll::Ready(Next::Finish) => {
-                Box::pin(self.finish()).await;
-                Ok(Settled::Done)
-            }
-            Poll::Ready(Next::Flush) => {
-                Box::pin(self.flush()).await?;
-                Ok(Settled::Done)
-            }
-            Poll::Ready(Next::Timer) => {
-                Box::pin(self.on_timer()).await?;
-                Ok(Settled::Done)
-            }
-            Poll::Ready(Next::Failed(error)) => Err(error),
+        match std::future::poll_fn(|cx| Poll::Ready(self.poll_recv(cx))).await {
+            Poll::Ready(next) => self.work(next).await,
             Poll::Pending => Ok(Settled::Done),
         }
+    }
+
+    /// What [`WebSocket::poll_recv`] left to do. Boxed: rare paths that would otherwise
+    /// make every connection's receive future (and task) larger.
+    async fn work(&mut self, next: Next) -> Result<Settled, Error> {
+        match next {
+            Next::Message(message) => return Ok(Settled::Message(message)),
+            Next::Finished => {
+                return match self.failure.take() {
+                    Some(failure) => Err(failure.into()),
+                    None => Ok(Settled::Closed),
+                };
+            }
+            // The peer's Close arrived (and was answered), or the peer broke the
+            // protocol (and its close frame is queued): send what is left, hang up.
+            // Re-entered if a cancelled call left it half done.
+            Next::Finish => Box::pin(self.finish()).await,
+            Next::Flush => Box::pin(self.flush()).await?,
+            Next::Timer => Box::pin(self.on_timer()).await?,
+            Next::Failed(error) => return Err(error),
+        }
+        Ok(Settled::Done)
     }
 
     /// Decodes what is buffered; once everything is, writes what was queued in one go
@@ -539,8 +534,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
             Message::Close(frame) => self.conn.close(frame.clone()),
         }
         if self.over_budget() {
-            // Boxed: rare, and every connection's future would otherwise keep room
-            // for a waiting write.
             Box::pin(self.flush()).await?;
         }
         Ok(())
@@ -551,8 +544,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     pub async fn feed_frame(&mut self, opcode: OpCode, payload: &[u8]) -> Result<(), Error> {
         self.conn.send(opcode, payload)?;
         if self.over_budget() {
-            // Boxed: rare, and every connection's future would otherwise keep room
-            // for a waiting write.
             Box::pin(self.flush()).await?;
         }
         Ok(())
@@ -574,8 +565,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
             self.ahead.push_back(Chunk::Shared(frame.clone()));
         }
         if self.over_budget() {
-            // Boxed: rare, and every connection's future would otherwise keep room
-            // for a waiting write.
             Box::pin(self.flush()).await?;
         }
         Ok(true)
@@ -617,7 +606,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
         )
     }
 
-    /// Whether more is queued than may wait for the next write.
+    /// Whether more is queued than may wait for the next write: then the feeding
+    /// methods write it out first (boxed where they do: rare, and every connection's
+    /// future would otherwise keep room for a waiting write).
     fn over_budget(&mut self) -> bool {
         self.conn.output().len() + self.ahead_len > self.config.max_write_buffer
     }

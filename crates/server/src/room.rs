@@ -402,20 +402,17 @@ impl Session {
     }
 
     async fn feed(&mut self, item: &Outbound) -> Result<(), switchboard_net::Error> {
-        if let Outbound::Publication { delivery, .. } | Outbound::Ack(delivery) = item {
-            // The frame is made once per message for every member: one contiguous
-            // buffer each socket writes from, with nothing copied per member.
-            let payload = delivery.encoded(ROOM_JSON, room::message);
-            let frame = delivery.encoded(ROOM_FRAME, |_| server_frame(OpCode::Text, &payload));
-            if self.socket.feed_encoded(&frame).await? {
-                self.counters.events_sent.increment(1);
-                self.counters.bytes_sent.increment(payload.len() as u64);
-                return Ok(());
-            }
-        }
         let (opcode, bytes) = frame_of(item);
         self.counters.events_sent.increment(1);
         self.counters.bytes_sent.increment(bytes.len() as u64);
+        if let Outbound::Publication { delivery, .. } | Outbound::Ack(delivery) = item {
+            // The frame is made once per message for every member: one contiguous
+            // buffer each socket writes from, with nothing copied per member.
+            let frame = delivery.encoded(ROOM_FRAME, |_| server_frame(OpCode::Text, &bytes));
+            if self.socket.feed_encoded(&frame).await? {
+                return Ok(());
+            }
+        }
         self.socket.feed_frame(opcode, &bytes).await
     }
 

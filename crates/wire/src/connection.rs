@@ -16,7 +16,7 @@ use crate::close::{CloseCode, CloseFrame};
 use crate::config::Config;
 use crate::deflate::{Deflate, DeflateConfig, DeflateParams};
 use crate::error::{Error, ProtocolError};
-use crate::frame::{encode_frame, FrameHeader, OpCode};
+use crate::frame::{encode_frame, server_header, FrameHeader, OpCode};
 use crate::mask::apply_mask_at;
 use crate::message::{Message, Text};
 use crate::utf8::Utf8Validator;
@@ -536,18 +536,9 @@ impl Connection {
         self.check_open()?;
         if self.masks.is_none() && self.deflate.is_none() && !opcode.is_control() {
             // A server's data frame, as it is: the header straight in front of the copy.
-            let len = payload.len();
-            let first = 0x80 | opcode.as_u8();
-            self.out.reserve(len + 10);
-            if len <= 125 {
-                self.out.put_slice(&[first, len as u8]);
-            } else if len <= 0xFFFF {
-                let [hi, lo] = (len as u16).to_be_bytes();
-                self.out.put_slice(&[first, 126, hi, lo]);
-            } else {
-                self.out.put_slice(&[first, 127]);
-                self.out.put_slice(&(len as u64).to_be_bytes());
-            }
+            let (head, head_len) = server_header(opcode, payload.len());
+            self.out.reserve(head_len + payload.len());
+            self.out.put_slice(&head[..head_len]);
             self.out.put_slice(payload);
             return Ok(());
         }
@@ -590,21 +581,7 @@ impl Connection {
         if opcode.is_control() || self.masks.is_some() || self.deflate.is_some() {
             return Ok(None);
         }
-        let mut head = [0u8; crate::frame::MAX_HEADER_LEN];
-        head[0] = 0x80 | opcode.as_u8();
-        let head_len = if len <= 125 {
-            head[1] = len as u8;
-            2
-        } else if len <= 0xFFFF {
-            head[1] = 126;
-            head[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-            4
-        } else {
-            head[1] = 127;
-            head[2..10].copy_from_slice(&(len as u64).to_be_bytes());
-            10
-        };
-        Ok(Some((head, head_len)))
+        Ok(Some(server_header(opcode, len)))
     }
 
     /// Starts the close handshake. Does nothing if this side already sent its Close.

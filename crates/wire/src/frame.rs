@@ -186,15 +186,34 @@ pub fn encode_frame(out: &mut BytesMut, header: &FrameHeader, payload: &[u8]) {
     }
 }
 
+/// The header of a final, unmasked frame of `len` payload bytes (what a server sends),
+/// and its length: the shortest length form, written directly.
+#[inline]
+pub fn server_header(opcode: OpCode, len: usize) -> ([u8; MAX_HEADER_LEN], usize) {
+    let mut head = [0u8; MAX_HEADER_LEN];
+    head[0] = 0x80 | opcode.as_u8();
+    let head_len = if len <= 125 {
+        head[1] = len as u8;
+        2
+    } else if len <= 0xFFFF {
+        head[1] = 126;
+        head[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        4
+    } else {
+        head[1] = 127;
+        head[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        10
+    };
+    (head, head_len)
+}
+
 /// A whole final, unmasked frame (what a server sends), in a buffer of its own: made
 /// once for a message many connections are sent (see [`crate::Connection::takes_frames`]).
 pub fn server_frame(opcode: OpCode, payload: &[u8]) -> bytes::Bytes {
-    let mut out = BytesMut::with_capacity(payload.len() + 10);
-    encode_frame(
-        &mut out,
-        &FrameHeader::new(opcode, payload.len() as u64),
-        payload,
-    );
+    let (head, head_len) = server_header(opcode, payload.len());
+    let mut out = BytesMut::with_capacity(head_len + payload.len());
+    out.extend_from_slice(&head[..head_len]);
+    out.extend_from_slice(payload);
     out.freeze()
 }
 
@@ -225,6 +244,18 @@ mod tests {
             masked.fin = false;
             masked.rsv1 = true;
             roundtrip(masked);
+        }
+    }
+
+    #[test]
+    fn server_headers_are_the_encoded_headers() {
+        for len in [0, 1, 125, 126, 127, 0xFFFF, 0x1_0000, 1 << 40] {
+            for opcode in [OpCode::Text, OpCode::Binary] {
+                let mut expected = [0u8; MAX_HEADER_LEN];
+                let n = FrameHeader::new(opcode, len as u64).encode(&mut expected);
+                let (head, head_len) = server_header(opcode, len);
+                assert_eq!(&head[..head_len], &expected[..n], "{len}");
+            }
         }
     }
 
