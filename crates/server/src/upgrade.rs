@@ -147,42 +147,50 @@ where
         HeaderValue::from_str(header).expect("extension header is built from tokens")
     });
     let params = deflate.map(|(params, _)| params);
+    // The upgrade and the session are two futures: what only the upgrade needs (the
+    // settings, hyper's handle, the request, the session's closure) is freed once the
+    // session starts, instead of staying in the connection's task for its lifetime.
+    let opening = Box::pin(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(cause) => {
+                debug!(%cause, "client left before the upgrade completed");
+                return None;
+            }
+        };
+        let socket = if over_h2 {
+            // The HTTP/2 stream itself: hyper keeps the connection, its flow control and
+            // its other streams.
+            let tunnel = Stream::tunnel(TokioIo::new(upgraded));
+            WebSocket::server(tunnel, &[], config, params)
+        } else {
+            match upgraded.downcast::<TokioIo<Stream>>() {
+                Ok(parts) => {
+                    // The leftover bytes are copied: hyper's whole read buffer goes now,
+                    // not when the session ends.
+                    WebSocket::server(parts.io.into_inner(), &parts.read_buf, config, params)
+                }
+                Err(_) => {
+                    error!("upgraded connection is not a server stream");
+                    return None;
+                }
+            }
+        };
+        let http = if over_h2 { "2" } else { "1.1" };
+        metrics::counter!("switchboard_connections_total").increment(1);
+        metrics::counter!("switchboard_websocket_connections_total", "http" => http).increment(1);
+        // Boxed: the session owns the socket, and a future that moved it in could keep
+        // room for it twice.
+        Some(Box::pin(session(socket, upgrade)))
+    });
     state.spawn(
         async move {
             let _slot = slot;
-            let upgraded = match on_upgrade.await {
-                Ok(upgraded) => upgraded,
-                Err(cause) => {
-                    debug!(%cause, "client left before the upgrade completed");
-                    return;
-                }
+            let Some(session) = opening.await else {
+                return;
             };
-            let socket = if over_h2 {
-                // The HTTP/2 stream itself: hyper keeps the connection, its flow control
-                // and its other streams.
-                let tunnel = Stream::tunnel(TokioIo::new(upgraded));
-                WebSocket::server(tunnel, &[], config, params)
-            } else {
-                match upgraded.downcast::<TokioIo<Stream>>() {
-                    Ok(parts) => {
-                        // The leftover bytes are copied: hyper's whole read buffer goes
-                        // now, not when the session ends.
-                        WebSocket::server(parts.io.into_inner(), &parts.read_buf, config, params)
-                    }
-                    Err(_) => {
-                        error!("upgraded connection is not a server stream");
-                        return;
-                    }
-                }
-            };
-            let http = if over_h2 { "2" } else { "1.1" };
-            metrics::counter!("switchboard_connections_total").increment(1);
-            metrics::counter!("switchboard_websocket_connections_total", "http" => http)
-                .increment(1);
             metrics::gauge!("switchboard_connections").increment(1.0);
-            // Boxed: the session owns the socket, and a future that moved it in could
-            // keep room for it twice.
-            Box::pin(session(socket, upgrade)).await;
+            session.await;
             metrics::gauge!("switchboard_connections").decrement(1.0);
         }
         .instrument(span),
