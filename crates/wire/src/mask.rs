@@ -71,22 +71,25 @@ fn mask_blocks_seeing<const SEE: bool>(buf: &mut [u8], key: [u8; 4]) -> u8 {
     let mut seen_bytes = 0u8;
     let mut rest = buf;
     if rest.len() >= 64 {
-        // The 64-byte pattern is made only for a payload that has a block of it: a
-        // small message (most of them) goes straight to the words below.
-        let mut pattern = [0u8; 64];
-        for (i, byte) in pattern.iter_mut().enumerate() {
-            *byte = key[i & 3];
+        // The key pattern is made only for a payload that has a block of it: a small
+        // message (most of them) goes straight to the words below.
+        let mut pattern = [0u8; 256];
+        for quad in pattern.chunks_exact_mut(4) {
+            quad.copy_from_slice(&key);
         }
-        let mut wide = rest.chunks_exact_mut(64);
-        for chunk in &mut wide {
-            for ((byte, mask), seen) in chunk.iter_mut().zip(pattern.iter()).zip(&mut seen_blocks) {
-                *byte ^= mask;
-                if SEE {
-                    *seen |= *byte;
+        // 256-byte blocks while they last (four 64-byte ones per turn of the loop, so
+        // the loop's own count and branch are paid once for them), then 64-byte ones.
+        let mut seen_wide = [0u8; 256];
+        rest = mask_chunks::<SEE, 256>(rest, &pattern, &mut seen_wide);
+        let short: &[u8; 64] = pattern[..64].try_into().expect("64 bytes");
+        rest = mask_chunks::<SEE, 64>(rest, short, &mut seen_blocks);
+        if SEE {
+            for quarter in seen_wide.chunks_exact(64) {
+                for (all, seen) in seen_blocks.iter_mut().zip(quarter) {
+                    *all |= seen;
                 }
             }
         }
-        rest = wide.into_remainder();
     }
     let mut narrow = rest.chunks_exact_mut(8);
     for lane in &mut narrow {
@@ -122,6 +125,26 @@ fn mask_blocks_seeing<const SEE: bool>(buf: &mut [u8], key: [u8; 4]) -> u8 {
     let blocks = seen_blocks.iter().fold(0u8, |all, b| all | b);
     let words = seen_words.to_ne_bytes().iter().fold(0u8, |all, b| all | b);
     blocks | words | seen_bytes
+}
+
+/// XORs each whole `N`-byte chunk of `buf` with `pattern`, ORing what it wrote into
+/// `seen` with `SEE`; returns the rest (shorter than `N`).
+#[inline(always)]
+fn mask_chunks<'a, const SEE: bool, const N: usize>(
+    buf: &'a mut [u8],
+    pattern: &[u8; N],
+    seen: &mut [u8; N],
+) -> &'a mut [u8] {
+    let mut chunks = buf.chunks_exact_mut(N);
+    for chunk in &mut chunks {
+        for ((byte, mask), seen) in chunk.iter_mut().zip(pattern.iter()).zip(seen.iter_mut()) {
+            *byte ^= mask;
+            if SEE {
+                *seen |= *byte;
+            }
+        }
+    }
+    chunks.into_remainder()
 }
 
 /// Unmasks a whole payload (from key byte 0) and says whether the result is ASCII, in
