@@ -637,13 +637,19 @@ fn draw_panel<DB: DrawingBackend>(
                     )])?;
                 }
                 Value::Split(lower, upper) => {
-                    chart.draw_series([
-                        Rectangle::new([(left, 0.0), (right, lower)], color.filled()),
-                        Rectangle::new(
-                            [(left, lower), (right, lower + upper)],
-                            light(color).filled(),
-                        ),
-                    ])?;
+                    // A part of no height is left out: an empty rectangle is no valid SVG.
+                    let parts = [
+                        (0.0, lower, color.filled()),
+                        (lower, lower + upper, light(color).filled()),
+                    ];
+                    chart.draw_series(
+                        parts
+                            .into_iter()
+                            .filter(|(bottom, top, _)| top > bottom)
+                            .map(|(bottom, top, style)| {
+                                Rectangle::new([(left, bottom), (right, top)], style)
+                            }),
+                    )?;
                 }
             }
             if let (true, Some(height)) = (labelled, value.top()) {

@@ -78,6 +78,11 @@ pub(crate) struct CompareArgs {
     /// Skip the fixed-rate CPU pass.
     #[arg(long)]
     no_cpu: bool,
+    /// Rounds of the echo part (both passes), each on fresh servers, alternating the
+    /// order of the engines; each cell reports an engine's median round (one in the
+    /// quick run).
+    #[arg(long, default_value_t = 3)]
+    echo_rounds: usize,
     /// Parts to run.
     #[arg(
         long,
@@ -89,7 +94,7 @@ pub(crate) struct CompareArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "switchboard,switchboard-pusher,sockudo,tungstenite-broadcast,socketio"
+        default_value = "switchboard,switchboard-pusher,switchboard-centrifuge,sockudo,tungstenite-broadcast,socketio"
     )]
     fanout_engines: Vec<String>,
     /// Subscribers per fan-out cell.
@@ -175,7 +180,8 @@ fn is_peer(engine: &str) -> bool {
     !is_ours(engine) && engine != "raw"
 }
 
-/// Switchboard through one of its doors: `switchboard` (rooms), `switchboard-pusher`.
+/// Switchboard through one of its doors: `switchboard` (rooms), `switchboard-pusher`,
+/// `switchboard-centrifuge`.
 fn is_ours(engine: &str) -> bool {
     engine == "switchboard" || engine.starts_with("switchboard-")
 }
@@ -194,12 +200,17 @@ struct Report {
     settings: String,
     cells: Vec<String>,
     engines: Vec<String>,
-    /// engine → cell → closed-loop result.
+    /// engine → cell → closed-loop result: the median round by messages/s.
     throughput: BTreeMap<String, BTreeMap<String, EchoResult>>,
+    /// engine → cell → every closed-loop round, in the order they ran.
+    throughput_rounds: BTreeMap<String, BTreeMap<String, Vec<EchoResult>>>,
     /// cell → the fixed rate of the CPU pass.
     rates: BTreeMap<String, f64>,
-    /// engine → cell → result at the fixed rate (with CPU per message).
+    /// engine → cell → result at the fixed rate (with CPU per message): the median
+    /// round by CPU per message.
     cpu: BTreeMap<String, BTreeMap<String, EchoResult>>,
+    /// engine → cell → every round at the fixed rate, in the order they ran.
+    cpu_rounds: BTreeMap<String, BTreeMap<String, Vec<EchoResult>>>,
     /// engine → cell → server instructions per echoed message (callgrind).
     instructions: BTreeMap<String, BTreeMap<String, f64>>,
     /// engine → subscribers → fan-out steps.
@@ -525,6 +536,7 @@ fn fanout_target(engine: &str, address: &str) -> (String, &'static str) {
         "sockudo" | "switchboard-pusher" => {
             (format!("ws://{address}/app/app-key?protocol=7"), "pusher")
         }
+        "switchboard-centrifuge" => (format!("ws://{address}/connection/websocket"), "centrifuge"),
         "socketio" => (
             format!("ws://{address}/socket.io/?EIO=4&transport=websocket"),
             "socketio",
@@ -922,17 +934,21 @@ pub(crate) async fn run(mut args: CompareArgs) -> anyhow::Result<()> {
     let mut report = Report {
         machine: machine(),
         settings: format!(
-            "server on core {} (1 worker), load on core {}; {} s warm-up, {} one-second samples per cell",
+            "server on core {} (1 worker), load on core {}; {} s warm-up, {} one-second samples per cell; \
+             echo: the median of {} round(s), alternating the engines' order",
             args.server_core,
             args.load_core,
             if args.quick { 1 } else { args.warmup },
             if args.quick { 2 } else { args.samples },
+            echo_rounds(&args),
         ),
         cells: cells.iter().map(|c| cell_name(*c)).collect(),
         engines: args.engines.clone(),
         throughput: BTreeMap::new(),
+        throughput_rounds: BTreeMap::new(),
         rates: BTreeMap::new(),
         cpu: BTreeMap::new(),
+        cpu_rounds: BTreeMap::new(),
         instructions: BTreeMap::new(),
         fanout: BTreeMap::new(),
         fanout_engines: if runs(&fanout_parts) {
@@ -1008,7 +1024,7 @@ fn planned_steps(args: &CompareArgs, cells: usize, fanout_engines: usize) -> u64
         .count();
     let counts = |counts: usize| if args.quick { 1 } else { counts };
     let steps = |part: &Part| match part {
-        Part::Echo => engines * cells * if args.no_cpu { 1 } else { 2 },
+        Part::Echo => engines * cells * if args.no_cpu { 1 } else { 2 } * echo_rounds(args),
         Part::Instructions => compiled * if args.quick { 1 } else { cells },
         Part::Fanout => fanout_engines * counts(args.subscribers.len()),
         Part::FanoutCpu => {
@@ -1069,72 +1085,135 @@ fn fanout_engines(args: &CompareArgs) -> anyhow::Result<Vec<String>> {
     Ok(engines)
 }
 
+/// Rounds of the echo part: one in the quick run.
+fn echo_rounds(args: &CompareArgs) -> usize {
+    if args.quick {
+        1
+    } else {
+        args.echo_rounds.max(1)
+    }
+}
+
+/// The engines in round `round`'s order: as given, reversed in odd rounds, so that no
+/// engine always runs first or last (a machine warming up, or busy with something
+/// else for a while, then weighs on each engine alike).
+fn in_round_order(engines: &[String], round: usize) -> Vec<&String> {
+    let mut order: Vec<&String> = engines.iter().collect();
+    if round % 2 == 1 {
+        order.reverse();
+    }
+    order
+}
+
+/// Every engine's median round in each cell, by `key` (the lower middle one of an even
+/// count).
+fn median_rounds(
+    rounds: &BTreeMap<String, BTreeMap<String, Vec<EchoResult>>>,
+    key: impl Fn(&EchoResult) -> f64,
+) -> BTreeMap<String, BTreeMap<String, EchoResult>> {
+    rounds
+        .iter()
+        .map(|(engine, cells)| {
+            let medians = cells
+                .iter()
+                .filter_map(|(cell, results)| {
+                    let mut sorted: Vec<&EchoResult> = results.iter().collect();
+                    sorted.sort_by(|a, b| key(a).total_cmp(&key(b)));
+                    let middle = sorted.get(sorted.len().saturating_sub(1) / 2)?;
+                    Some((cell.clone(), (*middle).clone()))
+                })
+                .collect();
+            (engine.clone(), medians)
+        })
+        .collect()
+}
+
 async fn run_echo(
     args: &CompareArgs,
     cells: &[(usize, usize)],
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    let steps = args.engines.len() * cells.len() * if args.no_cpu { 1 } else { 2 };
+    let rounds = echo_rounds(args);
+    let steps = args.engines.len() * cells.len() * if args.no_cpu { 1 } else { 2 } * rounds;
     let mut step = 0;
-    for engine in &args.engines {
-        let server = Server::start(args, engine).await?;
-        for &cell in cells {
-            step += 1;
-            args.progress
-                .start(format!("echo · {} · {engine}", cell_name(cell)));
-            let result = load(args, engine, &server, cell, Pace::Closed).await?;
-            args.progress.done(format!(
-                "[{step}/{steps}] {engine:>16} {:>12}: {:>9} msg/s",
-                cell_name(cell),
-                thousands(result.median)
-            ));
-            report
-                .throughput
-                .entry(engine.clone())
-                .or_default()
-                .insert(cell_name(cell), result);
+    for round in 0..rounds {
+        for engine in in_round_order(&args.engines, round) {
+            let server = Server::start(args, engine).await?;
+            for &cell in cells {
+                step += 1;
+                args.progress.start(format!(
+                    "echo · round {}/{rounds} · {} · {engine}",
+                    round + 1,
+                    cell_name(cell)
+                ));
+                let result = load(args, engine, &server, cell, Pace::Closed).await?;
+                args.progress.done(format!(
+                    "[{step}/{steps}] round {}/{rounds} {engine:>16} {:>12}: {:>9} msg/s",
+                    round + 1,
+                    cell_name(cell),
+                    thousands(result.median)
+                ));
+                report
+                    .throughput_rounds
+                    .entry(engine.clone())
+                    .or_default()
+                    .entry(cell_name(cell))
+                    .or_default()
+                    .push(result);
+            }
+            server.stop().await;
         }
-        server.stop().await;
     }
-    if !args.no_cpu {
-        for &cell in cells {
-            let slowest = report
-                .throughput
-                .values()
-                .filter_map(|cells| cells.get(&cell_name(cell)))
-                .map(|r| r.median)
-                .fold(f64::INFINITY, f64::min);
-            report
-                .rates
-                .insert(cell_name(cell), (slowest / 2.0).round().max(1.0));
-        }
-        for engine in &args.engines {
+    report.throughput = median_rounds(&report.throughput_rounds, |r| r.median);
+    if args.no_cpu {
+        return Ok(());
+    }
+    for &cell in cells {
+        let slowest = report
+            .throughput
+            .values()
+            .filter_map(|cells| cells.get(&cell_name(cell)))
+            .map(|r| r.median)
+            .fold(f64::INFINITY, f64::min);
+        report
+            .rates
+            .insert(cell_name(cell), (slowest / 2.0).round().max(1.0));
+    }
+    for round in 0..rounds {
+        for engine in in_round_order(&args.engines, round) {
             let server = Server::start(args, engine).await?;
             for &cell in cells {
                 step += 1;
                 let rate = report.rates[&cell_name(cell)];
                 args.progress.start(format!(
-                    "echo CPU at {} msg/s · {} · {engine}",
+                    "echo CPU at {} msg/s · round {}/{rounds} · {} · {engine}",
                     thousands(rate),
+                    round + 1,
                     cell_name(cell)
                 ));
                 let result = load(args, engine, &server, cell, Pace::Rate(rate)).await?;
                 args.progress.done(format!(
-                    "[{step}/{steps}] {engine:>16} {:>12} at {:>7} msg/s: {:.2} µs user + {:.2} µs system",
+                    "[{step}/{steps}] round {}/{rounds} {engine:>16} {:>12} at {:>7} msg/s: {:.2} µs user + {:.2} µs system",
+                    round + 1,
                     cell_name(cell),
                     thousands(rate),
                     result.user_us.unwrap_or(f64::NAN),
                     result.system_us.unwrap_or(f64::NAN),
                 ));
                 report
-                    .cpu
+                    .cpu_rounds
                     .entry(engine.clone())
                     .or_default()
-                    .insert(cell_name(cell), result);
+                    .entry(cell_name(cell))
+                    .or_default()
+                    .push(result);
             }
             server.stop().await;
         }
     }
+    report.cpu = median_rounds(&report.cpu_rounds, |r| {
+        r.user_us.unwrap_or(f64::INFINITY) + r.system_us.unwrap_or(0.0)
+    });
     Ok(())
 }
 
@@ -1340,15 +1419,16 @@ fn markdown(report: &Report) -> String {
 fn echo_table(report: &Report, out: &mut String) {
     let _ = writeln!(
         out,
-        "### Echo throughput (messages/s, median of the samples; closed loop)\n"
+        "### Echo throughput (messages/s, closed loop: each engine's median round, a round's \
+         figure the median of its samples)\n"
     );
     let header: Vec<&str> = report.engines.iter().map(String::as_str).collect();
     let _ = writeln!(
         out,
-        "| cell | {} | Switchboard ÷ best peer | Switchboard ÷ raw TCP |",
+        "| cell | {} | Switchboard ÷ best peer | Switchboard ÷ raw TCP | every engine within 5 % of raw TCP |",
         header.join(" | ")
     );
-    let _ = writeln!(out, "|---|{}---|---|", "---:|".repeat(header.len()));
+    let _ = writeln!(out, "|---|{}---|---|---|", "---:|".repeat(header.len()));
     for cell in &report.cells {
         let mut row = format!("| {cell} |");
         for engine in &report.engines {
@@ -1372,26 +1452,74 @@ fn echo_table(report: &Report, out: &mut String) {
         let best_name = best.map_or(String::new(), |(name, _)| format!(" ({name})"));
         let _ = writeln!(
             row,
-            " {}{best_name} | {} |",
+            " {}{best_name} | {} | {} |",
             ratio(best.map(|b| b.1)),
-            ratio(raw)
+            ratio(raw),
+            match load_bound(report, cell) {
+                Some(true) => "yes: rank by CPU per message",
+                Some(false) => "no",
+                None => "–",
+            }
         );
         out.push_str(&row);
     }
+    if report
+        .throughput_rounds
+        .values()
+        .flat_map(|c| c.values())
+        .any(|r| r.len() > 1)
+    {
+        let _ = writeln!(out, "\nEvery round (messages/s, in the order run):\n");
+        for cell in &report.cells {
+            let mut line = format!("- {cell}:");
+            for engine in &report.engines {
+                let Some(rounds) = report
+                    .throughput_rounds
+                    .get(engine)
+                    .and_then(|c| c.get(cell))
+                else {
+                    continue;
+                };
+                let figures: Vec<String> = rounds.iter().map(|r| thousands(r.median)).collect();
+                let _ = write!(line, " {engine} {};", figures.join(" / "));
+            }
+            line.pop();
+            let _ = writeln!(out, "{line}");
+        }
+    }
+}
+
+/// Whether every engine's throughput in `cell` is within 5 % of raw TCP's: the load
+/// generator is then the ceiling, and CPU per message at a fixed rate ranks the
+/// engines instead (None without a raw TCP figure).
+fn load_bound(report: &Report, cell: &str) -> Option<bool> {
+    let raw = report.throughput.get("raw")?.get(cell)?.median;
+    Some(
+        report
+            .throughput
+            .iter()
+            .filter(|(engine, _)| *engine != "raw")
+            .filter_map(|(_, cells)| cells.get(cell))
+            .all(|r| r.median >= 0.95 * raw),
+    )
 }
 
 fn cpu_table(report: &Report, out: &mut String) {
     let header: Vec<&str> = report.engines.iter().map(String::as_str).collect();
     let _ = writeln!(
         out,
-        "\n### Server CPU per message at a fixed rate (µs: user + system)\n"
+        "\n### Server CPU per message at a fixed rate (µs: user + system; each engine's median round by the total)\n"
     );
     let _ = writeln!(
         out,
-        "| cell | rate | {} | Switchboard user ÷ best peer's | Switchboard total ÷ raw TCP |",
+        "| cell | rate | {} | Switchboard total ÷ best peer's | Switchboard user ÷ best peer's | Switchboard total ÷ raw TCP |",
         header.join(" | ")
     );
-    let _ = writeln!(out, "|---|---:|{}---|---|", "---:|".repeat(header.len()));
+    let _ = writeln!(
+        out,
+        "|---|---:|{}---|---|---|",
+        "---:|".repeat(header.len())
+    );
     for cell in &report.cells {
         let rate = report.rates.get(cell).copied().unwrap_or_default();
         let mut row = format!("| {cell} | {} |", thousands(rate));
@@ -1423,11 +1551,18 @@ fn cpu_table(report: &Report, out: &mut String) {
             }
             _ => "–".into(),
         };
+        let best_total = best_peer(&report.cpu, cell, |a, b| total(a) < total(b));
+        let total_best = match (ours, best_total) {
+            (Some(o), Some((name, b))) if total(b) > 0.0 => {
+                format!("{:.2}× ({name})", total(o) / total(b))
+            }
+            _ => "–".into(),
+        };
         let total_ratio = match (ours, raw) {
             (Some(o), Some(r)) if total(r) > 0.0 => format!("{:.2}×", total(o) / total(r)),
             _ => "–".into(),
         };
-        let _ = writeln!(row, " {user_ratio} | {total_ratio} |");
+        let _ = writeln!(row, " {total_best} | {user_ratio} | {total_ratio} |");
         out.push_str(&row);
     }
 }
