@@ -57,8 +57,8 @@ pub(crate) struct CompareArgs {
     /// The Node.js binary for the Node peers; looked up on PATH.
     #[arg(long, default_value = "node")]
     node: PathBuf,
-    /// A short run for CI: two echo cells (1 s of warm-up, 2 samples), instructions in
-    /// the first cell only, fan-out to 1,000 subscribers at three rates, the fixed-rate
+    /// A short run for CI: two echo cells (1 s of warm-up, 2 samples, one round), the CPU
+    /// pass and instructions in the first cell only, fan-out to 1,000 subscribers at three rates, the fixed-rate
     /// fan-out to 1,000 at 10 msg/s (a warm-up and two 1 s steps, one round), 1,000
     /// idle connections, 2 handshake samples.
     #[arg(long)]
@@ -1024,7 +1024,7 @@ fn planned_steps(args: &CompareArgs, cells: usize, fanout_engines: usize) -> u64
         .count();
     let counts = |counts: usize| if args.quick { 1 } else { counts };
     let steps = |part: &Part| match part {
-        Part::Echo => engines * cells * if args.no_cpu { 1 } else { 2 } * echo_rounds(args),
+        Part::Echo => engines * (cells + cpu_cells(args, cells)) * echo_rounds(args),
         Part::Instructions => compiled * if args.quick { 1 } else { cells },
         Part::Fanout => fanout_engines * counts(args.subscribers.len()),
         Part::FanoutCpu => {
@@ -1085,6 +1085,16 @@ fn fanout_engines(args: &CompareArgs) -> anyhow::Result<Vec<String>> {
     Ok(engines)
 }
 
+/// The cells of the echo part's CPU pass: none with `--no-cpu`, the first only in the
+/// quick run (which must stay short), else every one.
+fn cpu_cells(args: &CompareArgs, cells: usize) -> usize {
+    match (args.no_cpu, args.quick) {
+        (true, _) => 0,
+        (false, true) => cells.min(1),
+        (false, false) => cells,
+    }
+}
+
 /// Rounds of the echo part: one in the quick run.
 fn echo_rounds(args: &CompareArgs) -> usize {
     if args.quick {
@@ -1134,7 +1144,8 @@ async fn run_echo(
     report: &mut Report,
 ) -> anyhow::Result<()> {
     let rounds = echo_rounds(args);
-    let steps = args.engines.len() * cells.len() * if args.no_cpu { 1 } else { 2 } * rounds;
+    let cpu = &cells[..cpu_cells(args, cells.len())];
+    let steps = args.engines.len() * (cells.len() + cpu.len()) * rounds;
     let mut step = 0;
     for round in 0..rounds {
         for engine in in_round_order(&args.engines, round) {
@@ -1182,7 +1193,7 @@ async fn run_echo(
     for round in 0..rounds {
         for engine in in_round_order(&args.engines, round) {
             let server = Server::start(args, engine).await?;
-            for &cell in cells {
+            for &cell in cpu {
                 step += 1;
                 let rate = report.rates[&cell_name(cell)];
                 args.progress.start(format!(
@@ -1520,7 +1531,9 @@ fn cpu_table(report: &Report, out: &mut String) {
         "|---|---:|{}---|---|---|",
         "---:|".repeat(header.len())
     );
-    for cell in &report.cells {
+    // The quick run's CPU pass has the first cell only.
+    let measured = |cell: &String| report.cpu.values().any(|cells| cells.contains_key(cell));
+    for cell in report.cells.iter().filter(|c| measured(c)) {
         let rate = report.rates.get(cell).copied().unwrap_or_default();
         let mut row = format!("| {cell} | {} |", thousands(rate));
         for engine in &report.engines {
