@@ -1138,6 +1138,21 @@ fn median_rounds(
         .collect()
 }
 
+/// Adds one round's result of `engine` in `cell` to `rounds`.
+fn add_round(
+    rounds: &mut BTreeMap<String, BTreeMap<String, Vec<EchoResult>>>,
+    engine: &str,
+    cell: (usize, usize),
+    result: EchoResult,
+) {
+    rounds
+        .entry(engine.to_owned())
+        .or_default()
+        .entry(cell_name(cell))
+        .or_default()
+        .push(result);
+}
+
 async fn run_echo(
     args: &CompareArgs,
     cells: &[(usize, usize)],
@@ -1164,13 +1179,7 @@ async fn run_echo(
                     cell_name(cell),
                     thousands(result.median)
                 ));
-                report
-                    .throughput_rounds
-                    .entry(engine.clone())
-                    .or_default()
-                    .entry(cell_name(cell))
-                    .or_default()
-                    .push(result);
+                add_round(&mut report.throughput_rounds, engine, cell, result);
             }
             server.stop().await;
         }
@@ -1211,13 +1220,7 @@ async fn run_echo(
                     result.user_us.unwrap_or(f64::NAN),
                     result.system_us.unwrap_or(f64::NAN),
                 ));
-                report
-                    .cpu_rounds
-                    .entry(engine.clone())
-                    .or_default()
-                    .entry(cell_name(cell))
-                    .or_default()
-                    .push(result);
+                add_round(&mut report.cpu_rounds, engine, cell, result);
             }
             server.stop().await;
         }
