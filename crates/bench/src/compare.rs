@@ -58,9 +58,9 @@ pub(crate) struct CompareArgs {
     #[arg(long, default_value = "node")]
     node: PathBuf,
     /// A short run for CI: two echo cells (1 s of warm-up, 2 samples, one round), the CPU
-    /// pass and instructions in the first cell only, fan-out to 1,000 subscribers at three rates, the fixed-rate
-    /// fan-out to 1,000 at 10 msg/s (a warm-up and two 1 s steps, one round), 1,000
-    /// idle connections, 2 handshake samples.
+    /// pass and instructions in the first cell only, fan-out to 1,000 subscribers at
+    /// three rates, the fixed-rate fan-out to 1,000 at 10 msg/s (a warm-up and two 1 s
+    /// steps, one round), 1,000 idle connections, 2 handshake samples.
     #[arg(long)]
     quick: bool,
     /// Seconds of warm-up per cell.
